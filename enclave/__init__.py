@@ -1,0 +1,12 @@
+"""Bulle for researchers.
+
+- ``connect(url=None, token=None)`` → :class:`Hub`, reading ``BULLE_URL``/``BULLE_TOKEN``
+  when called without arguments.
+- ``Hub.catalog()``, ``Hub.describe(table)``, ``Hub.sql(query)`` → pandas DataFrames; the
+  ``df.bulle`` accessor gives per-value metadata (``df.bulle.suppressed``, ``.notes``).
+- ``BulleError``: a refused or failed query, with a ``code``.
+"""
+
+from enclave._client import BulleError, Hub, connect
+
+__all__ = ["BulleError", "Hub", "connect"]

@@ -1,0 +1,147 @@
+"""The researcher SDK: ``from enclave import connect``.
+
+Results are pandas DataFrames; per-value metadata (which values are suppressed, later the
+DP noise scale and interval) rides along in ``df.attrs["bulle"]`` and is read with the
+``df.bulle`` accessor: ``df.bulle.suppressed`` is a boolean frame shaped like ``df``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+import pandas as pd
+
+_DTYPES = {"integer": "Int64", "number": "float64", "boolean": "boolean", "string": "object"}
+
+
+class BulleError(RuntimeError):
+    """A query the federation refused or could not answer; ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail or {}
+
+
+@pd.api.extensions.register_dataframe_accessor("bulle")
+class BulleAccessor:
+    def __init__(self, df: pd.DataFrame) -> None:
+        self._df = df
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._df.attrs.get("bulle", {})
+
+    @property
+    def suppressed(self) -> pd.DataFrame:
+        flags = self.meta.get("suppressed") or [[False] * self._df.shape[1]] * len(self._df)
+        return pd.DataFrame(flags, columns=self._df.columns, index=self._df.index, dtype=bool)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.meta.get("notes", []))
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.meta.get("nodes", []))
+
+
+def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
+    cols = payload["columns"]
+    data = {c["name"]: pd.Series([row[i] for row in payload["rows"]],
+                                 dtype=_DTYPES.get(c["type"], "object"))
+            for i, c in enumerate(cols)}
+    df = pd.DataFrame(data, columns=[c["name"] for c in cols])
+    df.attrs["bulle"] = {k: payload.get(k) for k in
+                         ("suppressed", "notes", "nodes", "tier", "elapsed_ms",
+                          "suppressed_cells", "hidden_cells", "query_id")}
+    return df
+
+
+class Hub:
+    """A connection to the Bulle coordinator."""
+
+    def __init__(self, url: str, token: str, timeout: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout + 10),
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def __repr__(self) -> str:
+        return f"Hub({self.url!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _check(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            response.raise_for_status()
+            raise BulleError("bad_response", "the coordinator sent a non-JSON answer") from None
+        error = body.get("error") if isinstance(body, dict) else None
+        if error:
+            raise BulleError(error.get("code", "error"), error.get("message", "error"), error)
+        if response.status_code >= 400:
+            detail = body.get("detail") if isinstance(body, dict) else body
+            raise BulleError("http_error", f"HTTP {response.status_code}: {detail}")
+        return body
+
+    def catalog(self, refresh: bool = False) -> pd.DataFrame:
+        """One row per table: tier, publishing nodes, row-count buckets, columns."""
+        body = self._check(self._http.get("/v1/catalog", params={"refresh": refresh}))
+        rows = [{"table": t["name"], "tier": t["tier"], "nodes": ", ".join(t["nodes"]),
+                 "rows": ", ".join(f"{n}: {b}" for n, b in t["row_count_buckets"].items()),
+                 "columns": len(t["columns"]), "description": t["description"]}
+                for t in body["tables"]]
+        df = pd.DataFrame(rows)
+        df.attrs["bulle"] = {"tables": {t["name"]: t for t in body["tables"]},
+                             "nodes": body.get("nodes", {})}
+        return df
+
+    def describe(self, table: str) -> pd.DataFrame:
+        """The columns of one table, with types, descriptions and public domains."""
+        info = self.catalog().attrs["bulle"]["tables"].get(table)
+        if info is None:
+            raise BulleError("unknown_table", f"table {table!r} is not in the catalogue")
+        domains = info.get("public_domains", {})
+        return pd.DataFrame([{**c, "public_domain": domains.get(c["name"])}
+                             for c in info["columns"]])
+
+    def sql(self, query: str, project: str | None = None, *, progress: bool = True
+            ) -> pd.DataFrame:
+        """Run a federated aggregate query; returns the released table."""
+        started = time.monotonic()
+        body = self._check(self._http.post(
+            "/v1/queries", json={"sql": query, "project": project, "wait_s": 5.0}))
+        while body.get("status") == "running":
+            if time.monotonic() - started > self.timeout:
+                raise BulleError("timeout", f"query {body['id']} still running after "
+                                 f"{self.timeout:g} s")
+            if progress:
+                print(f"\rquery {body['id'][:8]} running… {time.monotonic() - started:.0f} s",
+                      end="", file=sys.stderr)
+            body = self._check(self._http.get(f"/v1/queries/{body['id']}",
+                                              params={"wait_s": 5.0}))
+        if progress and time.monotonic() - started > 5:
+            print(file=sys.stderr)
+        if body.get("status") == "failed":
+            err = body.get("error", {})
+            raise BulleError(err.get("code", "error"), err.get("message", "query failed"), err)
+        result = body["result"]
+        result["query_id"] = body["id"]
+        return result_frame(result)
+
+
+def connect(url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> Hub:
+    """Connect to the coordinator; with no arguments, read ``BULLE_URL`` and ``BULLE_TOKEN``."""
+    url = url or os.environ.get("BULLE_URL")
+    token = token or os.environ.get("BULLE_TOKEN")
+    if not url or not token:
+        raise BulleError("not_configured", "no coordinator given: pass connect(url, token) or "
+                         "set BULLE_URL and BULLE_TOKEN (try: eval \"$(bulle demo env)\")")
+    return Hub(url, token, timeout)

@@ -1,0 +1,210 @@
+"""The demo federation on one machine: five node agents on real open data, the
+coordinator, and (later) the hub. ``bulle demo up`` is idempotent; ``down`` stops what
+``up`` started, by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_CONFIGS = REPO / "deploy" / "demo" / "nodes"
+NODES = ("region-gp", "region-ms", "vendor-a", "vendor-b", "depp")
+RESEARCHER = "demo-researcher"
+PROJECT = "demo"
+EXAMPLE = ("SELECT school, sex, COUNT(*) AS pupils, AVG(g3) AS mean_final_grade "
+           "FROM lycee_students GROUP BY school, sex ORDER BY school, sex")
+
+
+def default_state() -> Path:
+    return Path(os.environ.get("BULLE_DEMO_STATE", REPO / ".bulle-demo")).resolve()
+
+
+def default_data() -> Path:
+    env = os.environ.get("BULLE_DATA")
+    return Path(env).resolve() if env else (REPO.parent / "shared" / "data").resolve()
+
+
+def _free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Demo:
+    def __init__(self, state: Path | None = None, data: Path | None = None) -> None:
+        self.state = state or default_state()
+        self.data = data or default_data()
+        self.pids_file = self.state / "pids.json"
+        self.info_file = self.state / "demo.json"
+
+    # -- state ------------------------------------------------------------------------
+    def _read(self, path: Path) -> dict:
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _token(self) -> str:
+        path = self.state / "researcher.token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def info(self) -> dict:
+        return self._read(self.info_file)
+
+    def running(self) -> dict[str, int]:
+        return {name: pid for name, pid in self._read(self.pids_file).items() if _alive(pid)}
+
+    def healthy(self) -> bool:
+        info = self.info()
+        if not info or set(self.running()) != {*NODES, "coordinator"}:
+            return False
+        try:
+            return httpx.get(info["url"] + "/v1/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # -- up / down --------------------------------------------------------------------
+    def up(self, log=print) -> dict:
+        if self.healthy():
+            log("The demo federation is already running.")
+            return self.info()
+        self.down(quiet=True)
+        if not (self.data / "uci-student-performance" / "student-por.csv").exists():
+            raise SystemExit(f"demo data not found under {self.data}: pass --data DIR or set "
+                             "BULLE_DATA to the shared/data folder")
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        from federation._certs import make_certs
+
+        make_certs(self.state / "certs", list(NODES))
+        previous = self.info().get("ports", {})
+        ports = {name: _free_port(previous.get(name)) for name in (*NODES, "coordinator")}
+        env = {**os.environ, "BULLE_DATA": str(self.data), "BULLE_DEMO_STATE": str(self.state)}
+        pids: dict[str, int] = {}
+        started = time.monotonic()
+        try:
+            for name in NODES:
+                pids[name] = self._spawn(name, ["node", "serve", "--config",
+                                                str(NODE_CONFIGS / f"{name}.toml"),
+                                                "--listen", f"127.0.0.1:{ports[name]}"], env)
+                self.pids_file.write_text(json.dumps(pids))
+            for name in NODES:
+                self._wait(name, pids[name], ports[name], 120)
+                log(f"  node {name:<10} ready on 127.0.0.1:{ports[name]}")
+            cfg = self._coordinator_config(ports)
+            pids["coordinator"] = self._spawn("coordinator",
+                                              ["coordinator", "serve", "--config", str(cfg)], env)
+            self.pids_file.write_text(json.dumps(pids))
+            self._wait("coordinator", pids["coordinator"], ports["coordinator"], 60)
+        except Exception:
+            self.down(quiet=True)
+            raise
+        url = f"http://127.0.0.1:{ports['coordinator']}"
+        info = {"url": url, "ports": ports, "researcher": RESEARCHER, "project": PROJECT,
+                "state": str(self.state), "started_in_s": round(time.monotonic() - started, 1)}
+        self.info_file.write_text(json.dumps(info, indent=2))
+        return info
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> int:
+        log_file = (self.state / "logs" / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "bulle_cli", *args], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        return proc.pid
+
+    def _wait(self, name: str, pid: int, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                tail = (self.state / "logs" / f"{name}.log").read_text(errors="replace")
+                tail = "\n".join(tail.splitlines()[-15:])
+                raise RuntimeError(f"{name} exited during start-up; end of its log:\n{tail}")
+            if _port_open(port):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not open port {port} within {timeout:g} s")
+
+    def _coordinator_config(self, ports: dict[str, int]) -> Path:
+        from federation._config import hash_token
+
+        certs = self.state / "certs"
+        lines = [
+            "# Generated by `bulle demo up`; edit deploy/demo or enclave/_demo.py instead.",
+            f'listen = "127.0.0.1:{ports["coordinator"]}"',
+            "node_timeout_s = 30",
+            "",
+            "[tls]",
+            f'cert = "{certs / "bulle-coordinator.pem"}"',
+            f'key = "{certs / "bulle-coordinator.key"}"',
+            f'ca = "{certs / "ca.pem"}"',
+        ]
+        for name in NODES:
+            lines += ["", "[[node]]", f'id = "{name}"', f'address = "127.0.0.1:{ports[name]}"']
+        lines += ["", "[[researcher]]", f'name = "{RESEARCHER}"',
+                  f'token_sha256 = "{hash_token(self._token())}"', f'projects = ["{PROJECT}"]']
+        path = self.state / "coordinator.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def down(self, quiet: bool = False, log=print) -> list[str]:
+        pids = self._read(self.pids_file)
+        stopped = []
+        for name, pid in pids.items():
+            if _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+                stopped.append(name)
+        deadline = time.monotonic() + 15
+        for name, pid in pids.items():
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        self.pids_file.unlink(missing_ok=True)
+        if not quiet:
+            log(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        return stopped
+
+    def env_lines(self) -> str:
+        info = self.info()
+        if not info:
+            raise SystemExit("the demo is not set up: run `bulle demo up` first")
+        return f"export BULLE_URL={info['url']} BULLE_TOKEN={self._token()}"

@@ -1,0 +1,34 @@
+"""The coordinator: SQL front end, planner, fan-out and merge, HTTP API.
+
+Where things are:
+- ``_sql``: researcher SQL → validated query tree (``_tree``);
+- ``_planner``: tree → per-node partial-aggregate plan + merge recipe;
+- ``_coordinator``: fan-out to nodes (``_nodes``, gRPC + mTLS) and release;
+- ``_merge``: partials → released table (DuckDB over Arrow);
+- ``_api``: the HTTP JSON API; ``proto/``: the wire contract.
+
+This module is kept light: nodes import ``federation.proto`` and must not load
+coordinator code. Public names are loaded lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Coordinator", "QueryError", "load_coordinator_config", "parse", "plan_query"]
+
+_LAZY = {
+    "Coordinator": "federation._coordinator",
+    "QueryError": "federation._errors",
+    "load_coordinator_config": "federation._config",
+    "parse": "federation._sql",
+    "plan_query": "federation._planner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

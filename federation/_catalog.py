@@ -1,0 +1,72 @@
+"""The federated catalogue: what each node publishes, merged by table name.
+
+A table published by several nodes under one name is the union of their partitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from federation.proto import bulle_pb2 as pb
+
+TIER_RANK = {"open": 0, "restricted": 1, "sensitive": 2}
+
+
+@dataclass(frozen=True)
+class FederatedTable:
+    name: str
+    tier: str  # strictest across publishing nodes
+    columns: dict[str, str]  # columns every publishing node has -> type
+    descriptions: dict[str, str]
+    nodes: tuple[str, ...]
+    row_count_buckets: dict[str, str]
+    privacy_unit: str
+    public_domains: dict[str, tuple[str, ...]]
+    description: str
+    min_count: int
+    round_to: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name, "tier": self.tier, "description": self.description,
+            "nodes": list(self.nodes), "row_count_buckets": self.row_count_buckets,
+            "privacy_unit": self.privacy_unit,
+            "columns": [{"name": c, "type": t, "description": self.descriptions.get(c, "")}
+                        for c, t in self.columns.items()],
+            "public_domains": {k: list(v) for k, v in self.public_domains.items()},
+            "min_count": self.min_count, "round_to": self.round_to,
+        }
+
+
+def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
+    by_table: dict[str, list[tuple[str, pb.TableInfo]]] = {}
+    for node_id in sorted(catalogs):
+        for t in catalogs[node_id].tables:
+            by_table.setdefault(t.name, []).append((node_id, t))
+    out = {}
+    for name, entries in sorted(by_table.items()):
+        first = entries[0][1]
+        columns = {c.name: c.type for c in first.columns}
+        for _, t in entries[1:]:
+            theirs = {c.name for c in t.columns}
+            columns = {c: typ for c, typ in columns.items() if c in theirs}
+        domains: dict[str, tuple[str, ...]] = {}
+        for col in first.public_domains:
+            if all(col in t.public_domains for _, t in entries):
+                values = [v for _, t in entries for v in t.public_domains[col].values]
+                domains[col] = tuple(dict.fromkeys(values))
+        out[name] = FederatedTable(
+            name=name,
+            tier=max((t.tier for _, t in entries), key=TIER_RANK.__getitem__),
+            columns=columns,
+            descriptions={c.name: c.description for _, t in entries for c in t.columns
+                          if c.description},
+            nodes=tuple(n for n, _ in entries),
+            row_count_buckets={n: t.row_count_bucket for n, t in entries},
+            privacy_unit=first.privacy_unit,
+            public_domains=domains,
+            description=next((t.description for _, t in entries if t.description), ""),
+            min_count=max(t.min_count for _, t in entries),
+            round_to=max(t.round_to for _, t in entries),
+        )
+    return out

@@ -1,0 +1,111 @@
+"""Coordinator configuration (TOML). Unknown keys are rejected with their name."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeEndpoint:
+    id: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Researcher:
+    name: str
+    token_sha256: str
+    projects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    listen: str
+    cert: Path
+    key: Path
+    ca: Path
+    nodes: tuple[NodeEndpoint, ...]
+    researchers: tuple[Researcher, ...]
+    node_timeout_s: float = 30.0
+    catalog_ttl_s: float = 30.0
+    max_rows: int = 100_000
+    state_dir: Path | None = None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _path(value: str, base: Path) -> Path:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+
+    p = Path(_ENV.sub(sub, value)).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    where = str(path)
+    _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
+                        "catalog_ttl_s", "max_rows", "state_dir"})
+    tls = raw.get("tls")
+    if not tls:
+        raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
+    _check(f"{where} [tls]", tls, {"cert", "key", "ca"})
+    nodes = []
+    for i, n in enumerate(raw.get("node", [])):
+        _check(f"{where} [[node]] #{i + 1}", n, {"id", "address"})
+        if "id" not in n or "address" not in n:
+            raise ConfigError(f"{where} [[node]] #{i + 1}: id and address are required")
+        nodes.append(NodeEndpoint(str(n["id"]), str(n["address"])))
+    researchers = []
+    for i, r in enumerate(raw.get("researcher", [])):
+        _check(f"{where} [[researcher]] #{i + 1}", r, {"name", "token_sha256", "projects"})
+        researchers.append(Researcher(str(r["name"]), str(r["token_sha256"]),
+                                      tuple(r.get("projects", []))))
+    base = path.parent
+    try:
+        return CoordinatorConfig(
+            listen=str(raw.get("listen", "127.0.0.1:8700")),
+            cert=_path(tls["cert"], base), key=_path(tls["key"], base), ca=_path(tls["ca"], base),
+            nodes=tuple(nodes), researchers=tuple(researchers),
+            node_timeout_s=float(raw.get("node_timeout_s", 30.0)),
+            catalog_ttl_s=float(raw.get("catalog_ttl_s", 30.0)),
+            max_rows=int(raw.get("max_rows", 100_000)),
+            state_dir=_path(raw["state_dir"], base) if "state_dir" in raw else None,
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None

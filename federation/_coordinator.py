@@ -1,0 +1,262 @@
+"""The coordinator: parse → plan → fan out to nodes concurrently → merge → release.
+
+The HTTP layer (``_api``) is a thin shell over :class:`Coordinator`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import grpc
+import pyarrow as pa
+
+from federation._catalog import FederatedTable, federate
+from federation._config import CoordinatorConfig, Researcher, hash_token
+from federation._errors import QueryError
+from federation._merge import Released, merge
+from federation._nodes import NodeClient, client_credentials, describe_rpc_error
+from federation._planner import plan_query
+from federation._sql import parse
+from federation.proto import bulle_pb2 as pb
+
+log = logging.getLogger("bulle.coordinator")
+audit = logging.getLogger("bulle.coordinator.audit")
+KEEP_QUERIES = 1000
+
+
+@dataclass
+class QueryRecord:
+    id: str
+    researcher: str
+    project: str
+    sql_sha256: str
+    status: str = "running"  # running | done | failed
+    submitted: float = field(default_factory=time.time)
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "status": self.status, "project": self.project,
+                               "submitted": self.submitted, "finished": self.finished}
+        if self.result is not None:
+            out["result"] = self.result
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, float) and v != v:  # NaN is not JSON
+        return None
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return v
+
+
+def released_to_json(r: Released, nodes: list[str], tier: str, elapsed: float) -> dict[str, Any]:
+    table = r.table
+    columns = [{"name": f.name, "type": _json_type(f.type)} for f in table.schema]
+    rows = [[_json_value(v) for v in row.values()] for row in table.to_pylist()] \
+        if table.num_columns else []
+    return {
+        "columns": columns, "rows": rows, "suppressed": r.suppressed, "notes": r.notes,
+        "nodes": nodes, "tier": tier, "suppressed_cells": r.suppressed_cells,
+        "hidden_cells": r.hidden_cells, "elapsed_ms": round(elapsed * 1000, 3),
+    }
+
+
+def _json_type(t: pa.DataType) -> str:
+    if pa.types.is_integer(t) or (pa.types.is_decimal(t) and t.scale == 0):
+        return "integer"
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    return "string"
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        creds = client_credentials(config)
+        self.clients = {n.id: NodeClient(n, creds) for n in config.nodes}
+        # Two pools: a query waits on its fan-out calls, so they must not share workers.
+        self.pool = futures.ThreadPoolExecutor(max_workers=max(4, 4 * len(self.clients)),
+                                               thread_name_prefix="bulle-fanout")
+        self.query_pool = futures.ThreadPoolExecutor(max_workers=16,
+                                                     thread_name_prefix="bulle-query")
+        self._tokens = {r.token_sha256: r for r in config.researchers}
+        self._catalog: dict[str, FederatedTable] = {}
+        self._catalog_at = 0.0
+        self._node_status: dict[str, str] = {}
+        self._catalog_lock = threading.Lock()
+        self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
+        self._queries_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.query_pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for c in self.clients.values():
+            c.close()
+
+    # -- identity ---------------------------------------------------------------------
+    def authenticate(self, token: str | None) -> Researcher | None:
+        return self._tokens.get(hash_token(token)) if token else None
+
+    # -- catalogue --------------------------------------------------------------------
+    def catalog(self, refresh: bool = False) -> dict[str, FederatedTable]:
+        with self._catalog_lock:
+            stale = time.monotonic() - self._catalog_at > self.config.catalog_ttl_s
+            if refresh or stale or not self._catalog:
+                self._refresh_catalog()
+            return self._catalog
+
+    def node_status(self) -> dict[str, str]:
+        self.catalog()
+        return dict(self._node_status)
+
+    def _refresh_catalog(self) -> None:
+        timeout = min(self.config.node_timeout_s, 10.0)
+        calls = {nid: self.pool.submit(c.catalog, timeout) for nid, c in self.clients.items()}
+        catalogs, status = {}, {}
+        for nid, fut in calls.items():
+            try:
+                catalogs[nid] = fut.result()
+                status[nid] = "up"
+            except grpc.RpcError as e:
+                status[nid] = describe_rpc_error(nid, e, timeout)
+                log.warning("catalogue of node %s unavailable: %s", nid, status[nid])
+        self._catalog = federate(catalogs)
+        self._node_status = status
+        self._catalog_at = time.monotonic()
+
+    def schema(self) -> dict[str, dict[str, str]]:
+        return {name: t.columns for name, t in self.catalog().items()}
+
+    # -- queries ----------------------------------------------------------------------
+    def submit(self, sql: str, researcher: Researcher, project: str | None = None) -> QueryRecord:
+        """Start a query; the returned record's ``done`` event is set when it ends."""
+        project = project or (researcher.projects[0] if researcher.projects else "")
+        if researcher.projects and project not in researcher.projects:
+            raise QueryError("forbidden", f"you are not a member of project {project!r}",
+                             status=403)
+        record = QueryRecord(uuid.uuid4().hex, researcher.name, project,
+                             hashlib.sha256(sql.encode()).hexdigest())
+        with self._queries_lock:
+            self._queries[record.id] = record
+            while len(self._queries) > KEEP_QUERIES:
+                self._queries.popitem(last=False)
+        self.query_pool.submit(self._run, record, sql)
+        return record
+
+    def get(self, query_id: str, researcher: Researcher) -> QueryRecord | None:
+        with self._queries_lock:
+            record = self._queries.get(query_id)
+        # A researcher only ever sees their own queries.
+        return record if record and record.researcher == researcher.name else None
+
+    def run(self, sql: str, researcher: Researcher, project: str | None = None
+            ) -> dict[str, Any]:
+        """Synchronous helper: the result JSON, or raises QueryError."""
+        record = self.submit(sql, researcher, project)
+        record.done.wait()
+        if record.error:
+            err = record.error
+            raise QueryError(err["code"], err["message"], status=err.get("status", 400))
+        assert record.result is not None
+        return record.result
+
+    def _run(self, record: QueryRecord, sql: str) -> None:
+        started = time.perf_counter()
+        entry = {"query": record.id, "researcher": record.researcher,
+                 "project": record.project, "sql_sha256": record.sql_sha256}
+        try:
+            record.result = self.execute(sql, record)
+            record.status = "done"
+            audit.info(json.dumps({**entry, "decision": "released",
+                                   "nodes": record.result["nodes"],
+                                   "rows": len(record.result["rows"])}))
+        except QueryError as e:
+            record.error = {**e.to_json(), "status": e.status}
+            record.status = "failed"
+            audit.info(json.dumps({**entry, "decision": "refused", "code": e.code}))
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("query %s failed (incident %s)", record.id, incident)
+            record.error = {"code": "internal", "status": 500,
+                            "message": f"internal error (incident {incident})"}
+            record.status = "failed"
+            audit.info(json.dumps({**entry, "decision": "error", "incident": incident}))
+        finally:
+            record.finished = time.time()
+            log.info("query %s %s in %.1f ms", record.id, record.status,
+                     (time.perf_counter() - started) * 1000)
+            record.done.set()
+
+    def execute(self, sql: str, record: QueryRecord) -> dict[str, Any]:
+        started = time.perf_counter()
+        catalog = self.catalog()
+        query = parse(sql, {n: t.columns for n, t in catalog.items()})
+        tables = [catalog[t] for t in query.tables]
+        tier = max((t.tier for t in tables), key=["open", "restricted", "sensitive"].index)
+        if tier == "sensitive":
+            raise QueryError("not_allowed", "sensitive tables are released only as DP "
+                             "aggregates, which this coordinator version does not serve")
+        if not query.is_aggregate and tier != "open":
+            raise QueryError("not_allowed", "row-level output is only allowed on open tables; "
+                             f"{', '.join(t.name for t in tables if t.tier != 'open')} "
+                             "must be aggregated (COUNT, SUM, AVG, …) with GROUP BY")
+        holders = [set(t.nodes) for t in tables]
+        nodes = sorted(set.intersection(*holders))
+        if not nodes:
+            raise QueryError("not_allowed", "no node holds all of "
+                             f"{', '.join(query.tables)}: row-level joins across nodes are "
+                             "not allowed")
+        fp = plan_query(query)
+        plan = pb.Plan()
+        plan.CopyFrom(fp.plan)
+        plan.request_id, plan.project = record.id, record.project
+        plan.researcher, plan.query_sha256 = record.researcher, record.sql_sha256
+        parts = self._fan_out(plan, nodes)
+        released = merge(fp, parts, self.config.max_rows)
+        excluded = sorted(set.union(*holders) - set(nodes))
+        if excluded:
+            released.notes.append(f"nodes {', '.join(excluded)} do not hold every joined table "
+                                  "and did not take part")
+        return released_to_json(released, nodes, tier, time.perf_counter() - started)
+
+    def _fan_out(self, plan: pb.Plan, nodes: list[str]) -> list[tuple[pb.PartialResult, pa.Table]]:
+        timeout = self.config.node_timeout_s
+        calls = {nid: self.pool.submit(self.clients[nid].execute, plan, timeout)
+                 for nid in nodes}
+        parts, failures = [], {}
+        for nid, fut in calls.items():
+            try:
+                result = fut.result()
+            except grpc.RpcError as e:
+                failures[nid] = describe_rpc_error(nid, e, timeout)
+                continue
+            with pa.ipc.open_stream(result.arrow_ipc) as reader:
+                parts.append((result, reader.read_all()))
+        if failures:
+            # No partial answer is ever presented as complete.
+            detail = "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))
+            refused = all(why.startswith("refused") for why in failures.values())
+            raise QueryError("node_refused" if refused else "node_failed",
+                             f"query not answered: {detail}",
+                             status=400 if refused else 502, nodes=failures)
+        return parts

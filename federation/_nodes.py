@@ -1,0 +1,55 @@
+"""gRPC clients for the nodes (mutual TLS with the coordinator's certificate)."""
+
+from __future__ import annotations
+
+import grpc
+
+from federation._config import CoordinatorConfig, NodeEndpoint
+from federation.proto import bulle_pb2 as pb
+from federation.proto import bulle_pb2_grpc as pb_grpc
+
+MAX_MESSAGE = 512 * 1024 * 1024
+
+
+class NodeClient:
+    def __init__(self, endpoint: NodeEndpoint, creds: grpc.ChannelCredentials) -> None:
+        self.id = endpoint.id
+        self.address = endpoint.address
+        self.channel = grpc.secure_channel(endpoint.address, creds, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+        ])
+        self.stub = pb_grpc.NodeStub(self.channel)
+
+    def catalog(self, timeout: float) -> pb.Catalog:
+        return self.stub.GetCatalog(pb.CatalogRequest(), timeout=timeout)
+
+    def execute(self, plan: pb.Plan, timeout: float) -> pb.PartialResult:
+        return self.stub.Execute(plan, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def client_credentials(config: CoordinatorConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=config.ca.read_bytes(),
+        private_key=config.key.read_bytes(),
+        certificate_chain=config.cert.read_bytes(),
+    )
+
+
+def describe_rpc_error(node_id: str, err: grpc.RpcError, timeout: float) -> str:
+    """A researcher-facing reason for a node failure (node messages are already sanitised)."""
+    code = err.code() if hasattr(err, "code") else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {timeout:g} s"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return "unreachable"
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.PERMISSION_DENIED):
+        return f"refused: {err.details()}"
+    if code == grpc.StatusCode.INTERNAL:
+        return f"failed: {err.details()}"
+    return f"failed ({code.name if code else 'unknown'})"

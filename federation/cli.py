@@ -1,0 +1,56 @@
+"""``bulle coordinator …`` and ``bulle certs``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from federation._config import ConfigError, load_coordinator_config
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "certs":
+        return _certs(argv[1:])
+    parser = argparse.ArgumentParser(prog="bulle coordinator")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="serve the HTTP API in front of the nodes")
+    serve.add_argument("--config", required=True, type=Path)
+    serve.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv[1:])
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_coordinator_config(args.config)
+    except ConfigError as e:
+        print(f"bulle coordinator: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from federation._api import build_app
+    from federation._coordinator import Coordinator
+
+    coordinator = Coordinator(config)
+    host, port = config.host_port
+    try:
+        uvicorn.run(build_app(coordinator), host=host, port=port, log_level=args.log_level,
+                    access_log=False)
+    finally:
+        coordinator.close()
+    return 0
+
+
+def _certs(argv: list[str]) -> int:
+    from federation._certs import make_certs
+
+    parser = argparse.ArgumentParser(prog="bulle certs",
+                                     description="create a local CA, node and coordinator certs")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--node", action="append", default=[], help="node id (repeatable)")
+    parser.add_argument("--host", action="append", default=[],
+                        help="DNS name or IP for the certificates (default localhost, 127.0.0.1)")
+    args = parser.parse_args(argv)
+    out = make_certs(args.out, args.node, args.host or None)
+    print(f"certificates in {out}")
+    return 0

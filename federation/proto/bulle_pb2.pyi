@@ -1,0 +1,232 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AggKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGG_UNSPECIFIED: _ClassVar[AggKind]
+    COUNT_ROWS: _ClassVar[AggKind]
+    COUNT: _ClassVar[AggKind]
+    SUM: _ClassVar[AggKind]
+    SUM_SQUARES: _ClassVar[AggKind]
+    MIN: _ClassVar[AggKind]
+    MAX: _ClassVar[AggKind]
+AGG_UNSPECIFIED: AggKind
+COUNT_ROWS: AggKind
+COUNT: AggKind
+SUM: AggKind
+SUM_SQUARES: AggKind
+MIN: AggKind
+MAX: AggKind
+
+class CatalogRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Column(_message.Message):
+    __slots__ = ("name", "type", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Domain(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableInfo(_message.Message):
+    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to")
+    class PublicDomainsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Domain
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_UNIT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tier: str
+    columns: _containers.RepeatedCompositeFieldContainer[Column]
+    row_count_bucket: str
+    privacy_unit: str
+    public_domains: _containers.MessageMap[str, Domain]
+    description: str
+    min_count: int
+    round_to: int
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
+
+class Catalog(_message.Message):
+    __slots__ = ("node_id", "tables")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    def __init__(self, node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+
+class Expr(_message.Message):
+    __slots__ = ("column", "literal", "call")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    LITERAL_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    column: ColumnRef
+    literal: Literal
+    call: Call
+    def __init__(self, column: _Optional[_Union[ColumnRef, _Mapping]] = ..., literal: _Optional[_Union[Literal, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ...) -> None: ...
+
+class ColumnRef(_message.Message):
+    __slots__ = ("table", "name")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    name: str
+    def __init__(self, table: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Literal(_message.Message):
+    __slots__ = ("is_null", "bool_value", "int_value", "float_value", "string_value")
+    IS_NULL_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    is_null: bool
+    bool_value: bool
+    int_value: int
+    float_value: float
+    string_value: str
+    def __init__(self, is_null: bool = ..., bool_value: bool = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
+
+class Call(_message.Message):
+    __slots__ = ("op", "args")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    args: _containers.RepeatedCompositeFieldContainer[Expr]
+    def __init__(self, op: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Expr, _Mapping]]] = ...) -> None: ...
+
+class TableRef(_message.Message):
+    __slots__ = ("table", "alias")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    alias: str
+    def __init__(self, table: _Optional[str] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class Join(_message.Message):
+    __slots__ = ("table", "kind", "on")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ON_FIELD_NUMBER: _ClassVar[int]
+    table: TableRef
+    kind: str
+    on: Expr
+    def __init__(self, table: _Optional[_Union[TableRef, _Mapping]] = ..., kind: _Optional[str] = ..., on: _Optional[_Union[Expr, _Mapping]] = ...) -> None: ...
+
+class Aggregate(_message.Message):
+    __slots__ = ("name", "kind", "arg")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: AggKind
+    arg: Expr
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[AggKind, str]] = ..., arg: _Optional[_Union[Expr, _Mapping]] = ...) -> None: ...
+
+class NamedExpr(_message.Message):
+    __slots__ = ("name", "expr")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expr: Expr
+    def __init__(self, name: _Optional[str] = ..., expr: _Optional[_Union[Expr, _Mapping]] = ...) -> None: ...
+
+class OrderKey(_message.Message):
+    __slots__ = ("name", "descending")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCENDING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    descending: bool
+    def __init__(self, name: _Optional[str] = ..., descending: bool = ...) -> None: ...
+
+class RowsSpec(_message.Message):
+    __slots__ = ("columns", "order_by", "limit")
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedCompositeFieldContainer[NamedExpr]
+    order_by: _containers.RepeatedCompositeFieldContainer[OrderKey]
+    limit: int
+    def __init__(self, columns: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., order_by: _Optional[_Iterable[_Union[OrderKey, _Mapping]]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("request_id", "project", "researcher", "query_sha256", "source", "joins", "where", "group_by", "aggregates", "rows")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    RESEARCHER_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    project: str
+    researcher: str
+    query_sha256: str
+    source: TableRef
+    joins: _containers.RepeatedCompositeFieldContainer[Join]
+    where: Expr
+    group_by: _containers.RepeatedCompositeFieldContainer[NamedExpr]
+    aggregates: _containers.RepeatedCompositeFieldContainer[Aggregate]
+    rows: RowsSpec
+    def __init__(self, request_id: _Optional[str] = ..., project: _Optional[str] = ..., researcher: _Optional[str] = ..., query_sha256: _Optional[str] = ..., source: _Optional[_Union[TableRef, _Mapping]] = ..., joins: _Optional[_Iterable[_Union[Join, _Mapping]]] = ..., where: _Optional[_Union[Expr, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., rows: _Optional[_Union[RowsSpec, _Mapping]] = ...) -> None: ...
+
+class PartialResult(_message.Message):
+    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_CELLS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_CELLS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    arrow_ipc: bytes
+    suppressed_cells: int
+    hidden_cells: int
+    tier: str
+    min_count: int
+    round_to: int
+    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("node_id", "status", "version")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    status: str
+    version: str
+    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...

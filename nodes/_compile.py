@@ -1,0 +1,231 @@
+"""Node-side check and compilation of a Plan into SQL for the locked DuckDB.
+
+This is the second line of defence: whatever the coordinator accepted, a plan is refused
+here unless every table is in this node's catalogue, every operator is allow-listed,
+row output only touches `open` tables, and joins follow the node's rules. Refusal
+messages are built from the plan's structure and the config, never from data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlglot import exp
+
+from federation.proto import bulle_pb2 as pb
+from federation.proto.ops import ExprError, to_sql
+
+TIER_RANK = {"open": 0, "restricted": 1, "sensitive": 2}
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+MAX_GROUP_KEYS = 8
+MAX_AGGREGATES = 64
+MAX_JOINS = 3
+
+
+class PlanRefused(ValueError):
+    """The node will not run this plan; the message is safe to send to the coordinator."""
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    name: str
+    tier: str
+    columns: dict[str, str]  # name -> DuckDB type
+    privacy_unit: str
+    public_domains: dict[str, tuple[object, ...]]
+    min_count: int
+    round_to: int
+    dominance: float
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    sql: str
+    tier: str
+    tables: tuple[str, ...]
+    is_rows: bool
+    group_names: tuple[str, ...]
+    # per group key: the declared public domain when the key is a plain column that has one
+    key_domains: tuple[tuple[object, ...] | None, ...]
+    aggregates: tuple[tuple[str, int], ...]  # (name, AggKind)
+    dominance_pairs: tuple[tuple[str, str, str], ...]  # (aggregate, max-abs col, sum-abs col)
+    min_count: int
+    dominance: float
+    round_to: int
+
+
+def _ident(name: str) -> exp.Identifier:
+    return exp.to_identifier(name, quoted=True)
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _NAME.match(name):
+        raise PlanRefused(f"invalid {kind} name in plan")
+
+
+def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) -> CompiledPlan:
+    aliases: dict[str, TableMeta] = {}
+
+    def add_table(ref: pb.TableRef) -> exp.Expression:
+        meta = catalog.get(ref.table)
+        if meta is None:
+            raise PlanRefused(f"table {ref.table[:64]!r} is not published by this node")
+        alias = ref.alias or ref.table
+        _check_name("alias", alias)
+        if alias in aliases:
+            raise PlanRefused(f"alias {alias!r} used twice")
+        aliases[alias] = meta
+        return exp.Table(this=_ident(meta.name), alias=exp.TableAlias(this=_ident(alias)))
+
+    def resolve(table: str, column: str) -> exp.Expression:
+        meta = aliases.get(table)
+        if meta is None:
+            raise ExprError("column refers to an unknown table alias")
+        if column not in meta.columns:
+            raise ExprError(f"column {column[:64]!r} is not in table {meta.name!r}")
+        return exp.Column(this=_ident(column), table=_ident(table))
+
+    def compile_expr(e: pb.Expr) -> exp.Expression:
+        try:
+            return to_sql(e, resolve)
+        except ExprError as err:
+            raise PlanRefused(str(err)) from None
+
+    if not plan.HasField("source"):
+        raise PlanRefused("plan has no source table")
+    if len(plan.joins) > MAX_JOINS:
+        raise PlanRefused(f"at most {MAX_JOINS} joins per plan")
+    query = exp.select().from_(add_table(plan.source))
+    source_alias = plan.source.alias or plan.source.table
+    for join in plan.joins:
+        if join.kind not in ("inner", "left"):
+            raise PlanRefused("only inner and left joins are allowed")
+        table_sql = add_table(join.table)
+        alias = join.table.alias or join.table.table
+        _check_join(join.on, alias, aliases)
+        query = query.join(table_sql, on=compile_expr(join.on), join_type=join.kind.upper())
+    tier = max((m.tier for m in aliases.values()), key=TIER_RANK.__getitem__)
+    if tier == "sensitive":
+        raise PlanRefused("sensitive tables are released only through DP plans, "
+                          "which this node version does not serve")
+    if plan.HasField("where"):
+        query = query.where(compile_expr(plan.where))
+    tables = tuple(sorted({m.name for m in aliases.values()}))
+    restricted = [m for m in aliases.values() if m.tier == "restricted"]
+    min_count = max((m.min_count for m in restricted), default=0)
+    round_to = max((m.round_to for m in restricted), default=1)
+    dominance = min((m.dominance for m in restricted), default=1.0)
+
+    if plan.HasField("rows"):
+        if tier != "open":
+            raise PlanRefused("row-level output is only allowed on open tables; "
+                              f"this plan touches {tier} data")
+        if plan.group_by or plan.aggregates:
+            raise PlanRefused("a row plan has no group keys or aggregates")
+        names = []
+        for col in plan.rows.columns:
+            _check_name("output", col.name)
+            names.append(col.name)
+            query = query.select(exp.alias_(compile_expr(col.expr), _ident(col.name)))
+        if not names:
+            raise PlanRefused("row plan selects no column")
+        for key in plan.rows.order_by:
+            if key.name not in names:
+                raise PlanRefused("ORDER BY must name an output column")
+            query = query.order_by(exp.Ordered(this=exp.column(_ident(key.name)),
+                                               desc=key.descending))
+        limit = plan.rows.limit if 0 < plan.rows.limit <= max_rows else max_rows + 1
+        query = query.limit(limit)
+        return CompiledPlan(query.sql("duckdb"), tier, tables, True, tuple(names), (), (), (),
+                            0, 1.0, 1)
+
+    if len(plan.group_by) > MAX_GROUP_KEYS or len(plan.aggregates) > MAX_AGGREGATES:
+        raise PlanRefused(f"at most {MAX_GROUP_KEYS} group keys and {MAX_AGGREGATES} aggregates")
+    group_names, domains = [], []
+    for i, key in enumerate(plan.group_by):
+        _check_name("group key", key.name)
+        group_names.append(key.name)
+        query = query.select(exp.alias_(compile_expr(key.expr), _ident(key.name)))
+        domains.append(_public_domain(key.expr, aliases))
+        query = query.group_by(exp.Literal.number(i + 1))
+    aggs, dominance_pairs = [], []
+    for agg in plan.aggregates:
+        _check_name("aggregate", agg.name)
+        if agg.kind == pb.COUNT_ROWS:
+            value: exp.Expression = exp.Count(this=exp.Star())
+        else:
+            if not agg.HasField("arg"):
+                raise PlanRefused("aggregate without argument")
+            arg = compile_expr(agg.arg)
+            value = _aggregate_sql(agg.kind, arg)
+            if agg.kind == pb.SUM and tier == "restricted":
+                mx, sm = f"__max_abs_{agg.name}", f"__sum_abs_{agg.name}"
+                abs_arg = exp.Anonymous(this="abs", expressions=[arg.copy()])
+                query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)))
+                query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)))
+                dominance_pairs.append((agg.name, mx, sm))
+        aggs.append((agg.name, agg.kind))
+        query = query.select(exp.alias_(value, _ident(agg.name)))
+    if tier == "restricted":
+        unit = next((m.privacy_unit for a, m in aliases.items() if a == source_alias), "")
+        units = (exp.Count(this=exp.Distinct(expressions=[resolve(source_alias, unit)]))
+                 if unit else exp.Count(this=exp.Star()))
+        query = query.select(exp.alias_(units, _ident("__units")))
+    return CompiledPlan(query.sql("duckdb"), tier, tables, False, tuple(group_names),
+                        tuple(domains), tuple(aggs), tuple(dominance_pairs), min_count,
+                        dominance, round_to)
+
+
+def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
+    if kind == pb.COUNT:
+        return exp.Count(this=arg)
+    if kind == pb.SUM:
+        return exp.Sum(this=arg)
+    if kind == pb.SUM_SQUARES:
+        return exp.Sum(this=exp.Mul(this=exp.paren(arg), expression=exp.paren(arg.copy())))
+    if kind == pb.MIN:
+        return exp.Min(this=arg)
+    if kind == pb.MAX:
+        return exp.Max(this=arg)
+    raise PlanRefused("unknown aggregate kind")
+
+
+def _public_domain(e: pb.Expr, aliases: dict[str, TableMeta]) -> tuple[object, ...] | None:
+    if e.WhichOneof("kind") != "column":
+        return None
+    meta = aliases.get(e.column.table)
+    return meta.public_domains.get(e.column.name) if meta else None
+
+
+def _check_join(on: pb.Expr, alias: str, aliases: dict[str, TableMeta]) -> None:
+    """Joins are equalities between columns; a non-open pair must link privacy units."""
+    pairs: list[tuple[pb.ColumnRef, pb.ColumnRef]] = []
+
+    def collect(e: pb.Expr) -> None:
+        if e.WhichOneof("kind") == "call" and e.call.op == "and":
+            for a in e.call.args:
+                collect(a)
+            return
+        if (e.WhichOneof("kind") == "call" and e.call.op == "eq"
+                and all(a.WhichOneof("kind") == "column" for a in e.call.args)):
+            pairs.append((e.call.args[0].column, e.call.args[1].column))
+            return
+        raise PlanRefused("join conditions must be equalities between columns, joined by AND")
+
+    collect(on)
+    joined = aliases[alias]
+    others = {p.table for pair in pairs for p in pair} - {alias}
+    if not others or any(o not in aliases for o in others):
+        raise PlanRefused("join condition must link the joined table to a previous one")
+    if joined.tier == "open" or all(aliases[o].tier == "open" for o in others):
+        return
+    for a, b in pairs:
+        ta, tb = aliases.get(a.table), aliases.get(b.table)
+        if (ta and tb and a.table != b.table and ta.privacy_unit and tb.privacy_unit
+                and a.name == ta.privacy_unit and b.name == tb.privacy_unit):
+            return
+    raise PlanRefused(
+        f"joining {joined.name!r} is allowed on the privacy unit "
+        f"({joined.privacy_unit or 'none declared'}) or with an open reference table only"
+    )

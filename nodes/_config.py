@@ -1,0 +1,174 @@
+"""Node agent configuration (TOML). Unknown keys are rejected with their name.
+
+Paths may use ``${VAR}`` (environment) and are resolved relative to the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TIERS = ("open", "restricted", "sensitive")
+_TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file and key it is about."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path
+    # Only a client certificate with this common name (the coordinator's) is served.
+    allowed_client_cn: str = "bulle-coordinator"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    threads: int = 1
+    memory_limit: str = "1GB"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    table: str
+    source: tuple[Path, ...]
+    tier: str
+    description: str = ""
+    # Operator-side row filter (SQL over the source columns, evaluated before lock-down):
+    # how a node publishes only its own part of a shared extract.
+    filter: str = ""
+    privacy_unit: str = ""
+    min_count: int = 10
+    round_to: int = 1
+    dominance: float = 0.9  # a SUM cell is suppressed when one row holds this share of it
+    # Expected columns and types; loading fails if one is missing or of another kind.
+    schema: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)  # column -> description
+    public_domains: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    listen: str
+    tls: TlsConfig | None
+    engine: EngineConfig
+    datasets: tuple[DatasetConfig, ...]
+    log_dir: Path | None = None
+    path: Path | None = None
+
+    def dataset(self, table: str) -> DatasetConfig | None:
+        return next((d for d in self.datasets if d.table == table), None)
+
+
+def _check_keys(where: str, raw: dict[str, Any], cls: type | set[str]) -> None:
+    allowed = cls if isinstance(cls, set) else {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _expand(value: str, base: Path, where: str) -> Path:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+        return os.environ[name]
+
+    p = Path(_ENV.sub(sub, value)).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _require(raw: dict[str, Any], key: str, where: str) -> Any:
+    if key not in raw:
+        raise ConfigError(f"{where}: missing key {key!r}")
+    return raw[key]
+
+
+def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
+    _check_keys(where, raw, DatasetConfig)
+    table = _require(raw, "table", where)
+    if not isinstance(table, str) or not _TABLE_NAME.match(table):
+        raise ConfigError(f"{where}: table name {table!r} must be lowercase snake_case")
+    where = f"{where} ({table})"
+    tier = _require(raw, "tier", where)
+    if tier not in TIERS:
+        raise ConfigError(f"{where}: tier {tier!r} is not one of {', '.join(TIERS)}")
+    src = _require(raw, "source", where)
+    sources = (src,) if isinstance(src, str) else tuple(src)
+    if not sources:
+        raise ConfigError(f"{where}: source is empty")
+    min_count = int(raw.get("min_count", 10))
+    round_to = int(raw.get("round_to", 1))
+    if min_count < 0 or round_to < 1:
+        raise ConfigError(f"{where}: min_count must be >= 0 and round_to >= 1")
+    domains = {k: tuple(v) for k, v in raw.get("public_domains", {}).items()}
+    return DatasetConfig(
+        table=table,
+        source=tuple(_expand(s, base, where) for s in sources),
+        tier=tier,
+        description=str(raw.get("description", "")),
+        filter=str(raw.get("filter", "")),
+        privacy_unit=str(raw.get("privacy_unit", "")),
+        min_count=min_count,
+        round_to=round_to,
+        dominance=float(raw.get("dominance", 0.9)),
+        schema={k: str(v).upper() for k, v in raw.get("schema", {}).items()},
+        columns={k: str(v) for k, v in raw.get("columns", {}).items()},
+        public_domains=domains,
+    )
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    base = path.parent
+    where = str(path)
+    _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset", "log_dir"})
+    tls = None
+    if "tls" in raw:
+        _check_keys(f"{where} [tls]", raw["tls"], TlsConfig)
+        t = raw["tls"]
+        tls = TlsConfig(
+            cert=_expand(_require(t, "cert", where + " [tls]"), base, where),
+            key=_expand(_require(t, "key", where + " [tls]"), base, where),
+            client_ca=_expand(_require(t, "client_ca", where + " [tls]"), base, where),
+            allowed_client_cn=t.get("allowed_client_cn", "bulle-coordinator"),
+        )
+    engine_raw = raw.get("engine", {})
+    _check_keys(f"{where} [engine]", engine_raw, EngineConfig)
+    datasets = tuple(
+        _dataset(d, base, f"{where} [[dataset]] #{i + 1}")
+        for i, d in enumerate(raw.get("dataset", []))
+    )
+    names = [d.table for d in datasets]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"{where}: table {dup!r} is declared twice")
+    node_id = _require(raw, "node_id", where)
+    if not re.match(r"^[a-z0-9][a-z0-9-]{0,62}$", str(node_id)):
+        raise ConfigError(f"{where}: node_id {node_id!r} must be lowercase letters, digits, '-'")
+    return NodeConfig(
+        node_id=node_id,
+        listen=str(raw.get("listen", "127.0.0.1:50051")),
+        tls=tls,
+        engine=EngineConfig(**engine_raw),
+        datasets=datasets,
+        log_dir=_expand(raw["log_dir"], base, where) if "log_dir" in raw else None,
+        path=path,
+    )

@@ -1,0 +1,194 @@
+"""The node's data engine: datasets loaded into DuckDB, then locked; plans executed.
+
+Lock-down (TRAPS.md): data is loaded first, then external access is disabled and the
+configuration locked, so no query can read files, load extensions or change settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+
+from federation.proto import bulle_pb2 as pb
+from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
+from nodes._config import ConfigError, NodeConfig
+from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
+from privacy import suppression_mask
+
+log = logging.getLogger("bulle.node")
+MAX_DOMAIN_CELLS = 100_000
+
+
+@dataclass(frozen=True)
+class Execution:
+    result: pb.PartialResult
+    rows_out: int
+    seconds: float
+
+
+class PlanFailed(RuntimeError):
+    """A plan that passed the checks failed in the engine. ``public`` is safe to send."""
+
+    def __init__(self, public: str, incident: str) -> None:
+        super().__init__(public)
+        self.public = public
+        self.incident = incident
+
+
+def _typed_domain(values: tuple[object, ...], duck_type: str, where: str) -> tuple[object, ...]:
+    family = type_family(duck_type)
+    try:
+        if family == "integer":
+            return tuple(int(v) for v in values)
+        if family == "number":
+            return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: public domain values must be numbers") from None
+    return tuple(str(v) for v in values)
+
+
+class NodeEngine:
+    def __init__(self, config: NodeConfig, max_rows: int = 1_000_000) -> None:
+        self.config = config
+        self.max_rows = max_rows
+        self._con = duckdb.connect(":memory:", config={
+            "threads": config.engine.threads,
+            "memory_limit": config.engine.memory_limit,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        })
+        self.meta: dict[str, TableMeta] = {}
+        self._buckets: dict[str, str] = {}
+        for ds in config.datasets:
+            started = time.perf_counter()
+            n = load_dataset(self._con, ds)
+            columns = dict(table_columns(self._con, ds.table))
+            domains = {c: _typed_domain(v, columns[c], f"dataset {ds.table!r} domain {c!r}")
+                       for c, v in ds.public_domains.items()}
+            self.meta[ds.table] = TableMeta(ds.table, ds.tier, columns, ds.privacy_unit, domains,
+                                            ds.min_count, ds.round_to, ds.dominance)
+            self._buckets[ds.table] = row_count_bucket(n)
+            log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
+                     row_count_bucket(n), time.perf_counter() - started)
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    def close(self) -> None:
+        self._con.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection to the locked database (tests use it to probe the lock-down)."""
+        return self._con.cursor()
+
+    def catalog(self) -> pb.Catalog:
+        out = pb.Catalog(node_id=self.config.node_id)
+        for ds in self.config.datasets:
+            meta = self.meta[ds.table]
+            info = out.tables.add(
+                name=ds.table, tier=ds.tier, description=ds.description,
+                row_count_bucket=self._buckets[ds.table], privacy_unit=ds.privacy_unit,
+                min_count=ds.min_count if ds.tier == "restricted" else 0,
+                round_to=ds.round_to if ds.tier == "restricted" else 1,
+            )
+            for name, typ in meta.columns.items():
+                info.columns.add(name=name, type=typ, description=ds.columns.get(name, ""))
+            for col, values in meta.public_domains.items():
+                info.public_domains[col].values.extend(str(v) for v in values)
+        return out
+
+    def execute(self, plan: pb.Plan) -> Execution:
+        started = time.perf_counter()
+        compiled = compile_plan(plan, self.meta, self.max_rows)
+        try:
+            table = self._con.cursor().execute(compiled.sql).to_arrow_table()
+        except duckdb.Error as e:
+            incident = uuid.uuid4().hex[:12]
+            # The detail may quote data values: it stays in this node's own log.
+            log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
+            raise PlanFailed(_public_engine_error(e), incident) from None
+        if compiled.is_rows:
+            if table.num_rows > self.max_rows:
+                raise PlanRefused(f"more than {self.max_rows} rows: add a filter or a LIMIT")
+            out, suppressed, hidden = table, 0, 0
+        else:
+            out, suppressed, hidden = _disclosure_control(table, compiled)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, out.schema) as writer:
+            writer.write_table(out)
+        result = pb.PartialResult(
+            node_id=self.config.node_id, arrow_ipc=sink.getvalue().to_pybytes(),
+            suppressed_cells=suppressed, hidden_cells=hidden, tier=compiled.tier,
+            min_count=compiled.min_count, round_to=compiled.round_to,
+        )
+        return Execution(result, out.num_rows, time.perf_counter() - started)
+
+
+def _public_engine_error(e: duckdb.Error) -> str:
+    # Class names only: DuckDB's messages can quote the offending values.
+    if isinstance(e, duckdb.ConversionException):
+        return "a value could not be converted: check the types in the query"
+    if isinstance(e, duckdb.BinderException):
+        return "the query does not type-check against this node's tables"
+    if isinstance(e, duckdb.OutOfMemoryException):
+        return "the node ran out of memory for this query"
+    if isinstance(e, duckdb.OutOfRangeException):
+        return "a value is out of range in an expression"
+    if isinstance(e, duckdb.InvalidInputException):
+        return "invalid input in an expression"
+    return "the node could not execute the plan"
+
+
+def _disclosure_control(table: pa.Table, c: CompiledPlan) -> tuple[pa.Table, int, int]:
+    """Zero-fill public domains, apply the restricted tier's SDC, drop helper columns."""
+    keys = list(c.group_names)
+    aggs = [name for name, _ in c.aggregates]
+    counts = {name for name, kind in c.aggregates if kind in (pb.COUNT_ROWS, pb.COUNT)}
+    rows = table.to_pylist()
+    all_public = c.tier == "open" or (keys and all(d is not None for d in c.key_domains))
+    if keys and all(d is not None for d in c.key_domains):
+        cells = 1
+        for d in c.key_domains:
+            cells *= len(d)
+        if cells > MAX_DOMAIN_CELLS:
+            raise PlanRefused(f"the public domains of the group keys make {cells} cells "
+                              f"(at most {MAX_DOMAIN_CELLS})")
+        present = {tuple(r[k] for k in keys) for r in rows}
+        filler = {name: (0 if name in counts or name == "__units" else None)
+                  for name in table.column_names if name not in keys}
+        for combo in itertools.product(*c.key_domains):
+            if combo not in present:
+                rows.append({**dict(zip(keys, combo, strict=True)), **filler})
+
+    def public(key: tuple[object, ...]) -> bool:
+        if c.tier == "open":
+            return True
+        return all(d is not None and v in d for v, d in zip(key, c.key_domains, strict=True))
+
+    key_tuples = [tuple(r[k] for k in keys) for r in rows]
+    if c.tier == "restricted":
+        dominated = [
+            any(float(r[sm] or 0) > 0 and float(r[mx] or 0) > c.dominance * float(r[sm])
+                for _, mx, sm in c.dominance_pairs)
+            for r in rows
+        ]
+        mask = suppression_mask(key_tuples, [r["__units"] for r in rows], c.min_count, dominated)
+    else:
+        mask = [False] * len(rows)
+    out_rows, hidden = [], 0
+    for r, key, suppressed in zip(rows, key_tuples, mask, strict=True):
+        if suppressed and not (all_public or public(key)):
+            hidden += 1
+            continue
+        row = {k: r[k] for k in keys}
+        row.update({a: (None if suppressed else r[a]) for a in aggs})
+        row["__suppressed"] = suppressed
+        out_rows.append(row)
+    fields = [table.schema.field(n) for n in keys + aggs]
+    schema = pa.schema([*fields, pa.field("__suppressed", pa.bool_())])
+    return pa.Table.from_pylist(out_rows, schema=schema), sum(mask) - hidden, hidden

@@ -1,0 +1,177 @@
+"""Loading a dataset's source files into the node's DuckDB, before lock-down.
+
+CSV files are read as published: the delimiter is sniffed (``;``, ``,``, tab), a UTF-8 BOM
+is stripped, CRLF is accepted, and each column gets the narrowest faithful type (integers,
+numbers with ``.`` or French ``,`` decimals, text). Codes with leading zeros (``001``,
+``01202``) stay text. Column names become lowercase ASCII snake_case.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import duckdb
+import sqlglot
+from sqlglot import exp
+
+from nodes._config import ConfigError, DatasetConfig
+
+_INT = r"^-?(0|[1-9][0-9]{0,17})$"
+_NUM = r"^-?(0|[1-9][0-9]*)([.,][0-9]+)?([eE][-+]?[0-9]+)?$"
+_FAMILIES = {
+    "TINYINT": "integer", "SMALLINT": "integer", "INTEGER": "integer", "BIGINT": "integer",
+    "HUGEINT": "integer", "UTINYINT": "integer", "USMALLINT": "integer", "UINTEGER": "integer",
+    "UBIGINT": "integer", "DOUBLE": "number", "FLOAT": "number", "REAL": "number",
+    "VARCHAR": "text", "BOOLEAN": "boolean", "DATE": "date", "TIMESTAMP": "timestamp",
+}
+
+
+def normalize_column_name(name: str) -> str:
+    """``Rentrée scolaire`` → ``rentree_scolaire``; ``Taux de réussite - G`` → ``taux_de_reussite_g``."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_") or "column"
+
+
+def type_family(duck_type: str) -> str:
+    base = duck_type.upper().split("(")[0]
+    if base.startswith("DECIMAL"):
+        return "number"
+    return _FAMILIES.get(base, base.lower())
+
+
+def sniff_csv(path: Path) -> tuple[str, str]:
+    """Return (delimiter, encoding) from the first bytes of a CSV file."""
+    head = path.open("rb").read(65536)
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]
+    try:
+        text = head.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not merely a multi-byte char cut by the 64 KiB window
+            text, encoding = head.decode("latin-1"), "latin-1"
+        else:
+            text, encoding = head[: e.start].decode("utf-8"), "utf-8"
+    first = text.splitlines()[0] if text else ""
+    delimiter = max((";", ",", "\t", "|"), key=first.count)
+    if first.count(delimiter) == 0:
+        delimiter = ","
+    return delimiter, encoding
+
+
+def _quote(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql("duckdb")
+
+
+def _relation_sql(path: Path) -> tuple[str, bool]:
+    """SQL that reads one source file; second item: whether columns are all text."""
+    lit = exp.Literal.string(str(path)).sql("duckdb")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return f"read_parquet({lit})", False
+    if suffix in (".jsonl", ".ndjson"):
+        return f"read_json({lit}, format='newline_delimited')", False
+    delimiter, encoding = sniff_csv(path)
+    opts = (
+        f"delim={exp.Literal.string(delimiter).sql('duckdb')}, header=true, all_varchar=true, "
+        f"quote='\"', escape='\"', encoding='{encoding}', strict_mode=true, null_padding=false"
+    )
+    return f"read_csv({lit}, {opts})", True
+
+
+def _infer_casts(con: duckdb.DuckDBPyConnection, view: str, names: list[str]) -> list[str]:
+    """Select-list that gives each all-text column its narrowest faithful type."""
+    probes = []
+    for i, n in enumerate(names):
+        q = _quote(n)
+        probes.append(
+            f"count({q}) AS n{i}, count_if(regexp_full_match({q}, '{_INT}')) AS i{i}, "
+            f"count_if(regexp_full_match({q}, '{_NUM}')) AS f{i}"
+        )
+    row = con.execute(f"SELECT {', '.join(probes)} FROM {view}").fetchone()
+    out = []
+    for i, n in enumerate(names):
+        q = _quote(n)
+        total, ints, nums = row[3 * i], row[3 * i + 1], row[3 * i + 2]
+        if total and ints == total:
+            out.append(f"CAST({q} AS BIGINT) AS {q}")
+        elif total and nums == total:
+            out.append(f"CAST(replace({q}, ',', '.') AS DOUBLE) AS {q}")
+        else:
+            out.append(f"{q}")
+    return out
+
+
+def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
+    """Create table ``ds.table`` from its sources; returns its row count.
+
+    Raises ConfigError naming the dataset and file on a missing file, unreadable content
+    or a schema that does not match the declared one.
+    """
+    parts = []
+    for i, path in enumerate(ds.source):
+        if not path.is_file():
+            raise ConfigError(f"dataset {ds.table!r}: source file not found: {path}")
+        rel, all_text = _relation_sql(path)
+        raw_view = f"__src_{ds.table}_{i}"
+        try:
+            cols = [c[0] for c in con.execute(f"DESCRIBE SELECT * FROM {rel}").fetchall()]
+            names = [normalize_column_name(c) for c in cols]
+            dup = next((n for n in names if names.count(n) > 1), None)
+            if dup:
+                raise ConfigError(f"dataset {ds.table!r}: two columns normalise to {dup!r}")
+            renamed = ", ".join(f"{_quote(c)} AS {_quote(n)}" for c, n in zip(cols, names, strict=True))
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {raw_view} AS SELECT {renamed} FROM {rel}")
+            select = _infer_casts(con, raw_view, names) if all_text else [_quote(n) for n in names]
+            parts.append(f"SELECT {', '.join(select)} FROM {raw_view}")
+        except duckdb.Error as e:
+            # Local operator error: DuckDB's message names the line, which helps fix the file.
+            raise ConfigError(f"dataset {ds.table!r}: cannot read {path}: {e}") from None
+    union = " UNION ALL BY NAME ".join(parts)
+    where = ""
+    if ds.filter:
+        try:
+            cond = sqlglot.parse_one(ds.filter, dialect="duckdb")
+        except sqlglot.errors.ParseError as e:
+            raise ConfigError(f"dataset {ds.table!r}: filter is not valid SQL: {e}") from None
+        if isinstance(cond, (exp.Select, exp.Command)) or not isinstance(cond, exp.Expression):
+            raise ConfigError(f"dataset {ds.table!r}: filter must be one boolean expression")
+        where = f" WHERE {cond.sql('duckdb')}"
+    try:
+        con.execute(f"CREATE OR REPLACE TABLE {_quote(ds.table)} AS SELECT * FROM ({union}){where}")
+    except duckdb.Error as e:
+        raise ConfigError(f"dataset {ds.table!r}: cannot apply filter: {e}") from None
+    finally:
+        for i in range(len(ds.source)):
+            con.execute(f"DROP TABLE IF EXISTS __src_{ds.table}_{i}")
+    _check_schema(con, ds)
+    return con.execute(f"SELECT count(*) FROM {_quote(ds.table)}").fetchone()[0]
+
+
+def table_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {_quote(table)}").fetchall()]
+
+
+def _check_schema(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> None:
+    actual = dict(table_columns(con, ds.table))
+    problems = []
+    for col, want in ds.schema.items():
+        if col not in actual:
+            problems.append(f"column {col!r} is missing")
+        elif type_family(actual[col]) != type_family(want):
+            problems.append(f"column {col!r} is {actual[col]}, expected {want}")
+    for col in (ds.privacy_unit, *ds.public_domains, *ds.columns):
+        if col and col not in actual:
+            problems.append(f"declared column {col!r} does not exist")
+    if problems:
+        raise ConfigError(f"dataset {ds.table!r}: wrong schema: " + "; ".join(problems))
+
+
+def row_count_bucket(n: int) -> str:
+    for limit, label in ((100, "<100"), (1_000, "100-1k"), (10_000, "1k-10k"),
+                         (100_000, "10k-100k"), (1_000_000, "100k-1M")):
+        if n < limit:
+            return label
+    return ">1M"

@@ -1,0 +1,98 @@
+"""The node's gRPC service: thin, it authenticates the caller and delegates to the engine.
+
+Every answer that crosses the wire is either a disclosure-controlled result or a message
+built without data. Unexpected errors are logged here with an incident id; only the id
+leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from concurrent import futures
+
+import grpc
+
+from federation.proto import bulle_pb2 as pb
+from federation.proto import bulle_pb2_grpc as pb_grpc
+from nodes._compile import PlanRefused
+from nodes._config import ConfigError, NodeConfig
+from nodes._engine import NodeEngine, PlanFailed
+
+log = logging.getLogger("bulle.node")
+audit = logging.getLogger("bulle.node.audit")
+MAX_MESSAGE = 512 * 1024 * 1024
+VERSION = "0.1.0"
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, engine: NodeEngine, allowed_client_cn: str) -> None:
+        self.engine = engine
+        self.allowed_client_cn = allowed_client_cn.encode()
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        # TLS already verified the chain; this pins the identity to the coordinator's.
+        names = context.auth_context().get("x509_common_name", [])
+        if self.allowed_client_cn not in names:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "client certificate not allowed")
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        self._authorize(context)
+        return pb.HealthReply(node_id=self.engine.config.node_id, status="serving",
+                              version=VERSION)
+
+    def GetCatalog(self, request: pb.CatalogRequest, context: grpc.ServicerContext) -> pb.Catalog:
+        self._authorize(context)
+        return self.engine.catalog()
+
+    def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
+        self._authorize(context)
+        record = {"request_id": plan.request_id[:64], "project": plan.project[:128],
+                  "researcher": plan.researcher[:128], "query_sha256": plan.query_sha256[:64]}
+        try:
+            done = self.engine.execute(plan)
+        except PlanRefused as e:
+            audit.info(json.dumps({**record, "decision": "refused", "reason": str(e)}))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PlanFailed as e:
+            audit.info(json.dumps({**record, "decision": "failed", "incident": e.incident}))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{e.public} (node incident {e.incident})")
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("unexpected error on plan %s (incident %s)", plan.request_id, incident)
+            audit.info(json.dumps({**record, "decision": "error", "incident": incident}))
+            context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
+        audit.info(json.dumps({**record, "decision": "released", "tier": done.result.tier,
+                               "rows": done.rows_out, "suppressed": done.result.suppressed_cells,
+                               "hidden": done.result.hidden_cells,
+                               "ms": round(done.seconds * 1000, 2)}))
+        return done.result
+
+
+def build_server(config: NodeConfig, engine: NodeEngine, workers: int = 8) -> tuple[grpc.Server, int]:
+    """A started gRPC server with mutual TLS; returns it and the bound port."""
+    if config.tls is None:
+        raise ConfigError(f"node {config.node_id}: [tls] is required (mutual TLS)")
+    for label, path in (("cert", config.tls.cert), ("key", config.tls.key),
+                        ("client_ca", config.tls.client_ca)):
+        if not path.is_file():
+            raise ConfigError(f"node {config.node_id}: tls {label} file not found: {path}")
+    creds = grpc.ssl_server_credentials(
+        [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
+        root_certificates=config.tls.client_ca.read_bytes(),
+        require_client_auth=True,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulle-node"),
+        options=[("grpc.max_send_message_length", MAX_MESSAGE),
+                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                 ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(engine, config.tls.allowed_client_cn), server)
+    port = server.add_secure_port(config.listen, creds)
+    if port == 0:
+        raise ConfigError(f"node {config.node_id}: cannot listen on {config.listen}")
+    server.start()
+    return server, port
