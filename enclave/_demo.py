@@ -193,7 +193,7 @@ class Demo:
                     os.kill(pid, signal.SIGTERM)
                 stopped.append(name)
         deadline = time.monotonic() + 15
-        for name, pid in pids.items():
+        for pid in pids.values():
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _alive(pid):

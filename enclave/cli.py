@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     if args.action == "status":
         running = demo.running()
         for name in (*NODES, "coordinator"):
-            print(f"{name:<12} {'running (pid %d)' % running[name] if name in running else 'stopped'}")
+            state = f"running (pid {running[name]})" if name in running else "stopped"
+            print(f"{name:<12} {state}")
         return 0 if demo.healthy() else 1
     try:
         info = demo.up()
@@ -34,9 +35,11 @@ def main(argv: list[str]) -> int:
         print(f"bulle demo: {e}", file=sys.stderr)
         return 1
     print(f"""
-Bulle demo federation is up ({len(NODES)} nodes on real open data, started in {info['started_in_s']} s).
+Bulle demo federation is up: {len(NODES)} nodes on real open data, \
+started in {info['started_in_s']} s.
   coordinator API   {info['url']}   (interactive docs: {info['url']}/docs)
-  researcher        {info['researcher']} (project {info['project']}), token in {info['state']}/researcher.token
+  researcher        {info['researcher']} (project {info['project']})
+  token             {info['state']}/researcher.token
   logs              {info['state']}/logs/
 
 Try it (paste into your shell):

@@ -45,6 +45,7 @@ class QueryRecord:
     finished: float | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    exception: QueryError | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     def to_json(self) -> dict[str, Any]:
@@ -174,9 +175,10 @@ class Coordinator:
         """Synchronous helper: the result JSON, or raises QueryError."""
         record = self.submit(sql, researcher, project)
         record.done.wait()
+        if record.exception is not None:
+            raise record.exception
         if record.error:
-            err = record.error
-            raise QueryError(err["code"], err["message"], status=err.get("status", 400))
+            raise QueryError(record.error["code"], record.error["message"], status=500)
         assert record.result is not None
         return record.result
 
@@ -192,6 +194,7 @@ class Coordinator:
                                    "rows": len(record.result["rows"])}))
         except QueryError as e:
             record.error = {**e.to_json(), "status": e.status}
+            record.exception = e
             record.status = "failed"
             audit.info(json.dumps({**entry, "decision": "refused", "code": e.code}))
         except Exception:

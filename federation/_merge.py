@@ -9,7 +9,7 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
-from federation._planner import M, MERGE_FN, FederatedPlan, merged_form
+from federation._planner import MERGE_FN, FederatedPlan, M, merged_form
 from federation._tree import Agg, Call, Col, Expr, Lit, contains_agg, to_proto
 from federation.proto import bulle_pb2 as pb
 from federation.proto.ops import to_sql
@@ -76,7 +76,7 @@ def _merge_rows(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]
     cur = _cursor()
     cur.register("parts", table)
     try:
-        out = cur.execute(sql).to_arrow_table()
+        out = cur.sql(sql).to_arrow_table()
     finally:
         cur.unregister("parts")
     notes = []
@@ -140,7 +140,7 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
     cur = _cursor()
     cur.register("parts", table)
     try:
-        out = cur.execute(sql).to_arrow_table()
+        out = cur.sql(sql).to_arrow_table()
     finally:
         cur.unregister("parts")
     flags = out.column("__suppressed").to_pylist()

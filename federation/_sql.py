@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 
 import sqlglot
 from sqlglot import exp
 
 from federation._errors import QueryError
 from federation._tree import (
-    Agg, Call, Col, Expr, JoinClause, Lit, OrderItem, Query, SelectItem, TableRef, contains_agg,
+    Agg,
+    Call,
+    Col,
+    Expr,
+    JoinClause,
+    Lit,
+    OrderItem,
+    Query,
+    SelectItem,
+    TableRef,
+    contains_agg,
 )
 
 Schema = dict[str, dict[str, str]]  # table -> column -> type
@@ -69,6 +80,10 @@ def parse(sql: str, schema: Schema) -> Query:
     except sqlglot.errors.ParseError as e:
         err = e.errors[0] if e.errors else {}
         desc = str(err.get("description") or "syntax error").split("\n")[0]
+        desc = re.sub(r"Required keyword: '(\w+)' missing for <class '[\w.]*?(\w+)'>",
+                      r"incomplete \2 expression (missing its \1)", desc)
+        if err.get("highlight"):
+            desc += f" near {str(err['highlight'])[:40]!r}"
         line, col = err.get("line"), err.get("col")
         where = f" at line {line}, column {col}" if line else ""
         raise QueryError("syntax_error", f"syntax error{where}: {desc}",
@@ -167,7 +182,8 @@ class _Binder:
                 owner = next((a for a in left_aliases
                               if name in self.schema[self.scope[a]]), None)
                 if owner is None or name not in self.schema[ref.table]:
-                    raise QueryError("unknown_column", f"USING column {name!r} is not in both tables")
+                    raise QueryError("unknown_column",
+                                     f"USING column {name!r} is not in both tables")
                 conds.append(Call("eq", (Col(owner, name), Col(ref.alias, name))))
             on: Expr = conds[0] if len(conds) == 1 else Call("and", tuple(conds))
         elif j.args.get("on") is not None:
@@ -285,8 +301,8 @@ class _Binder:
                              f"column {name!r} is in several tables: write alias.{name}")
         if not owners:
             all_cols = {col: t for t in self.scope.values() for col in self.schema[t]}
-            raise QueryError("unknown_column",
-                             _unknown(name, ", ".join(dict.fromkeys(self.scope.values())), all_cols))
+            tables = ", ".join(dict.fromkeys(self.scope.values()))
+            raise QueryError("unknown_column", _unknown(name, tables, all_cols))
         return Col(owners[0], name)
 
     def expr(self, e: exp.Expression, *, allow_agg: bool) -> Expr:
@@ -385,7 +401,7 @@ class _Binder:
             raise _refuse(_function_message(name))
         if isinstance(e, (exp.Subquery, exp.Select, exp.Exists)):
             raise _refuse("subqueries are not allowed")
-        if isinstance(e, exp.Placeholder) or isinstance(e, exp.Parameter):
+        if isinstance(e, (exp.Placeholder, exp.Parameter)):
             raise _refuse("parameters are not supported: inline constants")
         raise _refuse(f"{type(e).__name__} expressions are not allowed")
 

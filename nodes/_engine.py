@@ -106,7 +106,7 @@ class NodeEngine:
         started = time.perf_counter()
         compiled = compile_plan(plan, self.meta, self.max_rows)
         try:
-            table = self._con.cursor().execute(compiled.sql).to_arrow_table()
+            table = self._con.cursor().sql(compiled.sql).to_arrow_table()
         except duckdb.Error as e:
             incident = uuid.uuid4().hex[:12]
             # The detail may quote data values: it stays in this node's own log.

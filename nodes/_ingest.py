@@ -3,11 +3,13 @@
 CSV files are read as published: the delimiter is sniffed (``;``, ``,``, tab), a UTF-8 BOM
 is stripped, CRLF is accepted, and each column gets the narrowest faithful type (integers,
 numbers with ``.`` or French ``,`` decimals, text). Codes with leading zeros (``001``,
-``01202``) stay text. Column names become lowercase ASCII snake_case.
+``01202``) stay text. Column names become lowercase ASCII snake_case (accents stripped,
+other runs → ``_``); names that then collide get ``_2``, ``_3`` in header order.
 """
 
 from __future__ import annotations
 
+import csv
 import re
 import unicodedata
 from pathlib import Path
@@ -29,7 +31,7 @@ _FAMILIES = {
 
 
 def normalize_column_name(name: str) -> str:
-    """``Rentrée scolaire`` → ``rentree_scolaire``; ``Taux de réussite - G`` → ``taux_de_reussite_g``."""
+    """``Rentrée scolaire`` → ``rentree_scolaire``; ``Taux - G`` → ``taux_g``."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     return re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_") or "column"
 
@@ -65,6 +67,11 @@ def _quote(name: str) -> str:
     return exp.to_identifier(name, quoted=True).sql("duckdb")
 
 
+def _csv_header(path: Path, delimiter: str, encoding: str) -> list[str]:
+    with path.open(encoding="utf-8-sig" if encoding == "utf-8" else encoding, newline="") as f:
+        return next(csv.reader(f, delimiter=delimiter, quotechar='"'), [])
+
+
 def _relation_sql(path: Path) -> tuple[str, bool]:
     """SQL that reads one source file; second item: whether columns are all text."""
     lit = exp.Literal.string(str(path)).sql("duckdb")
@@ -74,11 +81,32 @@ def _relation_sql(path: Path) -> tuple[str, bool]:
     if suffix in (".jsonl", ".ndjson"):
         return f"read_json({lit}, format='newline_delimited')", False
     delimiter, encoding = sniff_csv(path)
+    header = _csv_header(path, delimiter, encoding)
+    if not header:
+        raise ConfigError(f"{path}: empty file (no header line)")
+    # The header is given explicitly and sniffing is off: DuckDB's sniffer would otherwise
+    # silently drop ragged files. Every row must then have exactly the header's fields.
+    columns = "{" + ", ".join(f"{exp.Literal.string(h).sql('duckdb')}: 'VARCHAR'"
+                              for h in header) + "}"
     opts = (
-        f"delim={exp.Literal.string(delimiter).sql('duckdb')}, header=true, all_varchar=true, "
-        f"quote='\"', escape='\"', encoding='{encoding}', strict_mode=true, null_padding=false"
+        f"delim={exp.Literal.string(delimiter).sql('duckdb')}, header=true, auto_detect=false, "
+        f"columns={columns}, quote='\"', escape='\"', encoding='{encoding}', "
+        "strict_mode=true, null_padding=false"
     )
     return f"read_csv({lit}, {opts})", True
+
+
+def unique_names(raw: list[str]) -> list[str]:
+    """Normalised names; a collision (``REP`` and ``REP +``) gets ``_2``, ``_3`` …"""
+    out: list[str] = []
+    for name in raw:
+        base = candidate = normalize_column_name(name)
+        i = 2
+        while candidate in out:
+            candidate = f"{base}_{i}"
+            i += 1
+        out.append(candidate)
+    return out
 
 
 def _infer_casts(con: duckdb.DuckDBPyConnection, view: str, names: list[str]) -> list[str]:
@@ -118,11 +146,9 @@ def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
         raw_view = f"__src_{ds.table}_{i}"
         try:
             cols = [c[0] for c in con.execute(f"DESCRIBE SELECT * FROM {rel}").fetchall()]
-            names = [normalize_column_name(c) for c in cols]
-            dup = next((n for n in names if names.count(n) > 1), None)
-            if dup:
-                raise ConfigError(f"dataset {ds.table!r}: two columns normalise to {dup!r}")
-            renamed = ", ".join(f"{_quote(c)} AS {_quote(n)}" for c, n in zip(cols, names, strict=True))
+            names = unique_names(cols)
+            renamed = ", ".join(f"{_quote(c)} AS {_quote(n)}"
+                                for c, n in zip(cols, names, strict=True))
             con.execute(f"CREATE OR REPLACE TEMP TABLE {raw_view} AS SELECT {renamed} FROM {rel}")
             select = _infer_casts(con, raw_view, names) if all_text else [_quote(n) for n in names]
             parts.append(f"SELECT {', '.join(select)} FROM {raw_view}")

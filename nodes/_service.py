@@ -71,7 +71,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         return done.result
 
 
-def build_server(config: NodeConfig, engine: NodeEngine, workers: int = 8) -> tuple[grpc.Server, int]:
+def build_server(config: NodeConfig, engine: NodeEngine,
+                 workers: int = 8) -> tuple[grpc.Server, int]:
     """A started gRPC server with mutual TLS; returns it and the bound port."""
     if config.tls is None:
         raise ConfigError(f"node {config.node_id}: [tls] is required (mutual TLS)")

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-def _check(config) -> int:  # noqa: ANN001
+def _check(config) -> int:
     from nodes._engine import NodeEngine
 
     engine = NodeEngine(config)
@@ -57,7 +57,7 @@ def _check(config) -> int:  # noqa: ANN001
     return 0
 
 
-def _serve(config) -> int:  # noqa: ANN001
+def _serve(config) -> int:
     from nodes._engine import NodeEngine
     from nodes._service import build_server
 

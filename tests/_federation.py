@@ -6,12 +6,12 @@ end-to-end demo test runs them as separate processes.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 from federation._config import CoordinatorConfig, NodeEndpoint, Researcher, hash_token
 from federation._coordinator import Coordinator
@@ -19,7 +19,7 @@ from nodes._config import load_node_config
 from nodes._engine import NodeEngine
 from nodes._service import build_server
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("BULLE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TOKEN = "test-token-researcher-0123456789"
 OTHER_TOKEN = "test-token-other-researcher-98765"
 
@@ -32,7 +32,7 @@ class CountingEngine(NodeEngine):
         self.executed = 0
         self._count_lock = threading.Lock()
 
-    def execute(self, plan):  # noqa: ANN001, ANN201
+    def execute(self, plan):
         with self._count_lock:
             self.executed += 1
         return super().execute(plan)

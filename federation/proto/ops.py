@@ -15,7 +15,7 @@ from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 
-MAX_DEPTH = 48
+MAX_DEPTH = 32  # protobuf itself refuses about 50 levels of nested calls
 MAX_NODES = 4000
 CAST_TYPES = frozenset({"DOUBLE", "BIGINT", "VARCHAR", "BOOLEAN", "DATE"})
 
@@ -61,10 +61,8 @@ def _case(args: list[exp.Expression]) -> exp.Expression:
 def _bucket(args: list[exp.Expression]) -> exp.Expression:
     # bucket(x, width) = floor(x / width) * width: numeric bins labelled by lower edge
     x, width = args
-    return exp.Mul(
-        this=exp.Anonymous(this="floor", expressions=[exp.Div(this=exp.paren(x), expression=width)]),
-        expression=width.copy(),
-    )
+    lower = exp.Div(this=exp.paren(x), expression=width)
+    return exp.Mul(this=exp.Anonymous(this="floor", expressions=[lower]), expression=width.copy())
 
 
 OPS: dict[str, Op] = {

@@ -98,3 +98,17 @@ def test_gaussian_event_matches_calibration() -> None:
     sigma = gaussian_sigma(1.0, 0.8, DELTA)
     # PLD is near-exact for one Gaussian: it gives back the calibrated ε.
     assert pld_epsilon([gaussian_event(sigma)], DELTA) == pytest.approx(0.8, abs=0.01)
+
+
+def test_vectorised_epsilon_matches_dp_accounting() -> None:
+    import numpy as np
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    events = [laplace_event(0.1), opacus_event([(1.1, 0.01, 1000)]), gaussian_event(3.0),
+              aggregate_event("quantile", 0.3), laplace_event(5.0)]  # fmt: skip
+    t = RdpTotals()
+    for i in range(25):
+        t.add(events[i % len(events)])
+        for delta in (1e-3, 1e-6, 1e-10):
+            ref = compute_epsilon(np.array(ORDERS), np.array(t.to_list()), delta)[0]
+            assert t.epsilon(delta) == pytest.approx(ref, rel=1e-12)

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privacy import Grant, GrantError, generate_board_keys, sign_grant, verify_grant
+from privacy._grants import load_private_key
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -123,15 +124,11 @@ def test_signed_but_non_canonical_or_invalid_payload(keys: tuple[Path, Path]) ->
     # Even a payload the board's key really signed is refused if it is not canonical or
     # lacks fields (e.g. produced by another tool).
     priv, pub = keys
-    key = Ed25519PrivateKey.from_private_bytes(
-        __import__("privacy._grants", fromlist=["x"]).load_private_key(priv).private_bytes_raw()
-    )
+    key = load_private_key(priv)
     good = json.loads(unb64(sign_grant(make_grant(), priv).split(".")[0]))
-    for payload in (
-        json.dumps(good, indent=1).encode(),  # not canonical
-        json.dumps({k: v for k, v in good.items() if k != "datasets"}, sort_keys=True,
-                   separators=(",", ":"), ensure_ascii=False).encode(),  # fmt: skip
-    ):
+    no_datasets = {k: v for k, v in good.items() if k != "datasets"}
+    canonical = json.dumps(no_datasets, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for payload in (json.dumps(good, indent=1).encode(), canonical.encode()):
         token = f"{b64(payload)}.{b64(key.sign(payload))}"
         assert code_of(token, pub) == "malformed"
 

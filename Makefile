@@ -1,0 +1,41 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both create .venv on first use (Debian's python3, so a non-root hub can run it later)
+# and install the pinned stack; torch is installed first from the CPU wheel (TRAPS.md).
+PYTHON ?= $(shell command -v /usr/bin/python3 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo demo-down test lint install stubs bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/bulle demo up
+
+demo-down:
+	$(VENV)/bin/bulle demo down
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+stubs: install
+	$(PY) -m federation.proto._codegen
+
+bench: install
+	$(PY) benchmarks/bench_federated_sql.py
+
+clean:
+	-$(VENV)/bin/bulle demo down
+	rm -rf $(VENV) .bulle-demo

@@ -1,0 +1,91 @@
+"""Bulle's privacy library: pure functions and the stores of the privacy ledger and audit.
+
+Map of the public API:
+- Restricted tier (statistical disclosure control): ``suppression_mask``, ``round_count``.
+- DP releases (``_mechanisms``, noise from OpenDP only): ``dp_count``, ``dp_sum``,
+  ``dp_mean``, ``dp_variance``, ``dp_quantile`` → ``Release``; raw vector noise
+  ``laplace_noise``, ``gaussian_noise``; calibration ``laplace_scale``, ``gaussian_sigma``,
+  ``laplace_halfwidth``, ``gaussian_halfwidth``, ``quantile_rank_error``.
+- Events to charge (dp-accounting): ``laplace_event``, ``gaussian_event``, ``opacus_event``,
+  ``aggregate_event`` (the event of a ``dp_*`` call, to charge before releasing).
+- Accounting (``_accounting``): ``RdpTotals`` (running RDP sums, O(1) budget checks),
+  ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
+  ``event_from_dict``.
+- Ledger (``_ledger``, SQLAlchemy Core): ``Ledger`` (``set_budget``, ``charge``, ``spent``,
+  ``history``), ``ChargeResult``, ``ChargeRecord``, ``LedgerError``.
+- Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
+  ``verify_grant``, ``GrantError``.
+- Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
+  ``AuditEntry``, ``AuditReport``.
+"""
+
+from privacy._accounting import (
+    RdpTotals,
+    event_from_dict,
+    event_to_dict,
+    pld_epsilon,
+    rdp_epsilon,
+    report_epsilon,
+)
+from privacy._audit import AuditEntry, AuditLog, AuditReport
+from privacy._grants import Grant, GrantError, generate_board_keys, sign_grant, verify_grant
+from privacy._ledger import ChargeRecord, ChargeResult, Ledger, LedgerError
+from privacy._mechanisms import (
+    Release,
+    aggregate_event,
+    dp_count,
+    dp_mean,
+    dp_quantile,
+    dp_sum,
+    dp_variance,
+    gaussian_event,
+    gaussian_halfwidth,
+    gaussian_noise,
+    gaussian_sigma,
+    laplace_event,
+    laplace_halfwidth,
+    laplace_noise,
+    laplace_scale,
+    opacus_event,
+    quantile_rank_error,
+)
+from privacy._sdc import round_count, suppression_mask
+
+__all__ = ["round_count", "suppression_mask"]
+__all__ += [
+    "AuditEntry",
+    "AuditLog",
+    "AuditReport",
+    "ChargeRecord",
+    "ChargeResult",
+    "Grant",
+    "GrantError",
+    "Ledger",
+    "LedgerError",
+    "RdpTotals",
+    "Release",
+    "aggregate_event",
+    "dp_count",
+    "dp_mean",
+    "dp_quantile",
+    "dp_sum",
+    "dp_variance",
+    "event_from_dict",
+    "event_to_dict",
+    "gaussian_event",
+    "gaussian_halfwidth",
+    "gaussian_noise",
+    "gaussian_sigma",
+    "generate_board_keys",
+    "laplace_event",
+    "laplace_halfwidth",
+    "laplace_noise",
+    "laplace_scale",
+    "opacus_event",
+    "pld_epsilon",
+    "quantile_rank_error",
+    "rdp_epsilon",
+    "report_epsilon",
+    "sign_grant",
+    "verify_grant",
+]
