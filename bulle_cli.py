@@ -6,10 +6,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "node": ("nodes.cli", "run a node agent (serve, check)"),
+    "node": ("nodes.cli", "run a node agent (serve, check, ingest)"),
     "coordinator": ("federation.cli", "run the coordinator (serve)"),
     "certs": ("federation.cli", "create a local CA and certificates for a demo or test"),
     "demo": ("enclave.cli", "start, stop and inspect the demo federation (up, down, env, status)"),
+    "board": ("enclave.cli", "ethics board: keygen, grant, show"),
+    "audit": ("enclave.cli", "verify hash-chained audit logs"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import unicodedata
 from typing import Any
 
 import httpx
@@ -41,6 +42,29 @@ class BulleAccessor:
         flags = self.meta.get("suppressed") or [[False] * self._df.shape[1]] * len(self._df)
         return pd.DataFrame(flags, columns=self._df.columns, index=self._df.index, dtype=bool)
 
+    def _matrix(self, key: str) -> pd.DataFrame:
+        values = self.meta.get(key) or [[None] * self._df.shape[1]] * len(self._df)
+        return pd.DataFrame(values, columns=self._df.columns, index=self._df.index,
+                            dtype="float64")
+
+    @property
+    def noise_sd(self) -> pd.DataFrame:
+        """Standard deviation of the DP noise in each value (NaN: no noise)."""
+        return self._matrix("noise_sd")
+
+    @property
+    def ci_low(self) -> pd.DataFrame:
+        """Lower end of each value's 95% interval for the noise (NaN: exact value)."""
+        return self._matrix("ci_low")
+
+    @property
+    def ci_high(self) -> pd.DataFrame:
+        return self._matrix("ci_high")
+
+    @property
+    def epsilon_spent(self) -> float:
+        return float(self.meta.get("epsilon_spent") or 0.0)
+
     @property
     def notes(self) -> list[str]:
         return list(self.meta.get("notes", []))
@@ -58,7 +82,8 @@ def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
     df = pd.DataFrame(data, columns=[c["name"] for c in cols])
     df.attrs["bulle"] = {k: payload.get(k) for k in
                          ("suppressed", "notes", "nodes", "tier", "elapsed_ms",
-                          "suppressed_cells", "hidden_cells", "query_id")}
+                          "suppressed_cells", "hidden_cells", "query_id", "noise_sd",
+                          "ci_low", "ci_high", "epsilon_spent", "budget", "budget_split")}
     return df
 
 
@@ -91,33 +116,72 @@ class Hub:
             raise BulleError("http_error", f"HTTP {response.status_code}: {detail}")
         return body
 
-    def catalog(self, refresh: bool = False) -> pd.DataFrame:
-        """One row per table: tier, publishing nodes, row-count buckets, columns."""
+    def catalog(self, refresh: bool = False, search: str | None = None) -> pd.DataFrame:
+        """One row per table: tier, publishing nodes, row-count buckets, quality score (0-100,
+        the lowest among the nodes), columns.
+
+        ``search`` keeps the tables whose name, description, column names or column
+        descriptions hold every word of it (case and accents ignored); ``matches`` says where.
+        """
         body = self._check(self._http.get("/v1/catalog", params={"refresh": refresh}))
-        rows = [{"table": t["name"], "tier": t["tier"], "nodes": ", ".join(t["nodes"]),
-                 "rows": ", ".join(f"{n}: {b}" for n, b in t["row_count_buckets"].items()),
-                 "columns": len(t["columns"]), "description": t["description"]}
-                for t in body["tables"]]
-        df = pd.DataFrame(rows)
+        rows = []
+        for t in body["tables"]:
+            row = {"table": t["name"], "tier": t["tier"], "nodes": ", ".join(t["nodes"]),
+                   "rows": ", ".join(f"{n}: {b}" for n, b in t["row_count_buckets"].items()),
+                   "quality": t.get("quality_score"), "columns": len(t["columns"]),
+                   "description": t["description"]}
+            if search is not None:
+                where = _search(t, search)
+                if where is None:
+                    continue
+                row["matches"] = ", ".join(where)
+            rows.append(row)
+        names = ["table", "tier", "nodes", "rows", "quality", "columns", "description"]
+        df = pd.DataFrame(rows, columns=names + (["matches"] if search is not None else []))
+        df["quality"] = df["quality"].astype("Int64")
         df.attrs["bulle"] = {"tables": {t["name"]: t for t in body["tables"]},
                              "nodes": body.get("nodes", {})}
         return df
 
     def describe(self, table: str) -> pd.DataFrame:
-        """The columns of one table, with types, descriptions and public domains."""
-        info = self.catalog().attrs["bulle"]["tables"].get(table)
+        """The columns of one table: types, descriptions, public domains, completeness (%,
+        lowest among the nodes) and pivots: columns that join datasets (school, year,
+        level, area), with the other tables that have them."""
+        tables = self.catalog().attrs["bulle"]["tables"]
+        info = tables.get(table)
         if info is None:
             raise BulleError("unknown_table", f"table {table!r} is not in the catalogue")
         domains = info.get("public_domains", {})
-        return pd.DataFrame([{**c, "public_domain": domains.get(c["name"])}
-                             for c in info["columns"]])
+        reports = list((info.get("quality") or {}).values())
+        out = []
+        for c in info["columns"]:
+            name = c["name"]
+            pcts = [q["column_completeness_pct"][name] for q in reports
+                    if name in q.get("column_completeness_pct", {})]
+            joins = sorted(n for n, t in tables.items() if n != table and c.get("pivot")
+                           and any(o["name"] == name for o in t["columns"]))
+            out.append({"name": name, "type": c["type"], "description": c["description"],
+                        "public_domain": domains.get(name),
+                        "completeness_pct": min(pcts) if pcts else None,
+                        "pivot": c.get("pivot"), "joins_with": joins})
+        return pd.DataFrame(out)
 
-    def sql(self, query: str, project: str | None = None, *, progress: bool = True
-            ) -> pd.DataFrame:
-        """Run a federated aggregate query; returns the released table."""
+    def budget(self, project: str | None = None) -> dict[str, Any]:
+        """ε granted, spent and remaining for a project (the global ledger's view)."""
+        return self._check(self._http.get("/v1/budget", params={"project": project}
+                                          if project else None))
+
+    def sql(self, query: str, project: str | None = None, *, epsilon: float | None = None,
+            progress: bool = True) -> pd.DataFrame:
+        """Run a federated aggregate query; returns the released table.
+
+        ``epsilon`` is the privacy cost of this query on sensitive data (default: the
+        project's); the result says what was spent and what is left.
+        """
         started = time.monotonic()
         body = self._check(self._http.post(
-            "/v1/queries", json={"sql": query, "project": project, "wait_s": 5.0}))
+            "/v1/queries", json={"sql": query, "project": project, "epsilon": epsilon,
+                                 "wait_s": 5.0}))
         while body.get("status") == "running":
             if time.monotonic() - started > self.timeout:
                 raise BulleError("timeout", f"query {body['id']} still running after "
@@ -134,7 +198,31 @@ class Hub:
             raise BulleError(err.get("code", "error"), err.get("message", "query failed"), err)
         result = body["result"]
         result["query_id"] = body["id"]
-        return result_frame(result)
+        df = result_frame(result)
+        if progress and result.get("budget"):
+            b = result["budget"]
+            print(f"ε spent by this query: {result['epsilon_spent']:.4g}; project total "
+                  f"{b['epsilon_spent']:.4g}, remaining {b['epsilon_remaining']:.4g}",
+                  file=sys.stderr)
+        return df
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def _search(table: dict[str, Any], query: str) -> list[str] | None:
+    """Where every word of ``query`` occurs in a catalogue entry, or None if one does not."""
+    places = [("name", table["name"]), ("description", table.get("description", ""))]
+    places += [(c["name"], f"{c['name']} {c.get('description', '')}") for c in table["columns"]]
+    found: list[str] = []
+    for word in _fold(query).split():
+        hits = [where for where, text in places if word in _fold(text)]
+        if not hits:
+            return None
+        found += [h for h in hits if h not in found]
+    return found
 
 
 def connect(url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> Hub:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] in ("board", "audit"):
+        from enclave._board import audit_main, board_main
+
+        return board_main(argv) if argv[0] == "board" else audit_main(argv)
     from enclave._demo import EXAMPLE, NODES, Demo
 
     parser = argparse.ArgumentParser(prog="bulle demo")

@@ -18,6 +18,8 @@ API_VERSION = "v1"
 class QueryIn(BaseModel):
     sql: str = Field(min_length=1, max_length=20_000)
     project: str | None = None
+    epsilon: float | None = Field(default=None, gt=0, le=10,
+                                  description="ε for sensitive data (default: the project's)")
     wait_s: float = Field(default=60.0, ge=0, le=600,
                           description="how long to wait for the result before answering 202")
 
@@ -50,12 +52,21 @@ def build_app(coordinator: Coordinator) -> FastAPI:
 
     @app.post(f"/{API_VERSION}/queries")
     def submit(body: QueryIn, who: Who) -> JSONResponse:
-        record = coordinator.submit(body.sql, who, body.project)
+        record = coordinator.submit(body.sql, who, body.project, body.epsilon)
         finished = record.done.wait(body.wait_s)
         if finished and record.error:
             return JSONResponse({"id": record.id, "status": "failed", "error": record.error},
                                 status_code=int(record.error.get("status", 400)))
         return JSONResponse(record.to_json(), status_code=200 if finished else 202)
+
+    @app.get(f"/{API_VERSION}/budget")
+    def budget(who: Who, project: str | None = None, report: bool = False) -> dict[str, Any]:
+        name = coordinator.project_of(who, project)
+        b = coordinator.projects.budget(name)
+        out = b.to_json()
+        if report:  # the tighter PLD figure, slower: on request
+            out["epsilon_spent_pld"] = coordinator.projects.report(name, b.delta)
+        return out
 
     @app.get(f"/{API_VERSION}/queries/{{query_id}}")
     def status(query_id: str, who: Who, wait_s: float = 0.0) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A table published by several nodes under one name is the union of their partitio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from federation.proto import bulle_pb2 as pb
 
@@ -25,17 +26,43 @@ class FederatedTable:
     description: str
     min_count: int
     round_to: int
+    quality: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> its report
+    pivots: dict[str, str] = field(default_factory=dict)  # join column -> kind
+
+    def quality_score(self) -> int | None:
+        """The lowest score among the publishing nodes (a table is as good as its worst part)."""
+        scores = [q["score"] for q in self.quality.values()]
+        return min(scores) if scores else None
 
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name, "tier": self.tier, "description": self.description,
             "nodes": list(self.nodes), "row_count_buckets": self.row_count_buckets,
             "privacy_unit": self.privacy_unit,
-            "columns": [{"name": c, "type": t, "description": self.descriptions.get(c, "")}
+            "columns": [{"name": c, "type": t, "description": self.descriptions.get(c, ""),
+                         "pivot": self.pivots.get(c)}
                         for c, t in self.columns.items()],
             "public_domains": {k: list(v) for k, v in self.public_domains.items()},
             "min_count": self.min_count, "round_to": self.round_to,
+            "quality_score": self.quality_score(), "quality": self.quality,
+            "pivots": self.pivots,
         }
+
+
+def quality_json(q: pb.Quality) -> dict[str, Any]:
+    """A node's (already coarsened) quality report as JSON."""
+    return {
+        "score": q.score, "completeness_pct": q.completeness_pct,
+        "validity_pct": q.validity_pct if q.HasField("validity_pct") else None,
+        "uniqueness_pct": q.uniqueness_pct if q.HasField("uniqueness_pct") else None,
+        "uniqueness_in_score": q.uniqueness_in_score,
+        "column_completeness_pct": dict(q.column_completeness_pct),
+        "checks": [{"column": c.column, "rule": c.rule, "invalid": c.invalid,
+                    "valid_pct": c.valid_pct if c.HasField("valid_pct") else None}
+                   for c in q.checks],
+        "units_bucket": q.units_bucket, "source_modified_at": q.source_modified_at,
+        "ingested_at": q.ingested_at, "coarsened": q.coarsened,
+    }
 
 
 def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
@@ -68,5 +95,7 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             description=next((t.description for _, t in entries if t.description), ""),
             min_count=max(t.min_count for _, t in entries),
             round_to=max(t.round_to for _, t in entries),
+            quality={n: quality_json(t.quality) for n, t in entries if t.HasField("quality")},
+            pivots={c: k for _, t in entries for c, k in t.pivots.items() if c in columns},
         )
     return out

@@ -31,6 +31,16 @@ class Researcher:
 
 
 @dataclass(frozen=True)
+class ProjectConfig:
+    name: str
+    grant: Path | None = None  # the board-signed grant token (file)
+    default_epsilon: float = 0.1  # ε per query on sensitive data when the query names none
+    # The board may declare that no unit appears at two nodes: a federated query then costs
+    # ε once at the coordinator instead of ε per node taking part.
+    nodes_disjoint: bool = False
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str
     cert: Path
@@ -42,6 +52,10 @@ class CoordinatorConfig:
     catalog_ttl_s: float = 30.0
     max_rows: int = 100_000
     state_dir: Path | None = None
+    projects: tuple[ProjectConfig, ...] = ()
+    board_public_key: Path | None = None
+    # SQLAlchemy URL of the ledger and registry; default: SQLite in state_dir
+    database_url: str = ""
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -80,7 +94,8 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     where = str(path)
     _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
-                        "catalog_ttl_s", "max_rows", "state_dir"})
+                        "catalog_ttl_s", "max_rows", "state_dir", "project",
+                        "board_public_key", "database_url"})
     tls = raw.get("tls")
     if not tls:
         raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
@@ -97,6 +112,15 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
         researchers.append(Researcher(str(r["name"]), str(r["token_sha256"]),
                                       tuple(r.get("projects", []))))
     base = path.parent
+    projects = []
+    for i, p in enumerate(raw.get("project", [])):
+        _check(f"{where} [[project]] #{i + 1}", p,
+               {"name", "grant", "default_epsilon", "nodes_disjoint"})
+        if "name" not in p:
+            raise ConfigError(f"{where} [[project]] #{i + 1}: name is required")
+        projects.append(ProjectConfig(
+            str(p["name"]), _path(p["grant"], base) if "grant" in p else None,
+            float(p.get("default_epsilon", 0.1)), bool(p.get("nodes_disjoint", False))))
     try:
         return CoordinatorConfig(
             listen=str(raw.get("listen", "127.0.0.1:8700")),
@@ -106,6 +130,10 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             catalog_ttl_s=float(raw.get("catalog_ttl_s", 30.0)),
             max_rows=int(raw.get("max_rows", 100_000)),
             state_dir=_path(raw["state_dir"], base) if "state_dir" in raw else None,
+            projects=tuple(projects),
+            board_public_key=(_path(raw["board_public_key"], base)
+                              if "board_public_key" in raw else None),
+            database_url=str(raw.get("database_url", "")),
         )
     except KeyError as e:
         raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None

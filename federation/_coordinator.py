@@ -6,7 +6,6 @@ The HTTP layer (``_api``) is a thin shell over :class:`Coordinator`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import dp_accounting as dpa
 import grpc
 import pyarrow as pa
 
@@ -25,12 +25,12 @@ from federation._config import CoordinatorConfig, Researcher, hash_token
 from federation._errors import QueryError
 from federation._merge import Released, merge
 from federation._nodes import NodeClient, client_credentials, describe_rpc_error
-from federation._planner import plan_query
+from federation._planner import plan_event, plan_query
+from federation._projects import Projects
 from federation._sql import parse
 from federation.proto import bulle_pb2 as pb
 
 log = logging.getLogger("bulle.coordinator")
-audit = logging.getLogger("bulle.coordinator.audit")
 KEEP_QUERIES = 1000
 
 
@@ -40,6 +40,7 @@ class QueryRecord:
     researcher: str
     project: str
     sql_sha256: str
+    epsilon: float | None = None  # requested ε for sensitive data (None: project default)
     status: str = "running"  # running | done | failed
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
@@ -73,11 +74,14 @@ def released_to_json(r: Released, nodes: list[str], tier: str, elapsed: float) -
     columns = [{"name": f.name, "type": _json_type(f.type)} for f in table.schema]
     rows = [[_json_value(v) for v in row.values()] for row in table.to_pylist()] \
         if table.num_columns else []
-    return {
+    out = {
         "columns": columns, "rows": rows, "suppressed": r.suppressed, "notes": r.notes,
         "nodes": nodes, "tier": tier, "suppressed_cells": r.suppressed_cells,
         "hidden_cells": r.hidden_cells, "elapsed_ms": round(elapsed * 1000, 3),
     }
+    if r.noise_sd is not None:
+        out.update(noise_sd=r.noise_sd, ci_low=r.ci_low, ci_high=r.ci_high)
+    return out
 
 
 def _json_type(t: pa.DataType) -> str:
@@ -105,6 +109,7 @@ class Coordinator:
         self._catalog_at = 0.0
         self._node_status: dict[str, str] = {}
         self._catalog_lock = threading.Lock()
+        self.projects = Projects(config)
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
 
@@ -149,14 +154,21 @@ class Coordinator:
         return {name: t.columns for name, t in self.catalog().items()}
 
     # -- queries ----------------------------------------------------------------------
-    def submit(self, sql: str, researcher: Researcher, project: str | None = None) -> QueryRecord:
-        """Start a query; the returned record's ``done`` event is set when it ends."""
+    def project_of(self, researcher: Researcher, project: str | None) -> str:
         project = project or (researcher.projects[0] if researcher.projects else "")
-        if researcher.projects and project not in researcher.projects:
+        if project not in researcher.projects:
             raise QueryError("forbidden", f"you are not a member of project {project!r}",
                              status=403)
+        return project
+
+    def submit(self, sql: str, researcher: Researcher, project: str | None = None,
+               epsilon: float | None = None) -> QueryRecord:
+        """Start a query; the returned record's ``done`` event is set when it ends."""
+        project = self.project_of(researcher, project)
+        if epsilon is not None and not 0 < epsilon <= 10:
+            raise QueryError("bad_request", "epsilon must be in (0, 10]")
         record = QueryRecord(uuid.uuid4().hex, researcher.name, project,
-                             hashlib.sha256(sql.encode()).hexdigest())
+                             hashlib.sha256(sql.encode()).hexdigest(), epsilon)
         with self._queries_lock:
             self._queries[record.id] = record
             while len(self._queries) > KEEP_QUERIES:
@@ -170,10 +182,10 @@ class Coordinator:
         # A researcher only ever sees their own queries.
         return record if record and record.researcher == researcher.name else None
 
-    def run(self, sql: str, researcher: Researcher, project: str | None = None
-            ) -> dict[str, Any]:
+    def run(self, sql: str, researcher: Researcher, project: str | None = None,
+            epsilon: float | None = None) -> dict[str, Any]:
         """Synchronous helper: the result JSON, or raises QueryError."""
-        record = self.submit(sql, researcher, project)
+        record = self.submit(sql, researcher, project, epsilon)
         record.done.wait()
         if record.exception is not None:
             raise record.exception
@@ -184,27 +196,33 @@ class Coordinator:
 
     def _run(self, record: QueryRecord, sql: str) -> None:
         started = time.perf_counter()
-        entry = {"query": record.id, "researcher": record.researcher,
-                 "project": record.project, "sql_sha256": record.sql_sha256}
+        entry = {"query": record.id, "sql_sha256": record.sql_sha256}
+        decision, detail = "error", {}
         try:
             record.result = self.execute(sql, record)
             record.status = "done"
-            audit.info(json.dumps({**entry, "decision": "released",
-                                   "nodes": record.result["nodes"],
-                                   "rows": len(record.result["rows"])}))
+            decision = "released"
+            detail = {"nodes": record.result["nodes"], "rows": len(record.result["rows"]),
+                      "tier": record.result["tier"],
+                      "epsilon": record.result.get("epsilon_spent", 0.0)}
         except QueryError as e:
             record.error = {**e.to_json(), "status": e.status}
             record.exception = e
             record.status = "failed"
-            audit.info(json.dumps({**entry, "decision": "refused", "code": e.code}))
+            decision, detail = "refused", {"code": e.code, "message": e.message[:500]}
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("query %s failed (incident %s)", record.id, incident)
             record.error = {"code": "internal", "status": 500,
                             "message": f"internal error (incident {incident})"}
             record.status = "failed"
-            audit.info(json.dumps({**entry, "decision": "error", "incident": incident}))
+            detail = {"incident": incident}
         finally:
+            try:
+                self.projects.audit.append(record.researcher, record.project, decision,
+                                           {**entry, **detail})
+            except Exception:  # the audit must not hide the answer; it is logged loudly
+                log.exception("audit append failed for query %s", record.id)
             record.finished = time.time()
             log.info("query %s %s in %.1f ms", record.id, record.status,
                      (time.perf_counter() - started) * 1000)
@@ -216,9 +234,6 @@ class Coordinator:
         query = parse(sql, {n: t.columns for n, t in catalog.items()})
         tables = [catalog[t] for t in query.tables]
         tier = max((t.tier for t in tables), key=["open", "restricted", "sensitive"].index)
-        if tier == "sensitive":
-            raise QueryError("not_allowed", "sensitive tables are released only as DP "
-                             "aggregates, which this coordinator version does not serve")
         if not query.is_aggregate and tier != "open":
             raise QueryError("not_allowed", "row-level output is only allowed on open tables; "
                              f"{', '.join(t.name for t in tables if t.tier != 'open')} "
@@ -234,13 +249,38 @@ class Coordinator:
         plan.CopyFrom(fp.plan)
         plan.request_id, plan.project = record.id, record.project
         plan.researcher, plan.query_sha256 = record.researcher, record.sql_sha256
+        dp = None
+        if tier == "sensitive":
+            grant, token = self.projects.grant(record.project)
+            researcher = next(r for r in self.config.researchers if r.name == record.researcher)
+            self.projects.check(grant, researcher,
+                                [t.name for t in tables if t.tier == "sensitive"])
+            epsilon = record.epsilon or self.projects.config(record.project).default_epsilon
+            plan.privacy.epsilon, plan.privacy.delta, plan.privacy.grant = epsilon, 0.0, token
+            dp = epsilon
         parts = self._fan_out(plan, nodes)
+        charged = None
+        if dp is not None:
+            # Each node released an ε-DP view of its partition; a unit present at k nodes
+            # is seen k times unless the board declared the nodes disjoint.
+            k = 1 if self.projects.config(record.project).nodes_disjoint else len(parts)
+            event = dpa.ComposedDpEvent([plan_event(dp, len(fp.partials))] * k)
+            charged = self.projects.charge(record.id, record.project, event, dp * k)
         released = merge(fp, parts, self.config.max_rows)
         excluded = sorted(set.union(*holders) - set(nodes))
         if excluded:
             released.notes.append(f"nodes {', '.join(excluded)} do not hold every joined table "
                                   "and did not take part")
-        return released_to_json(released, nodes, tier, time.perf_counter() - started)
+        out = released_to_json(released, nodes, tier, time.perf_counter() - started)
+        if charged is not None:
+            out["epsilon_spent"] = charged.needed_epsilon
+            out["budget"] = {"epsilon_spent": charged.spent_epsilon,
+                             "epsilon_remaining": charged.remaining_epsilon}
+            out["budget_split"] = (
+                f"ε={dp:g} per node split equally over {len(fp.partials)} partial "
+                f"aggregate(s) ({dp / len(fp.partials):.4g} each); groups share it by parallel "
+                "composition (disjoint cells, bounded contributions)")
+        return out
 
     def _fan_out(self, plan: pb.Plan, nodes: list[str]) -> list[tuple[pb.PartialResult, pa.Table]]:
         timeout = self.config.node_timeout_s

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 from sqlglot import exp
 
@@ -34,6 +35,10 @@ class Released:
     notes: list[str] = field(default_factory=list)
     suppressed_cells: int = 0
     hidden_cells: int = 0
+    # DP releases: per row, per column (None where the value carries no noise)
+    noise_sd: list[list[float | None]] | None = None
+    ci_low: list[list[float | None]] | None = None
+    ci_high: list[list[float | None]] | None = None
 
 
 def _q(name: str) -> str:
@@ -59,6 +64,74 @@ def merge(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
 def _concat(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
         else tables[0]
+
+
+BOOTSTRAP_DRAWS = 2000
+LEVEL = 0.95
+
+
+def _dp_note(parts: list[tuple[pb.PartialResult, pa.Table]]) -> str:
+    eps = ", ".join(f"{r.node_id} ε={r.epsilon_spent:g}" for r, _ in parts)
+    return (f"differentially private: Laplace noise added at each node ({eps}); intervals "
+            "are 95% for the noise only")
+
+
+def _dp_intervals(fp: FederatedPlan, items: dict[str, Expr], merged: pa.Table,
+                  row_ids: np.ndarray, out: pa.Table,
+                  parts: list[tuple[pb.PartialResult, pa.Table]]
+                  ) -> tuple[list[list[float | None]], ...]:
+    """Noise sd and 95% interval of every released value, by parametric bootstrap.
+
+    Post-processing of public figures only (released partials and the nodes' noise
+    scales): each merged partial is redrawn with the sum of the nodes' Laplace noises and
+    every output expression recomputed; the basic bootstrap interval is
+    [r − q₉₇.₅(d), r − q₂.₅(d)] with d = f(redrawn) − r. Exact for counts and sums up to
+    Monte Carlo error; delta-method-like for ratios (AVG, VAR).
+    """
+    n = merged.num_rows
+    draws = max(200, min(BOOTSTRAP_DRAWS, 400_000 // max(n, 1)))
+    rng = np.random.default_rng()
+    columns: dict[str, np.ndarray] = {"__i": np.repeat(np.arange(n), draws),
+                                      "__suppressed": np.zeros(n * draws, dtype=bool)}
+    for g in fp.group_names:
+        columns[g] = np.repeat(merged.column(g).to_numpy(zero_copy_only=False), draws)
+    for p in fp.partials:
+        base = np.repeat(merged.column(p.name).to_numpy(zero_copy_only=False)
+                         .astype(float), draws)
+        noise = np.zeros(n * draws)
+        for r, _ in parts:
+            b = r.noise_scales.get(p.name, 0.0)
+            if b > 0:
+                noise += rng.laplace(0.0, b, n * draws)
+        columns[p.name] = base + noise
+    noisy = [i.name for i in fp.query.items if contains_agg(i.expr)]
+    sql = "SELECT __i, " + ", ".join(f"{_sql(items[name])} AS {_q(name)}" for name in noisy) \
+        + f" FROM samples AS {M}"
+    cur = _cursor()
+    cur.register("samples", pa.table(columns))
+    try:
+        sims = cur.sql(sql).to_arrow_table()
+    finally:
+        cur.unregister("samples")
+    order = np.argsort(sims.column("__i").to_numpy(), kind="stable")
+    sd = [[None] * out.num_columns for _ in range(out.num_rows)]
+    lo = [[None] * out.num_columns for _ in range(out.num_rows)]
+    hi = [[None] * out.num_columns for _ in range(out.num_rows)]
+    names = list(items)
+    for name in noisy:
+        col = names.index(name)
+        s = sims.column(name).to_numpy(zero_copy_only=False).astype(float)[order]
+        s = s.reshape(n, draws)
+        released = out.column(name).to_numpy(zero_copy_only=False).astype(float)
+        for row, i in enumerate(row_ids):
+            r = released[row]
+            d = s[i][np.isfinite(s[i])] - r
+            if not np.isfinite(r) or d.size < draws // 2:
+                continue
+            q_lo, q_hi = np.quantile(d, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+            sd[row][col] = float(np.std(d))
+            lo[row][col], hi[row][col] = float(r - q_hi), float(r - q_lo)
+    return sd, lo, hi
 
 
 def _merge_rows(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
@@ -130,7 +203,7 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
             else final(o.expr)
         cols.append(f"{_sql(e)} AS __o{i}")
         order.append(f"__o{i} {'DESC' if o.descending else 'ASC'} NULLS LAST")
-    sql = f"SELECT {', '.join(cols)}, __suppressed FROM ({inner}) AS {M}"
+    sql = f"SELECT {', '.join(cols)}, __suppressed, __i FROM merged AS {M}"
     if q.having is not None:
         sql += f" WHERE ({_sql(final(q.having))}) IS NOT FALSE"
     if order:
@@ -140,11 +213,24 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
     cur = _cursor()
     cur.register("parts", table)
     try:
-        out = cur.sql(sql).to_arrow_table()
+        merged = cur.sql(inner).to_arrow_table()
     finally:
         cur.unregister("parts")
+    merged = merged.append_column("__i", pa.array(range(merged.num_rows), pa.int64()))
+    cur.register("merged", merged)
+    try:
+        out = cur.sql(sql).to_arrow_table()
+    finally:
+        cur.unregister("merged")
     flags = out.column("__suppressed").to_pylist()
+    row_ids = out.column("__i").to_numpy()
     out = out.select(list(items))
+    if any(r.noise_scales for r, _ in parts):
+        released = Released(out, [[False] * out.num_columns for _ in range(out.num_rows)])
+        released.noise_sd, released.ci_low, released.ci_high = _dp_intervals(
+            fp, items, merged, row_ids, out, parts)
+        released.notes.append(_dp_note(parts))
+        return released
     derived = [contains_agg(i.expr) for i in q.items]
     suppressed = [[bool(f) and d for d in derived] for f in flags]
     hidden = sum(r.hidden_cells for r, _ in parts)

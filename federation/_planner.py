@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dp_accounting as dpa
+
 from federation._tree import Agg, Call, Col, Expr, Lit, Query, to_proto, walk
 from federation.proto import bulle_pb2 as pb
+from privacy import laplace_event
 
 _PARTS = {
     "count": ("count",), "sum": ("sum",), "avg": ("sum", "count"),
@@ -87,6 +90,12 @@ def plan_query(q: Query) -> FederatedPlan:
         if p.arg is not None:
             agg.arg.CopyFrom(to_proto(p.arg))
     return FederatedPlan(q, plan, tuple(partials.values()), group_names, roles)
+
+
+def plan_event(epsilon: float, n_partials: int) -> dpa.DpEvent:
+    """What one node's DP release of a plan costs: ε split equally over its partials
+    (the same event the node charges, nodes/_dp.py)."""
+    return dpa.ComposedDpEvent([laplace_event(epsilon / n_partials)] * n_partials)
 
 
 def merged_form(agg: Agg, roles: dict[str, str], round_to: int) -> Expr:

@@ -8,19 +8,23 @@ messages are built from the plan's structure and the config, never from data.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from federation.proto.ops import ExprError, to_sql
+from nodes._dp import DpPartial, DpRefused, DpSpec, clamp, key_domain, partial_bounds, value_bounds
 
 TIER_RANK = {"open": 0, "restricted": 1, "sensitive": 2}
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 MAX_GROUP_KEYS = 8
 MAX_AGGREGATES = 64
 MAX_JOINS = 3
+MAX_DP_CELLS = 100_000
 
 
 class PlanRefused(ValueError):
@@ -37,6 +41,8 @@ class TableMeta:
     min_count: int
     round_to: int
     dominance: float
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    max_rows_per_unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class CompiledPlan:
     min_count: int
     dominance: float
     round_to: int
+    dp: DpSpec | None = None  # set for plans on sensitive data
 
 
 def _ident(name: str) -> exp.Identifier:
@@ -106,11 +113,13 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
         _check_join(join.on, alias, aliases)
         query = query.join(table_sql, on=compile_expr(join.on), join_type=join.kind.upper())
     tier = max((m.tier for m in aliases.values()), key=TIER_RANK.__getitem__)
-    if tier == "sensitive":
-        raise PlanRefused("sensitive tables are released only through DP plans, "
-                          "which this node version does not serve")
     if plan.HasField("where"):
         query = query.where(compile_expr(plan.where))
+    if tier == "sensitive":
+        try:
+            return _compile_dp(plan, query, aliases, source_alias, compile_expr, resolve)
+        except DpRefused as e:
+            raise PlanRefused(str(e)) from None
     tables = tuple(sorted({m.name for m in aliases.values()}))
     restricted = [m for m in aliases.values() if m.tier == "restricted"]
     min_count = max((m.min_count for m in restricted), default=0)
@@ -175,6 +184,79 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
     return CompiledPlan(query.sql("duckdb"), tier, tables, False, tuple(group_names),
                         tuple(domains), tuple(aggs), tuple(dominance_pairs), min_count,
                         dominance, round_to)
+
+
+def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
+                source_alias: str, compile_expr, resolve) -> CompiledPlan:
+    """A plan on sensitive data: bounded contributions, keys from public domains."""
+    sensitive = {m.name for m in aliases.values() if m.tier == "sensitive"}
+    if len(sensitive) > 1:
+        raise PlanRefused("a plan may touch one sensitive table (its budget is charged)")
+    source = aliases[source_alias]
+    if source.tier != "sensitive":
+        raise PlanRefused("the sensitive table must be the plan's source (FROM) table")
+    if plan.HasField("rows"):
+        raise PlanRefused("row-level output is only allowed on open tables")
+    if not plan.HasField("privacy") or not plan.privacy.epsilon > 0:
+        raise PlanRefused("sensitive data is released only with differential privacy: "
+                          "the plan carries no ε")
+    if not math.isfinite(plan.privacy.epsilon) or plan.privacy.epsilon > 10:
+        raise PlanRefused("ε per query must be finite and at most 10")
+    bounds_of = {(a, c): b for a, m in aliases.items() for c, b in m.bounds.items()}
+    domains_of = {(a, c): d for a, m in aliases.items() for c, d in m.public_domains.items()}
+    inner = query.copy()
+    group_names, domains = [], []
+    for key in plan.group_by:
+        _check_name("group key", key.name)
+        domains.append(key_domain(key.expr, domains_of, bounds_of))
+        group_names.append(key.name)
+        inner = inner.select(exp.alias_(compile_expr(key.expr), _ident(key.name)))
+    cells = math.prod(len(d) for d in domains)
+    if cells > MAX_DP_CELLS:
+        raise PlanRefused(f"the public domains of the group keys make {cells} cells "
+                          f"(at most {MAX_DP_CELLS})")
+    if not plan.aggregates or len(plan.aggregates) > MAX_AGGREGATES:
+        raise PlanRefused(f"a DP plan has 1 to {MAX_AGGREGATES} aggregates")
+    partials, outer_aggs = [], []
+    for i, agg in enumerate(plan.aggregates):
+        _check_name("aggregate", agg.name)
+        col = f"__a{i}"
+        if agg.kind == pb.COUNT_ROWS:
+            lo, hi = partial_bounds(agg.kind, None, agg.name)
+            value: exp.Expression = exp.Count(this=exp.Star())
+        else:
+            if not agg.HasField("arg"):
+                raise PlanRefused("aggregate without argument")
+            arg_bounds = value_bounds(agg.arg, bounds_of)
+            lo, hi = partial_bounds(agg.kind, arg_bounds, agg.name)
+            arg = compile_expr(agg.arg)
+            if agg.kind in (pb.SUM, pb.SUM_SQUARES):
+                arg = clamp(arg, *arg_bounds)
+            inner = inner.select(exp.alias_(arg, _ident(col)))
+            ref = exp.column(_ident(col))
+            value = exp.Count(this=ref) if agg.kind == pb.COUNT else _aggregate_sql(agg.kind, ref)
+        partials.append(DpPartial(agg.name, agg.kind, lo, hi))
+        outer_aggs.append(exp.alias_(value, _ident(agg.name)))
+    unit = resolve(source_alias, source.privacy_unit)
+    # each unit keeps at most max_rows_per_unit rows, picked at random: DuckDB refuses
+    # volatile window orders, so rows are ranked by a hash of their row id and a fresh salt
+    salt = exp.Literal.number(secrets.randbits(62))
+    rank = exp.Anonymous(this="hash", expressions=[
+        exp.Column(this=exp.to_identifier("rowid"), table=_ident(source_alias)), salt])
+    rn = exp.Window(this=exp.RowNumber(), partition_by=[unit],
+                    order=exp.Order(expressions=[exp.Ordered(this=rank)]))
+    inner = inner.select(exp.alias_(rn, _ident("__rn")))
+    outer = exp.select(*[exp.column(_ident(g)) for g in group_names], *outer_aggs).from_(
+        exp.Subquery(this=inner, alias=exp.TableAlias(this=_ident("__bounded")))
+    ).where(exp.LTE(this=exp.column(_ident("__rn")),
+                    expression=exp.Literal.number(source.max_rows_per_unit)))
+    for i in range(len(group_names)):
+        outer = outer.group_by(exp.Literal.number(i + 1))
+    spec = DpSpec(plan.privacy.epsilon, plan.privacy.delta, source.max_rows_per_unit,
+                  tuple(partials), tuple(domains), source.name)
+    return CompiledPlan(outer.sql("duckdb"), "sensitive", tuple(sorted(m.name for m in
+                        aliases.values())), False, tuple(group_names), tuple(domains),
+                        tuple((p.name, p.kind) for p in partials), (), 0, 1.0, 1, spec)
 
 
 def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:

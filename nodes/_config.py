@@ -10,7 +10,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodes._onboard import Onboarding
 
 TIERS = ("open", "restricted", "sensitive")
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -53,6 +56,18 @@ class DatasetConfig:
     schema: dict[str, str] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)  # column -> description
     public_domains: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # sensitive tier (DP): each unit keeps at most this many rows, values are clamped to
+    # the declared bounds; only bounded columns can be summed.
+    max_rows_per_unit: int = 1
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # onboarding (nodes/_onboard.py): [dataset.ingest], [dataset.pseudonymise],
+    # [dataset.classify] and `pivots`, parsed there; None for a dataset served as is
+    onboarding: Onboarding | None = None
+
+
+# `onboarding` is built from these keys, never given as such
+_DATASET_KEYS = ({f.name for f in fields(DatasetConfig)} - {"onboarding"}
+                 | {"ingest", "pseudonymise", "classify", "pivots"})
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,12 @@ class NodeConfig:
     tls: TlsConfig | None
     engine: EngineConfig
     datasets: tuple[DatasetConfig, ...]
-    log_dir: Path | None = None
+    # where `bulle node ingest` writes the datasets' Parquet, quality reports and manifests
+    data_dir: Path | None = None
+    # where the node keeps its privacy ledger, release cache and audit chain
+    state_dir: Path | None = None
+    # the ethics board's Ed25519 public key (PEM): grants are verified against it
+    board_public_key: Path | None = None
     path: Path | None = None
 
     def dataset(self, table: str) -> DatasetConfig | None:
@@ -96,7 +116,7 @@ def _require(raw: dict[str, Any], key: str, where: str) -> Any:
 
 
 def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
-    _check_keys(where, raw, DatasetConfig)
+    _check_keys(where, raw, _DATASET_KEYS)
     table = _require(raw, "table", where)
     if not isinstance(table, str) or not _TABLE_NAME.match(table):
         raise ConfigError(f"{where}: table name {table!r} must be lowercase snake_case")
@@ -113,20 +133,41 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
     if min_count < 0 or round_to < 1:
         raise ConfigError(f"{where}: min_count must be >= 0 and round_to >= 1")
     domains = {k: tuple(v) for k, v in raw.get("public_domains", {}).items()}
+    bounds = {}
+    for col, pair in raw.get("bounds", {}).items():
+        if (not isinstance(pair, list) or len(pair) != 2
+                or not all(isinstance(v, (int, float)) for v in pair) or pair[0] > pair[1]):
+            raise ConfigError(f"{where}: bounds for {col!r} must be [lower, upper]")
+        bounds[col] = (float(pair[0]), float(pair[1]))
+    max_rows = int(raw.get("max_rows_per_unit", 1))
+    privacy_unit = str(raw.get("privacy_unit", ""))
+    if tier == "sensitive" and not privacy_unit:
+        raise ConfigError(f"{where}: a sensitive dataset needs a privacy_unit")
+    if max_rows < 1:
+        raise ConfigError(f"{where}: max_rows_per_unit must be >= 1")
     return DatasetConfig(
         table=table,
         source=tuple(_expand(s, base, where) for s in sources),
         tier=tier,
         description=str(raw.get("description", "")),
         filter=str(raw.get("filter", "")),
-        privacy_unit=str(raw.get("privacy_unit", "")),
+        privacy_unit=privacy_unit,
         min_count=min_count,
         round_to=round_to,
         dominance=float(raw.get("dominance", 0.9)),
         schema={k: str(v).upper() for k, v in raw.get("schema", {}).items()},
         columns={k: str(v) for k, v in raw.get("columns", {}).items()},
         public_domains=domains,
+        max_rows_per_unit=max_rows,
+        bounds=bounds,
+        onboarding=_onboarding(raw, base, where),
     )
+
+
+def _onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding | None:
+    from nodes._onboard import parse_onboarding  # imports this module: load it late
+
+    return parse_onboarding(raw, base, where)
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -139,7 +180,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     base = path.parent
     where = str(path)
-    _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset", "log_dir"})
+    _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
+                             "state_dir", "board_public_key", "data_dir"})
     tls = None
     if "tls" in raw:
         _check_keys(f"{where} [tls]", raw["tls"], TlsConfig)
@@ -169,6 +211,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         tls=tls,
         engine=EngineConfig(**engine_raw),
         datasets=datasets,
-        log_dir=_expand(raw["log_dir"], base, where) if "log_dir" in raw else None,
+        data_dir=_expand(raw["data_dir"], base, where) if "data_dir" in raw else None,
+        state_dir=_expand(raw["state_dir"], base, where) if "state_dir" in raw else None,
+        board_public_key=(_expand(raw["board_public_key"], base, where)
+                          if "board_public_key" in raw else None),
         path=path,
     )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -18,7 +21,10 @@ import pyarrow as pa
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
 from nodes._config import ConfigError, NodeConfig
+from nodes._dp import release
+from nodes._guard import PrivacyGuard
 from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
+from nodes._quality import compute_quality, fill_table_info
 from privacy import suppression_mask
 
 log = logging.getLogger("bulle.node")
@@ -65,19 +71,29 @@ class NodeEngine:
         })
         self.meta: dict[str, TableMeta] = {}
         self._buckets: dict[str, str] = {}
+        self.quality: dict[str, dict[str, object]] = {}  # nodes/_quality.py reports
         for ds in config.datasets:
             started = time.perf_counter()
             n = load_dataset(self._con, ds)
             columns = dict(table_columns(self._con, ds.table))
             domains = {c: _typed_domain(v, columns[c], f"dataset {ds.table!r} domain {c!r}")
                        for c, v in ds.public_domains.items()}
+            for col in ds.bounds:
+                if type_family(columns[col]) not in ("integer", "number"):
+                    raise ConfigError(f"dataset {ds.table!r}: bounds on non-numeric {col!r}")
             self.meta[ds.table] = TableMeta(ds.table, ds.tier, columns, ds.privacy_unit, domains,
-                                            ds.min_count, ds.round_to, ds.dominance)
+                                            ds.min_count, ds.round_to, ds.dominance,
+                                            dict(ds.bounds), ds.max_rows_per_unit)
             self._buckets[ds.table] = row_count_bucket(n)
+            self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
             log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
                      row_count_bucket(n), time.perf_counter() - started)
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
+        state_dir = config.state_dir or (
+            config.path.parent / f"{config.node_id}-state" if config.path
+            else Path(tempfile.gettempdir()) / f"bulle-{config.node_id}-state")
+        self.guard = PrivacyGuard(config.node_id, state_dir, config.board_public_key)
 
     def close(self) -> None:
         self._con.close()
@@ -95,23 +111,32 @@ class NodeEngine:
                 row_count_bucket=self._buckets[ds.table], privacy_unit=ds.privacy_unit,
                 min_count=ds.min_count if ds.tier == "restricted" else 0,
                 round_to=ds.round_to if ds.tier == "restricted" else 1,
+                max_rows_per_unit=ds.max_rows_per_unit if ds.tier == "sensitive" else 0,
             )
+            for col, (lo, hi) in ds.bounds.items():
+                info.bounds[col].lower, info.bounds[col].upper = lo, hi
             for name, typ in meta.columns.items():
                 info.columns.add(name=name, type=typ, description=ds.columns.get(name, ""))
             for col, values in meta.public_domains.items():
                 info.public_domains[col].values.extend(str(v) for v in values)
+            fill_table_info(info, ds, self.quality.get(ds.table))
         return out
 
-    def execute(self, plan: pb.Plan) -> Execution:
-        started = time.perf_counter()
-        compiled = compile_plan(plan, self.meta, self.max_rows)
+    def _run(self, plan: pb.Plan, sql: str) -> pa.Table:
         try:
-            table = self._con.cursor().sql(compiled.sql).to_arrow_table()
+            return self._con.cursor().sql(sql).to_arrow_table()
         except duckdb.Error as e:
             incident = uuid.uuid4().hex[:12]
             # The detail may quote data values: it stays in this node's own log.
             log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
             raise PlanFailed(_public_engine_error(e), incident) from None
+
+    def execute(self, plan: pb.Plan) -> Execution:
+        started = time.perf_counter()
+        compiled = compile_plan(plan, self.meta, self.max_rows)
+        if compiled.dp is not None:
+            return self._execute_dp(plan, compiled, started)
+        table = self._run(plan, compiled.sql)
         if compiled.is_rows:
             if table.num_rows > self.max_rows:
                 raise PlanRefused(f"more than {self.max_rows} rows: add a filter or a LIMIT")
@@ -126,6 +151,34 @@ class NodeEngine:
             suppressed_cells=suppressed, hidden_cells=hidden, tier=compiled.tier,
             min_count=compiled.min_count, round_to=compiled.round_to,
         )
+        return Execution(result, out.num_rows, time.perf_counter() - started)
+
+
+    def _execute_dp(self, plan: pb.Plan, compiled: CompiledPlan, started: float) -> Execution:
+        spec = compiled.dp
+        assert spec is not None
+        if not plan.request_id:
+            raise PlanRefused("a DP plan needs a request id")
+        self.guard.admit(plan, spec.table)
+        with self.guard.request_lock(plan.request_id):
+            cached = self.guard.cached(plan.request_id)
+            if cached is not None:
+                return Execution(cached, 0, time.perf_counter() - started)
+            table = self._run(plan, compiled.sql)
+            out, scales = release(table, compiled.group_names, spec)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, out.schema) as writer:
+                writer.write_table(out)
+            result = pb.PartialResult(
+                node_id=self.config.node_id, arrow_ipc=sink.getvalue().to_pybytes(),
+                tier="sensitive", epsilon_spent=spec.epsilon, delta_spent=spec.delta,
+                noise_scales=scales)
+            # Charge before release: once charged, the result may leave; if the process
+            # dies before it does, the charge stands (it is never refunded).
+            self.guard.charge(plan, spec)
+            if os.environ.get("BULLE_FAILPOINT") == "after-charge":  # crash test hook
+                os._exit(86)
+            self.guard.store(plan.request_id, result)
         return Execution(result, out.num_rows, time.perf_counter() - started)
 
 

@@ -118,7 +118,7 @@ def _infer_casts(con: duckdb.DuckDBPyConnection, view: str, names: list[str]) ->
             f"count({q}) AS n{i}, count_if(regexp_full_match({q}, '{_INT}')) AS i{i}, "
             f"count_if(regexp_full_match({q}, '{_NUM}')) AS f{i}"
         )
-    row = con.execute(f"SELECT {', '.join(probes)} FROM {view}").fetchone()
+    row = con.execute(f"SELECT {', '.join(probes)} FROM {view}").fetchall()[0]
     out = []
     for i, n in enumerate(names):
         q = _quote(n)
@@ -173,7 +173,7 @@ def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
         for i in range(len(ds.source)):
             con.execute(f"DROP TABLE IF EXISTS __src_{ds.table}_{i}")
     _check_schema(con, ds)
-    return con.execute(f"SELECT count(*) FROM {_quote(ds.table)}").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM {_quote(ds.table)}").fetchall()[0][0]
 
 
 def table_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
@@ -188,7 +188,7 @@ def _check_schema(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> None:
             problems.append(f"column {col!r} is missing")
         elif type_family(actual[col]) != type_family(want):
             problems.append(f"column {col!r} is {actual[col]}, expected {want}")
-    for col in (ds.privacy_unit, *ds.public_domains, *ds.columns):
+    for col in (ds.privacy_unit, *ds.public_domains, *ds.columns, *ds.bounds):
         if col and col not in actual:
             problems.append(f"declared column {col!r} does not exist")
     if problems:

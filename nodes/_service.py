@@ -7,7 +7,6 @@ leaves.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from concurrent import futures
@@ -21,7 +20,6 @@ from nodes._config import ConfigError, NodeConfig
 from nodes._engine import NodeEngine, PlanFailed
 
 log = logging.getLogger("bulle.node")
-audit = logging.getLogger("bulle.node.audit")
 MAX_MESSAGE = 512 * 1024 * 1024
 VERSION = "0.1.0"
 
@@ -48,27 +46,29 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
         self._authorize(context)
-        record = {"request_id": plan.request_id[:64], "project": plan.project[:128],
-                  "researcher": plan.researcher[:128], "query_sha256": plan.query_sha256[:64]}
+        guard = self.engine.guard
         try:
             done = self.engine.execute(plan)
         except PlanRefused as e:
-            audit.info(json.dumps({**record, "decision": "refused", "reason": str(e)}))
+            guard.record(plan, "refused", {"reason": str(e)})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except PlanFailed as e:
-            audit.info(json.dumps({**record, "decision": "failed", "incident": e.incident}))
+            guard.record(plan, "failed", {"incident": e.incident})
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"{e.public} (node incident {e.incident})")
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("unexpected error on plan %s (incident %s)", plan.request_id, incident)
-            audit.info(json.dumps({**record, "decision": "error", "incident": incident}))
+            guard.record(plan, "error", {"incident": incident})
             context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
-        audit.info(json.dumps({**record, "decision": "released", "tier": done.result.tier,
-                               "rows": done.rows_out, "suppressed": done.result.suppressed_cells,
-                               "hidden": done.result.hidden_cells,
-                               "ms": round(done.seconds * 1000, 2)}))
-        return done.result
+        r = done.result
+        guard.record(plan, "replayed" if r.replayed else "released", {
+            "tier": r.tier, "tables": sorted({plan.source.table,
+                                              *(j.table.table for j in plan.joins)}),
+            "rows": done.rows_out, "suppressed": r.suppressed_cells, "hidden": r.hidden_cells,
+            "epsilon": r.epsilon_spent, "delta": r.delta_spent,
+            "ms": round(done.seconds * 1000, 2)})
+        return r
 
 
 def build_server(config: NodeConfig, engine: NodeEngine,

@@ -13,16 +13,9 @@ from pathlib import Path
 from nodes._config import ConfigError, load_node_config
 
 
-def _setup_logging(level: str, log_dir: Path | None) -> None:
+def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_dir / "audit.jsonl", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        audit = logging.getLogger("bulle.node.audit")
-        audit.addHandler(handler)
-        audit.propagate = False
 
 
 def main(argv: list[str]) -> int:
@@ -34,14 +27,32 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--log-level", default="info")
     check = sub.add_parser("check", help="load the datasets and print the catalogue")
     check.add_argument("--config", required=True, type=Path)
+    ingest = sub.add_parser("ingest", help="pseudonymise, validate and write the datasets' "
+                            "Parquet and quality reports (see nodes/_onboard.py)")
+    ingest.add_argument("--config", required=True, type=Path)
+    ingest.add_argument("--dataset", metavar="TABLE", help="only this dataset")
+    ingest.add_argument("--force", action="store_true", help="even if the inputs are unchanged")
+    doctor = sub.add_parser("doctor", help="check config, data, TLS files, keys and port "
+                                           "before serving (one ✔/✘ line per check)")
+    doctor.add_argument("--config", required=True, type=Path)
+    doctor.add_argument("--coordinator-ca", type=Path,
+                        help="CA bundle the coordinator trusts (default: the node's client_ca)")
+    doctor.add_argument("--host", help="name the coordinator dials, for the certificate check "
+                                       "(default: the listen host)")
     args = parser.parse_args(argv[1:])
+    if args.cmd == "doctor":  # a config that does not parse is one of its checks
+        from nodes._doctor import doctor as run_doctor
+
+        return run_doctor(args.config, args.coordinator_ca, args.host)
     try:
         config = load_node_config(args.config)
         if getattr(args, "listen", None):
             config = replace(config, listen=args.listen)
         if args.cmd == "check":
             return _check(config)
-        _setup_logging(args.log_level, config.log_dir)
+        if args.cmd == "ingest":
+            return _ingest(config, args.dataset, args.force)
+        _setup_logging(args.log_level)
         return _serve(config)
     except ConfigError as e:
         print(f"bulle node: {e}", file=sys.stderr)
@@ -53,8 +64,28 @@ def _check(config) -> int:
 
     engine = NodeEngine(config)
     for t in engine.catalog().tables:
-        print(f"{t.name:<24} {t.tier:<11} {t.row_count_bucket:<9} {len(t.columns)} columns")
+        quality = f"quality {t.quality.score}/100" if t.HasField("quality") else ""
+        print(f"{t.name:<24} {t.tier:<11} {t.row_count_bucket:<9} {len(t.columns)} columns "
+              f"{quality}".rstrip())
     return 0
+
+
+def _ingest(config, table: str | None, force: bool) -> int:
+    from nodes._onboard import IngestError, ingest_node, proposal_path
+
+    failed = 0
+    for r in ingest_node(config, table, force=force):
+        if isinstance(r, IngestError):
+            failed += 1
+            print(f"bulle node: {r} (the previous version, if any, still serves)",
+                  file=sys.stderr)
+        elif r.status == "unchanged":
+            print(f"{r.table}: inputs unchanged, kept {r.output}")
+        else:
+            print(f"{r.table}: {r.rows} rows -> {r.output} (quality {r.score}/100)")
+    if proposal_path(config).exists():
+        print(f"schema and classification proposal: {proposal_path(config)}")
+    return 2 if failed else 0
 
 
 def _serve(config) -> int:

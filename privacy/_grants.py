@@ -62,8 +62,9 @@ class Grant:
     issued: datetime
 
     def __post_init__(self) -> None:
-        if not self.project or not self.purpose:
-            raise ValueError("project and purpose must be non-empty")
+        for name in ("project", "purpose"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string")
         for name in ("researchers", "datasets"):
             items = getattr(self, name)
             if not isinstance(items, tuple) or not items:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -154,11 +156,20 @@ class Ledger:
             url = f"sqlite:///{url}"
         self.url = url
         self._engine = _make_engine(url)
-        with self._engine.begin() as conn:  # serialised on SQLite, so racing creators are safe
+        with self._engine.begin() as conn:  # serialised on SQLite by BEGIN IMMEDIATE
+            if conn.dialect.name == "postgresql":  # …and here, so racing creators are safe
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7261946205)")
             _md.create_all(conn)
 
     def close(self) -> None:
         self._engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction: plain (deferred) BEGIN on SQLite, no write lock."""
+        with self._engine.connect() as conn:
+            conn.execution_options(bulle_read_only=True)
+            yield conn
 
     # -------------------------------------------------------------------------- budgets
 
@@ -204,7 +215,7 @@ class Ledger:
 
     def spent(self, project: str, scope: str) -> tuple[float, float]:
         """(ε spent at the budget's δ, that δ) for one budget."""
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(
                 select(budgets).where(budgets.c.project == project, budgets.c.scope == scope)
             ).first()
@@ -214,7 +225,7 @@ class Ledger:
 
     def history(self, project: str, scope: str) -> list[ChargeRecord]:
         """Charges recorded for (project, scope), oldest first (refusals included)."""
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(charges)
                 .where(charges.c.project == project, charges.c.scope == scope)
@@ -251,7 +262,7 @@ class Ledger:
         except IntegrityError:
             # Another transaction recorded this request_id first (possible only where no
             # budget row was locked): return its result.
-            with self._engine.connect() as conn:
+            with self._read() as conn:
                 found = self._replay(conn, request_id, project, scope, key)
             if found is None:
                 raise
@@ -372,7 +383,8 @@ def _make_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Take the write lock up front: no read-then-upgrade deadlock between charges.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get("bulle_read_only", False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation._config import CoordinatorConfig, NodeEndpoint, Researcher, hash_token
+from federation._config import (
+    CoordinatorConfig,
+    NodeEndpoint,
+    ProjectConfig,
+    Researcher,
+    hash_token,
+)
 from federation._coordinator import Coordinator
 from nodes._config import load_node_config
 from nodes._engine import NodeEngine
@@ -93,11 +99,13 @@ class Federation:
 
 
 def start_federation(tmp: Path, certs: Path, nodes: dict[str, list[dict[str, Any]]],
-                     node_timeout_s: float = 20.0) -> Federation:
+                     node_timeout_s: float = 20.0, board_public_key: Path | None = None,
+                     projects: tuple[ProjectConfig, ...] = ()) -> Federation:
     engines, servers, ports = {}, {}, {}
+    extra = f'board_public_key = "{board_public_key}"' if board_public_key else ""
     for node_id, datasets in nodes.items():
         path = tmp / f"{node_id}.toml"
-        path.write_text(node_toml(node_id, certs, datasets))
+        path.write_text(node_toml(node_id, certs, datasets, extra))
         config = load_node_config(path)
         engine = CountingEngine(config)
         server, port = build_server(config, engine)
@@ -109,6 +117,7 @@ def start_federation(tmp: Path, certs: Path, nodes: dict[str, list[dict[str, Any
         key=certs / "bulle-coordinator.key", ca=certs / "ca.pem",
         nodes=tuple(NodeEndpoint(n, f"127.0.0.1:{p}") for n, p in ports.items()),
         researchers=(researcher, other), node_timeout_s=node_timeout_s, catalog_ttl_s=3600,
+        state_dir=tmp / "coordinator", projects=projects, board_public_key=board_public_key,
     )
     return Federation(Coordinator(config), engines, servers, ports, researcher, other, tmp)
 

@@ -45,7 +45,7 @@ class Domain(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to")
+    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to", "bounds", "max_rows_per_unit", "quality", "pivots")
     class PublicDomainsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,20 @@ class TableInfo(_message.Message):
         key: str
         value: Domain
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+    class BoundsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Bounds
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Bounds, _Mapping]] = ...) -> None: ...
+    class PivotsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +76,10 @@ class TableInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_PER_UNIT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    PIVOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: str
     columns: _containers.RepeatedCompositeFieldContainer[Column]
@@ -71,7 +89,64 @@ class TableInfo(_message.Message):
     description: str
     min_count: int
     round_to: int
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
+    bounds: _containers.MessageMap[str, Bounds]
+    max_rows_per_unit: int
+    quality: Quality
+    pivots: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., bounds: _Optional[_Mapping[str, Bounds]] = ..., max_rows_per_unit: _Optional[int] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., pivots: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Quality(_message.Message):
+    __slots__ = ("score", "completeness_pct", "validity_pct", "uniqueness_pct", "uniqueness_in_score", "column_completeness_pct", "checks", "units_bucket", "source_modified_at", "ingested_at", "coarsened")
+    class ColumnCompletenessPctEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETENESS_PCT_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_PCT_FIELD_NUMBER: _ClassVar[int]
+    UNIQUENESS_PCT_FIELD_NUMBER: _ClassVar[int]
+    UNIQUENESS_IN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_COMPLETENESS_PCT_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODIFIED_AT_FIELD_NUMBER: _ClassVar[int]
+    INGESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    COARSENED_FIELD_NUMBER: _ClassVar[int]
+    score: int
+    completeness_pct: float
+    validity_pct: float
+    uniqueness_pct: float
+    uniqueness_in_score: bool
+    column_completeness_pct: _containers.ScalarMap[str, float]
+    checks: _containers.RepeatedCompositeFieldContainer[QualityCheck]
+    units_bucket: str
+    source_modified_at: str
+    ingested_at: str
+    coarsened: bool
+    def __init__(self, score: _Optional[int] = ..., completeness_pct: _Optional[float] = ..., validity_pct: _Optional[float] = ..., uniqueness_pct: _Optional[float] = ..., uniqueness_in_score: bool = ..., column_completeness_pct: _Optional[_Mapping[str, float]] = ..., checks: _Optional[_Iterable[_Union[QualityCheck, _Mapping]]] = ..., units_bucket: _Optional[str] = ..., source_modified_at: _Optional[str] = ..., ingested_at: _Optional[str] = ..., coarsened: bool = ...) -> None: ...
+
+class QualityCheck(_message.Message):
+    __slots__ = ("column", "rule", "valid_pct", "invalid")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    VALID_PCT_FIELD_NUMBER: _ClassVar[int]
+    INVALID_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    rule: str
+    valid_pct: float
+    invalid: str
+    def __init__(self, column: _Optional[str] = ..., rule: _Optional[str] = ..., valid_pct: _Optional[float] = ..., invalid: _Optional[str] = ...) -> None: ...
+
+class Bounds(_message.Message):
+    __slots__ = ("lower", "upper")
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    lower: float
+    upper: float
+    def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
 
 class Catalog(_message.Message):
     __slots__ = ("node_id", "tables")
@@ -175,8 +250,18 @@ class RowsSpec(_message.Message):
     limit: int
     def __init__(self, columns: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., order_by: _Optional[_Iterable[_Union[OrderKey, _Mapping]]] = ..., limit: _Optional[int] = ...) -> None: ...
 
+class PrivacyRequest(_message.Message):
+    __slots__ = ("epsilon", "delta", "grant")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    grant: str
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., grant: _Optional[str] = ...) -> None: ...
+
 class Plan(_message.Message):
-    __slots__ = ("request_id", "project", "researcher", "query_sha256", "source", "joins", "where", "group_by", "aggregates", "rows")
+    __slots__ = ("request_id", "project", "researcher", "query_sha256", "source", "joins", "where", "group_by", "aggregates", "rows", "privacy")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     RESEARCHER_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +272,7 @@ class Plan(_message.Message):
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     project: str
     researcher: str
@@ -197,10 +283,18 @@ class Plan(_message.Message):
     group_by: _containers.RepeatedCompositeFieldContainer[NamedExpr]
     aggregates: _containers.RepeatedCompositeFieldContainer[Aggregate]
     rows: RowsSpec
-    def __init__(self, request_id: _Optional[str] = ..., project: _Optional[str] = ..., researcher: _Optional[str] = ..., query_sha256: _Optional[str] = ..., source: _Optional[_Union[TableRef, _Mapping]] = ..., joins: _Optional[_Iterable[_Union[Join, _Mapping]]] = ..., where: _Optional[_Union[Expr, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., rows: _Optional[_Union[RowsSpec, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyRequest
+    def __init__(self, request_id: _Optional[str] = ..., project: _Optional[str] = ..., researcher: _Optional[str] = ..., query_sha256: _Optional[str] = ..., source: _Optional[_Union[TableRef, _Mapping]] = ..., joins: _Optional[_Iterable[_Union[Join, _Mapping]]] = ..., where: _Optional[_Union[Expr, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., rows: _Optional[_Union[RowsSpec, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyRequest, _Mapping]] = ...) -> None: ...
 
 class PartialResult(_message.Message):
-    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to")
+    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to", "epsilon_spent", "delta_spent", "noise_scales", "replayed")
+    class NoiseScalesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
     SUPPRESSED_CELLS_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +302,10 @@ class PartialResult(_message.Message):
     TIER_FIELD_NUMBER: _ClassVar[int]
     MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SPENT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     arrow_ipc: bytes
     suppressed_cells: int
@@ -215,7 +313,11 @@ class PartialResult(_message.Message):
     tier: str
     min_count: int
     round_to: int
-    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
+    epsilon_spent: float
+    delta_spent: float
+    noise_scales: _containers.ScalarMap[str, float]
+    replayed: bool
+    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -5,7 +5,6 @@ import multiprocessing as mp
 import os
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +23,15 @@ def cap_for(n: int) -> float:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "ledger.db")
+def db(ledger_url: str) -> str:
+    """The store under test: a SQLite file or a PostgreSQL database (tests/privacy/conftest)."""
+    return ledger_url
+
+
+def setup_budget(db: str, cap: float) -> None:
+    led = Ledger(db)
+    led.set_budget("p", "ds", cap, DELTA)
+    led.close()  # nothing of the parent's pool may be inherited by forked children
 
 
 def test_charge_spent_history_and_refusal(db: str) -> None:
@@ -105,7 +111,7 @@ def _proc_charge(db: str, i: int, start: mp.Event, out: mp.Queue) -> None:
 
 
 def test_hundred_concurrent_processes(db: str) -> None:
-    Ledger(db).set_budget("p", "ds", cap_for(10), DELTA)
+    setup_budget(db, cap_for(10))
     ctx = mp.get_context("fork")  # children inherit the imports: no 0.5 s start-up each
     start, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_proc_charge, args=(db, i, start, out)) for i in range(100)]
@@ -144,7 +150,7 @@ def _charge_then_die(db: str) -> None:
 
 
 def test_charge_survives_kill_before_reply(db: str) -> None:
-    Ledger(db).set_budget("p", "ds", 1.0, DELTA)
+    setup_budget(db, 1.0)
     proc = mp.get_context("fork").Process(target=_charge_then_die, args=(db,))
     proc.start()
     proc.join(timeout=60)

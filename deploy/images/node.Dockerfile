@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# Node agent image: `bulle node serve` (gRPC, mutual TLS) and, with the DP training tier,
+# the Flower SuperNode (flwr is already in the image: `flower-supernode`).
+# Build from the repository root (not on the project's machines, which have no docker):
+#   docker build -f deploy/images/node.Dockerfile -t bulle-node:0.1.0 .
+# Run: deploy/node/compose.yaml, or deploy/README.md ("Run a node in a container").
+
+FROM python:3.11.14-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/bulle/bin:$PATH
+RUN python -m venv /opt/bulle
+# The Makefile's install step, in the same order: pip, then torch 2.13.0 from the CPU wheel
+# first (otherwise opacus pulls the multi-GB CUDA build), then the project.
+RUN pip install "pip==26.3" \
+ && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+WORKDIR /src
+COPY pyproject.toml README.md bulle_cli.py ./
+COPY privacy ./privacy
+COPY nodes ./nodes
+COPY federation ./federation
+COPY enclave ./enclave
+RUN pip install /src
+
+FROM python:3.11.14-slim-bookworm
+RUN groupadd --system --gid 10001 bulle \
+ && useradd --system --uid 10001 --gid bulle --home-dir /var/lib/bulle --create-home \
+    --shell /usr/sbin/nologin bulle
+COPY --from=build /opt/bulle /opt/bulle
+ENV PATH=/opt/bulle/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# /etc/bulle: config, TLS files, board key (read-only mounts); /data: the operator's
+# extracts (read-only); /var/lib/bulle: ledger, audit chain, release cache (a volume).
+WORKDIR /var/lib/bulle
+VOLUME ["/var/lib/bulle"]
+USER 10001:10001
+EXPOSE 50051
+ENTRYPOINT ["bulle"]
+CMD ["node", "serve", "--config", "/etc/bulle/node.toml"]

@@ -1,0 +1,113 @@
+"""The node's own privacy guard: grants, its ledger, the release cache and the audit chain.
+
+The node never trusts the coordinator: a plan on sensitive data runs only with a grant
+signed by the ethics board for this project, researcher and dataset, and its charge is
+written to this node's ledger (atomically, idempotently on the request id) *before* the
+result leaves. A replayed request id gets the very same release back — never a fresh
+noise draw, which would let averaging undo the noise.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from federation.proto import bulle_pb2 as pb
+from nodes._compile import PlanRefused
+from nodes._config import ConfigError
+from nodes._dp import DpSpec
+from privacy import AuditLog, Grant, GrantError, Ledger, verify_grant
+
+
+class PrivacyGuard:
+    def __init__(self, node_id: str, state_dir: Path, board_public_key: Path | None) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        if board_public_key is not None and not board_public_key.is_file():
+            raise ConfigError(f"node {node_id}: board public key not found: {board_public_key}")
+        self.board_key = board_public_key.read_bytes() if board_public_key else None
+        self.ledger = Ledger(str(state_dir / "ledger.sqlite"))
+        self.audit = AuditLog(state_dir / "audit.sqlite")
+        self._releases_path = state_dir / "releases.sqlite"
+        self._local = threading.local()
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS releases (request_id TEXT PRIMARY KEY, "
+                       "result BLOB NOT NULL, created_at TEXT NOT NULL)")
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._budgets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._releases_path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    def request_lock(self, request_id: str) -> threading.Lock:
+        """One release per request id at a time in this process."""
+        with self._locks_guard:
+            if len(self._locks) > 10_000:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            return self._locks.setdefault(request_id, threading.Lock())
+
+    # -- grants -------------------------------------------------------------------------
+    def admit(self, plan: pb.Plan, dataset: str) -> Grant:
+        if self.board_key is None:
+            raise PlanRefused("this node has no ethics-board key configured: it serves no "
+                              "sensitive data")
+        try:
+            grant = verify_grant(plan.privacy.grant, self.board_key, datetime.now(UTC))
+        except GrantError as e:
+            raise PlanRefused(f"grant refused ({e.code})") from None
+        if grant.project != plan.project:
+            raise PlanRefused("the grant is for another project")
+        if plan.researcher not in grant.researchers:
+            raise PlanRefused("the grant does not name this researcher")
+        if dataset not in grant.datasets:
+            raise PlanRefused(f"the grant does not cover dataset {dataset!r}")
+        if plan.privacy.delta > grant.delta:
+            raise PlanRefused("the plan's δ exceeds the grant's")
+        key = (grant.project, dataset)
+        if self._budgets.get(key) != (grant.epsilon, grant.delta):
+            self.ledger.set_budget(grant.project, dataset, grant.epsilon, grant.delta)
+            self._budgets[key] = (grant.epsilon, grant.delta)
+        return grant
+
+    # -- releases -----------------------------------------------------------------------
+    def cached(self, request_id: str) -> pb.PartialResult | None:
+        row = self._db().execute("SELECT result FROM releases WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+        if row is None:
+            return None
+        result = pb.PartialResult.FromString(row[0])
+        result.replayed = True
+        return result
+
+    def charge(self, plan: pb.Plan, spec: DpSpec) -> Any:
+        """Charge this node's ledger; refuses (PlanRefused) when the budget would overflow."""
+        outcome = self.ledger.charge(plan.request_id, plan.project, spec.table, spec.event(),
+                                     epsilon_claim=spec.epsilon)
+        if not outcome.accepted and not outcome.replay:
+            raise PlanRefused(
+                f"privacy budget of project {plan.project!r} on {spec.table!r} at node "
+                f"{self.node_id} exhausted: this query needs ε={outcome.needed_epsilon:.4g}, "
+                f"{outcome.remaining_epsilon:.4g} is left")
+        if not outcome.accepted:
+            raise PlanRefused("this request id was refused before")
+        return outcome
+
+    def store(self, request_id: str, result: pb.PartialResult) -> None:
+        self._db().execute(
+            "INSERT OR IGNORE INTO releases VALUES (?, ?, ?)",
+            (request_id, result.SerializeToString(), datetime.now(UTC).isoformat()))
+
+    def record(self, plan: pb.Plan, action: str, detail: dict[str, Any]) -> None:
+        self.audit.append(plan.researcher[:128] or "?", plan.project[:128], action, {
+            "node": self.node_id, "request_id": plan.request_id[:64],
+            "query_sha256": plan.query_sha256[:64], **detail})
