@@ -50,6 +50,7 @@ class Projects:
             if config.board_public_key else None
         self.configs = {p.name: p for p in config.projects}
         self.tokens: dict[str, str] = {}
+        self._budgets: dict[str, tuple[float, float]] = {}  # caps already in the ledger
         for p in config.projects:
             if p.grant is not None:
                 self.tokens[p.name] = p.grant.read_text().strip()
@@ -67,7 +68,9 @@ class Projects:
         except GrantError as e:
             raise QueryError("no_grant", f"the grant of project {project!r} is not valid "
                              f"({e.code})", status=403) from None
-        self.ledger.set_budget(project, PROJECT_WIDE, grant.epsilon, grant.delta)
+        if self._budgets.get(project) != (grant.epsilon, grant.delta):
+            self.ledger.set_budget(project, PROJECT_WIDE, grant.epsilon, grant.delta)
+            self._budgets[project] = (grant.epsilon, grant.delta)
         return grant, token
 
     def check(self, grant: Grant, researcher: Researcher, tables: list[str]) -> None:

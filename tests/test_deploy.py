@@ -242,6 +242,9 @@ PODS = {
     "superlink": {"labels": {"app.kubernetes.io/name": "bulle-superlink"},
                   "ip": "10.244.1.40", "ns": NS},
     "kube-dns": {"labels": {"k8s-app": "kube-dns"}, "ip": "10.244.0.2", "ns": KUBE_SYSTEM},
+    # a pod no policy selects (e.g. the chart's image puller): only the target's ingress
+    # rules stand between it and the target
+    "other": {"labels": {"app": "something-else"}, "ip": "10.244.3.30", "ns": NS},
 }
 NODE_IP, INTERNET, METADATA, POSTGRES = "192.0.2.11", "1.1.1.1", "169.254.169.254", "198.51.100.5"
 
@@ -354,6 +357,8 @@ def test_hub_reaches_the_coordinator(policies) -> None:
     assert allowed(policies, PODS["hub"], PODS["coordinator"], 8700)
     assert allowed(policies, PODS["proxy"], PODS["coordinator"], 8700)
     assert not allowed(policies, _ext(INTERNET), PODS["coordinator"], 8700)
+    assert not allowed(policies, PODS["other"], PODS["coordinator"], 8700)
+    assert not allowed(policies, PODS["hub"], PODS["coordinator"], 22)
 
 
 def test_coordinator_reaches_nodes_superlink_and_postgres_only(policies) -> None:
@@ -370,7 +375,7 @@ def test_coordinator_reaches_nodes_superlink_and_postgres_only(policies) -> None
 def test_superlink_control_api_only_from_the_coordinator(policies) -> None:
     s = PODS["superlink"]
     assert allowed(policies, PODS["coordinator"], s, 9093)
-    for who in ("notebook", "hub", "proxy"):
+    for who in ("notebook", "hub", "proxy", "other"):
         assert not allowed(policies, PODS[who], s, 9093), who
         assert not allowed(policies, PODS[who], s, 9092), who
     assert not allowed(policies, _ext(NODE_IP), s, 9093)
@@ -462,7 +467,8 @@ def test_dockerfile_matches_the_makefile_install(dockerfile: Path) -> None:
         assert re.search(r":\d+\.\d+\.\d+-|@sha256:", image), f"unpinned base image {image}"
     torch_at = text.index(f'"{torch}"')
     assert "download.pytorch.org/whl/cpu" in text[text.rfind("\n", 0, torch_at - 100):torch_at]
-    assert torch_at < text.index("pip install /src"), "torch before the project"
+    project_at = re.search(r'pip install "?/src', text)
+    assert project_at and torch_at < project_at.start(), "torch before the project"
     final = text.split(f"FROM {froms[-1]}", 1)[-1] if len(set(froms)) > 1 else \
         text.rsplit("\nFROM ", 1)[-1]
     user = re.findall(r"^USER (\S+)", final, re.M)
