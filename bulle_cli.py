@@ -6,11 +6,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "node": ("nodes.cli", "run a node agent (serve, check, ingest)"),
+    "node": ("nodes.cli", "run a node agent (serve, check, ingest, doctor)"),
     "coordinator": ("federation.cli", "run the coordinator (serve)"),
     "certs": ("federation.cli", "create a local CA and certificates for a demo or test"),
     "demo": ("enclave.cli", "start, stop and inspect the demo federation (up, down, env, status)"),
-    "board": ("enclave.cli", "ethics board: keygen, grant, show"),
+    "board": ("enclave.cli", "ethics board: keygen, grant, show, list, approve, refuse, export"),
     "audit": ("enclave.cli", "verify hash-chained audit logs"),
 }
 

@@ -87,6 +87,24 @@ def time_runs(fn: Callable[[], Any], runs: int, warmup: int = 2) -> tuple[list[f
     return out, result
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2
+                     ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Like :func:`time_runs` for several variants, run in turn (a, b, c, a, b, c, …) so
+    that background load on a shared machine hits every variant alike; the ratio of two
+    variants is then taken from the same stretch of time."""
+    results: dict[str, Any] = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            results[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return times, results
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -170,14 +188,22 @@ class Federation:
         return [f"n{i}" for i in range(N_NODES)]
 
     def start(self) -> Federation:
+        from dataclasses import fields as dc_fields
+
         from federation._certs import make_certs
+        from nodes._config import NodeConfig
 
         certs = make_certs(self.workdir / "certs", self.node_ids)
         self.certs = certs
+        # the node config has changed over time: log_dir (audit JSONL) → state_dir (ledger,
+        # audit chain in SQLite); write what this tree's NodeConfig knows
+        node_keys = {f.name for f in dc_fields(NodeConfig)}
         for i, nid in enumerate(self.node_ids):
             cfg = self.workdir / f"{nid}.toml"
-            lines = [f'node_id = "{nid}"', 'listen = "127.0.0.1:0"',
-                     f"log_dir = {_toml_str(self.workdir / 'logs' / nid)}", "",
+            dirs = [f"{key} = {_toml_str(self.workdir / sub / nid)}"
+                    for key, sub in (("log_dir", "logs"), ("state_dir", "state"))
+                    if key in node_keys]
+            lines = [f'node_id = "{nid}"', 'listen = "127.0.0.1:0"', *dirs, "",
                      "[tls]", f"cert = {_toml_str(certs / f'{nid}.pem')}",
                      f"key = {_toml_str(certs / f'{nid}.key')}",
                      f"client_ca = {_toml_str(certs / 'ca.pem')}", "",
@@ -204,11 +230,16 @@ class Federation:
         from federation._config import CoordinatorConfig, NodeEndpoint, Researcher, hash_token
         from federation._coordinator import Coordinator
 
+        extra: dict[str, Any] = {}
+        self.coord_has_state = "state_dir" in {f.name for f in dc_fields(CoordinatorConfig)}
+        if self.coord_has_state:  # else the coordinator keeps its ledger under the cwd
+            extra["state_dir"] = self.workdir / "coordinator-state"
         self.coord_config = CoordinatorConfig(
             listen="127.0.0.1:0", cert=certs / "bulle-coordinator.pem",
             key=certs / "bulle-coordinator.key", ca=certs / "ca.pem",
             nodes=tuple(NodeEndpoint(n, f"127.0.0.1:{p}") for n, p in self.ports.items()),
             researchers=(Researcher("bench", hash_token(TOKEN), ("bench",)),),
+            **extra,
         )
         self.researcher = self.coord_config.researchers[0]
         if self.http:  # fork before this process starts gRPC threads
@@ -233,7 +264,10 @@ class Federation:
 
         port = free_port()
         cfg = self.workdir / "coordinator.toml"
-        lines = [f'listen = "127.0.0.1:{port}"', "", "[tls]",
+        state = self.workdir / "coordinator-http-state"
+        lines = [f'listen = "127.0.0.1:{port}"',
+                 *([f"state_dir = {_toml_str(state)}"] if self.coord_has_state else []),
+                 "", "[tls]",
                  f"cert = {_toml_str(self.coord_config.cert)}",
                  f"key = {_toml_str(self.coord_config.key)}",
                  f"ca = {_toml_str(self.coord_config.ca)}", ""]
@@ -258,6 +292,26 @@ class Federation:
                     return
             time.sleep(0.05)
         raise RuntimeError("coordinator HTTP API not ready")
+
+    def released_ms(self, nid: str) -> list[float]:
+        """The node's own engine time ("ms") of every released plan so far, from its audit
+        log: JSONL under log_dir (older nodes) or the SQLite audit chain under state_dir."""
+        jsonl = self.workdir / "logs" / nid / "audit.jsonl"
+        if jsonl.is_file():
+            rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
+            return [r["ms"] for r in rows if r.get("decision") == "released" and "ms" in r]
+        db = self.workdir / "state" / nid / "audit.sqlite"
+        if db.is_file():
+            import sqlite3
+
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            try:
+                rows = con.execute("SELECT detail FROM audit_entries WHERE action = 'released' "
+                                   "ORDER BY seq").fetchall()
+            finally:
+                con.close()
+            return [d["ms"] for d in (json.loads(r[0]) for r in rows) if "ms" in d]
+        return []
 
     def node_stub(self, nid: str) -> Any:
         """A NodeStub for one node, with the coordinator's client certificate."""

@@ -40,7 +40,7 @@ from _harness import (
     median,
     p95,
     print_table,
-    time_runs,
+    time_interleaved,
     tree_info,
 )
 
@@ -73,28 +73,20 @@ def node_ms(fed: Any, since: dict[str, int]) -> dict[str, float]:
     """Median engine time per node (the node's own audit 'ms') since the given offsets."""
     out = {}
     for nid in fed.node_ids:
-        path = fed.workdir / "logs" / nid / "audit.jsonl"
-        if not path.is_file():  # the node's audit format changed: no per-node figure
-            continue
-        lines = path.read_text().splitlines()[since.get(nid, 0):]
-        ms = [json.loads(x)["ms"] for x in lines if '"released"' in x and '"ms"' in x]
+        ms = fed.released_ms(nid)[since.get(nid, 0):]
         if ms:
-            out[nid] = median(ms)
+            out[nid] = round(median(ms), 2)
     return out
 
 
 def audit_offsets(fed: Any) -> dict[str, int]:
-    out = {}
-    for nid in fed.node_ids:
-        path = fed.workdir / "logs" / nid / "audit.jsonl"
-        out[nid] = len(path.read_text().splitlines()) if path.exists() else 0
-    return out
+    return {nid: len(fed.released_ms(nid)) for nid in fed.node_ids}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10_000_000, help="rows in total for R1/R4")
-    ap.add_argument("--runs", type=int, default=7, help="warm runs per R1/R4 measurement")
+    ap.add_argument("--runs", type=int, default=9, help="warm runs per R1/R4 measurement")
     ap.add_argument("--t0-runs", type=int, default=200)
     ap.add_argument("--json", type=Path, default=DATA / "last_results.json")
     args = ap.parse_args()
@@ -130,12 +122,14 @@ def main() -> int:
         base_threads = base.execute("SELECT current_setting('threads')").fetchone()[0]
         details["baseline_threads"] = base_threads
         for name, sql in R1_QUERIES.items():
-            b_times, expected = time_runs(lambda sql=sql: base.execute(sql).fetchall(),
-                                          args.runs)
             off = audit_offsets(fed)
-            c_times, got = time_runs(lambda sql=sql: coord.run(sql, who)["rows"], args.runs)
+            times, res = time_interleaved({
+                "duckdb": lambda sql=sql: base.execute(sql).fetchall(),
+                "coordinator": lambda sql=sql: coord.run(sql, who)["rows"],
+                "http": lambda sql=sql: via_http(sql)}, args.runs)
             per_node = node_ms(fed, off)
-            h_times, got_http = time_runs(lambda sql=sql: via_http(sql), args.runs)
+            b_times, c_times, h_times = times["duckdb"], times["coordinator"], times["http"]
+            expected, got, got_http = res["duckdb"], res["coordinator"], res["http"]
             for label, g in (("Coordinator.run", got), ("HTTP", got_http)):
                 why = same(expected, g)
                 if why:
@@ -147,8 +141,10 @@ def main() -> int:
                             "≤ 1.5", h / b <= 1.5))
             details[f"R1 {name}"] = {"baseline_s": b_times, "coordinator_s": c_times,
                                      "http_s": h_times, "node_engine_ms_median": per_node}
-            print(f"R1 {name}: duckdb {fmt_s(b)}, coordinator {fmt_s(c)}, http {fmt_s(h)}, "
-                  f"node engine ms {per_node}", flush=True)
+            print(f"R1 {name}: median (min) duckdb {fmt_s(b)} ({fmt_s(min(b_times))}), "
+                  f"coordinator {fmt_s(c)} ({fmt_s(min(c_times))}), http {fmt_s(h)} "
+                  f"({fmt_s(min(h_times))}); node engine ms, median per node (from the node audit "
+                  f"log, every Execute of this measurement): {per_node}", flush=True)
         base.close()
 
         # ---- T0 ------------------------------------------------------------------
@@ -159,13 +155,17 @@ def main() -> int:
         small_con.execute("CREATE TABLE t_small AS SELECT * FROM read_parquet("
                           f"{[str(p) for p in small]!r})")
         n = args.t0_runs
-        d_times, expected = time_runs(lambda: small_con.execute(
-            T0_QUERY).fetchall(), n, warmup=10)
         off = audit_offsets(fed)
-        c_times, got = time_runs(lambda: coord.run(T0_QUERY, who)["rows"], n, warmup=10)
+        times, res = time_interleaved({
+            "duckdb": lambda: small_con.execute(T0_QUERY).fetchall(),
+            "coordinator": lambda: coord.run(T0_QUERY, who)["rows"],
+            "http": lambda: via_http(T0_QUERY),
+            "sdk": lambda: hub.sql(T0_QUERY, progress=False)}, n, warmup=10)
         per_node = node_ms(fed, off)
-        h_times, got_http = time_runs(lambda: via_http(T0_QUERY), n, warmup=10)
-        s_times, df = time_runs(lambda: hub.sql(T0_QUERY, progress=False), n, warmup=10)
+        d_times, c_times, h_times, s_times = (times[k] for k in ("duckdb", "coordinator",
+                                                                  "http", "sdk"))
+        expected, got, got_http, df = (res[k] for k in ("duckdb", "coordinator", "http",
+                                                         "sdk"))
         got_sdk = [list(r) for r in df.itertuples(index=False)]
         for label, g in (("Coordinator.run", got), ("HTTP", got_http), ("SDK", got_sdk)):
             why = same(expected, g)
@@ -209,14 +209,19 @@ def main() -> int:
 
         open_con = duckdb.connect()
         open_con.execute(f"CREATE TABLE t_open AS SELECT * FROM read_parquet('{parts[0]}')")
-        b_times, b_tab = time_runs(lambda: open_con.sql(r4_sql).to_arrow_table(), args.runs)
-        open_con.execute("SET threads = 1")
-        b1_times, _ = time_runs(lambda: open_con.sql(r4_sql).to_arrow_table(), args.runs)
+        one_con = duckdb.connect(config={"threads": 1})
+        one_con.execute(f"CREATE TABLE t_open AS SELECT * FROM read_parquet('{parts[0]}')")
         off = audit_offsets(fed)
-        g_times, g_tab = time_runs(bulle_rows, args.runs)
+        times, res = time_interleaved({
+            "duckdb": lambda: open_con.sql(r4_sql).to_arrow_table(),
+            "duckdb1": lambda: one_con.sql(r4_sql).to_arrow_table(),
+            "bulle": bulle_rows}, args.runs)
         per_node = node_ms(fed, off)
+        b_times, b1_times, g_times = times["duckdb"], times["duckdb1"], times["bulle"]
+        b_tab, g_tab = res["duckdb"], res["bulle"]
         channel.close()
         open_con.close()
+        one_con.close()
         if b_tab.num_rows != g_tab.num_rows or \
                 pc.sum(b_tab["id"]).as_py() != pc.sum(g_tab["c0"]).as_py():
             failures.append(f"R4: {g_tab.num_rows} rows, expected {b_tab.num_rows}")
@@ -233,8 +238,9 @@ def main() -> int:
         details["R4"] = {"sql": r4_sql, "rows": nrows, "duckdb_s": b_times,
                          "duckdb_threads1_s": b1_times, "bulle_s": g_times,
                          "ipc_bytes": g_tab.nbytes, "node_engine_ms_median": per_node}
-        print(f"R4 ({r4_sql}): duckdb {fmt_s(b)} (threads=1 {fmt_s(b1)}), node gRPC {fmt_s(g)}, "
-              f"node engine ms {per_node}", flush=True)
+        print(f"R4 ({r4_sql}): median (min) duckdb {fmt_s(b)} ({fmt_s(min(b_times))}), "
+              f"threads=1 {fmt_s(b1)} ({fmt_s(min(b1_times))}), node gRPC {fmt_s(g)} "
+              f"({fmt_s(min(g_times))}); node engine ms {per_node}", flush=True)
         http.close()
 
     print()

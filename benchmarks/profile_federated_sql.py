@@ -9,8 +9,10 @@ A  per-query fixed cost (T0 query): coordinator phases, CPU-ms per process, gRPC
 B  node engine steps (in-process NodeEngine on partition 0, threads=1) for T0, R1, R4,
    plus variants: restricted-tier extra aggregates, DB-API vs relational Arrow export,
    sqlglot builder copies / plan-compile cache
-C  R4 transport: the node's 1M-row reply through a scratch gRPC server (subprocess) with
-   mutual TLS vs plaintext, and the protobuf/IPC copies on each side
+C  R4 transport: the same SQL on scratch node subprocesses: unary protobuf reply (as the
+   node does it), a gRPC server stream of raw Arrow IPC messages, Arrow Flight DoGet; each
+   with mutual TLS or plaintext, glibc malloc default or tuned (MALLOC_MMAP_THRESHOLD_ …)
+S  (optional, --sections s) py-spy on node n0 and on the coordinator during T0 queries
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +90,14 @@ def section_a(fed: Any, runs: int) -> None:
     originals = {n: getattr(fc, n) for n in ("parse", "plan_query", "merge", "released_to_json")}
     for n, f in originals.items():
         setattr(fc, n, wrap(n, f))
+    captured: dict[str, Any] = {}
+    timed_merge = fc.merge
+
+    def capture_merge(*a: Any) -> Any:
+        captured["args"] = a
+        return timed_merge(*a)
+
+    fc.merge = capture_merge
     coord.catalog = wrap("catalog()", coord.catalog)
     coord._fan_out = wrap("fan-out (3 gRPC Execute + IPC decode)", coord._fan_out)
     for c in coord.clients.values():
@@ -144,6 +155,8 @@ def section_a(fed: Any, runs: int) -> None:
               "on 2 idle cores")
     http.close()
 
+    _merge_variants(originals["merge"], captured["args"], runs)
+
     # the same query answered by one node only (no core sharing between nodes)
     one = T0_QUERY.replace("t_small", "t_small_n0")
     t1, _ = time_runs(lambda: coord.run(one, who), runs, warmup=10)
@@ -157,6 +170,155 @@ def section_a(fed: Any, runs: int) -> None:
     h, _ = time_runs(lambda: stub.Health(pb.HealthRequest(), timeout=5), runs, warmup=10)
     print(f"\nA3. gRPC Health round trip over mutual TLS (one node): {ms(h)} ms")
     channel.close()
+
+
+def _merge_variants(merge: Any, args: tuple[Any, ...], runs: int) -> None:
+    """The T0 merge as is, its DuckDB statements replayed alone, the same with prepared
+    statements, and a pyarrow group-by doing this query's merge (scratch, checked equal)."""
+    import pyarrow.compute as pc
+
+    from federation import _merge
+
+    parts = args[1]
+    events: list[tuple[str, Any, Any]] = []  # ("register", name, table) | ("sql", text, None)
+    real_cursor = _merge._cursor
+
+    class Spy:  # records what the merge asks DuckDB to do
+        def __init__(self, cur: Any) -> None:
+            self.cur = cur
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.cur, name)
+
+        def register(self, name: str, table: Any) -> Any:
+            events.append(("register", name, table))
+            return self.cur.register(name, table)
+
+        def unregister(self, name: str) -> Any:
+            events.append(("unregister", name, None))
+            return self.cur.unregister(name)
+
+        def sql(self, q: str) -> Any:
+            events.append(("sql", q, None))
+            return self.cur.sql(q)
+
+        def execute(self, q: str, *a: Any) -> Any:
+            events.append(("sql", q, None))
+            return self.cur.execute(q, *a)
+
+    _merge._cursor = lambda: Spy(real_cursor())
+    try:
+        expected = merge(*args).table
+    finally:
+        _merge._cursor = real_cursor
+    cur = real_cursor()
+    statements = [q for kind, q, _ in events if kind == "sql"]
+    prepared_names: dict[str, str] = {}
+    for kind, a, b in events:  # prepare each statement with its tables registered
+        if kind == "register":
+            cur.register(a, b)
+        elif kind == "unregister":
+            cur.unregister(a)
+        else:
+            prepared_names[a] = f"bench_merge_{len(prepared_names)}"
+            cur.execute(f"PREPARE {prepared_names[a]} AS {a}")
+
+    def duck(prepared: bool = False) -> None:
+        for kind, a, b in events:
+            if kind == "register":
+                cur.register(a, b)
+            elif kind == "unregister":
+                cur.unregister(a)
+            else:
+                cur.execute(f"EXECUTE {prepared_names[a]}" if prepared else a).to_arrow_table()
+
+    table = pa.concat_tables(
+        [t.append_column("__node", pa.array([i] * t.num_rows, pa.int32()))
+         for i, (_, t) in enumerate(parts)], promote_options="permissive")
+
+    def arrow() -> pa.Table:  # this query only: GROUP BY g0, n = Σp0, ax = Σp1 / Σp2
+        g = table.group_by(["g0"]).aggregate([("p0", "sum"), ("p1", "sum"), ("p2", "sum"),
+                                              ("__suppressed", "any")])
+        ax = pc.divide(pc.cast(g["p1_sum"], pa.float64()), pc.cast(g["p2_sum"], pa.float64()))
+        return pa.table({"grp": g["g0"], "n": g["p0_sum"], "ax": ax}).sort_by("grp")
+
+    got = arrow()
+    same = (got["grp"].to_pylist() == expected["grp"].to_pylist()
+            and got["n"].to_pylist() == expected["n"].to_pylist()
+            and all(abs(a - b) <= 1e-9 * abs(b) for a, b in zip(
+                got["ax"].to_pylist(), expected["ax"].to_pylist(), strict=True)))
+    full, _ = time_runs(lambda: merge(*args), runs, 10)
+    d1, _ = time_runs(duck, runs, 10)
+    d2, _ = time_runs(lambda: duck(True), runs, 10)
+    a1, _ = time_runs(arrow, runs, 10)
+    print(f"\nA5. T0 merge (coordinator, median ms): merge() as is {ms(full)} | its "
+          f"{len(statements)} DuckDB statement(s) replayed alone (with register/unregister) "
+          f"{ms(d1)} | same as prepared statements {ms(d2)} | pyarrow group_by for this "
+          f"query {ms(a1)} ({'same answer' if same else 'DIFFERENT ANSWER'})")
+
+
+# -- S (optional: py-spy) ---------------------------------------------------------------
+SPY_FRAMES = {
+    "node": [("NodeServicer.Execute", "Execute servicer (all)"),
+             ("NodeEngine.execute", "  NodeEngine.execute"),
+             ("DuckDBPyRelation.to_arrow_table", "    DuckDB run + Arrow export"),
+             ("sql", "    DuckDB sql() plan/bind"),
+             ("compile_plan", "    compile_plan (sqlglot)"),
+             ("deepcopy", "      of which sqlglot deepcopy"),
+             ("_disclosure_control", "    _disclosure_control"),
+             ("_status", "  gRPC send of the reply (start_server_batch)"),
+             ("Logger.info", "  audit logging")],
+    "coordinator": [("Coordinator._run", "Coordinator._run (all)"),
+                    ("parse", "  parse (sqlglot)"),
+                    ("Coordinator._fan_out", "  fan-out (gRPC client)"),
+                    ("merge", "  merge"),
+                    ("DuckDBPyRelation.to_arrow_table", "    merge: DuckDB run"),
+                    ("_connection_sql", "    merge: DuckDB sql() plan/bind"),
+                    ("_sql", "    merge: SQL text via sqlglot"),
+                    ("released_to_json", "  released_to_json")],
+}
+
+
+def _spy_summary(path: Path, frames: list[tuple[str, str]]) -> None:
+    total, inclusive = 0, defaultdict(int)
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        names = {f.split(" (")[0] for f in stack.split(";")}
+        for name in names:
+            inclusive[name] += n
+    for name, label in frames:
+        print(f"  {label:<46}{100 * inclusive.get(name, 0) / max(total, 1):6.1f} %")
+    print(f"  ({total} samples of busy threads)")
+
+
+def section_s(fed: Any, py_spy: str, seconds: float) -> None:
+    coord, who = fed.coordinator, fed.researcher
+    for _ in range(20):
+        coord.run(T0_QUERY, who)
+    out = {name: fed.workdir / f"spy_{name}.txt" for name in ("node", "coordinator")}
+    pids = {"node": fed.procs["n0"].pid, "coordinator": os.getpid()}
+    spies = [subprocess.Popen([py_spy, "record", "-p", str(pids[k]), "-d", str(int(seconds)),
+                               "-r", "500", "--format", "raw", "-o", str(out[k]),
+                               "--nonblocking"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for k in out]
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds + 1:
+        coord.run(T0_QUERY, who)
+        n += 1
+    for spy in spies:
+        spy.wait(timeout=60)
+    print(f"\nS. py-spy ({n} T0 queries in {seconds:.0f} s, 500 Hz, inclusive share of busy "
+          "samples):")
+    for k, path in out.items():
+        print(f" {k} ({'n0 subprocess' if k == 'node' else 'in-process Coordinator'}):")
+        if path.is_file():
+            _spy_summary(path, SPY_FRAMES[k])
+        else:
+            print("  (py-spy wrote nothing: ptrace not permitted?)")
 
 
 # -- B ----------------------------------------------------------------------------------
@@ -223,17 +385,22 @@ def _scratch_compile_nocopy() -> Any:
 
 
 def section_b(parts: list[Path], small: list[Path], runs: int) -> str:
+    from dataclasses import fields
+
     from federation._planner import plan_query
     from federation._sql import parse
     from nodes._compile import compile_plan
     from nodes._config import DatasetConfig, EngineConfig, NodeConfig
     from nodes._engine import NodeEngine
 
+    # newer nodes keep a ledger and audit chain in state_dir (default: under the cwd)
+    extra = ({"state_dir": Path(tempfile.mkdtemp(prefix="bulle-bench-state-"))}
+             if "state_dir" in {f.name for f in fields(NodeConfig)} else {})
     cfg = NodeConfig("n0", "127.0.0.1:0", None, EngineConfig(threads=1, memory_limit="2GB"), (
         DatasetConfig("t", (parts[0],), "restricted", min_count=0, round_to=1),
         DatasetConfig("t_small", (small[0],), "restricted", min_count=0, round_to=1),
         DatasetConfig("t_open", (parts[0],), "open"),
-    ))
+    ), **extra)
     engine = NodeEngine(cfg)
     schema = {n: dict(m.columns) for n, m in engine.meta.items()}
     n_rows = engine._con.execute("SELECT count(*) FROM t").fetchone()[0]
@@ -510,16 +677,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--sections", default="abc", help="which sections to run (a, b, c)")
+    ap.add_argument("--sections", default="abc",
+                    help="which sections to run: a, b, c, and s (py-spy, needs --py-spy)")
+    ap.add_argument("--py-spy", default=shutil.which("py-spy") or "",
+                    help="py-spy binary (pip install py-spy) for section s")
     args = ap.parse_args()
     started = time.perf_counter()
     print(f"{cpu_info()}; code: {tree_info()}; load average {load_avg()}")
     parts = gen_partitions("t", args.rows)
     small = gen_partitions("small", 1000)
-    if "a" in args.sections:
+    if "a" in args.sections or "s" in args.sections:
         with federation([Dataset("t_small", small), Dataset("t_small_n0", small[:1])],
                         threads=1) as fed:
-            section_a(fed, args.runs)
+            if "a" in args.sections:
+                section_a(fed, args.runs)
+            if "s" in args.sections:
+                if args.py_spy:
+                    section_s(fed, args.py_spy, 10)
+                else:
+                    print("\nS. skipped: py-spy not found (pip install py-spy; --py-spy PATH)")
     n = args.rows // 3
     r4_sql = f"SELECT id, x, k FROM t_open WHERE k < {max(1, min(100, int(0.95e6 * 100 / n)))}"
     if "b" in args.sections:

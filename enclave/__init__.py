@@ -4,6 +4,8 @@
   when called without arguments.
 - ``Hub.catalog()``, ``Hub.describe(table)``, ``Hub.sql(query)`` → pandas DataFrames; the
   ``df.bulle`` accessor gives per-value metadata (``df.bulle.suppressed``, ``.notes``).
+- ``Hub.budget()``, ``Hub.projects()``, ``Hub.submit_project(...)``: ε left, your projects,
+  a new project for the ethics board.
 - ``BulleError``: a refused or failed query, with a ``code``.
 """
 

@@ -171,6 +171,24 @@ class Hub:
         return self._check(self._http.get("/v1/budget", params={"project": project}
                                           if project else None))
 
+    def projects(self) -> pd.DataFrame:
+        """Your research projects (all of them for the ethics board): status, ε granted."""
+        body = self._check(self._http.get("/v1/projects"))
+        cols = ["name", "title", "status", "datasets", "epsilon", "granted_epsilon",
+                "expires_at", "team", "reason"]
+        return pd.DataFrame([{k: p.get(k) for k in cols} for p in body["projects"]],
+                            columns=cols)
+
+    def submit_project(self, name: str, title: str, purpose: str, datasets: list[str],
+                       epsilon: float, *, delta: float = 1e-6, duration_days: int = 365,
+                       team: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """Ask the ethics board for a project: purpose (finalité), datasets, ε/δ, duration
+        and team. It is ``pending`` until the board approves, amends or refuses it."""
+        return self._check(self._http.post("/v1/projects", json={
+            "name": name, "title": title, "purpose": purpose, "datasets": list(datasets),
+            "epsilon": epsilon, "delta": delta, "duration_days": duration_days,
+            "team": list(team)}))
+
     def sql(self, query: str, project: str | None = None, *, epsilon: float | None = None,
             progress: bool = True) -> pd.DataFrame:
         """Run a federated aggregate query; returns the released table.
@@ -206,6 +224,29 @@ class Hub:
                   file=sys.stderr)
         return df
 
+    def train(self, model: str, table: str, features: list[str], label: str, *,
+              rounds: int = 5, epsilon: float = 1.0, delta: float | None = None,
+              project: str | None = None, join: list[str] | None = None,
+              order_by: str | None = None, bounds: dict[str, tuple[float, float]] | None = None,
+              **options: Any) -> Any:
+        """Start DP federated training of a vetted model (``logreg``, ``mlp``, ``gru``).
+
+        ``label`` is binary: ``"score >= 40"`` or a 0/1 column; ``join`` names open tables
+        (``"assessments"`` or ``"assessments:id_assessment"``); the GRU reads each learner's
+        rows ordered by ``order_by``. ``epsilon`` is the run's target at each node (the
+        nodes calibrate their noise to it and to what the grant leaves). Returns a
+        ``TrainingJob``: ``job.result()`` (weights, noisy metrics, ε), ``job.cancel()``.
+        Options: ``lr``, ``batch_size``, ``hidden``, ``epochs``, ``max_len``,
+        ``max_grad_norm``, ``noise_multiplier``, ``min_nodes``, ``round_timeout_s``.
+        """
+        from enclave._training import start_training
+
+        return start_training(self, model=model, table=table, features=list(features),
+                              label=label, rounds=rounds, epsilon=epsilon, delta=delta,
+                              project=project, join=join, order_by=order_by,
+                              bounds={k: list(v) for k, v in (bounds or {}).items()},
+                              **options)
+
 
 def _fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
@@ -226,9 +267,14 @@ def _search(table: dict[str, Any], query: str) -> list[str] | None:
 
 
 def connect(url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> Hub:
-    """Connect to the coordinator; with no arguments, read ``BULLE_URL`` and ``BULLE_TOKEN``."""
+    """Connect to the coordinator; with no arguments, read ``BULLE_URL`` and ``BULLE_TOKEN``.
+
+    In a hub notebook the spawner sets ``BULLE_URL`` (the coordinator service) and
+    ``JUPYTERHUB_API_TOKEN`` (the server's hub token, carrying the user's Bulle scopes),
+    which is used when ``BULLE_TOKEN`` is not set.
+    """
     url = url or os.environ.get("BULLE_URL")
-    token = token or os.environ.get("BULLE_TOKEN")
+    token = token or os.environ.get("BULLE_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN")
     if not url or not token:
         raise BulleError("not_configured", "no coordinator given: pass connect(url, token) or "
                          "set BULLE_URL and BULLE_TOKEN (try: eval \"$(bulle demo env)\")")

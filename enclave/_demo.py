@@ -1,6 +1,6 @@
 """The demo federation on one machine: five node agents on real open data, the
-coordinator, and (later) the hub. ``bulle demo up`` is idempotent; ``down`` stops what
-``up`` started, by PID.
+coordinator, and JupyterHub (started after the coordinator, its service).
+``bulle demo up`` is idempotent; ``down`` stops what ``up`` started, by PID.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ RESEARCHER = "demo-researcher"
 PROJECT = "demo"
 SENSITIVE_TABLES = ("student_assessment",)
 GRANT_EPSILON = 10.0
+# Hub accounts (name → role); passwords are generated and printed once by `up`.
+HUB_ACCOUNTS = {"demo-researcher": "researcher", "other-researcher": "researcher",
+                "demo-board": "ethics-board", "demo-operator": "node-operator",
+                "demo-admin": "admin"}
+HUB_PORTS = ("hub", "hub-api", "hub-proxy-api")
 EXAMPLE = ("SELECT school, sex, COUNT(*) AS pupils, AVG(g3) AS mean_final_grade "
            "FROM lycee_students GROUP BY school, sex ORDER BY school, sex")
 
@@ -94,7 +99,7 @@ class Demo:
 
     def healthy(self) -> bool:
         info = self.info()
-        if not info or set(self.running()) != {*NODES, "coordinator"}:
+        if not info or not {*NODES, "coordinator", "hub"} <= set(self.running()):
             return False
         try:
             return httpx.get(info["url"] + "/v1/health", timeout=2).status_code == 200
@@ -117,7 +122,8 @@ class Demo:
         make_certs(self.state / "certs", list(NODES))
         self._board()
         previous = self.info().get("ports", {})
-        ports = {name: _free_port(previous.get(name)) for name in (*NODES, "coordinator")}
+        ports = {name: _free_port(previous.get(name))
+                 for name in (*NODES, "coordinator", *HUB_PORTS)}
         env = {**os.environ, "BULLE_DATA": str(self.data), "BULLE_DEMO_STATE": str(self.state)}
         pids: dict[str, int] = {}
         started = time.monotonic()
@@ -131,18 +137,22 @@ class Demo:
                 self._wait(name, pids[name], ports[name], 120)
                 log(f"  node {name:<10} ready on 127.0.0.1:{ports[name]}")
             cfg = self._coordinator_config(ports)
+            self._seed_projects()
             pids["coordinator"] = self._spawn("coordinator",
                                               ["coordinator", "serve", "--config", str(cfg)], env)
             self.pids_file.write_text(json.dumps(pids))
             self._wait("coordinator", pids["coordinator"], ports["coordinator"], 60)
+            # The hub after its external service (else it waits 30 s for it: TRAPS.md).
+            passwords = self._hub(ports, env, pids)
         except Exception:
             self.down(quiet=True)
             raise
         url = f"http://127.0.0.1:{ports['coordinator']}"
         info = {"url": url, "ports": ports, "researcher": RESEARCHER, "project": PROJECT,
-                "state": str(self.state), "started_in_s": round(time.monotonic() - started, 1)}
+                "state": str(self.state), "started_in_s": round(time.monotonic() - started, 1),
+                "hub_url": f"http://127.0.0.1:{ports['hub']}", "accounts": HUB_ACCOUNTS}
         self.info_file.write_text(json.dumps(info, indent=2))
-        return info
+        return {**info, "passwords": passwords}  # shown once, never stored in clear
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> int:
         log_file = (self.state / "logs" / f"{name}.log").open("ab")
@@ -205,6 +215,13 @@ class Demo:
                   "nodes_disjoint = false"]
         lines += ["", "[[researcher]]", f'name = "{RESEARCHER}"',
                   f'token_sha256 = "{hash_token(self._token())}"', f'projects = ["{PROJECT}"]']
+        # The coordinator as the hub's `bulle` service. The demo's board service signs
+        # grants with the demo board key; in production that key stays with the board.
+        at = next(i for i, line in enumerate(lines) if line.startswith("board_public_key"))
+        lines.insert(at + 1, f'board_private_key = "{board / "board_ed25519.pem"}"')
+        lines += ["", "[hub]", f'api_url = "http://127.0.0.1:{ports["hub-api"]}/hub/api"',
+                  f'public_url = "http://127.0.0.1:{ports["hub"]}"', 'service_name = "bulle"',
+                  f'api_token_file = "{self._service_token()}"', "cache_s = 5"]
         path = self.state / "coordinator.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -225,6 +242,12 @@ class Demo:
                 time.sleep(0.05)
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+        proxy = self.state / "hub" / "proxy.pid"  # the hub stops its proxy; if it died first
+        if proxy.exists():
+            pid = int(proxy.read_text().strip() or 0)
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+            proxy.unlink(missing_ok=True)
         self.pids_file.unlink(missing_ok=True)
         if not quiet:
             log(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
@@ -234,4 +257,68 @@ class Demo:
         info = self.info()
         if not info:
             raise SystemExit("the demo is not set up: run `bulle demo up` first")
-        return f"export BULLE_URL={info['url']} BULLE_TOKEN={self._token()}"
+        hub = f" BULLE_HUB_URL={info['hub_url']}" if info.get("hub_url") else ""
+        return f"export BULLE_URL={info['url']} BULLE_TOKEN={self._token()}{hub}"
+
+    # -- the hub ----------------------------------------------------------------------
+    def _service_token(self) -> Path:
+        """The `bulle` service's hub API token (the coordinator's OAuth client secret)."""
+        path = self.state / "hub" / "service.token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path
+
+    def _seed_projects(self) -> None:
+        """A pending project, so the board has something to decide in the demo."""
+        from federation._registry import Registry
+
+        (self.state / "coordinator").mkdir(parents=True, exist_ok=True)
+        registry = Registry(str(self.state / "coordinator" / "ledger.sqlite"))
+        try:
+            if registry.get("dropout-signals") is None:
+                registry.submit(
+                    RESEARCHER, name="dropout-signals",
+                    title="Early signals of dropout in online courses",
+                    purpose="Describe how assessment scores and submission delays evolve "
+                    "before withdrawal, per module, to inform tutoring policy. Research only: "
+                    "no decision about any learner.", datasets=["student_assessment"],
+                    epsilon=3.0, delta=1e-6, duration_days=180, team=[RESEARCHER])
+        finally:
+            registry.close()
+
+    def _hub(self, ports: dict[str, int], env: dict[str, str],
+             pids: dict[str, int]) -> dict[str, str]:
+        """Start JupyterHub (demo accounts, the coordinator as its service); returns the
+        passwords generated for new accounts (empty when they already existed)."""
+        from enclave._hub import write_users
+
+        hub_state = self.state / "hub"
+        passwords = write_users(hub_state / "users.json", HUB_ACCOUNTS)
+        hub_env = {**env, "BULLE_HUB_STATE": str(hub_state),
+                   "BULLE_HUB_PORT": str(ports["hub"]),
+                   "BULLE_HUB_API_PORT": str(ports["hub-api"]),
+                   "BULLE_HUB_PROXY_API_PORT": str(ports["hub-proxy-api"]),
+                   "BULLE_COORDINATOR_URL": f"http://127.0.0.1:{ports['coordinator']}",
+                   "BULLE_HUB_SERVICE_TOKEN_FILE": str(self._service_token())}
+        log_file = (self.state / "logs" / "hub.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "jupyterhub_config.py")],
+            env=hub_env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=hub_state)
+        pids["hub"] = proc.pid
+        self.pids_file.write_text(json.dumps(pids))
+        self._wait("hub", proc.pid, ports["hub"], 90)
+        deadline = time.monotonic() + 90
+        while True:  # the proxy listens first; the hub answers once routes are set
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports['hub']}/hub/api/", timeout=2
+                             ).status_code == 200:
+                    return passwords
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or not _alive(proc.pid):
+                raise RuntimeError("the hub did not answer within 90 s; see logs/hub.log")
+            time.sleep(0.2)

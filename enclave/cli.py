@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args.action == "status":
         running = demo.running()
-        for name in (*NODES, "coordinator"):
+        for name in (*NODES, "coordinator", "hub"):
             state = f"running (pid {running[name]})" if name in running else "stopped"
             print(f"{name:<12} {state}")
         return 0 if demo.healthy() else 1
@@ -52,4 +52,22 @@ Try it (paste into your shell):
 
 Stop everything with: .venv/bin/bulle demo down
 """)
+    _print_hub(info)
     return 0
+
+
+def _print_hub(info: dict) -> None:
+    """The hub's URL and the demo accounts; passwords only when just generated."""
+    if not info.get("hub_url"):
+        return
+    passwords = info.get("passwords") or {}
+    print(f"JupyterHub          {info['hub_url']}   (ethics-board dashboard: "
+          f"{info['hub_url']}/services/bulle/board/)")
+    for name, role in info.get("accounts", {}).items():
+        secret = passwords.get(name, "(printed at first start)")
+        print(f"  {role:<14} {name:<17} password {secret}")
+    if passwords:
+        print("  These passwords are shown once (only their hashes are kept); to reset them:\n"
+              f"  bulle demo down && rm {info['state']}/hub/users.json && bulle demo up")
+    print("In a notebook: from enclave import connect; hub = connect()  "
+          "(examples in ~/examples)")

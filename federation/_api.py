@@ -1,18 +1,52 @@
 """HTTP JSON API of the coordinator (what the notebook SDK calls). Thin: it authenticates
-and delegates to :class:`Coordinator`."""
+and delegates to :class:`Coordinator`.
+
+Callers present a coordinator bearer token (a researcher from the config) or a JupyterHub
+token; every endpoint names the scopes that may call it (:data:`ENDPOINT_SCOPES`): any one
+of them is enough. No token → 401; a token without the scope → 403.
+"""
 
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from federation._config import Researcher
 from federation._coordinator import Coordinator
+from federation._dashboard import add_dashboard, export, summary
 from federation._errors import QueryError
+from federation._hubauth import (
+    SCOPE_APPROVE,
+    SCOPE_AUDIT,
+    SCOPE_QUERY,
+    SCOPE_TRAIN,
+    Caller,
+    HubUnavailable,
+)
+from federation._registry import RegistryError
 
 API_VERSION = "v1"
+_V = f"/{API_VERSION}"
+# Which scopes open which endpoint (any one of them); the dashboard pages use the same.
+ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
+    "GET /v1/catalog": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
+    "POST /v1/queries": (SCOPE_QUERY,),
+    "GET /v1/queries/{id}": (SCOPE_QUERY,),
+    "GET /v1/budget": (SCOPE_QUERY,),
+    "GET /v1/projects": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
+    "POST /v1/projects": (SCOPE_QUERY,),
+    "GET /v1/projects/{name}": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
+    "POST /v1/projects/{name}/decision": (SCOPE_APPROVE,),
+    "GET /v1/board/summary": (SCOPE_APPROVE, SCOPE_AUDIT),
+    "GET /v1/board/export": (SCOPE_APPROVE, SCOPE_AUDIT),
+    "GET /v1/audit": (SCOPE_AUDIT,),
+    "GET /v1/audit/verify": (SCOPE_AUDIT,),
+    "/v1/trainings": (SCOPE_TRAIN,),  # DP training jobs (federation/_training.py)
+    "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
+    "POST /board/decide": (SCOPE_APPROVE,),
+}
 
 
 class QueryIn(BaseModel):
@@ -24,56 +58,224 @@ class QueryIn(BaseModel):
                           description="how long to wait for the result before answering 202")
 
 
+class ProjectIn(BaseModel):
+    name: str = Field(min_length=2, max_length=63, description="a-z, 0-9 and '-'")
+    title: str = Field(min_length=1, max_length=300)
+    purpose: str = Field(min_length=1, max_length=5000,
+                         description="the finalité: what the data is used for, and not")
+    datasets: list[str] = Field(min_length=1, max_length=50)
+    epsilon: float = Field(gt=0, le=100, description="total ε requested for the project")
+    delta: float = Field(default=1e-6, gt=0, lt=1e-2)
+    duration_days: int = Field(default=365, ge=1, le=1825)
+    team: list[str] = Field(default_factory=list, max_length=50,
+                            description="hub user names (the submitter is added)")
+
+
+class DecisionIn(BaseModel):
+    decision: Literal["approve", "amend", "refuse"]
+    reason: str = Field(default="", max_length=5000)
+    epsilon: float | None = Field(default=None, gt=0, le=100)
+    delta: float | None = Field(default=None, gt=0, lt=1e-2)
+    datasets: list[str] | None = None
+    days: float | None = Field(default=None, gt=0, le=1825)
+    grant: str | None = Field(default=None, max_length=20_000,
+                              description="a grant the board signed elsewhere (production)")
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() if scheme.lower() in ("bearer", "token") else None
+
+
+def caller_from(coordinator: Coordinator, token: str | None) -> Caller:
+    try:
+        who = coordinator.identify(token)
+    except HubUnavailable as e:
+        raise QueryError("hub_unavailable", str(e), status=503) from None
+    if who is None:
+        raise QueryError("unauthenticated", "missing or invalid token", status=401)
+    return who
+
+
+def require(who: Caller, endpoint: str) -> None:
+    if not who.can(*ENDPOINT_SCOPES[endpoint]):
+        raise QueryError("forbidden", f"your token lacks the scope for {endpoint} "
+                         f"(one of {', '.join(ENDPOINT_SCOPES[endpoint])})", status=403)
+
+
 def build_app(coordinator: Coordinator) -> FastAPI:
     app = FastAPI(title="Bulle coordinator", version="0.1.0")
+    hub = coordinator.config.hub
+    prefix = hub.prefix if hub else None
+
+    @app.middleware("http")
+    async def _hub_prefix(request: Request, call_next: Any) -> Response:
+        # The hub's proxy forwards /services/<name>/… unchanged: route it as if at the root.
+        if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
+            request.scope["root_path"] = prefix
+        return await call_next(request)
 
     @app.exception_handler(QueryError)
     def _query_error(_: Request, e: QueryError) -> JSONResponse:
         return JSONResponse({"error": e.to_json()}, status_code=e.status)
 
-    def researcher(authorization: Annotated[str | None, Header()] = None) -> Researcher:
-        token = authorization.removeprefix("Bearer ").strip() if authorization else None
-        who = coordinator.authenticate(token)
-        if who is None:
-            raise QueryError("unauthenticated", "missing or invalid token", status=401)
-        return who
+    @app.exception_handler(RegistryError)
+    def _registry_error(_: Request, e: RegistryError) -> JSONResponse:
+        code = {404: "not_found", 409: "conflict"}.get(e.status, "bad_request")
+        return JSONResponse({"error": {"code": code, "message": str(e)}},
+                            status_code=e.status)
 
-    Who = Annotated[Researcher, Depends(researcher)]
+    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
+        return caller_from(coordinator, bearer(authorization))
 
-    @app.get(f"/{API_VERSION}/health")
+    Who = Annotated[Caller, Depends(caller)]
+
+    def as_researcher(who: Caller, endpoint: str) -> Researcher:
+        require(who, endpoint)
+        return coordinator.researcher_for(who)
+
+    @app.get(f"{_V}/health")
     def health() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get(f"/{API_VERSION}/catalog")
+    @app.get(f"{_V}/catalog")
     def catalog(who: Who, refresh: bool = False) -> dict[str, Any]:
+        require(who, "GET /v1/catalog")
         tables = coordinator.catalog(refresh=refresh)
-        return {"tables": [t.to_json() for t in tables.values()],
-                "nodes": coordinator.node_status()}
+        covered = None if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else _covered(coordinator, who)
+        out = []
+        for t in tables.values():
+            body = t.to_json()
+            if covered is not None and t.tier == "sensitive" and t.name not in covered:
+                # Listed so it can be requested in a project; its details need a grant.
+                body.update(columns=[], row_count_buckets={}, public_domains={},
+                            quality=None, quality_score=None, pivots={}, granted=False)
+            out.append(body)
+        return {"tables": out, "nodes": coordinator.node_status()}
 
-    @app.post(f"/{API_VERSION}/queries")
+    @app.post(f"{_V}/queries")
     def submit(body: QueryIn, who: Who) -> JSONResponse:
-        record = coordinator.submit(body.sql, who, body.project, body.epsilon)
+        researcher = as_researcher(who, "POST /v1/queries")
+        record = coordinator.submit(body.sql, researcher, body.project, body.epsilon)
         finished = record.done.wait(body.wait_s)
         if finished and record.error:
             return JSONResponse({"id": record.id, "status": "failed", "error": record.error},
                                 status_code=int(record.error.get("status", 400)))
         return JSONResponse(record.to_json(), status_code=200 if finished else 202)
 
-    @app.get(f"/{API_VERSION}/budget")
+    @app.get(f"{_V}/budget")
     def budget(who: Who, project: str | None = None, report: bool = False) -> dict[str, Any]:
-        name = coordinator.project_of(who, project)
+        researcher = as_researcher(who, "GET /v1/budget")
+        name = coordinator.project_of(researcher, project)
         b = coordinator.projects.budget(name)
         out = b.to_json()
         if report:  # the tighter PLD figure, slower: on request
             out["epsilon_spent_pld"] = coordinator.projects.report(name, b.delta)
         return out
 
-    @app.get(f"/{API_VERSION}/queries/{{query_id}}")
+    @app.get(f"{_V}/queries/{{query_id}}")
     def status(query_id: str, who: Who, wait_s: float = 0.0) -> dict[str, Any]:
-        record = coordinator.get(query_id, who)
-        if record is None:
+        researcher = as_researcher(who, "GET /v1/queries/{id}")
+        record = coordinator.get(query_id, researcher)
+        if record is None:  # not found, or someone else's: the same answer
             raise QueryError("not_found", "no such query", status=404)
         record.done.wait(min(max(wait_s, 0.0), 600.0))
         return record.to_json()
 
+    # -- projects ---------------------------------------------------------------------------
+    registry = coordinator.projects.registry
+
+    @app.get(f"{_V}/projects")
+    def projects(who: Who, status: str | None = None) -> dict[str, Any]:
+        require(who, "GET /v1/projects")
+        everyone = who.can(SCOPE_APPROVE, SCOPE_AUDIT)
+        items = registry.projects(status=status, member=None if everyone else who.name)
+        return {"projects": [p.to_json() for p in items]}
+
+    @app.post(f"{_V}/projects", status_code=201)
+    def submit_project(body: ProjectIn, who: Who) -> dict[str, Any]:
+        require(who, "POST /v1/projects")
+        if body.name in coordinator.projects.configs:
+            raise RegistryError(f"a project named {body.name!r} exists", status=409)
+        known = set(coordinator.catalog())
+        unknown = sorted(set(body.datasets) - known)
+        if unknown:
+            raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
+        p = registry.submit(who.name, **body.model_dump())
+        coordinator.projects.audit.append(who.name, p.name, "project_submitted",
+                                          {"epsilon": p.epsilon, "datasets": list(p.datasets)})
+        return p.to_json()
+
+    @app.get(f"{_V}/projects/{{name}}")
+    def project(name: str, who: Who) -> dict[str, Any]:
+        require(who, "GET /v1/projects/{name}")
+        p = registry.get(name)
+        if not who.can(SCOPE_APPROVE, SCOPE_AUDIT) and (p is None or who.name not in p.team):
+            raise QueryError("forbidden", f"you are not a member of project {name!r}",
+                             status=403)
+        if p is None:
+            raise QueryError("not_found", f"no project {name!r}", status=404)
+        return {**p.to_json(), "events": registry.events(name)}
+
+    @app.post(f"{_V}/projects/{{name}}/decision")
+    def decide(name: str, body: DecisionIn, who: Who) -> dict[str, Any]:
+        require(who, "POST /v1/projects/{name}/decision")
+        return decide_project(coordinator, who, name, body).to_json()
+
+    # -- the board: summary, export, audit -------------------------------------------------
+    @app.get(f"{_V}/board/summary")
+    def board_summary(who: Who) -> dict[str, Any]:
+        require(who, "GET /v1/board/summary")
+        return summary(coordinator)
+
+    @app.get(f"{_V}/board/export")
+    def board_export(who: Who, format: Literal["json", "csv"] = "json",
+                     table: Literal["projects", "budgets", "datasets", "releases"] = "releases"
+                     ) -> Response:
+        require(who, "GET /v1/board/export")
+        return export(coordinator, format, table)
+
+    @app.get(f"{_V}/audit")
+    def audit(who: Who, project: str | None = None, limit: int = 500) -> dict[str, Any]:
+        require(who, "GET /v1/audit")
+        entries = list(coordinator.projects.audit.entries(project))[-max(1, min(limit, 10_000)):]
+        return {"entries": [e.__dict__ for e in entries]}
+
+    @app.get(f"{_V}/audit/verify")
+    def audit_verify(who: Who) -> dict[str, Any]:
+        require(who, "GET /v1/audit/verify")
+        return summary(coordinator, audit_only=True)
+
+    from federation._training import training_router
+
+    app.include_router(training_router(
+        coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
+    add_dashboard(app, coordinator)
     return app
+
+
+def decide_project(coordinator: Coordinator, who: Caller, name: str, body: DecisionIn) -> Any:
+    if body.decision == "refuse":
+        return coordinator.projects.refuse(name, who.name, body.reason)
+    if body.datasets is not None:
+        unknown = sorted(set(body.datasets) - set(coordinator.catalog()))
+        if unknown:
+            raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
+    return coordinator.projects.approve(
+        name, who.name, epsilon=body.epsilon, delta=body.delta, datasets=body.datasets,
+        days=body.days, reason=body.reason, grant=body.grant)
+
+
+def _covered(coordinator: Coordinator, who: Caller) -> set[str]:
+    """Sensitive datasets the caller's current grants cover."""
+    out: set[str] = set()
+    for name in coordinator.researcher_for(who).projects:
+        try:
+            grant, _ = coordinator.projects.grant(name)
+        except QueryError:
+            continue
+        if who.name in grant.researchers:
+            out.update(grant.datasets)
+    return out

@@ -41,6 +41,28 @@ class ProjectConfig:
 
 
 @dataclass(frozen=True)
+class HubConfig:
+    """The coordinator as a JupyterHub service: callers may present hub tokens."""
+
+    api_url: str  # the hub's REST API as the coordinator reaches it (…/hub/api)
+    public_url: str = ""  # the hub as browsers reach it (OAuth login for the dashboard)
+    service_name: str = "bulle"
+    api_token_file: Path | None = None  # the service's token (also its OAuth secret)
+    cache_s: float = 10.0  # how long a token's identity is trusted before asking again
+
+    @property
+    def prefix(self) -> str:
+        """Where the hub's proxy routes the service (requests arrive with it)."""
+        return f"/services/{self.service_name}"
+
+    @property
+    def api_token(self) -> str:
+        if self.api_token_file is None:
+            return os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        return self.api_token_file.read_text().strip()
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str
     cert: Path
@@ -56,6 +78,12 @@ class CoordinatorConfig:
     board_public_key: Path | None = None
     # SQLAlchemy URL of the ledger and registry; default: SQLite in state_dir
     database_url: str = ""
+    hub: HubConfig | None = None  # hub tokens and the board dashboard's login
+    # Demo only: the board's private key, so the dashboard can sign grants. In production
+    # the key stays with the board (`bulle board grant`) and signed grants are uploaded.
+    board_private_key: Path | None = None
+    # [training]: the SuperLink for DP training, parsed by federation/_training.py
+    training: dict[str, Any] | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -95,7 +123,8 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     where = str(path)
     _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
                         "catalog_ttl_s", "max_rows", "state_dir", "project",
-                        "board_public_key", "database_url"})
+                        "board_public_key", "database_url", "hub", "board_private_key",
+                        "training"})
     tls = raw.get("tls")
     if not tls:
         raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
@@ -121,6 +150,17 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
         projects.append(ProjectConfig(
             str(p["name"]), _path(p["grant"], base) if "grant" in p else None,
             float(p.get("default_epsilon", 0.1)), bool(p.get("nodes_disjoint", False))))
+    hub = None
+    if "hub" in raw:
+        h = raw["hub"]
+        _check(f"{where} [hub]", h, {"api_url", "public_url", "service_name",
+                                     "api_token_file", "cache_s"})
+        if "api_url" not in h:
+            raise ConfigError(f"{where} [hub]: api_url is required")
+        hub = HubConfig(str(h["api_url"]).rstrip("/"), str(h.get("public_url", "")).rstrip("/"),
+                        str(h.get("service_name", "bulle")),
+                        _path(h["api_token_file"], base) if "api_token_file" in h else None,
+                        float(h.get("cache_s", 10.0)))
     try:
         return CoordinatorConfig(
             listen=str(raw.get("listen", "127.0.0.1:8700")),
@@ -134,6 +174,10 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             board_public_key=(_path(raw["board_public_key"], base)
                               if "board_public_key" in raw else None),
             database_url=str(raw.get("database_url", "")),
+            hub=hub,
+            board_private_key=(_path(raw["board_private_key"], base)
+                               if "board_private_key" in raw else None),
+            training=raw.get("training"),
         )
     except KeyError as e:
         raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None

@@ -23,6 +23,7 @@ import pyarrow as pa
 from federation._catalog import FederatedTable, federate
 from federation._config import CoordinatorConfig, Researcher, hash_token
 from federation._errors import QueryError
+from federation._hubauth import CONFIG_TOKEN_SCOPES, Caller, HubAuth
 from federation._merge import Released, merge
 from federation._nodes import NodeClient, client_credentials, describe_rpc_error
 from federation._planner import plan_event, plan_query
@@ -41,6 +42,7 @@ class QueryRecord:
     project: str
     sql_sha256: str
     epsilon: float | None = None  # requested ε for sensitive data (None: project default)
+    datasets: tuple[str, ...] = ()  # sensitive tables charged (per-dataset spend, audit)
     status: str = "running"  # running | done | failed
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
@@ -112,8 +114,11 @@ class Coordinator:
         self.projects = Projects(config)
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
+        self.hub = HubAuth(config.hub) if config.hub else None
 
     def close(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
         self.query_pool.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         for c in self.clients.values():
@@ -122,6 +127,24 @@ class Coordinator:
     # -- identity ---------------------------------------------------------------------
     def authenticate(self, token: str | None) -> Researcher | None:
         return self._tokens.get(hash_token(token)) if token else None
+
+    def identify(self, token: str | None) -> Caller | None:
+        """A config bearer token (a researcher) or a hub token (its owner and scopes)."""
+        if not token:
+            return None
+        r = self.authenticate(token)
+        if r is not None:
+            return Caller(r.name, CONFIG_TOKEN_SCOPES, "config", r.projects)
+        return self.hub.identify(token) if self.hub is not None else None
+
+    def researcher_for(self, caller: Caller) -> Researcher:
+        """The caller as a researcher: config projects plus active projects they are in."""
+        config = next((r.projects for r in self.config.researchers if r.name == caller.name),
+                      ())
+        active = tuple(p.name for p in self.projects.registry.projects(member=caller.name)
+                       if p.active)
+        return Researcher(caller.name, "", tuple(dict.fromkeys((*caller.config_projects,
+                                                                *config, *active))))
 
     # -- catalogue --------------------------------------------------------------------
     def catalog(self, refresh: bool = False) -> dict[str, FederatedTable]:
@@ -205,6 +228,8 @@ class Coordinator:
             detail = {"nodes": record.result["nodes"], "rows": len(record.result["rows"]),
                       "tier": record.result["tier"],
                       "epsilon": record.result.get("epsilon_spent", 0.0)}
+            if record.datasets:
+                detail["datasets"] = list(record.datasets)
         except QueryError as e:
             record.error = {**e.to_json(), "status": e.status}
             record.exception = e
@@ -252,9 +277,10 @@ class Coordinator:
         dp = None
         if tier == "sensitive":
             grant, token = self.projects.grant(record.project)
-            researcher = next(r for r in self.config.researchers if r.name == record.researcher)
-            self.projects.check(grant, researcher,
-                                [t.name for t in tables if t.tier == "sensitive"])
+            # The caller may be a hub user absent from the config: the grant decides.
+            record.datasets = tuple(t.name for t in tables if t.tier == "sensitive")
+            self.projects.check(grant, Researcher(record.researcher, "", ()),
+                                list(record.datasets))
             epsilon = record.epsilon or self.projects.config(record.project).default_epsilon
             plan.privacy.epsilon, plan.privacy.delta, plan.privacy.grant = epsilon, 0.0, token
             dp = epsilon

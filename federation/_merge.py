@@ -28,6 +28,16 @@ def _cursor() -> duckdb.DuckDBPyConnection:
     return cur
 
 
+def _query(sql: str, name: str, table: pa.Table) -> pa.Table:
+    """Run ``sql`` over ``table`` registered as ``name`` on this thread's connection."""
+    cur = _cursor()
+    cur.register(name, table)
+    try:
+        return cur.sql(sql).to_arrow_table()
+    finally:
+        cur.unregister(name)
+
+
 @dataclass
 class Released:
     table: pa.Table
@@ -107,12 +117,7 @@ def _dp_intervals(fp: FederatedPlan, items: dict[str, Expr], merged: pa.Table,
     noisy = [i.name for i in fp.query.items if contains_agg(i.expr)]
     sql = "SELECT __i, " + ", ".join(f"{_sql(items[name])} AS {_q(name)}" for name in noisy) \
         + f" FROM samples AS {M}"
-    cur = _cursor()
-    cur.register("samples", pa.table(columns))
-    try:
-        sims = cur.sql(sql).to_arrow_table()
-    finally:
-        cur.unregister("samples")
+    sims = _query(sql, "samples", pa.table(columns))
     order = np.argsort(sims.column("__i").to_numpy(), kind="stable")
     sd = [[None] * out.num_columns for _ in range(out.num_rows)]
     lo = [[None] * out.num_columns for _ in range(out.num_rows)]
@@ -146,12 +151,7 @@ def _merge_rows(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]
         sql += " ORDER BY " + ", ".join(keys)
     limit = min(q.limit, max_rows + 1) if q.limit is not None else max_rows + 1
     sql += f" LIMIT {int(limit)}"
-    cur = _cursor()
-    cur.register("parts", table)
-    try:
-        out = cur.sql(sql).to_arrow_table()
-    finally:
-        cur.unregister("parts")
+    out = _query(sql, "parts", table)
     notes = []
     if out.num_rows > max_rows:
         out = out.slice(0, max_rows)
@@ -210,18 +210,9 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
         sql += " ORDER BY " + ", ".join(order)
     if q.limit is not None:
         sql += f" LIMIT {int(q.limit)}"
-    cur = _cursor()
-    cur.register("parts", table)
-    try:
-        merged = cur.sql(inner).to_arrow_table()
-    finally:
-        cur.unregister("parts")
+    merged = _query(inner, "parts", table)
     merged = merged.append_column("__i", pa.array(range(merged.num_rows), pa.int64()))
-    cur.register("merged", merged)
-    try:
-        out = cur.sql(sql).to_arrow_table()
-    finally:
-        cur.unregister("merged")
+    out = _query(sql, "merged", merged)
     flags = out.column("__suppressed").to_pylist()
     row_ids = out.column("__i").to_numpy()
     out = out.select(list(items))

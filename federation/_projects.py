@@ -10,7 +10,7 @@ withheld (the nodes' own charges stand: their results did leave them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import dp_accounting as dpa
 
 from federation._config import CoordinatorConfig, ProjectConfig, Researcher
 from federation._errors import QueryError
-from privacy import AuditLog, Grant, GrantError, Ledger, pld_epsilon, verify_grant
+from federation._registry import Project, Registry, RegistryError
+from privacy import AuditLog, Grant, GrantError, Ledger, pld_epsilon, sign_grant, verify_grant
 from privacy._ledger import PROJECT_WIDE
 
 
@@ -45,9 +46,13 @@ class Projects:
         state = config.state_dir or Path.cwd() / "coordinator-state"
         state.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(config.database_url or str(state / "ledger.sqlite"))
+        # Projects submitted through the API live in the same database as the ledger.
+        self.registry = Registry(config.database_url or str(state / "ledger.sqlite"))
         self.audit = AuditLog(state / "audit.sqlite")
         self.board_key = config.board_public_key.read_bytes() \
             if config.board_public_key else None
+        self.board_private_key = config.board_private_key.read_bytes() \
+            if config.board_private_key else None
         self.configs = {p.name: p for p in config.projects}
         self.tokens: dict[str, str] = {}
         self._budgets: dict[str, tuple[float, float]] = {}  # caps already in the ledger
@@ -59,7 +64,8 @@ class Projects:
         return self.configs.get(project) or ProjectConfig(project)
 
     def grant(self, project: str) -> tuple[Grant, str]:
-        token = self.tokens.get(project)
+        # Grants from the config's files first, then projects the board approved here.
+        token = self.tokens.get(project) or self.registry.active_grant(project)
         if token is None or self.board_key is None:
             raise QueryError("no_grant", f"project {project!r} has no grant from the ethics "
                              "board: sensitive data cannot be queried", status=403)
@@ -105,3 +111,60 @@ class Projects:
         events = [event_from_dict(h.event) for h in self.ledger.history(project, PROJECT_WIDE)
                   if h.accepted]
         return pld_epsilon(events, delta) if events else 0.0
+
+    # -- the board's decisions on registry projects ----------------------------------------
+    def approve(self, name: str, actor: str, *, epsilon: float | None = None,
+                delta: float | None = None, datasets: list[str] | None = None,
+                days: float | None = None, reason: str = "", grant: str | None = None
+                ) -> Project:
+        """Approve (or amend) a project: sign its grant with the board key held here (demo),
+        or record a grant the board signed elsewhere (``grant``, production)."""
+        p = self.registry.get(name)
+        if p is None:
+            raise RegistryError(f"no project {name!r}", status=404)
+        if grant is not None:
+            if self.board_key is None:
+                raise RegistryError("no board public key configured", status=409)
+            try:
+                g = verify_grant(grant.strip(), self.board_key, datetime.now(UTC))
+            except GrantError as e:
+                raise RegistryError(f"the uploaded grant is not valid ({e.code})") from None
+            if g.project != name:
+                raise RegistryError(f"the uploaded grant is for project {g.project!r}")
+            token = grant.strip()
+        else:
+            if self.board_private_key is None:
+                raise RegistryError("the board key is not held by this coordinator: sign "
+                                    "the grant with `bulle board grant` and upload it",
+                                    status=409)
+            now = datetime.now(UTC)
+            g = Grant(name, p.team, tuple(sorted(datasets or p.datasets)),
+                      float(epsilon if epsilon is not None else p.epsilon),
+                      float(delta if delta is not None else p.delta),
+                      now + timedelta(days=days if days is not None else p.duration_days),
+                      p.purpose, now)
+            token = sign_grant(g, self.board_private_key)
+        amended = (g.epsilon, g.delta, tuple(sorted(g.datasets))) != \
+            (p.epsilon, p.delta, tuple(sorted(p.datasets))) or days is not None
+        out = self.registry.approve(name, actor, token=token, datasets=g.datasets,
+                                    epsilon=g.epsilon, delta=g.delta, expires=g.expires,
+                                    reason=reason, amended=amended)
+        self.ledger.set_budget(name, PROJECT_WIDE, g.epsilon, g.delta)
+        self.audit.append(actor, name, "project_amended" if amended else "project_approved",
+                          {"epsilon": g.epsilon, "delta": g.delta, "datasets": list(g.datasets),
+                           "expires": g.expires.isoformat()})
+        return out
+
+    def refuse(self, name: str, actor: str, reason: str) -> Project:
+        out = self.registry.refuse(name, actor, reason)
+        self.audit.append(actor, name, "project_refused", {"reason": reason[:500]})
+        return out
+
+    def spend(self, project: str) -> tuple[float, float] | None:
+        """(ε spent, δ) in the global ledger, or None if the project never had a budget."""
+        from privacy import LedgerError
+
+        try:
+            return self.ledger.spent(project, PROJECT_WIDE)
+        except LedgerError:
+            return None

@@ -13,6 +13,10 @@ from federation._config import ConfigError, load_coordinator_config
 def main(argv: list[str]) -> int:
     if argv[0] == "certs":
         return _certs(argv[1:])
+    if argv[1:2] == ["superlink"]:  # the Flower SuperLink for DP training, fenced
+        from federation._superlink import serve as serve_superlink
+
+        return serve_superlink(argv[2:])
     parser = argparse.ArgumentParser(prog="bulle coordinator")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="serve the HTTP API in front of the nodes")

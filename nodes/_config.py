@@ -71,6 +71,18 @@ _DATASET_KEYS = ({f.name for f in fields(DatasetConfig)} - {"onboarding"}
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """DP training (nodes/_flower.py): the SuperNode this agent starts next to itself."""
+
+    superlink: str  # the coordinator's SuperLink (Fleet API), host:port
+    root_certificates: Path  # CA of the SuperLink's TLS certificate
+    auth_key: Path  # this node's EC private key (OpenSSH), registered with the SuperLink
+    models: tuple[str, ...] = ("logreg", "mlp", "gru")  # what the operator lets run here
+    runtime_port: int = 0  # the SuperNode's local Runtime API (0: a free port)
+    poll_interval_s: float = 0.2  # SuperNode and executor polling (CPU vs round latency)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     listen: str
@@ -84,6 +96,7 @@ class NodeConfig:
     # the ethics board's Ed25519 public key (PEM): grants are verified against it
     board_public_key: Path | None = None
     path: Path | None = None
+    training: TrainingConfig | None = None
 
     def dataset(self, table: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.table == table), None)
@@ -181,7 +194,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     base = path.parent
     where = str(path)
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
-                             "state_dir", "board_public_key", "data_dir"})
+                             "state_dir", "board_public_key", "data_dir", "training"})
     tls = None
     if "tls" in raw:
         _check_keys(f"{where} [tls]", raw["tls"], TlsConfig)
@@ -216,4 +229,23 @@ def load_node_config(path: str | Path) -> NodeConfig:
         board_public_key=(_expand(raw["board_public_key"], base, where)
                           if "board_public_key" in raw else None),
         path=path,
+        training=_training(raw["training"], base, f"{where} [training]")
+        if "training" in raw else None,
     )
+
+
+def _training(raw: dict[str, Any], base: Path, where: str) -> TrainingConfig:
+    _check_keys(where, raw, TrainingConfig)
+    zoo = TrainingConfig.models  # = bulle_flower.models.MODELS (no torch import here)
+    models = tuple(raw.get("models", zoo))
+    unknown = sorted(set(models) - set(zoo))
+    if unknown:
+        raise ConfigError(f"{where}: unknown model {unknown[0]!r} (the zoo: {', '.join(zoo)})")
+    poll = float(raw.get("poll_interval_s", 0.2))
+    if not 0.01 <= poll <= 10:
+        raise ConfigError(f"{where}: poll_interval_s must be in [0.01, 10]")
+    return TrainingConfig(
+        superlink=str(_require(raw, "superlink", where)),
+        root_certificates=_expand(_require(raw, "root_certificates", where), base, where),
+        auth_key=_expand(_require(raw, "auth_key", where), base, where),
+        models=models, runtime_port=int(raw.get("runtime_port", 0)), poll_interval_s=poll)

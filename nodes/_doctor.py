@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 from cryptography import x509
@@ -29,6 +30,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodes._config import ConfigError, NodeConfig, load_node_config
 from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
+
+if TYPE_CHECKING:
+    from nodes._onboard import IngestSpec
 
 OK, FAIL, SKIP = "✔", "✘", "–"
 RENEW_SOON_DAYS = 30
@@ -57,7 +61,8 @@ def run_checks(config_path: Path, coordinator_ca: Path | None = None,
                      f"{len(config.datasets)} dataset(s)")]
     out += _datasets(config)
     out += _tls(config, coordinator_ca, host)
-    out.append(_board_key(config.board_public_key))
+    out.append(_board_key(config.board_public_key,
+                          [d.table for d in config.datasets if d.tier == "sensitive"]))
     out += [_writable("state_dir", config.state_dir), _writable("data_dir", config.data_dir)]
     out.append(_port(config))
     return out
@@ -92,16 +97,22 @@ def _datasets(config: NodeConfig) -> list[Check]:
     out = []
     try:
         for ds in config.datasets:
+            ingest = ds.onboarding.ingest if ds.onboarding else None
+            if ingest is not None:
+                out += _ingest_inputs(ds.table, ingest)
             missing = [p for p in ds.source if not p.is_file()]
             if missing:
-                out += [Check(FAIL, f"dataset {ds.table}: source file not found: {p}")
+                # With [dataset.ingest] the source is what `bulle node ingest` writes.
+                hint = " (run `bulle node ingest` first)" if ingest is not None else ""
+                out += [Check(FAIL, f"dataset {ds.table}: source file not found: {p}{hint}")
                         for p in missing]
                 continue
             try:
                 n = load_dataset(con, ds)
                 columns = dict(table_columns(con, ds.table))
             except ConfigError as e:
-                out.append(Check(FAIL, f"dataset {ds.table}: {e}"))
+                message = str(e).removeprefix(f"dataset {ds.table!r}: ")
+                out.append(Check(FAIL, f"dataset {ds.table}: {message}"))
                 continue
             bad = [c for c in ds.bounds if c not in columns
                    or type_family(columns[c]) not in ("integer", "number")]
@@ -114,6 +125,24 @@ def _datasets(config: NodeConfig) -> list[Check]:
                                  f"loaded, {row_count_bucket(n)} rows, {len(columns)} columns"))
     finally:
         con.close()
+    return out
+
+
+def _ingest_inputs(table: str, ingest: IngestSpec) -> list[Check]:
+    """The raw files and the pseudonymisation key `bulle node ingest` will need."""
+    out = [Check(FAIL, f"dataset {table}: ingest input not found: {p}")
+           for p in ingest.inputs if not p.is_file()]
+    ps = ingest.pseudonymise
+    if ps is not None and ps.key_file is not None and not ps.key_file.is_file():
+        out.append(Check(FAIL, f"dataset {table}: pseudonymisation key file not found: "
+                               f"{ps.key_file}"))
+    elif ps is not None and ps.key_env and not os.environ.get(ps.key_env):
+        out.append(Check(FAIL, f"dataset {table}: the pseudonymisation key variable "
+                               f"{ps.key_env} is not set in this environment"))
+    if not out:
+        key = ", pseudonymisation key found" if ps is not None else ""
+        out.append(Check(OK, f"dataset {table}: {len(ingest.inputs)} ingest input(s) "
+                             f"present{key}"))
     return out
 
 
@@ -302,10 +331,14 @@ def _chain(chain: list[x509.Certificate], ca_file: Path, now: dt.datetime) -> Ch
 # ------------------------------------------------------------------- keys, dirs, port
 
 
-def _board_key(path: Path | None) -> Check:
+def _board_key(path: Path | None, sensitive: list[str]) -> Check:
     if path is None:
-        return Check(SKIP, "board public key: not configured (board_public_key); the node "
-                           "cannot verify grants for the sensitive tier")
+        if sensitive:
+            return Check(FAIL, f"board public key not configured: the sensitive dataset(s) "
+                               f"{', '.join(sensitive)} would refuse every query (grants "
+                               "are verified against it); set board_public_key")
+        return Check(SKIP, "board public key: not configured (needed only for the "
+                           "sensitive tier)")
     if not path.is_file():
         return Check(FAIL, f"board public key file not found: {path}")
     try:

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--listen", help="override the config's listen address (host:port)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--superlink", help="override [training] superlink (host:port)")
     check = sub.add_parser("check", help="load the datasets and print the catalogue")
     check.add_argument("--config", required=True, type=Path)
     ingest = sub.add_parser("ingest", help="pseudonymise, validate and write the datasets' "
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
         if args.cmd == "ingest":
             return _ingest(config, args.dataset, args.force)
         _setup_logging(args.log_level)
-        return _serve(config)
+        return _serve(config, getattr(args, "superlink", None))
     except ConfigError as e:
         print(f"bulle node: {e}", file=sys.stderr)
         return 2
@@ -88,7 +89,7 @@ def _ingest(config, table: str | None, force: bool) -> int:
     return 2 if failed else 0
 
 
-def _serve(config) -> int:
+def _serve(config, superlink: str | None = None) -> int:
     from nodes._engine import NodeEngine
     from nodes._service import build_server
 
@@ -97,11 +98,21 @@ def _serve(config) -> int:
     server, port = build_server(config, engine)
     log.info("node %s serving %d tables on %s (port %d, mutual TLS)", config.node_id,
              len(config.datasets), config.listen, port)
+    flower = None
+    if config.training is not None:  # DP training: a SuperNode and its executor, by PID
+        from nodes._flower import NodeFlower
+
+        flower = NodeFlower(config, config.path, superlink)
+        flower.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("node %s stopping", config.node_id)
-    server.stop(grace=5).wait()
-    engine.close()
+    try:
+        stop.wait()
+    finally:
+        log.info("node %s stopping", config.node_id)
+        if flower is not None:
+            flower.stop()
+        server.stop(grace=5).wait()
+        engine.close()
     return 0

@@ -107,3 +107,18 @@ def server() -> PostgresServer:
         _server = PostgresServer()
         atexit.register(_server.stop)
     return _server
+
+
+def fresh_database() -> str:
+    """URL of a new database for one test; skipped where PostgreSQL is not installed, failed
+    in CI (.ci/run installs it: a skip there would hide a missing install step)."""
+    import pytest
+
+    try:
+        import psycopg  # noqa: F401
+
+        return server().create_database()
+    except (ImportError, PostgresUnavailable) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {e}")
+        pytest.skip(f"PostgreSQL not available: {e}")

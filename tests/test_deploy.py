@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import ipaddress
 import os
 import re
 import shutil
@@ -30,6 +29,8 @@ from federation._certs import make_certs
 from nodes._config import DatasetConfig, EngineConfig, NodeConfig, TlsConfig
 from nodes._doctor import FAIL, OK, run_checks
 from tests._federation import DATA
+from tests._k8s import KUBE_SYSTEM, NS, allowed, chart_singleuser_policy, helm_merge
+from tests._postgres import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -62,19 +63,6 @@ def _find(kind: str, name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- Z2JH values
-
-
-def helm_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Helm's value merge: maps merge recursively, anything else replaces, null deletes."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = helm_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +104,7 @@ def test_schema_check_catches_mistakes(values, chart_schema, chart_defaults, pat
     assert list(chart_schema.iter_errors(helm_merge(chart_defaults, broken)))
 
 
-def test_hub_oidc_and_coordinator_service(values):
+def test_hub_oidc_and_coordinator_service(values, tmp_path: Path):
     hub = values["hub"]
     assert hub["config"]["JupyterHub"]["authenticator_class"] == "generic-oauth"
     oidc = hub["config"]["GenericOAuthenticator"]
@@ -126,15 +114,18 @@ def test_hub_oidc_and_coordinator_service(values):
     assert "client_secret" not in oidc  # from the bulle-oidc Secret, never in values
     secret = hub["extraEnv"]["OAUTH_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] == "bulle-oidc"
-    # the service URL is the coordinator's Service, and the Deployment reads the token
-    # the chart generates for that service name
+    # the hub service is the coordinator's Service, under the name the coordinator's config
+    # gives, and the Deployment reads the token the chart generates for that name
+    name = _coordinator_config(tmp_path).hub.service_name
     service = _find("Service", "bulle-coordinator")
     port = service["spec"]["ports"][0]["port"]
-    assert hub["services"]["bulle-coordinator"]["url"] == f"http://bulle-coordinator:{port}"
+    assert hub["services"][name]["url"] == f"http://bulle-coordinator:{port}"
     env = _container(_find("Deployment", "bulle-coordinator"), "coordinator")["env"]
     token = next(e for e in env if e["name"] == "JUPYTERHUB_API_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {
-        "name": "hub", "key": "hub.services.bulle-coordinator.apiToken"}
+        "name": "hub", "key": f"hub.services.{name}.apiToken"}
+    for role in hub["loadRoles"].values():  # every role reaches the service by its name
+        assert f"access:services!service={name}" in role["scopes"]
     assert values["singleuser"]["extraEnv"]["BULLE_URL"].startswith(
         f"http://bulle-coordinator.{service['metadata']['namespace']}.svc")
 
@@ -204,13 +195,17 @@ def test_tls_secrets_come_from_certificates(values) -> None:
     assert certs["bulle-coordinator-tls"]["spec"]["commonName"] == "bulle-coordinator"
 
 
-def test_coordinator_config_map_is_a_valid_coordinator_config(tmp_path: Path) -> None:
+def _coordinator_config(tmp_path: Path) -> Any:
+    """The coordinator config in the ConfigMap, parsed as the coordinator parses it."""
     from federation._config import load_coordinator_config
 
-    cm = _find("ConfigMap", "bulle-coordinator-config")
     path = tmp_path / "coordinator.toml"
-    path.write_text(cm["data"]["coordinator.toml"])
-    config = load_coordinator_config(path)  # unknown keys would be refused
+    path.write_text(_find("ConfigMap", "bulle-coordinator-config")["data"]["coordinator.toml"])
+    return load_coordinator_config(path)  # unknown keys are refused
+
+
+def test_coordinator_config_map_is_a_valid_coordinator_config(tmp_path: Path) -> None:
+    config = _coordinator_config(tmp_path)
     assert config.database_url.startswith("postgresql+psycopg://")
     assert config.nodes and config.host_port == ("0.0.0.0", 8700)
     mounts = {m["mountPath"] for m in
@@ -223,11 +218,8 @@ def test_coordinator_config_map_is_a_valid_coordinator_config(tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------- network policies
-# A small evaluator of NetworkPolicy semantics, enough for matchLabels selectors, ipBlocks
-# and ports: a pod selected by policies of a type gets only what one of their rules allows.
+# Concrete pods and addresses the policies are evaluated on (tests/_k8s.py).
 
-NS = {"kubernetes.io/metadata.name": "bulle"}
-KUBE_SYSTEM = {"kubernetes.io/metadata.name": "kube-system"}
 PODS = {
     "hub": {"labels": {"component": "hub", "app": "jupyterhub", "release": "bulle-hub"},
             "ip": "10.244.1.10", "ns": NS},
@@ -253,91 +245,8 @@ def _ext(ip: str) -> dict[str, Any]:
     return {"labels": None, "ip": ip, "ns": None}
 
 
-def _selects(selector: dict[str, Any], labels: dict[str, str] | None) -> bool:
-    assert set(selector) <= {"matchLabels"}, "matchExpressions not evaluated here"
-    return labels is not None and selector.get("matchLabels", {}).items() <= labels.items()
-
-
-def _peer_matches(peer: dict[str, Any], target: dict[str, Any]) -> bool:
-    if "ipBlock" in peer:
-        ip = ipaddress.ip_address(target["ip"])
-        block = peer["ipBlock"]
-        return (ip in ipaddress.ip_network(block["cidr"])
-                and not any(ip in ipaddress.ip_network(e) for e in block.get("except", [])))
-    if target["labels"] is None:  # an address outside the cluster matches no selector
-        return False
-    ns_ok = (_selects(peer["namespaceSelector"], target["ns"]) if "namespaceSelector" in peer
-             else target["ns"] == NS)  # podSelector alone: the policy's own namespace
-    pod_ok = _selects(peer["podSelector"], target["labels"]) if "podSelector" in peer else True
-    return ns_ok and pod_ok
-
-
-def _port_ok(rule: dict[str, Any], port: int) -> bool:
-    ports = rule.get("ports")
-    return not ports or any(p.get("port") in (None, port) for p in ports)
-
-
-def allowed(policies: list[dict[str, Any]], src: dict[str, Any], dst: dict[str, Any],
-            port: int) -> bool:
-    """Both ends must allow: the source's egress and the destination's ingress."""
-    def side(pod: dict[str, Any], kind: str, key: str, other: dict[str, Any]) -> bool:
-        if pod["labels"] is None:
-            return True  # outside the cluster: no policy applies there
-        mine = [p["spec"] for p in policies
-                if p["metadata"].get("namespace", "bulle") == pod["ns"].get(
-                    "kubernetes.io/metadata.name") and _selects(p["spec"]["podSelector"],
-                                                                pod["labels"])
-                and kind in p["spec"].get("policyTypes", ["Ingress"])]
-        if not mine:
-            return True
-        return any(_port_ok(rule, port) and (key not in rule or any(
-            _peer_matches(peer, other) for peer in rule[key]))
-            for spec in mine for rule in spec.get(kind.lower(), []))
-
-    return side(src, "Egress", "to", dst) and side(dst, "Ingress", "from", src)
-
-
-def chart_singleuser_policy(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The NetworkPolicy the chart renders for user pods (templates/singleuser/netpol.yaml
-    and _helpers-netpol.tpl), from our values merged over its defaults."""
-    su = helm_merge(defaults, values)["singleuser"]
-    netpol, rules_on = su["networkPolicy"], su["networkPolicy"]["egressAllowRules"]
-    meta = f"{su['cloudMetadata']['ip']}/32"
-    private = [{"ipBlock": {"cidr": c}} for c in ("10.0.0.0/8", "172.16.0.0/12",
-                                                   "192.168.0.0/16")]
-    chart = {"app": "jupyterhub"}
-    egress = [
-        {"to": [{"podSelector": {"matchLabels": {"component": "hub", **chart}}}],
-         "ports": [{"port": 8081}]},
-        {"to": [{"podSelector": {"matchLabels": {"component": "proxy", **chart}}}],
-         "ports": [{"port": 8000}]},
-        {"to": [{"podSelector": {"matchLabels": {"component": "autohttps", **chart}}}],
-         "ports": [{"port": 8080}, {"port": 8443}]},
-    ]
-    dns_to = ([{"ipBlock": {"cidr": meta}}] if rules_on["dnsPortsCloudMetadataServer"] else [])
-    if rules_on["dnsPortsKubeSystemNamespace"]:
-        dns_to.append({"namespaceSelector": {"matchLabels": KUBE_SYSTEM}})
-    if rules_on["dnsPortsPrivateIPs"]:
-        dns_to += private
-    if dns_to:
-        egress.append({"to": dns_to, "ports": [{"port": 53}]})
-    if rules_on["nonPrivateIPs"]:
-        egress.append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": [
-            "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", meta]}}]})
-    if rules_on["privateIPs"]:
-        egress.append({"to": private})
-    if rules_on["cloudMetadataServer"]:
-        egress.append({"to": [{"ipBlock": {"cidr": meta}}]})
-    egress += netpol.get("egress", [])
-    return {"metadata": {"name": "singleuser", "namespace": "bulle"},
-            "spec": {"podSelector": {"matchLabels": {"component": "singleuser-server", **chart}},
-                     "policyTypes": ["Ingress", "Egress"], "egress": egress,
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {
-                         "hub.jupyter.org/network-access-singleuser": "true"}}}]}]}}
-
-
 def test_chart_template_still_renders_what_we_model() -> None:
-    """If a chart upgrade adds an egress rule for user pods, the model above must follow."""
+    """If a chart upgrade adds an egress rule for user pods, tests/_k8s.py must follow."""
     netpol = (_need(CHART) / "templates" / "singleuser" / "netpol.yaml").read_text()
     fixed = re.findall(r'"componentLabel" "([a-z-]+)"', netpol.split("egress:", 1)[1])
     assert fixed == ["hub", "proxy", "autohttps"]
@@ -682,6 +591,33 @@ def test_doctor_reports_expired_certificate_wrong_name_and_open_key(tmp_path: Pa
     assert any("renew it soon" in c.text for c in checks)  # 29 days left
 
 
+def test_doctor_checks_what_ingest_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        held_port: int) -> None:
+    certs = make_certs(tmp_path / "certs", ["n1"])
+    monkeypatch.delenv("BULLE_TEST_PSEUDONYM_KEY", raising=False)
+    dataset = (f'\n[[dataset]]\ntable = "pupils"\nsource = "{tmp_path / "out.parquet"}"\n'
+               'tier = "restricted"\n[dataset.ingest]\n'
+               f'inputs = ["{tmp_path / "raw.csv"}"]\n[dataset.pseudonymise]\n'
+               'key_env = "BULLE_TEST_PSEUDONYM_KEY"\n[dataset.classify]\n'
+               'identifiers = ["ine"]\n')
+    path = _node_toml(tmp_path / "node.toml", f"127.0.0.1:{held_port + 1}",
+                      {"cert": certs / "n1.pem", "key": certs / "n1.key",
+                       "client_ca": certs / "ca.pem"}, dataset)
+    failed = [c.text for c in run_checks(path) if c.failed]
+    assert any("ingest input not found" in f for f in failed), failed
+    assert any("BULLE_TEST_PSEUDONYM_KEY is not set" in f for f in failed), failed
+    assert not any("board public key" in f for f in failed)  # restricted: not needed
+    assert any("run `bulle node ingest` first" in f for f in failed), failed
+    (tmp_path / "raw.csv").write_text("ine\n1\n")
+    monkeypatch.setenv("BULLE_TEST_PSEUDONYM_KEY", "k" * 32)
+    checks = run_checks(path)
+    assert any(c.status == OK and "pseudonymisation key found" in c.text for c in checks)
+    path.write_text(path.read_text().replace('tier = "restricted"', 'tier = "sensitive"\n'
+                                             'privacy_unit = "ine"'))
+    failed = [c.text for c in run_checks(path) if c.failed]
+    assert any("sensitive dataset(s) pupils would refuse every query" in f for f in failed)
+
+
 def test_doctor_stops_at_a_config_that_does_not_parse(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text('node_id = "n1"\nlisten = "127.0.0.1:1"\ncolour = "blue"\n')
@@ -740,14 +676,7 @@ def _alembic(url: str, *args: str) -> None:
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'coordinator.db'}"
-    from tests._postgres import PostgresUnavailable, server
-
-    try:
-        return server().create_database()
-    except (ImportError, PostgresUnavailable) as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {e}")
-        pytest.skip(f"PostgreSQL not available: {e}")
+    return fresh_database()
 
 
 def test_migrations_build_the_ledger_schema(store_url: str) -> None:
@@ -755,19 +684,23 @@ def test_migrations_build_the_ledger_schema(store_url: str) -> None:
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine, inspect
 
+    from federation._registry import Registry
+    from federation._registry import metadata as registry_md
     from privacy import Ledger, laplace_event
-    from privacy._ledger import _md
+    from privacy._ledger import _md as ledger_md
 
     _alembic(store_url, "upgrade", "head")
     engine = create_engine(store_url)
     try:
         with engine.connect() as conn:
-            # the migrated schema is exactly what the ledger declares (drift fails here)
-            assert compare_metadata(MigrationContext.configure(conn), _md) == []
+            # the migrated schema is exactly what the code declares (drift fails here)
+            ctx = MigrationContext.configure(conn)
+            assert compare_metadata(ctx, [ledger_md, registry_md]) == []
         ledger = Ledger(store_url)  # its create_all finds every table in place
         ledger.set_budget("p", "ds", 1.0, 1e-5)
         assert ledger.charge("r1", "p", "ds", laplace_event(0.1)).accepted
         ledger.close()
+        Registry(store_url).close()
         _alembic(store_url, "downgrade", "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     finally:
@@ -778,19 +711,11 @@ def test_ledger_reads_the_connection_from_libpq_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The coordinator's production URL carries no host and no password
     (deploy/k8s/manifests/coordinator.yaml): libpq takes them from PG* variables."""
-    from tests._postgres import PostgresUnavailable, server
-
-    try:
-        url = server().create_database()
-    except (ImportError, PostgresUnavailable) as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI: {e}")
-        pytest.skip(f"PostgreSQL not available: {e}")
     from sqlalchemy.engine import make_url
 
     from privacy import Ledger
 
-    u = make_url(url)
+    u = make_url(fresh_database())
     for name, value in (("PGHOST", u.host), ("PGPORT", str(u.port)), ("PGUSER", u.username),
                         ("PGDATABASE", u.database)):
         monkeypatch.setenv(name, value)

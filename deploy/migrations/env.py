@@ -8,15 +8,17 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import MetaData, create_engine, pool
 
+from federation._registry import metadata as registry_metadata
 from privacy._ledger import _md as ledger_metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-# What autogenerate and the drift test compare the migrated schema with. The node-side
-# stores (audit chain, release cache) are SQLite files owned by each node: not migrated here.
-target_metadata: MetaData = ledger_metadata
+# What autogenerate and the drift test compare the migrated schema with: the privacy ledger
+# and the project registry, the coordinator's tables. The node-side stores (audit chain,
+# release cache) are SQLite files owned by each node: not migrated here.
+target_metadata: list[MetaData] = [ledger_metadata, registry_metadata]
 
 
 def database_url() -> str:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests._postgres import PostgresUnavailable, server
+from tests._postgres import fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty ledger store: a SQLite file, or a new database on a real PostgreSQL
-    server (skipped where Debian's ``postgresql`` is not installed, failed in CI)."""
+    server (Debian's ``postgresql``, started once per test session by tests/_postgres.py)."""
     if request.param == "sqlite":
         return str(tmp_path / "ledger.db")
-    try:
-        import psycopg  # noqa: F401
-
-        return server().create_database()
-    except (ImportError, PostgresUnavailable) as e:
-        if os.environ.get("CI"):  # .ci/run installs both: a skip there would hide a gap
-            pytest.fail(f"PostgreSQL is required in CI: {e}")
-        pytest.skip(f"PostgreSQL not available: {e}")
+    return fresh_database()

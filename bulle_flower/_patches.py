@@ -1,0 +1,65 @@
+"""Latency patches for flwr 1.42.0 — private names, so flwr is pinned exactly.
+
+Measured on loopback (TRAPS.md): with stock settings a round costs seconds of pure waiting,
+not work. Two private spots are patched (``tests/test_training.py`` fails when they change):
+
+- ``flwr.supercore.inflatable.inflatable_utils.pull_objects`` and
+  ``pull_and_inflate_object_from_tree`` back off 1 s, 2 s, 4 s… when an object is not
+  there yet — which is the normal case: a message is visible a few milliseconds before its
+  objects are uploaded. Their keyword defaults are lowered to ``initial``/``cap``.
+- ``flwr.supernode.start_client_internal`` sleeps a hard-coded 3 s after an empty pull and
+  0.5 s while it waits for a reply: its ``time`` is replaced by one whose ``sleep`` is
+  capped (the SuperNode process only).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+FLOWER_VERSION = "1.42.0"
+
+
+def _check_version() -> None:
+    import flwr
+
+    if flwr.__version__ != FLOWER_VERSION:
+        raise RuntimeError(f"flwr {flwr.__version__} is installed; bulle_flower._patches was "
+                           f"written for {FLOWER_VERSION}: re-measure and re-check them")
+
+
+def cap_pull_backoff(initial: float = 0.02, cap: float = 0.2) -> None:
+    """Object pulls retry after ``initial`` seconds, doubling up to ``cap``."""
+    _check_version()
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if defaults is None or not {"initial_backoff", "backoff_cap"} <= set(defaults):
+            raise RuntimeError(f"{fn.__qualname__} has no initial_backoff/backoff_cap defaults")
+        defaults["initial_backoff"], defaults["backoff_cap"] = initial, cap
+
+
+class _CappedTime(types.ModuleType):
+    """``time`` with ``sleep`` capped: the SuperNode loop's only waiting primitive."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__("time")
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self._cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def cap_supernode_sleep(cap: float) -> None:
+    """The SuperNode's loop waits at most ``cap`` seconds between pulls."""
+    _check_version()
+    from flwr.supernode import start_client_internal as sci
+
+    if getattr(sci, "time", None) is not time:
+        raise RuntimeError("flwr.supernode.start_client_internal no longer uses `time`")
+    sci.time = _CappedTime(cap)  # type: ignore[assignment]

@@ -1,0 +1,76 @@
+"""The vetted model zoo: the only architectures a node will train.
+
+Every model maps a float tensor of features to one logit (binary label). Inputs are the
+training view built at the node: ``[batch, n_features]`` for the tabular models,
+``[batch, max_len, n_features]`` (left-padded with zeros) for the sequence model.
+The GRU is Opacus' ``DPGRU`` (per-sample gradients need it); its state dict can be
+loaded into ``torch.nn.GRU`` for inference (``to_inference_state``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+MODELS = ("logreg", "mlp", "gru")
+SEQUENCE_MODELS = ("gru",)
+
+
+class LogReg(nn.Module):
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_features: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(n_features, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x))).squeeze(-1)
+
+
+class GRUClassifier(nn.Module):
+    """One GRU layer over the learner's trace, the last hidden state → one logit."""
+
+    def __init__(self, n_features: int, hidden: int, dp: bool = True) -> None:
+        super().__init__()
+        if dp:  # imported here: opacus is only needed where the model is trained
+            from opacus.layers import DPGRU
+
+            self.gru: nn.Module = DPGRU(n_features, hidden, batch_first=True)
+        else:
+            self.gru = nn.GRU(n_features, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, _ = self.gru(x)
+        return self.out(seq[:, -1, :]).squeeze(-1)
+
+
+def build_model(kind: str, n_features: int, hidden: int = 32, dp: bool = True) -> nn.Module:
+    """A freshly initialised model of the zoo (seeded by the caller for reproducibility)."""
+    if kind == "logreg":
+        return LogReg(n_features)
+    if kind == "mlp":
+        return MLP(n_features, hidden)
+    if kind == "gru":
+        return GRUClassifier(n_features, hidden, dp=dp)
+    raise ValueError(f"unknown model {kind!r} (the zoo has {', '.join(MODELS)})")
+
+
+def strip_opacus_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """Opacus wraps the model: its state_dict keys start with ``_module.`` (TRAPS.md)."""
+    return {k.removeprefix("_module."): v for k, v in state.items()}
+
+
+def n_features(features: list[dict[str, Any]]) -> int:
+    """Width of the feature vector a layout produces (numbers: 1, categories: one-hot)."""
+    return sum(len(f["values"]) if f["kind"] == "cat" else 1 for f in features)

@@ -1,0 +1,195 @@
+"""The vetted ServerApp: FedAvg over DP-SGD updates, rounds driven by our own loop.
+
+It runs inside the coordinator's SuperLink (deployment mode) and talks back to the
+coordinator through files in ``spec["out_dir"]`` (same host): ``progress.jsonl`` gets one
+JSON line per round and a final ``done`` line; ``round-<k>.pt`` holds the aggregated
+state dict of round k. The coordinator charges its global ledger for a round before it
+shows that round (weights or metrics) to the researcher.
+
+Why our own loop: ``Grid.send_and_receive`` polls every 3 s (hard-coded); the public
+``push_messages``/``pull_messages`` pair lets a round end as soon as the last reply lands.
+Nodes report ε per node; this app never averages ε (FedAvg's default metric aggregation
+would). Aggregation weights are the nodes' *noisy* training-set sizes (released with the
+evaluation counts under the node's Gaussian noise), never exact counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from bulle_flower.models import build_model, n_features
+
+app = ServerApp()
+POLL_S = float(os.environ.get("BULLE_SERVERAPP_POLL_S", "0.05"))
+# Node errors that mean "this node's budget cannot pay for the round": the run stops
+# there, nothing more is released (other errors only drop the node).
+BUDGET_CODES = ("budget_exhausted",)
+
+
+class _Progress:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self._f = (out / "progress.jsonl").open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def save_model(self, rnd: int, state: dict[str, torch.Tensor]) -> str:
+        name = f"round-{rnd}.pt"
+        tmp = self.out / f".{name}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / name)  # the coordinator never sees a half-written file
+        return name
+
+
+def hist_metrics(hist: list[float], bins: int) -> dict[str, float]:
+    """Accuracy at 0.5 and ROC AUC from a noisy 2×bins histogram of predicted scores
+    (row 0: label 0, row 1: label 1). Pure post-processing of released counts."""
+    h = np.clip(np.asarray(hist, dtype=float).reshape(2, bins), 0.0, None)
+    neg, pos = h[0], h[1]
+    n = float(h.sum())
+    if n <= 0:
+        return {"n_eval": 0.0, "accuracy": float("nan"), "auc": float("nan")}
+    half = bins // 2
+    correct = neg[:half].sum() + pos[half:].sum()
+    # AUC = P(score of a positive > score of a negative); ties inside a bin count half.
+    p_tot, n_tot = pos.sum(), neg.sum()
+    auc = float("nan")
+    if p_tot > 0 and n_tot > 0:
+        below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+        auc = float((pos * (below + 0.5 * neg)).sum() / (p_tot * n_tot))
+    return {"n_eval": n, "accuracy": float(correct / n), "auc": auc}
+
+
+def fedavg(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: torch.from_numpy(sum(w / total * s[k] for s, w in zip(states, weights, strict=True))
+                                .astype(np.float32))
+            for k in states[0]}
+
+
+def _node_spec(spec: dict[str, Any]) -> str:
+    # Nodes get what they need to build the view and train; not the coordinator's paths.
+    return json.dumps({k: v for k, v in spec.items() if k not in ("out_dir", "nodes")},
+                      sort_keys=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from bulle_flower._patches import cap_pull_backoff
+
+    cap_pull_backoff(cap=0.2)  # a reply is visible before its objects: do not wait 1 s+
+    spec = json.loads(str(context.run_config["spec"]))
+    progress = _Progress(Path(spec["out_dir"]))
+    try:
+        _train(grid, spec, progress)
+    except Exception as e:  # the coordinator must always learn how the run ended
+        progress.write({"type": "done", "status": "failed",
+                        "reason": f"server app error: {type(e).__name__}: {e}"[:500],
+                        "trace": traceback.format_exc()[-2000:]})
+        raise
+
+
+def _train(grid: Grid, spec: dict[str, Any], progress: _Progress) -> None:
+    started = time.monotonic()
+    torch.manual_seed(int(spec.get("seed", 0)))
+    model = build_model(spec["model"], n_features(spec["features"]), int(spec["hidden"]))
+    arrays = ArrayRecord(model.state_dict())
+    flower_ids: dict[str, int] = {k: int(v) for k, v in spec["nodes"].items()}
+    active = dict(flower_ids)  # node name -> flower node id, minus nodes that failed
+    node_spec = _node_spec(spec)
+    run_id = grid.run.run_id
+    bins = int(spec["bins"])
+    progress.write({"type": "start", "run_id": run_id, "nodes": sorted(flower_ids),
+                    "setup_s": round(time.monotonic() - started, 3)})
+    status, reason, done = "finished", "", 0
+    for rnd in range(1, int(spec["rounds"]) + 1):
+        t0 = time.monotonic()
+        config = ConfigRecord({"spec": node_spec, "round": rnd, "run_id": str(run_id)})
+        sent = {}
+        for name, nid in sorted(active.items()):
+            msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid,
+                          message_type="train", group_id=str(rnd),
+                          ttl=float(spec["round_timeout_s"]) + 60)
+            sent[name] = msg
+        ids = list(grid.push_messages(list(sent.values())))
+        ids += [""] * (len(sent) - len(ids))
+        pending = {mid: name for mid, name in zip(ids, sent, strict=True) if mid}
+        unsent = {name: "the SuperLink did not take the message (node unknown or offline)"
+                  for mid, name in zip(ids, sent, strict=True) if not mid}
+        replies: dict[str, Message] = {}
+        arrived: dict[str, float] = {}
+        deadline = t0 + float(spec["round_timeout_s"])
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                name = pending.pop(reply.metadata.reply_to_message_id, None)
+                if name is not None:
+                    replies[name] = reply
+                    arrived[name] = time.time()
+            if pending:
+                time.sleep(POLL_S)
+        failed = {name: "no reply before the round timeout" for name in pending.values()}
+        failed.update(unsent)
+        ok: dict[str, RecordDict] = {}
+        budget = {}
+        for name, reply in replies.items():
+            if reply.has_error():
+                why = str(reply.error.reason)[:300]
+                (budget if why.startswith(BUDGET_CODES) else failed)[name] = why
+            else:
+                ok[name] = reply.content
+        round_s = time.monotonic() - t0
+        for name in (*failed, *budget):
+            active.pop(name, None)
+        record: dict[str, Any] = {"type": "round", "round": rnd, "failed": failed,
+                                  "refused": budget, "round_s": round(round_s, 4)}
+        if budget:
+            # A node's ledger refused to pay: stop here, release nothing of this round.
+            status, reason = "budget_exhausted", "; ".join(f"{n}: {w}" for n, w in
+                                                         sorted(budget.items()))
+            record["released"] = False
+            progress.write(record)
+            break
+        if len(ok) < int(spec["min_nodes"]):
+            status = "failed"
+            reason = (f"round {rnd}: {len(ok)} node(s) answered, {spec['min_nodes']} needed; "
+                      + "; ".join(f"{n}: {w}" for n, w in sorted(failed.items())))
+            record["released"] = False
+            progress.write(record)
+            break
+        nodes_out, states, weights = {}, [], []
+        total_hist = np.zeros(2 * bins)
+        for name, content in sorted(ok.items()):
+            m = dict(content["metrics"])
+            dp = dict(content["dp"])
+            hist = [float(x) for x in m["hist"]]
+            total_hist += np.asarray(hist)
+            n_train = max(float(m["n_train_noisy"]), 1.0)
+            states.append({k: v.numpy() for k, v in content["arrays"].items()})
+            weights.append(n_train)
+            nodes_out[name] = {**{k: v for k, v in m.items() if k != "hist"},
+                               **hist_metrics(hist, bins), "hist": hist,
+                               **{k: v for k, v in dp.items()},
+                               "reply_s": arrived[name] - float(sent[name].metadata.created_at)}
+        state = fedavg(states, weights)
+        arrays = ArrayRecord(state)
+        record.update(released=True, nodes=nodes_out, model_file=progress.save_model(rnd, state),
+                      **hist_metrics(list(total_hist), bins),
+                      train_s=max(float(n["train_s"]) for n in nodes_out.values()))
+        progress.write(record)
+        done = rnd
+    progress.write({"type": "done", "status": status, "reason": reason, "rounds_done": done,
+                    "elapsed_s": round(time.monotonic() - started, 3)})

@@ -1,0 +1,552 @@
+"""DP federated training at the coordinator: requests → Flower runs → released rounds.
+
+A request names a model of the zoo, a table, features, a binary label, rounds and a target
+(ε, δ). The coordinator checks it against the federated catalogue and the project's grant,
+turns it into a *spec* (feature layout from public domains and declared bounds only, never
+from data), and submits its own vetted FAB (``bulle_flower``) to its SuperLink over the
+fenced Control API. The ServerApp writes one record per round (``progress.jsonl``) and the
+aggregated weights; this module charges the project's **global** ledger for each round —
+the composition of every node's DP-SGD and evaluation events, since a learner may be at
+several nodes — before the researcher can see that round. A refused charge stops the run.
+
+Reported: ε per node (its own ledger's figure) and the composed ε of the run across nodes;
+never an average of ε over nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dp_accounting as dpa
+
+from federation._errors import QueryError
+from privacy import RdpTotals, gaussian_event, opacus_event
+
+log = logging.getLogger("bulle.training")
+ZOO = ("logreg", "mlp", "gru")
+# Per-model defaults (the researcher may override each).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "logreg": {"lr": 0.5, "batch_size": 256, "hidden": 1, "epochs": 1},
+    "mlp": {"lr": 0.2, "batch_size": 256, "hidden": 32, "epochs": 1},
+    "gru": {"lr": 0.5, "batch_size": 256, "hidden": 16, "epochs": 1},
+}
+_LABEL = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?))?\s*$")
+FINAL = ("finished", "failed", "cancelled", "budget_exhausted")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    superlink: str  # the SuperLink (Control API behind the fence), host:port
+    root_certificates: Path
+    control_token_file: Path
+    node_keys: dict[str, Path]  # node id -> its SuperNode public key (OpenSSH)
+    work_dir: Path  # progress files written by the ServerApp (same host as the SuperLink)
+    round_timeout_s: float = 120.0
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], state_dir: Path) -> TrainingSettings:
+        allowed = {"superlink", "root_certificates", "control_token_file", "node_keys",
+                   "work_dir", "round_timeout_s"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ValueError(f"[training]: unknown key {unknown[0]!r}")
+        return cls(str(raw["superlink"]), Path(raw["root_certificates"]),
+                   Path(raw["control_token_file"]),
+                   {str(k): Path(v) for k, v in raw.get("node_keys", {}).items()},
+                   Path(raw.get("work_dir", state_dir / "training")),
+                   float(raw.get("round_timeout_s", 120.0)))
+
+
+@dataclass
+class TrainingJob:
+    id: str
+    researcher: str
+    project: str
+    request: dict[str, Any]
+    spec: dict[str, Any]
+    nodes: list[str]
+    status: str = "starting"  # starting | running | finished | failed | cancelled |
+    #                          budget_exhausted
+    run_id: int | None = None
+    reason: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # released (charged) rounds
+    withheld: list[dict[str, Any]] = field(default_factory=list)  # rounds not released
+    events: list[dpa.DpEvent] = field(default_factory=list)  # charged to the global ledger
+    model_path: Path | None = None
+    submitted: float = field(default_factory=time.time)
+    finished: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.spec
+        eps = RdpTotals()
+        for e in self.events:
+            eps.add(e)
+        last = self.rounds[-1] if self.rounds else {}
+        return {
+            "id": self.id, "status": self.status, "reason": self.reason,
+            "project": self.project, "model": s["model"], "table": s["table"],
+            "rounds_planned": s["rounds"], "rounds_done": len(self.rounds),
+            "nodes": self.nodes, "epsilon_target": s["epsilon_total"],
+            "epsilon_target_per_node": s["epsilon"], "delta": s["delta"],
+            # the run's ε composed over nodes and rounds (RDP, as the global ledger)
+            "epsilon_spent": eps.epsilon(s["delta"]) if self.events else 0.0,
+            "epsilon_per_node": {n: v["epsilon_run"] for n, v in last.get("nodes", {}).items()},
+            "rounds": self.rounds, "withheld": self.withheld,
+            "features": [f["name"] for f in s["features"]], "label": s["label"],
+            "layout": s["features"], "hidden": s["hidden"], "order_by": s["order_by"],
+            "joins": s["joins"],
+            "max_len": s["max_len"],
+            "submitted": self.submitted, "finished": self.finished,
+            "has_model": self.model_path is not None,
+        }
+
+
+def per_node_target(total: float, k: int, delta: float) -> float:
+    """ε per node such that k nodes' runs compose to about ``total`` at δ.
+
+    Proxy: k Gaussian mechanisms of σ compose to one of σ/√k. Composing DP-SGD runs (sub-
+    sampled Gaussians) costs less than that proxy (measured: 87–98 % of ``total``), so the
+    run stays under ``total``; the global ledger checks the real events anyway.
+    """
+    if k <= 1:
+        return total
+    lo, hi = 0.01, 1e4
+    for _ in range(60):  # σ of one Gaussian release costing ``total``
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if RdpTotals().plus(gaussian_event(mid)).epsilon(delta) > total \
+            else (lo, mid)
+    return RdpTotals().plus(gaussian_event(hi * math.sqrt(k))).epsilon(delta)
+
+
+def parse_label(text: str) -> list[Any]:
+    m = _LABEL.match(text or "")
+    if not m:
+        raise QueryError("bad_request", "label must be a column, or 'column OP number' with OP "
+                         "one of >=, >, <=, <, =, != (e.g. 'score >= 40')")
+    col, op, value = m.groups()
+    return [col, op, float(value)] if op else [col, "!=", 0.0]
+
+
+class Trainer:
+    """Training jobs of one coordinator (``federation/_api.py`` routes call it)."""
+
+    def __init__(self, coordinator: Any, settings: TrainingSettings) -> None:
+        self.coordinator = coordinator
+        self.settings = settings
+        self.jobs: dict[str, TrainingJob] = {}
+        self._lock = threading.Lock()
+        self._flower_ids: dict[str, int] | None = None
+        # SuperNodes whose key is not registered are refused (exit 305): register now, in
+        # the background (the SuperLink may still be starting); submit() retries if needed.
+        threading.Thread(target=self._register_quietly, daemon=True).start()
+
+    def _register_quietly(self) -> None:
+        for _ in range(30):
+            try:
+                with self._lock:
+                    self.flower_ids()
+                return
+            except Exception as e:
+                log.info("SuperLink not reachable yet (%s); retrying", type(e).__name__)
+                time.sleep(2.0)
+
+    # -- Flower plumbing ----------------------------------------------------------------
+    def _control(self) -> Any:
+        from federation._superlink import control_client, control_token
+
+        s = self.settings
+        return control_client(s.superlink, s.root_certificates,
+                              control_token(s.control_token_file))
+
+    def flower_ids(self) -> dict[str, int]:
+        """Node id → Flower node id; registers the nodes' keys with the SuperLink once."""
+        if self._flower_ids is None:
+            from federation._superlink import register_nodes
+
+            client = self._control()
+            try:
+                self._flower_ids = register_nodes(client, self.settings.node_keys)
+            finally:
+                client.close()
+        return self._flower_ids
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(self, researcher: Any, request: dict[str, Any]) -> TrainingJob:
+        project = self.coordinator.project_of(researcher, request.get("project"))
+        spec, nodes = self._spec(researcher, project, request)
+        job = TrainingJob(uuid.uuid4().hex, researcher.name, project, request, spec, nodes)
+        spec["job"] = job.id
+        spec["out_dir"] = str(self.settings.work_dir / job.id)
+        with self._lock:
+            self.jobs[job.id] = job
+        self._audit(job, "train_submitted", {"model": spec["model"], "table": spec["table"],
+                                             "rounds": spec["rounds"], "nodes": nodes,
+                                             "epsilon": spec["epsilon"]})
+        self._start(job)
+        threading.Thread(target=self._watch, args=(job,), name=f"train-{job.id[:8]}",
+                         daemon=True).start()
+        return job
+
+    def get(self, job_id: str, researcher: Any) -> TrainingJob | None:
+        with self._lock:
+            job = self.jobs.get(job_id)
+        return job if job and job.researcher == researcher.name else None
+
+    def cancel(self, job: TrainingJob) -> None:
+        if job.status in FINAL:
+            return
+        self._stop_run(job)
+        self._finish(job, "cancelled", "cancelled by the researcher")
+
+    def _spec(self, researcher: Any, project: str, req: dict[str, Any]
+              ) -> tuple[dict[str, Any], list[str]]:
+        model = req.get("model")
+        if model not in ZOO:
+            raise QueryError("bad_request", f"model must be one of {', '.join(ZOO)}")
+        catalog = self.coordinator.catalog()
+        table = catalog.get(str(req.get("table")))
+        if table is None:
+            raise QueryError("unknown_table", f"table {req.get('table')!r} is not in the "
+                             "catalogue", status=404)
+        if table.tier == "open" or not table.privacy_unit:
+            raise QueryError("not_allowed", "DP training runs on sensitive or restricted "
+                             "tables with a privacy unit (one learner = one example)")
+        grant, token = self.coordinator.projects.grant(project)
+        self.coordinator.projects.check(grant, researcher, [table.name])
+        delta = float(req.get("delta") or grant.delta)
+        if not 0 < delta <= grant.delta:
+            raise QueryError("bad_request", f"delta must be in (0, {grant.delta:g}] (the grant)")
+        joins, columns = [], {c: table.name for c in table.columns}
+        for name in req.get("join") or []:
+            jt_name, _, col = str(name).partition(":")
+            jt = catalog.get(jt_name)
+            if jt is None or jt.tier != "open":
+                raise QueryError("not_allowed", f"joins are only with open tables ({name!r})")
+            shared = sorted(set(jt.columns) & set(table.columns) - {table.privacy_unit})
+            col = col or (shared[0] if len(shared) == 1 else "")
+            if col not in shared:
+                raise QueryError("bad_request", f"say which column joins {jt_name}: "
+                                 f"'{jt_name}:<column>' with one of {', '.join(shared)}")
+            joins.append([jt_name, col])
+            for c in jt.columns:
+                columns.setdefault(c, jt_name)
+        bounds = self._bounds([table.name, *(j[0] for j in joins)])
+        label = parse_label(str(req.get("label", "")))
+        order_by = str(req.get("order_by") or "")
+        features = []
+        for f in req.get("features") or []:
+            holder = columns.get(f)
+            if holder is None or f == table.privacy_unit:
+                raise QueryError("unknown_column", f"feature {f!r} is not a column of "
+                                 f"{table.name} or of the joined tables")
+            domain = catalog[holder].public_domains.get(f)
+            given = (req.get("bounds") or {}).get(f)
+            if given is not None:
+                features.append({"name": f, "kind": "num", "lo": float(given[0]),
+                                 "hi": float(given[1])})
+            elif domain:
+                features.append({"name": f, "kind": "cat", "values": [str(v) for v in domain]})
+            elif (holder, f) in bounds:
+                lo, hi = bounds[(holder, f)]
+                features.append({"name": f, "kind": "num", "lo": lo, "hi": hi})
+            else:
+                raise QueryError("bad_request", f"feature {f!r} has no declared bounds or "
+                                 f"public domain: pass bounds={{'{f}': [low, high]}}")
+        if not features:
+            raise QueryError("bad_request", "name at least one feature")
+        for c in [label[0], *([order_by] if order_by else [])]:
+            if c not in columns:
+                raise QueryError("unknown_column", f"column {c!r} is not in the training view")
+        if model == "gru" and not order_by:
+            raise QueryError("bad_request", "the sequence model needs order_by (e.g. a date)")
+        holders = set(table.nodes)
+        for jt, _ in joins:
+            holders &= set(catalog[jt].nodes)
+        registered = set(self.settings.node_keys)
+        nodes = sorted(holders & registered & set(req.get("nodes") or holders))
+        if not nodes:
+            raise QueryError("not_allowed", f"no training node holds {table.name}"
+                             + (" and the joined tables" if joins else ""))
+        rounds = int(req.get("rounds", 5))
+        epsilon = float(req.get("epsilon", 0) or 0)
+        if not 1 <= rounds <= 200 or not 0 < epsilon <= grant.epsilon:
+            raise QueryError("bad_request", f"rounds in [1, 200] and epsilon in (0, "
+                             f"{grant.epsilon:g}] (the grant) are required")
+        left = self.coordinator.projects.budget(project).remaining
+        if left <= 0:
+            raise QueryError("budget_exhausted", f"the privacy budget of project {project!r} "
+                             "is spent", status=403)
+        total = min(epsilon, left)
+        d = {**DEFAULTS[model], **{k: req[k] for k in ("lr", "batch_size", "hidden", "epochs")
+                                   if req.get(k) is not None}}
+        with self._lock:
+            flower = self.flower_ids()
+        spec = {
+            "project": project, "researcher": researcher.name, "grant": token, "model": model,
+            "hidden": int(d["hidden"]), "table": table.name, "joins": joins,
+            "features": features, "label": label, "order_by": order_by,
+            "max_len": int(req.get("max_len") or 10), "rounds": rounds,
+            "epochs": int(d["epochs"]), "batch_size": int(d["batch_size"]), "lr": float(d["lr"]),
+            "max_grad_norm": float(req.get("max_grad_norm") or 1.0),
+            # each node's target, so that the run composed over the nodes stays within total
+            "epsilon": per_node_target(total, len(nodes), delta), "epsilon_total": total,
+            "delta": delta, "noise_multiplier": req.get("noise_multiplier"),
+            "eval_fraction": float(req.get("eval_fraction") or 0.2),
+            "eval_share": float(req.get("eval_share") or 0.2), "bins": int(req.get("bins") or 4),
+            "nodes": {n: flower[n] for n in nodes},
+            "min_nodes": int(req.get("min_nodes") or 1),
+            "round_timeout_s": float(req.get("round_timeout_s") or
+                                     self.settings.round_timeout_s),
+            "seed": int(req.get("seed") or 0),
+        }
+        return spec, nodes
+
+    def _bounds(self, tables: list[str]) -> dict[tuple[str, str], tuple[float, float]]:
+        """Declared bounds per (table, column), widest over the nodes that publish it."""
+        out: dict[tuple[str, str], tuple[float, float]] = {}
+        timeout = min(self.coordinator.config.node_timeout_s, 10.0)
+        for nid, client in self.coordinator.clients.items():
+            try:
+                cat = client.catalog(timeout)
+            except Exception:  # a node that does not answer does not train either
+                log.warning("catalogue of node %s unavailable for training bounds", nid)
+                continue
+            for t in cat.tables:
+                if t.name in tables:
+                    for col, b in t.bounds.items():
+                        lo, hi = out.get((t.name, col), (b.lower, b.upper))
+                        out[(t.name, col)] = (min(lo, b.lower), max(hi, b.upper))
+        return out
+
+    # -- the run ------------------------------------------------------------------------
+    def _start(self, job: TrainingJob) -> None:
+        import hashlib
+
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        from bulle_flower._fab import build_fab
+
+        Path(job.spec["out_dir"]).mkdir(parents=True, exist_ok=True)
+        fab = build_fab()
+        client = self._control()
+        try:
+            res = client.StartRun(StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                override_config=user_config_to_proto({"spec": json.dumps(job.spec)}),
+                federation=""))
+        except Exception as e:
+            self._finish(job, "failed", f"the SuperLink did not start the run ({type(e).__name__})")
+            raise QueryError("training_unavailable", "the training service (SuperLink) is "
+                             "not reachable", status=503) from None
+        finally:
+            client.close()
+        job.run_id = int(res.run_id)
+        job.status = "running"
+
+    def _stop_run(self, job: TrainingJob) -> None:
+        if job.run_id is None:
+            return
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        client = self._control()
+        try:
+            client.StopRun(StopRunRequest(run_id=job.run_id))
+        except Exception as e:  # already finished: nothing to stop
+            log.info("stop run %s: %s", job.run_id, e)
+        finally:
+            client.close()
+
+    def _watch(self, job: TrainingJob) -> None:
+        progress = Path(job.spec["out_dir"]) / "progress.jsonl"
+        offset, buf, last_check = 0, "", time.monotonic()
+        while job.status not in FINAL:
+            if progress.exists():
+                with progress.open(encoding="utf-8") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset = f.tell()
+                buf += chunk
+                *lines, buf = buf.split("\n")
+                for line in lines:
+                    if line.strip() and job.status not in FINAL:
+                        self._on_record(job, json.loads(line))
+            if job.status in FINAL:
+                break
+            if time.monotonic() - last_check > 5:
+                last_check = time.monotonic()
+                self._check_run(job)
+            time.sleep(0.05)
+
+    def _check_run(self, job: TrainingJob) -> None:
+        """A ServerApp that died without its final record: the run failed."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        try:
+            client = self._control()
+            try:
+                run = client.ListRuns(ListRunsRequest(run_id=job.run_id)).run_dict[job.run_id]
+            finally:
+                client.close()
+        except Exception:
+            return
+        if run.status.status == "finished":
+            time.sleep(1.0)  # its last lines may still be on their way
+            if job.status not in FINAL and not self._drain_done(job):
+                self._finish(job, "failed", f"the run ended ({run.status.sub_status}) "
+                             f"without a result: {run.status.details[:200]}")
+
+    def _drain_done(self, job: TrainingJob) -> bool:
+        progress = Path(job.spec["out_dir"]) / "progress.jsonl"
+        return progress.exists() and '"type": "done"' in progress.read_text()
+
+    def _on_record(self, job: TrainingJob, rec: dict[str, Any]) -> None:
+        kind = rec.get("type")
+        if kind == "round" and rec.get("released"):
+            self._release_round(job, rec)
+        elif kind == "round":
+            job.withheld.append({"round": rec["round"], "failed": rec.get("failed", {}),
+                                 "refused": rec.get("refused", {})})
+        elif kind == "done":
+            self._finish(job, rec["status"], rec.get("reason", ""))
+        self._notify(job)
+
+    def _release_round(self, job: TrainingJob, rec: dict[str, Any]) -> None:
+        events, nodes = [], {}
+        for name, n in sorted(rec["nodes"].items()):
+            ev = dpa.ComposedDpEvent([opacus_event(json.loads(n["history"])),
+                                      gaussian_event(float(n["sigma_eval"]))])
+            events.append(ev)
+            nodes[name] = {k: n.get(k) for k in (
+                "epsilon_round", "epsilon_run", "epsilon_spent", "epsilon_remaining", "sigma",
+                "sample_rate", "steps", "sigma_eval", "accuracy", "auc", "n_eval")}
+        # A learner may be at several nodes: the round costs the composition of them all.
+        event = dpa.ComposedDpEvent(events)
+        claim = sum(float(n["epsilon_round"]) for n in nodes.values())
+        try:
+            charged = self.coordinator.projects.charge(
+                f"train:{job.id}:{rec['round']}", job.project, event, claim)
+        except QueryError as e:
+            job.withheld.append({"round": rec["round"], "refused": {"coordinator": e.message}})
+            self._stop_run(job)
+            self._finish(job, "budget_exhausted", e.message)
+            return
+        job.events.append(event)
+        eps = RdpTotals()
+        for e in job.events:
+            eps.add(e)
+        job.model_path = Path(job.spec["out_dir"]) / rec["model_file"]
+        job.rounds.append({
+            "round": rec["round"], "accuracy": rec.get("accuracy"), "auc": rec.get("auc"),
+            "n_eval": rec.get("n_eval"), "nodes": nodes, "failed": rec.get("failed", {}),
+            "epsilon_spent": eps.epsilon(job.spec["delta"]),
+            "project_epsilon_spent": charged.spent_epsilon,
+            "project_epsilon_remaining": charged.remaining_epsilon,
+            "round_s": rec.get("round_s"), "train_s": rec.get("train_s"),
+        })
+        self._audit(job, "train_round_released", {
+            "round": rec["round"], "nodes": sorted(nodes), "epsilon": charged.needed_epsilon,
+            "failed": sorted(rec.get("failed", {}))})
+
+    def _finish(self, job: TrainingJob, status: str, reason: str) -> None:
+        if job.status in FINAL:
+            return
+        job.status, job.reason, job.finished = status, reason[:1000], time.time()
+        self._audit(job, "train_" + status, {"rounds_done": len(job.rounds),
+                                             "reason": reason[:300]})
+        job.done.set()
+        self._notify(job)
+
+    def _notify(self, job: TrainingJob) -> None:
+        with job.changed:
+            job.changed.notify_all()
+
+    def _audit(self, job: TrainingJob, action: str, detail: dict[str, Any]) -> None:
+        try:
+            self.coordinator.projects.audit.append(job.researcher, job.project, action,
+                                                   {"job": job.id, **detail})
+        except Exception:
+            log.exception("audit append failed for training job %s", job.id)
+
+    def wait(self, job: TrainingJob, timeout: float, after_round: int = -1) -> None:
+        """Block until the job ends, or until it has more than ``after_round`` rounds."""
+        deadline = time.monotonic() + timeout
+        with job.changed:
+            while job.status not in FINAL and len(job.rounds) <= after_round:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                job.changed.wait(left)
+
+
+# ----------------------------------------------------------------------------- HTTP API
+
+
+def training_router(coordinator: Any, to_researcher: Any, who_dep: Any) -> Any:
+    """Routes ``/v1/trainings…`` (added by ``federation/_api.py``); ``who_dep`` is its
+    authenticated-caller dependency, ``to_researcher`` checks the scope and maps the caller
+    to a researcher. Without [training] in the config they answer 404."""
+    from typing import get_args
+
+    from fastapi import APIRouter, Body
+    from fastapi.responses import JSONResponse, Response
+
+    router = APIRouter()
+    caller = get_args(who_dep)[1]  # the Depends(...) of Annotated[Caller, Depends(...)]
+    body_default = Body()
+    raw = coordinator.config.training
+    state = coordinator.config.state_dir or Path.cwd() / "coordinator-state"
+    trainer = Trainer(coordinator, TrainingSettings.parse(raw, state)) if raw else None
+    coordinator.trainer = trainer
+
+    def need() -> Trainer:
+        if trainer is None:
+            raise QueryError("training_unavailable", "this coordinator has no SuperLink "
+                             "configured for DP training", status=404)
+        return trainer
+
+    def job_of(job_id: str, who: Any) -> TrainingJob:
+        job = need().get(job_id, to_researcher(who))
+        if job is None:  # not found, or someone else's: the same answer
+            raise QueryError("not_found", "no such training job", status=404)
+        return job
+
+    @router.post("/v1/trainings", response_model=None)
+    def submit_training(who: Any = caller, body: dict[str, Any] = body_default
+                        ) -> Any:
+        job = need().submit(to_researcher(who), body)
+        return JSONResponse(job.to_json(), status_code=202)
+
+    @router.get("/v1/trainings/{job_id}")
+    def training_status(job_id: str, who: Any = caller, wait_s: float = 0.0,
+                        after_round: int = -1) -> dict[str, Any]:
+        job = job_of(job_id, who)
+        need().wait(job, min(max(wait_s, 0.0), 60.0), after_round)
+        return job.to_json()
+
+    @router.post("/v1/trainings/{job_id}/cancel")
+    def cancel_training(job_id: str, who: Any = caller) -> dict[str, Any]:
+        job = job_of(job_id, who)
+        need().cancel(job)
+        return job.to_json()
+
+    @router.get("/v1/trainings/{job_id}/model", response_model=None)
+    def training_model(job_id: str, who: Any = caller) -> Any:
+        job = job_of(job_id, who)
+        if job.model_path is None:
+            raise QueryError("not_ready", "no round has been released yet", status=409)
+        return Response(job.model_path.read_bytes(), media_type="application/octet-stream")
+
+    return router

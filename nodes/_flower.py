@@ -1,0 +1,359 @@
+"""The node's Flower side: a SuperNode next to the node agent, and our own task executor.
+
+The SuperNode runs with ``--isolation process``: it never starts a ClientApp itself. Our
+executor (a long-lived process of the node agent) takes its tasks from the SuperNode's
+local Runtime API, and for each one:
+
+- pulls the message and the FAB, computes sha256 of the FAB *content* and refuses any
+  hash but the one of the FAB built from the code this node's operator installed
+  (``bulle_flower._fab``). A refused FAB is never extracted nor imported: the node
+  replies with an error. (A SuperNode imports the FAB's Python, and ``--trusted-entities``
+  needs Flower's online hub: TRAPS.md.) With the hash equal, the FAB *is* the installed
+  code, so the installed ClientApp runs — the FAB's bytes are never executed;
+- forks a child for the task: the parent imported torch/opacus/flwr and loaded the data
+  once (no torch op before forking), the child runs the round and ``os._exit``s. Same
+  isolation as one process per task, without ~3 s of imports per message.
+
+Speed (TRAPS.md): the stock SuperNode sleeps a hard-coded 3 s after every empty pull and
+0.5 s while it waits for a reply, and object pulls back off from 1 s. The SuperNode and the
+executor cap these at ``BULLE_FLOWER_POLL_S`` (``bulle_flower/_patches.py``: private
+names, flwr pinned to 1.42.0, ``tests/test_training.py`` fails when they change).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+log = logging.getLogger("bulle.node.flower")
+POLL_ENV = "BULLE_FLOWER_POLL_S"
+
+
+# ------------------------------------------------------------------------ node key pair
+
+
+def make_flower_key(private_path: Path) -> Path:
+    """Create the node's SuperNode authentication key (EC P-384, OpenSSH format; the
+    SuperLink refuses ed25519) unless it exists; returns the public key's path."""
+    public_path = private_path.with_suffix(".pub")
+    if not private_path.exists():
+        key = ec.generate_private_key(ec.SECP384R1())
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()))
+        public_path.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return public_path
+
+
+# ---------------------------------------------------------------------------- SuperNode
+
+
+def supernode_main(argv: list[str]) -> int:
+    """``flower-supernode`` with the poll cap (``python -m nodes._flower supernode …``)."""
+    from bulle_flower._patches import cap_pull_backoff, cap_supernode_sleep
+
+    poll = float(os.environ.get(POLL_ENV, "0.2"))
+    cap_supernode_sleep(poll)
+    cap_pull_backoff(cap=max(poll, 0.05))
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+    return 0
+
+
+# ----------------------------------------------------------------------------- executor
+
+
+def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> int:
+    """Take ClientApp tasks from the local SuperNode and run each in a forked child."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from bulle_flower._fab import fab_sha256
+    from nodes import _training
+    from nodes._config import load_node_config
+    from nodes._engine import NodeEngine
+
+    config = load_node_config(config_path)
+    if config.training is None:
+        raise SystemExit(f"node {config.node_id}: no [training] section in its config")
+    engine = NodeEngine(config)  # loads the data and locks DuckDB, before any fork
+    import opacus  # noqa: F401  (warm imports for the children; no torch op here)
+    import torch  # noqa: F401
+
+    from bulle_flower._patches import cap_pull_backoff
+    from bulle_flower.client_app import app as client_app
+
+    cap_pull_backoff(cap=max(poll_s, 0.05))
+    _task_imports()  # a child must not spend its time importing
+
+    state_dir = Path(engine.guard.audit.path).parent  # the node's ledger, audit, releases
+    _training.bind(_training.NodeRuntime(config, engine, config.training.models, state_dir))
+    allowed = fab_sha256()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    stop = threading.Event()
+    children: set[int] = set()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("node %s: training executor ready (FAB sha256 %s, models %s)", config.node_id,
+             allowed, ", ".join(config.training.models))
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    while not stop.is_set():
+        _reap(children)
+        try:
+            res = client.AcquireTask(request)
+        except Exception as e:  # the SuperNode restarts or is not up yet: keep polling
+            log.debug("AcquireTask failed: %s", e)
+            stop.wait(max(poll_s, 0.5))
+            continue
+        if res.HasField("task") and res.token:
+            pid = os.fork()
+            if pid == 0:  # the task process
+                code = 1
+                try:
+                    code = _run_task(runtime_address, res.token, allowed, client_app)
+                finally:
+                    os._exit(code)
+            children.add(pid)
+            continue  # maybe another task is waiting
+        stop.wait(poll_s)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    client.close()
+    return 0
+
+
+def _reap(children: set[int]) -> None:
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            children.discard(pid)
+
+
+def _task_imports() -> None:
+    """Import in the parent what every task uses (children inherit it, copy-on-write)."""
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import opacus.accountants.rdp  # noqa: F401
+    import torch.utils.data  # noqa: F401
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: F401
+    from flwr.supercore.heartbeat import HeartbeatSender  # noqa: F401
+    from opacus import PrivacyEngine  # noqa: F401
+
+
+def _run_task(address: str, token: str, allowed: str, client_app: Any) -> int:
+    """One task: pull its input, check the FAB, run the installed ClientApp, push."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    from nodes import _training
+
+    _training.TIMES["forked"] = time.time()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context, status, details = None, SubStatus.FAILED, "task failed"
+    try:
+        message, context, _run, fab = pull_task_input(client)
+        _training.TIMES["pulled"] = time.time()
+        digest = hashlib.sha256(fab.content).hexdigest()
+        if digest != allowed:
+            # Checked before anything of the FAB is unpacked: it is never imported.
+            log.warning("refused a run whose FAB sha256 is %s (this node runs %s)", digest,
+                        allowed)
+            _audit_refused_fab(digest, allowed, message)
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=(
+                f"refused: this node runs only the training app its operator installed "
+                f"(FAB sha256 {digest[:16]}…, expected {allowed[:16]}…)")), reply_to=message)
+            details = "FAB refused"
+        elif message.metadata.message_type != "train":
+            reply = Message(Error(code=ErrorCode.UNKNOWN_MESSAGE_TYPE,
+                                  reason="refused: only train messages are handled"),
+                            reply_to=message)
+        else:
+            reply = client_app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        push_message(client, reply, context)
+        return 0
+    except Exception:
+        log.exception("training task failed")
+        return 1
+    finally:
+        push_task_output(client, context, status, details)
+        heartbeat.stop()
+        client.close()
+
+
+def _audit_refused_fab(digest: str, allowed: str, message: Any) -> None:
+    from nodes._training import _runtime
+    from privacy import AuditLog
+
+    rt = _runtime()
+    audit = AuditLog(rt.state_dir / "audit.sqlite")
+    audit.append("?", "?", "train_fab_refused", {
+        "node": rt.node_id, "run_id": str(message.metadata.run_id), "fab_sha256": digest,
+        "expected_sha256": allowed})
+    audit.close()
+
+
+# --------------------------------------------------------------- processes of the agent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeFlower:
+    """The SuperNode and the executor, started by ``bulle node serve``, stopped by PID."""
+
+    def __init__(self, config: Any, config_path: Path, superlink: str | None = None) -> None:
+        self.config = config
+        self.training = config.training
+        self.config_path = config_path
+        self.superlink = superlink or self.training.superlink
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        t = self.training
+        state = (self.config.state_dir or self.config_path.parent / "state") / "flower"
+        state.mkdir(parents=True, exist_ok=True)
+        port = t.runtime_port or free_port()
+        runtime = f"127.0.0.1:{port}"
+        bindir = str(Path(sys.executable).parent)
+        env = {**os.environ, "FLWR_HOME": str(state), POLL_ENV: str(t.poll_interval_s),
+               "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        supernode = [sys.executable, "-m", "nodes._flower", "supernode",
+                     "--superlink", self.superlink, "--root-certificates",
+                     str(t.root_certificates), "--auth-supernode-private-key", str(t.auth_key),
+                     "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
+                     "--max-wait-time", "3600"]
+        executor = [sys.executable, "-m", "nodes._flower", "executor", "--config",
+                    str(self.config_path), "--runtime", runtime,
+                    "--poll", str(t.poll_interval_s)]
+        self._stopping.clear()
+        for argv in (supernode, executor):
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
+            self.procs.append(proc)
+            threading.Thread(target=self._supervise, args=(len(self.procs) - 1, argv, env),
+                             daemon=True).start()
+        log.info("node %s: SuperNode (runtime %s) and executor started, SuperLink %s",
+                 self.config.node_id, runtime, self.superlink)
+
+    def _supervise(self, i: int, argv: list[str], env: dict[str, str]) -> None:
+        """Restart a SuperNode or executor that exits (SuperLink down, key not yet
+        registered: exit 305), with a delay; never while stopping. The two go together:
+        a SuperNode whose executor died mid-task waits forever for that task's reply."""
+        while not self._stopping.is_set():
+            code = self.procs[i].wait()
+            if self._stopping.is_set():
+                return
+            other = self.procs[1 - i] if len(self.procs) == 2 else None
+            if other is not None and other.poll() is None:
+                other.terminate()
+            if self._stopping.wait(5.0):
+                return
+            log.warning("node %s: %s exited (%s), restarting", self.config.node_id, argv[3],
+                        code)
+            self.procs[i] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                             preexec_fn=_die_with_parent)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a SuperNode never outlives its node agent, even on SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    if argv and argv[0] == "supernode":
+        return supernode_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m nodes._flower executor")
+    parser.add_argument("cmd", choices=["executor"])
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--runtime", required=True, help="the SuperNode's Runtime API")
+    parser.add_argument("--poll", type=float, default=0.2)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's σ-search chatter
+    return serve_executor(args.config, args.runtime, args.poll)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

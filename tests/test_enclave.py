@@ -1,0 +1,416 @@
+"""The enclave end to end: `bulle demo up` (5 nodes, the coordinator, JupyterHub with its
+proxy) as separate processes; hub tokens and scopes on every endpoint; projects from
+submission to the board's decision to a DP query the nodes accept; the example notebooks
+run headless; the dashboard and JupyterLab in a real browser (Debian's chromium).
+
+Screenshots and executed notebooks go to ``test-artifacts/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from enclave import BulleError, connect
+from tests._federation import DATA
+from tests._hub import HubSession
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+pytestmark = pytest.mark.slow
+
+
+def bulle(*args: str, state: Path, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bulle_cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env={**os.environ, **(env or {}),
+                                                                 "BULLE_DEMO_STATE": str(state)})
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (single-user servers, kernels, the proxy)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Enclave:
+    def __init__(self, state: Path, info: dict[str, Any], passwords: dict[str, str]) -> None:
+        self.state, self.info, self.passwords = state, info, passwords
+        self.url, self.hub_url = info["url"], info["hub_url"]
+        self._sessions: dict[str, HubSession] = {}
+
+    def session(self, user: str) -> HubSession:
+        if user not in self._sessions:
+            self._sessions[user] = HubSession(self.hub_url, user, self.passwords[user])
+        return self._sessions[user]
+
+    def token(self, user: str, **kw: Any) -> str:
+        return self.session(user).token(**kw)[0]
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def enclave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Enclave]:
+    state = tmp_path_factory.mktemp("enclave") / "demo"
+    started = time.monotonic()
+    up = subprocess.run([sys.executable, "-m", "bulle_cli", "demo", "up", "--state", str(state),
+                         "--data", str(DATA)], capture_output=True, text=True, timeout=300,
+                        cwd=REPO)
+    pids = json.loads((state / "pids.json").read_text()) if (state / "pids.json").exists() \
+        else {}
+    env = None
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        info = json.loads((state / "demo.json").read_text())
+        info["up_s"] = round(time.monotonic() - started, 1)
+        passwords = dict(re.findall(r"^\s+\S+\s+(\S+)\s+password (\S{12,})$", up.stdout, re.M))
+        assert set(passwords) == set(info["accounts"]), up.stdout
+        assert f"JupyterHub          {info['hub_url']}" in up.stdout
+        env = Enclave(state, info, passwords)
+        yield env
+    finally:
+        below = _descendants(pids["hub"]) if "hub" in pids else set()
+        if env is not None:
+            env.close()
+        down = bulle("demo", "down", "--state", str(state), state=state)
+        assert down.returncode == 0, down.stderr
+        left = [p for p in {*pids.values(), *below} if _alive(p)]
+        assert not left, f"processes left running: {left}"
+
+
+def _call(e: Enclave, method: str, path: str, token: str | None, body: Any = None
+          ) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, e.url + path, headers=headers, json=body, timeout=60)
+
+
+# role → user
+USERS = {"researcher": "demo-researcher", "board": "demo-board", "operator": "demo-operator",
+         "admin": "demo-admin"}
+
+
+def test_demo_env_has_the_hub(enclave: Enclave) -> None:
+    env = bulle("demo", "env", "--state", str(enclave.state), state=enclave.state).stdout
+    assert f"BULLE_HUB_URL={enclave.hub_url}" in env
+    status = bulle("demo", "status", "--state", str(enclave.state), state=enclave.state)
+    assert status.returncode == 0 and re.search(r"^hub\s+running", status.stdout, re.M)
+
+
+def test_token_and_scope_matrix(enclave: Enclave) -> None:
+    tokens = {role: enclave.token(user) for role, user in USERS.items()}
+    # Projects the board and the admin decide below (submitted by the researcher).
+    for name in ("matrix-a", "matrix-b"):
+        r = _call(enclave, "POST", "/v1/projects", tokens["researcher"], {
+            "name": name, "title": "Matrix", "purpose": "scope test",
+            "datasets": ["student_assessment"], "epsilon": 1.0})
+        assert r.status_code == 201, r.text
+    ok, no = 200, 403
+    project = {"title": "t", "purpose": "p", "datasets": ["ips_colleges"], "epsilon": 1.0}
+    # (method, path, body) → expected status for researcher, board, operator, admin.
+    # The admin holds every scope but is in no project: queries and budget say 403.
+    matrix = [
+        ("GET", "/v1/health", None, (ok, ok, ok, ok)),
+        ("GET", "/v1/catalog", None, (ok, ok, ok, ok)),
+        ("POST", "/v1/queries", {"sql": "SELECT COUNT(*) AS n FROM ips_colleges"},
+         (ok, no, no, no)),
+        ("GET", "/v1/budget", None, (ok, no, no, no)),
+        ("GET", "/v1/projects", None, (ok, ok, ok, ok)),
+        ("POST", "/v1/projects", project, (201, no, no, 201)),
+        ("GET", "/v1/projects/matrix-a", None, (ok, ok, ok, ok)),
+        ("POST", "/v1/projects/{p}/decision", {"decision": "refuse", "reason": "test"},
+         (no, ok, no, ok)),
+        ("GET", "/v1/board/summary", None, (no, ok, ok, ok)),
+        ("GET", "/v1/board/export?format=csv&table=projects", None, (no, ok, ok, ok)),
+        ("GET", "/v1/audit", None, (no, ok, ok, ok)),
+        ("GET", "/v1/audit/verify", None, (no, ok, ok, ok)),
+    ]
+    failures = []
+    decisions = iter(["matrix-a", "matrix-b"])
+    for method, path, body, expected in matrix:
+        for (role, token), want in zip(tokens.items(), expected, strict=True):
+            p = path
+            if "{p}" in path:
+                p = path.format(p=next(decisions) if want == ok else "matrix-a")
+            b = {**body, "name": f"m-{role}"} if path == "/v1/projects" and body else body
+            got = _call(enclave, method, p, token, b).status_code
+            if got != want:
+                failures.append(f"{role} {method} {p}: {got}, expected {want}")
+        if path != "/v1/health":
+            for bad in (None, "not-a-token"):
+                got = _call(enclave, method, path.format(p="matrix-a"), bad, body).status_code
+                if got != 401:
+                    failures.append(f"token {bad!r} {method} {path}: {got}, expected 401")
+    assert not failures, "\n".join(failures)
+    # The dashboard through the hub's proxy: the board only; a browser without a session
+    # is sent to the hub's OAuth.
+    board = f"{enclave.hub_url}/services/bulle/board/"
+    for role, want in (("researcher", no), ("board", ok), ("operator", ok)):
+        r = httpx.get(board, headers={"Authorization": f"Bearer {tokens[role]}"}, timeout=60)
+        assert r.status_code == want, (role, r.status_code)
+    r = httpx.get(board, timeout=60)
+    assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["location"]
+    # The notebook server's token carries the user's Bulle scopes (server_token_scopes).
+    scopes = httpx.get(f"{enclave.hub_url}/hub/api/user", timeout=30, headers={
+        "Authorization": f"token {tokens['researcher']}"}).json()["scopes"]
+    assert "custom:bulle:query" in scopes and "custom:bulle:approve" not in scopes
+
+
+def test_expired_revoked_and_narrowed_tokens(enclave: Enclave) -> None:
+    s = enclave.session("demo-researcher")
+    expiring, _ = s.token(expires_in=1)
+    time.sleep(2.5)
+    assert _call(enclave, "GET", "/v1/catalog", expiring).status_code == 401
+    token, token_id = s.token()
+    assert _call(enclave, "GET", "/v1/catalog", token).status_code == 200
+    s.revoke(token_id)
+    time.sleep(5.5)  # the coordinator trusts an identity for cache_s = 5 s in the demo
+    assert _call(enclave, "GET", "/v1/catalog", token).status_code == 401
+    # A token narrowed to less than the user holds: known, but not allowed.
+    narrow, _ = s.token(scopes=["read:users:name!user"])
+    r = _call(enclave, "GET", "/v1/catalog", narrow)
+    assert r.status_code == 403 and "custom:bulle:query" in r.json()["error"]["message"]
+    # Asking the hub for more than the user holds is refused there (TRAPS.md).
+    r = s.api("POST", "/users/demo-researcher/tokens", json={"scopes": ["custom:bulle:approve"]})
+    assert r.status_code == 400
+
+
+def test_project_lifecycle_isolation_and_board_cli(enclave: Enclave) -> None:
+    other = connect(enclave.url, enclave.token("other-researcher"))
+    me = connect(enclave.url, enclave.token("demo-researcher"))
+    board_env = {"BULLE_URL": enclave.url, "BULLE_TOKEN": enclave.token("demo-board")}
+    other.submit_project("other-study", "Assessment delays", "Compare submission delays "
+                         "between modules; research only.", ["student_assessment"], 2.0,
+                         duration_days=30)
+    assert "other-study" not in set(me.projects()["name"])
+    assert set(other.projects()["name"]) == {"other-study"}
+    with pytest.raises(BulleError) as err:  # pending: no access yet
+        other.sql("SELECT COUNT(*) AS n FROM ips_colleges", project="other-study")
+    assert err.value.code == "forbidden"
+    # Without a grant, a sensitive table is listed (so it can be requested) without details.
+    cat = _call(enclave, "GET", "/v1/catalog", enclave.token("other-researcher")).json()
+    hidden = next(t for t in cat["tables"] if t["name"] == "student_assessment")
+    assert hidden["columns"] == [] and hidden["granted"] is False
+    listed = bulle("board", "list", "--status", "pending", state=enclave.state, env=board_env)
+    assert listed.returncode == 0 and "other-study" in listed.stdout, listed.stderr
+    approved = bulle("board", "approve", "other-study", "--epsilon", "1.5", "--reason",
+                     "amended: ε lowered", state=enclave.state, env=board_env)
+    assert approved.returncode == 0 and "other-study: approved (ε 1.5" in approved.stdout, \
+        approved.stderr
+    events = [e["action"] for e in _call(enclave, "GET", "/v1/projects/other-study",
+                                         board_env["BULLE_TOKEN"]).json()["events"]]
+    assert events == ["submitted", "amended"]
+    # The grant the board service signed is accepted by the vendor nodes (they verify it).
+    df = other.sql("SELECT COUNT(*) AS n FROM student_assessment", project="other-study",
+                   epsilon=0.25)
+    assert df.bulle.epsilon_spent > 0 and df.bulle.nodes == ["vendor-a", "vendor-b"]
+    assert other.budget("other-study")["epsilon"] == 1.5
+    qid = df.attrs["bulle"]["query_id"]
+    # Isolation: demo-researcher sees neither the project, its results, nor the audit log.
+    token = enclave.token("demo-researcher")
+    for method, path in (("GET", "/v1/projects/other-study"),
+                         ("GET", "/v1/budget?project=other-study"), ("GET", "/v1/audit")):
+        assert _call(enclave, method, path, token).status_code == 403, path
+    assert _call(enclave, "GET", f"/v1/queries/{qid}", token).status_code == 404
+    with pytest.raises(BulleError) as err:
+        me.sql("SELECT COUNT(*) AS n FROM student_assessment", project="other-study")
+    assert err.value.code == "forbidden"
+    # The catalogue hides the columns of sensitive tables no grant of yours covers.
+    cat = _call(enclave, "GET", "/v1/catalog", enclave.token("other-researcher")).json()
+    assert next(t for t in cat["tables"] if t["name"] == "student_assessment")["columns"]
+    # Refusal needs a reason; the export carries decisions and releases.
+    other.submit_project("other-refused", "Names", "wants pupil names", ["student_info"], 5.0)
+    refused = bulle("board", "refuse", "other-refused", "--reason", "direct identifiers",
+                    state=enclave.state, env=board_env)
+    assert refused.returncode == 0 and "direct identifiers" in refused.stdout
+    csv_out = bulle("board", "export", "--format", "csv", "--table", "releases",
+                    state=enclave.state, env=board_env)
+    assert csv_out.stdout.startswith("seq,time,project") and "other-study" in csv_out.stdout
+    # Expiry ends access on its date.
+    other.submit_project("other-short", "Short", "expires fast", ["student_assessment"], 1.0)
+    assert bulle("board", "approve", "other-short", "--days", "0.00005", state=enclave.state,
+                 env=board_env).returncode == 0
+    time.sleep(5)
+    with pytest.raises(BulleError) as err:
+        other.sql("SELECT COUNT(*) AS n FROM ips_colleges", project="other-short")
+    assert err.value.code == "forbidden"
+    assert other.projects().set_index("name").loc["other-short", "status"] == "expired"
+
+
+def test_example_notebooks_run_headless(enclave: Enclave) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    # As in a hub notebook: the coordinator's URL and the user's hub token, nothing else.
+    env = {"BULLE_URL": enclave.url, "JUPYTERHUB_API_TOKEN": enclave.token("demo-researcher")}
+    saved = {k: os.environ.get(k) for k in ("BULLE_URL", "BULLE_TOKEN", "JUPYTERHUB_API_TOKEN")}
+    os.environ.pop("BULLE_TOKEN", None)
+    os.environ.update(env)
+    expected = {"01_descriptive_statistics.ipynb": ["ips_bucket", "mean_pass_rate",
+                                                    "mean_final_grade", "lycee_students"],
+                "02_success_rates.ipynb": ["success_rate", "ci_low", "ci_high", "half_width"],
+                "03_privacy_budget.ipynb": ["noise_sd", "epsilon_remaining", "node_refused"]}
+    out_dir = ARTIFACTS / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, words in expected.items():
+            nb = nbformat.read(REPO / "enclave" / "examples" / name, as_version=4)
+            NotebookClient(nb, timeout=180, kernel_name="python3").execute()
+            nbformat.write(nb, out_dir / name)
+            outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+            assert not [o for o in outputs if o.output_type == "error"], name
+            text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                             for o in outputs)
+            for w in words:
+                assert w in text, (name, w)
+            if name.startswith("02"):
+                assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _browser(p: Any) -> Any:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium (.ci/run does)")
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def _login(page: Any, user: str, password: str) -> None:
+    page.fill("#username_input", user)
+    page.fill("#password_input", password)
+    page.click("#login_submit")
+
+
+def _spent(page: Any, label: str) -> float | None:
+    bar = page.query_selector(f"#plot-projects rect.spent[data-label='{label}']")
+    return float(bar.get_attribute("data-spent")) if bar else None
+
+
+def test_board_approves_in_the_dashboard_and_sees_the_spend(enclave: Enclave) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{enclave.hub_url}/services/bulle/board/")
+            assert "/hub/login" in page.url  # the hub logs the board member in (OAuth)
+            _login(page, "demo-board", enclave.passwords["demo-board"])
+            page.wait_for_selector("#pending .card[data-project='dropout-signals']")
+            assert page.inner_text("#who") == "demo-board"
+            assert page.query_selector("#chain-ok") is not None
+            assert _spent(page, "dropout-signals") is None  # no grant, no bar
+            page.screenshot(path=str(ARTIFACTS / "board-1-pending.png"), full_page=True)
+            page.click("#approve-dropout-signals")
+            page.wait_for_selector("#msg")
+            assert page.inner_text("#msg") == "dropout-signals: approved"
+            assert _spent(page, "dropout-signals") == 0.0
+            # The researcher uses the new grant; the board sees the spend on reload.
+            hub = connect(enclave.url, enclave.token("demo-researcher"))
+            hub.sql("SELECT COUNT(*) AS n FROM student_assessment", project="dropout-signals",
+                    epsilon=0.5)
+            page.goto(f"{enclave.hub_url}/services/bulle/board/")
+            spent = _spent(page, "dropout-signals")
+            assert spent is not None and spent > 0.5
+            assert page.query_selector(
+                "#plot-datasets rect.spent[data-label='dropout-signals · student_assessment']")
+            assert page.query_selector("#plot-timeline polyline") is not None
+            page.screenshot(path=str(ARTIFACTS / "board-2-after-query.png"), full_page=True)
+            r = page.request.get(f"{enclave.hub_url}/services/bulle/board/export?format=csv"
+                                 "&table=budgets")
+            assert r.ok and "dropout-signals,approved,3.0," in r.text()
+        finally:
+            browser.close()
+
+
+def test_researcher_starts_a_server_and_queries_from_a_notebook(enclave: Enclave) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    user = "demo-researcher"
+    code = ("from enclave import connect\nhub = connect()\n"
+            "hub.sql('SELECT school, COUNT(*) AS pupils, AVG(g3) AS mean_g3 "
+            "FROM lycee_students GROUP BY school ORDER BY school')")
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": "query",
+                     "metadata": {}, "outputs": [], "source": code}],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                      "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+            page = ctx.new_page()
+            started = time.monotonic()
+            page.goto(f"{enclave.hub_url}/hub/login")
+            _login(page, user, enclave.passwords[user])
+            page.wait_for_url(re.compile(f".*/user/{user}/lab.*"), timeout=120_000)
+            page.wait_for_selector("#jp-main-dock-panel", timeout=120_000)
+            xsrf = next(c["value"] for c in ctx.cookies() if c["name"] == "_xsrf")
+            r = page.request.put(f"{enclave.hub_url}/user/{user}/api/contents/query.ipynb",
+                                 headers={"X-XSRFToken": xsrf},
+                                 data=json.dumps({"type": "notebook", "content": nb}))
+            assert r.ok, r.status
+            page.goto(f"{enclave.hub_url}/user/{user}/lab/tree/query.ipynb")
+            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=60_000)
+            page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=90_000)
+            try:
+                for attempt in range(3):  # a key press while the kernel connects may be lost
+                    page.click(".jp-Notebook .jp-Cell .cm-content >> nth=0")
+                    page.keyboard.press("Shift+Enter")
+                    try:
+                        page.wait_for_selector(".jp-OutputArea-output table", timeout=30_000)
+                        break
+                    except sync_api.TimeoutError:
+                        if attempt == 2:
+                            raise
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "researcher-notebook.png"))
+            elapsed = time.monotonic() - started
+            text = page.inner_text(".jp-OutputArea-output")
+            assert "GP" in text and "MS" in text and "mean_g3" in text
+            print(f"login → server → notebook query: {elapsed:.1f} s "
+                  f"(demo up took {enclave.info['up_s']} s)")
+            # The examples were copied into the new home.
+            assert (enclave.state / "hub" / "home" / user / "examples" /
+                    "03_privacy_budget.ipynb").exists()
+        finally:
+            browser.close()

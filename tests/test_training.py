@@ -1,0 +1,493 @@
+"""DP federated training (issue #6): Flower deployment, vetted FAB, Opacus, ledgers.
+
+Fast tests check the pieces in this process (view, calibration, metrics, FAB, the fence,
+the pinned flwr names). The end-to-end tests share one federation started once: a fenced
+SuperLink, four node agents as separate processes (each with its SuperNode and executor:
+TLS, registered EC keys), and the coordinator's HTTP API used through the SDK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from bulle_flower._fab import build_fab, fab_files, fab_sha256
+from bulle_flower.server_app import fedavg, hist_metrics
+from enclave import BulleError, connect
+from federation._certs import make_certs
+from nodes._training import (
+    SIGMA_RANGE,
+    TrainingRefused,
+    TrainSpec,
+    build_view,
+    calibrate,
+    round_event,
+    sigma_for_eval,
+)
+from privacy import RdpTotals, event_from_dict, generate_board_keys
+from tests._federation import TOKEN
+from tests._training import TrainingFed, start_training_federation
+
+FEATURES = ["assessment_type", "weight", "date", "date_submitted", "is_banked"]
+BOUNDS = {"weight": (0, 100), "date": (0, 300)}
+TRACE = ["score", "assessment_type", "weight", "date_submitted", "is_banked"]
+
+
+def spec_dict(**kw: Any) -> dict[str, Any]:
+    base = {"job": "j", "project": "p", "researcher": "r", "grant": "g", "model": "logreg",
+            "hidden": 4, "table": "t", "joins": [], "features": [
+                {"name": "a", "kind": "num", "lo": 0, "hi": 10},
+                {"name": "c", "kind": "cat", "values": ["x", "y"]}],
+            "label": ["y", ">=", 1], "order_by": "k", "max_len": 3, "rounds": 2,
+            "epochs": 1, "batch_size": 8, "lr": 0.1, "max_grad_norm": 1.0, "epsilon": 1.0,
+            "delta": 1e-6, "noise_multiplier": None, "eval_fraction": 0.0, "eval_share": 0.2,
+            "bins": 4}
+    return {**base, **kw}
+
+
+# ------------------------------------------------------------------------ fast, in-process
+
+
+def test_flwr_private_names_are_still_there() -> None:
+    """The latency patches touch private flwr names: flwr is pinned, and this fails when
+    an upgrade moves them (then re-measure, re-check bulle_flower/_patches.py)."""
+    import flwr
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.supernode import start_client_internal as sci
+
+    assert flwr.__version__ == "1.42.0"
+    assert sci.time.__name__ == "time" and "time.sleep(3)" in Path(sci.__file__).read_text()
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        assert {"initial_backoff", "backoff_cap"} <= set(fn.__kwdefaults__)
+    # public names our executor and coordinator use
+    from flwr.cli.build import build_fab_from_files  # noqa: F401
+    from flwr.superlink.main import create_app  # noqa: F401
+    from flwr.supernode.runtime.run_clientapp import (  # noqa: F401
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"flwr==1.42.0"' in pyproject
+
+
+def test_fab_is_deterministic_and_holds_only_the_app() -> None:
+    first = build_fab()
+    from flwr.cli.build import build_fab_from_files
+
+    again, _ = build_fab_from_files(fab_files())
+    assert again == first and fab_sha256() == hashlib.sha256(first).hexdigest()
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(first)).namelist()
+    assert all(n.startswith("bulle_flower/") or n in ("pyproject.toml", ".info/CONTENT")
+               for n in names)
+    tampered = dict(fab_files())
+    tampered["bulle_flower/client_app.py"] += b"\n# one more line\n"
+    other, _ = build_fab_from_files(tampered)
+    assert hashlib.sha256(other).hexdigest() != fab_sha256()
+
+
+def test_spec_from_the_coordinator_is_checked_at_the_node() -> None:
+    assert TrainSpec.parse(spec_dict()).n_features == 3
+    bad = [spec_dict(model="resnet"), spec_dict(table="x; DROP"), spec_dict(rounds=10_000),
+           spec_dict(label=["y", "~", 1]), spec_dict(features=[]), spec_dict(bins=5),
+           spec_dict(features=[{"name": "y", "kind": "num", "lo": 0, "hi": 1}]),
+           spec_dict(model="gru", order_by=""), spec_dict(noise_multiplier=0.01)]
+    for raw in bad:
+        with pytest.raises(TrainingRefused):
+            TrainSpec.parse(raw)
+
+
+def test_view_has_one_example_per_learner() -> None:
+    rows = {"__unit": np.array([1, 1, 1, 2, 2, 3], dtype=object),
+            "a": np.array([1, 2, 3, 4, 5, 6], dtype=object),
+            "c": np.array(["x", "y", "x", "y", None, "x"], dtype=object),
+            "y": np.array([0, 1, 1, 0, 1, None], dtype=object),
+            "k": np.array([3, 1, 2, 1, 2, 1], dtype=object)}
+    rng = np.random.default_rng(0)
+    tab = build_view(rows, TrainSpec.parse(spec_dict()), b"salt", rng)
+    assert len(tab.y_train) == 2  # units 1 and 2 (unit 3 has no label); one row each
+    seq = build_view(rows, TrainSpec.parse(spec_dict(model="gru")), b"salt", rng)
+    assert seq.x_train.shape == (2, 3, 3)
+    # unit 1 ordered by k: rows a=2 (k=1), a=3 (k=2), then a=1 (k=3) is the label row
+    assert seq.y_train.tolist() == [0.0, 1.0]
+    assert seq.x_train[0, :, 0].tolist() == pytest.approx([0.0, 0.2, 0.3])  # left-padded
+
+
+def test_noise_is_calibrated_to_the_budget_left() -> None:
+    delta, q, steps, rounds = 1e-6, 0.05, 20, 3
+    sigma_eval = sigma_for_eval(rounds, 0.2, delta)
+    fresh = calibrate(RdpTotals(), 5.0, 1.0, delta, q, steps, rounds, sigma_eval)
+    run = RdpTotals().plus(round_event(fresh, q, steps, sigma_eval))
+    for _ in range(rounds - 1):
+        run = run.plus(round_event(fresh, q, steps, sigma_eval))
+    assert 0.97 < run.epsilon(delta) <= 1.0
+    prior = RdpTotals().plus(round_event(2.0, q, steps, sigma_eval))  # ε ≈ 0.72 spent
+    later = calibrate(prior, 1.0, 1.0, delta, q, steps, rounds, sigma_eval)
+    assert later > fresh  # what was spent before leaves less: more noise
+    after = prior
+    for _ in range(rounds):
+        after = after.plus(round_event(later, q, steps, sigma_eval))
+    assert 0.97 < after.epsilon(delta) <= 1.0  # the cap, over both
+    assert calibrate(RdpTotals(), 5.0, 1e-4, delta, q, steps, rounds, sigma_eval) is None
+    assert SIGMA_RANGE[0] <= fresh <= SIGMA_RANGE[1]
+
+
+def test_metrics_from_the_released_histogram() -> None:
+    # 4 bins; label 0 mostly low scores, label 1 mostly high scores
+    hist = [40, 30, 20, 10, 5, 10, 25, 60]
+    m = hist_metrics(hist, 4)
+    assert m["n_eval"] == 200 and m["accuracy"] == pytest.approx((40 + 30 + 25 + 60) / 200)
+    pos, neg = np.array([5, 10, 25, 60]), np.array([40, 30, 20, 10])
+    pairs = sum(pos[i] * (neg[:i].sum() + 0.5 * neg[i]) for i in range(4))
+    assert m["auc"] == pytest.approx(pairs / (100 * 100))
+    assert hist_metrics([-5.0] * 8, 4)["n_eval"] == 0  # noise below zero is clamped
+    avg = fedavg([{"w": np.ones(2)}, {"w": np.zeros(2)}], [3.0, 1.0])
+    assert avg["w"].tolist() == [0.75, 0.75]
+
+
+def test_fence_admits_fleet_and_keeps_control_and_runtime_to_the_coordinator() -> None:
+    import asyncio
+
+    from federation._superlink import CONTROL_HEADER, Fence
+
+    seen = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(scope["path"])
+
+    sent: list[dict] = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    fence = Fence(app, "s3cret")
+
+    def call(path: str, host: str = "127.0.0.1", token: str | None = None) -> int:
+        sent.clear()
+        headers = [(CONTROL_HEADER.encode(), token.encode())] if token else []
+        scope = {"type": "http", "path": path, "client": (host, 5000), "headers": headers}
+        asyncio.run(fence(scope, None, send))
+        return sent[0]["status"] if sent else 200
+
+    assert call("/v1/fleet/pull-messages", host="10.1.2.3") == 200
+    assert call("/v1/control/start-run") == 403
+    assert call("/v1/control/start-run", token="wrong") == 403
+    assert call("/v1/control/start-run", host="10.1.2.3", token="s3cret") == 403
+    assert call("/v1/control/start-run", token="s3cret") == 200
+    assert call("/v1/runtime/pull-messages", host="10.1.2.3") == 403
+    assert call("/v1/runtime/pull-messages") == 200
+    assert call("/docs") == 404
+    assert seen == ["/v1/fleet/pull-messages", "/v1/control/start-run",
+                    "/v1/runtime/pull-messages"]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingFed]:
+    tmp = tmp_path_factory.mktemp("training")
+    certs = make_certs(tmp / "certs", ["t1", "t2", "t3", "bulle-superlink"])
+    board = tmp / "board"
+    generate_board_keys(board)
+    nodes = {"t1": ("AAA", "CCC"), "t2": ("EEE", "GGG"), "t3": ("DDD",)}
+    fed = start_training_federation(
+        tmp, certs, board, nodes,
+        # demo: the main runs; carry: two runs at one node; tight: exhaustion; tamper, death
+        {"demo": 8.0, "carry": 3.0, "tight": 1.5, "death": 8.0, "tamper": 8.0},
+        poll_s=0.1, round_timeout_s=60,
+        # t3 dies in round 2 of project "death" only (its executor restarts 5 s later)
+        node_env={"t3": {"BULLE_TRAIN_FAILPOINT": "die-before-charge:2:death"}})
+    yield fed
+    fed.close()
+
+
+def heldout_accuracy(fed: TrainingFed, info: dict[str, Any], state: dict[str, Any],
+                     nodes: list[str]) -> tuple[float, float, float]:
+    """Accuracy and AUC of the released model on the learners the nodes held out (never
+    trained on: the nodes share one split key in this federation), and the trivial
+    baseline's accuracy (always the majority class; its AUC is 0.5)."""
+    import torch
+
+    from bulle_flower.models import build_model
+    from nodes._config import load_node_config
+    from nodes._engine import NodeEngine
+    from nodes._training import check_spec, fetch_rows
+
+    spec = TrainSpec.parse({
+        "job": "eval", "project": "p", "researcher": "r", "grant": "g",
+        "model": info["model"], "hidden": info["hidden"], "table": info["table"],
+        "joins": info["joins"], "features": info["layout"], "label": info["label"],
+        "order_by": info["order_by"], "max_len": info["max_len"], "rounds": 1, "epochs": 1,
+        "batch_size": 64, "lr": 0.1, "max_grad_norm": 1.0, "epsilon": 1.0, "delta": 1e-6,
+        "noise_multiplier": None, "eval_fraction": 0.2, "eval_share": 0.2, "bins": 4})
+    xs, ys = [], []
+    for node in nodes:
+        engine = NodeEngine(load_node_config(fed.tmp / f"{node}.toml"))
+        where = check_spec(spec, engine.meta, ("logreg", "mlp", "gru"))
+        rows = fetch_rows(engine.cursor(), spec, "id_student", where)
+        salt = (fed.state(node) / "training.salt").read_bytes()
+        view = build_view(rows, spec, salt, np.random.default_rng(0))
+        engine.close()
+        xs.append(view.x_eval)
+        ys.append(view.y_eval)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    model = build_model(spec.model, spec.n_features, spec.hidden, dp=True)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        scores = model(torch.from_numpy(x)).numpy()
+    order = np.argsort(scores)  # AUC by ranks (Mann-Whitney)
+    ranks = np.empty(len(y))
+    ranks[order] = np.arange(1, len(y) + 1)
+    pos = y == 1
+    auc = (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
+    return float(((scores > 0) == pos).mean()), float(max(y.mean(), 1 - y.mean())), float(auc)
+
+
+def audit_of(fed: TrainingFed, node: str, job: str) -> list[Any]:
+    return [e for e in fed.audit(node).entries() if e.detail.get("job") == job]
+
+
+def ledger_of(fed: TrainingFed, node: str, project: str, job_prefix: str) -> list[Any]:
+    """The node's ledger rows of one training run (request ids ``<run>:<round>:<node>``)."""
+    return [h for h in fed.ledger(node).history(project, "student_assessment")
+            if h.request_id.startswith(job_prefix)]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_a_gru_on_learning_traces(fed: TrainingFed) -> None:
+    """GRU over each learner's assessment trace, 2 nodes, composed ε ≤ 2 at δ = 1e-6: the
+    released model beats the majority class on held-out learners."""
+    hub = connect(fed.url, TOKEN)
+    job = hub.train("gru", "student_assessment", TRACE, "score >= 70", rounds=3, epsilon=2.0,
+                    project="demo", join=["assessments"], order_by="date_submitted",
+                    bounds={"weight": (0, 100)}, max_len=8, nodes=["t1", "t2"])
+    res = job.result(timeout=240, progress=False)
+    assert res.status == "finished" and len(res.metrics) == 3
+    assert sorted(res.epsilon_per_node) == ["t1", "t2"]
+    assert res.epsilon <= 2.0 and res.epsilon > max(res.epsilon_per_node.values())
+    assert "epsilon_per_node" in res.info and "epsilon_mean" not in json.dumps(res.info)
+    assert set(res.state_dict) == {k for k in res.state_dict if not k.startswith("_module.")}
+    acc, baseline, auc = heldout_accuracy(fed, res.info, res.state_dict, ["t1", "t2"])
+    print(f"GRU, 2 nodes, ε={res.epsilon:.3g}: held-out accuracy {acc:.3f} (majority "
+          f"{baseline:.3f}), AUC {auc:.3f}")
+    assert acc > baseline and auc > 0.65, (acc, baseline, auc)
+    # each node charged its ledger once per round, before releasing; audit agrees
+    for node in ("t1", "t2"):
+        audit = [e for e in audit_of(fed, node, job.id) if e.action == "train_released"]
+        assert len(audit) == 3
+        charges = {h.request_id: h for h in fed.ledger(node).history("demo",
+                                                                     "student_assessment")}
+        assert {e.detail["request_id"] for e in audit} <= set(charges)
+        assert all(charges[e.detail["request_id"]].accepted for e in audit)
+    coord = [h for h in fed.coordinator.projects.ledger.history("demo", "*")
+             if h.request_id.startswith(f"train:{job.id}:")]
+    assert len(coord) == 3 and all(h.accepted for h in coord)
+
+
+@pytest.mark.slow
+def test_three_nodes_train_an_mlp(fed: TrainingFed) -> None:
+    """MLP on one random submission per learner, 3 nodes (ε ≤ 3 composed)."""
+    hub = connect(fed.url, TOKEN)
+    job = hub.train("mlp", "student_assessment", FEATURES, "score >= 80", rounds=2,
+                    epsilon=3.0, project="demo", join=["assessments"], bounds=BOUNDS,
+                    nodes=["t1", "t2", "t3"])
+    res = job.result(timeout=240, progress=False)
+    assert res.status == "finished" and sorted(res.epsilon_per_node) == ["t1", "t2", "t3"]
+    assert res.epsilon <= 3.0
+    acc, baseline, auc = heldout_accuracy(fed, res.info, res.state_dict, ["t1", "t2", "t3"])
+    print(f"MLP, 3 nodes, ε={res.epsilon:.3g}: held-out accuracy {acc:.3f} (majority "
+          f"{baseline:.3f}), AUC {auc:.3f}")
+    assert acc > baseline and auc > 0.55, (acc, baseline, auc)
+    assert set(res.metrics.columns) >= {"round", "accuracy", "auc", "epsilon", "epsilon_t3"}
+
+
+@pytest.mark.slow
+def test_a_second_run_starts_from_what_the_first_spent(fed: TrainingFed) -> None:
+    hub = connect(fed.url, TOKEN)
+    kw = {"project": "carry", "join": ["assessments"], "bounds": BOUNDS, "nodes": ["t1"]}
+    first = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=2,
+                      epsilon=2.0, **kw).result(timeout=180, progress=False)
+    spent_1 = fed.ledger("t1").spent("carry", "student_assessment")[0]
+    assert 1.8 < spent_1 <= 2.0
+    second = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=2,
+                       epsilon=2.0, **kw).result(timeout=180, progress=False)
+    node_1 = first.info["rounds"][0]["nodes"]["t1"]
+    node_2 = second.info["rounds"][0]["nodes"]["t1"]
+    assert node_2["sigma"] > node_1["sigma"]  # only ~1 ε was left: more noise
+    spent_2 = fed.ledger("t1").spent("carry", "student_assessment")[0]
+    assert spent_1 < spent_2 <= 3.0 + 1e-9  # the grant's cap, over both runs
+    assert node_2["epsilon_spent"] == pytest.approx(spent_2)
+    with pytest.raises(BulleError) as err:  # nothing left for a third
+        hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=1,
+                  epsilon=0.5, **kw)
+    assert err.value.code == "budget_exhausted"
+
+
+@pytest.mark.slow
+def test_budget_exhaustion_stops_at_the_round_that_would_overspend(fed: TrainingFed) -> None:
+    hub = connect(fed.url, TOKEN)
+    job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=8,
+                    epsilon=1.5, project="tight", join=["assessments"], bounds=BOUNDS,
+                    nodes=["t1"], noise_multiplier=1.2)
+    s = job.wait(timeout=240, progress=False)
+    assert s["status"] == "budget_exhausted" and "t1" in s["reason"]
+    done = s["rounds_done"]
+    assert 1 <= done < 8
+    rows = ledger_of(fed, "t1", "tight", "")
+    accepted = [h for h in rows if h.accepted]
+    refused = [h for h in rows if not h.accepted]
+    assert len(accepted) == done and len(refused) == 1
+    assert refused[0].request_id.split(":")[1] == str(done + 1)
+    # that round really would have overspent: spent + its cost > the grant's ε
+    assert refused[0].spent_epsilon + refused[0].needed_epsilon > 1.5
+    assert accepted[-1].spent_epsilon <= 1.5
+    # nothing of it was released: no stored release, no weights, audit says refused
+    db = sqlite3.connect(fed.state("t1") / "training.sqlite")
+    kept = {r[0] for r in db.execute("SELECT request_id FROM training_releases")}
+    db.close()
+    assert refused[0].request_id not in kept and {h.request_id for h in accepted} <= kept
+    audit = audit_of(fed, "t1", job.id)
+    assert [e.detail["request_id"] for e in audit if e.action == "train_released"] == \
+        [h.request_id for h in accepted]
+    assert [e.detail["request_id"] for e in audit if e.action == "train_refused"] == \
+        [refused[0].request_id]
+    coord = [h for h in fed.coordinator.projects.ledger.history("tight", "*")
+             if h.request_id.startswith(f"train:{job.id}:")]
+    assert len(coord) == done  # the coordinator released (and charged) the same rounds
+    assert s["withheld"][-1]["round"] == done + 1
+    res = job.result(progress=False)  # the last released round is still there
+    assert len(res.metrics) == done
+
+
+@pytest.mark.slow
+def test_a_node_that_dies_mid_round(fed: TrainingFed) -> None:
+    """t3 dies during round 2 before charging: the round completes with t1 and t2 after
+    the round timeout, and t3's ledger has nothing for a release that never happened."""
+    hub = connect(fed.url, TOKEN)
+    job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=3,
+                    epsilon=2.0, project="death", join=["assessments"], bounds=BOUNDS,
+                    nodes=["t1", "t2", "t3"], round_timeout_s=12)
+    res = job.result(timeout=240, progress=False)
+    assert res.status == "finished" and len(res.metrics) == 3
+    rounds = res.info["rounds"]
+    assert sorted(rounds[0]["nodes"]) == ["t1", "t2", "t3"]
+    assert sorted(rounds[1]["nodes"]) == ["t1", "t2"] and "t3" in rounds[1]["failed"]
+    assert sorted(rounds[2]["nodes"]) == ["t1", "t2"]
+    t3 = fed.ledger("t3").history("death", "student_assessment")
+    assert len(t3) == 1 and t3[0].request_id.endswith(":1:t3") and t3[0].accepted
+    released = [e for e in audit_of(fed, "t3", job.id) if e.action == "train_released"]
+    assert len(released) == 1
+    coord = [h for h in fed.coordinator.projects.ledger.history("death", "*")
+             if h.request_id.startswith(f"train:{job.id}:")]
+    round2 = event_from_dict(coord[1].event)
+    assert len(round2.events) == 2  # the global ledger charged only t1 and t2 for round 2
+
+
+@pytest.mark.slow
+def test_a_tampered_app_is_refused_and_never_imported(fed: TrainingFed) -> None:
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    marker = fed.tmp / "tampered-code-ran"
+    files = dict(fab_files())
+    files["bulle_flower/client_app.py"] = (
+        f"open({str(marker)!r}, 'w').write('imported')\n".encode()
+        + files["bulle_flower/client_app.py"])
+    fab, _ = build_fab_from_files(files)
+    trainer = fed.trainer
+    spec, nodes = trainer._spec(fed.researcher, "tamper", {
+        "model": "logreg", "table": "student_assessment", "features": FEATURES,
+        "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "join": ["assessments"],
+        "bounds": BOUNDS, "nodes": ["t1", "t2"], "round_timeout_s": 30})
+    spec.update(job="tampered", out_dir=str(fed.tmp / "tampered"))
+    client = trainer._control()
+    try:
+        client.StartRun(StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto({"spec": json.dumps(spec)}), federation=""))
+    finally:
+        client.close()
+    progress = fed.tmp / "tampered" / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and '"done"' in progress.read_text()):
+        assert time.monotonic() < deadline, "the tampered run did not end"
+        time.sleep(0.2)
+    records = [json.loads(line) for line in progress.read_text().splitlines()]
+    failed = records[1]["failed"]
+    assert sorted(failed) == ["t1", "t2"] and records[-1]["status"] == "failed"
+    assert all("refused: this node runs only the training app" in why
+               for why in failed.values())
+    assert not marker.exists()
+    for node in nodes:
+        refusals = [e for e in fed.audit(node).entries() if e.action == "train_fab_refused"]
+        assert refusals and refusals[-1].detail["fab_sha256"] == hashlib.sha256(fab).hexdigest()
+        assert not any(h.request_id.startswith(str(records[0]["run_id"]))
+                       for h in fed.ledger(node).history("tamper", "student_assessment"))
+
+
+@pytest.mark.slow
+def test_what_the_coordinator_sees_of_one_nodes_update(fed: TrainingFed) -> None:
+    """No secure aggregation (SecAgg+ is legacy-API only in flwr 1.42, see DESIGN notes):
+    the coordinator sees each node's update in full. With one node the aggregate *is* that
+    update — exactly the DP-SGD output the node charged to its ledger before it left."""
+    hub = connect(fed.url, TOKEN)
+    job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=1,
+                    epsilon=1.0, project="demo", join=["assessments"], bounds=BOUNDS,
+                    nodes=["t3"])
+    res = job.result(timeout=180, progress=False)
+    node = res.info["rounds"][0]["nodes"]["t3"]
+    db = sqlite3.connect(fed.state("t3") / "training.sqlite")
+    rows = db.execute("SELECT request_id, arrays, created_at FROM training_releases").fetchall()
+    db.close()
+    import io
+
+    mine = [r for r in rows if r[0].endswith(":1:t3")]
+    kept = {}
+    for rid, blob, _ in mine:
+        with np.load(io.BytesIO(blob)) as z:
+            if all(np.allclose(z[k], res.state_dict[k].numpy()) for k in z.files):
+                kept[rid] = blob
+    assert len(kept) == 1  # the coordinator's model = this node's released update
+    (rid,) = kept
+    charge = next(h for h in fed.ledger("t3").history("demo", "student_assessment")
+                  if h.request_id == rid)
+    assert charge.accepted and charge.needed_epsilon == pytest.approx(node["epsilon_round"])
+    assert math.isfinite(node["sigma"]) and node["sigma"] >= SIGMA_RANGE[0]
+
+
+def test_training_refuses_what_the_grant_does_not_allow(fed: TrainingFed) -> None:
+    hub = connect(fed.url, TOKEN)
+    with pytest.raises(BulleError) as err:
+        hub.train("resnet", "student_assessment", FEATURES, "score >= 80", project="demo")
+    assert err.value.code == "bad_request"
+    with pytest.raises(BulleError) as err:
+        hub.train("logreg", "assessments", ["weight"], "weight >= 10", project="demo")
+    assert err.value.code == "not_allowed"
+    with pytest.raises(BulleError) as err:
+        hub.train("logreg", "student_assessment", ["weight"], "score >= 80",
+                  project="demo", join=["assessments"], epsilon=1.0)
+    assert err.value.code == "bad_request" and "bounds" in str(err.value)
+    with pytest.raises(BulleError) as err:
+        hub.train("logreg", "student_assessment", FEATURES, "score >= 80", project="demo",
+                  join=["assessments"], bounds=BOUNDS, epsilon=50.0)
+    assert "grant" in str(err.value)
+    # the Control API behind the fence: no token, no service
+    r = httpx.post(f"https://127.0.0.1:{fed.superlink_port}/v1/control/list-runs",
+                   verify=str(fed.certs / "ca.pem"), content=b"")
+    assert r.status_code == 403
