@@ -19,6 +19,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -338,6 +339,8 @@ class Federation:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if not os.environ.get("BULLE_BENCH_KEEP"):  # certs, keys, node state and logs
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from _harness import (
     PY,
     ROOT,
     Dataset,
+    _die_with_parent,
     cpu_info,
     federation,
     free_port,
@@ -253,7 +254,9 @@ def _merge_variants(merge: Any, args: tuple[Any, ...], runs: int) -> None:
     a1, _ = time_runs(arrow, runs, 10)
     print(f"\nA5. T0 merge (coordinator, median ms): merge() as is {ms(full)} | its "
           f"{len(statements)} DuckDB statement(s) replayed alone (with register/unregister) "
-          f"{ms(d1)} | same as prepared statements {ms(d2)} | pyarrow group_by for this "
+          f"{ms(d1)} | same as prepared statements {ms(d2)} (planning share only: UNSAFE as a "
+          f"fix, a prepared statement keeps the first registered Arrow table) | pyarrow "
+          f"group_by for this "
           f"query {ms(a1)} ({'same answer' if same else 'DIFFERENT ANSWER'})")
 
 
@@ -267,7 +270,8 @@ SPY_FRAMES = {
              ("deepcopy", "      of which sqlglot deepcopy"),
              ("_disclosure_control", "    _disclosure_control"),
              ("_status", "  gRPC send of the reply (start_server_batch)"),
-             ("Logger.info", "  audit logging")],
+             ("Logger.info", "  audit log (JSONL, nodes before 91506c1)"),
+             ("AuditLog.append", "  audit chain append (SQLite, synchronous=FULL)")],
     "coordinator": [("Coordinator._run", "Coordinator._run (all)"),
                     ("parse", "  parse (sqlglot)"),
                     ("Coordinator._fan_out", "  fan-out (gRPC client)"),
@@ -381,6 +385,7 @@ def _scratch_compile_nocopy() -> Any:
     mod = importlib.util.module_from_spec(spec)
     sys.modules["_compile_nocopy"] = mod
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    shutil.rmtree(path.parent, ignore_errors=True)
     return mod
 
 
@@ -476,6 +481,8 @@ def section_b(parts: list[Path], small: list[Path], runs: int) -> str:
     f2, _ = time_runs(lambda: cur.execute("SELECT 42").to_arrow_table(), runs, 10)
     print(f"  DuckDB 2.0 floor: SELECT 42 fetchall {ms(f1)} ms, to_arrow_table {ms(f2)} ms")
     engine.close()
+    for d in extra.values():
+        shutil.rmtree(d, ignore_errors=True)
     return r4
 
 
@@ -632,16 +639,19 @@ def section_c(parquet: Path, sql: str, runs: int) -> None:
     direct.close()
     print(f"\nC. R4 transport on a scratch node (subprocess, threads=1, same SQL), client in a "
           f"subprocess, median of {runs} (ms). DuckDB direct, default threads: {ms(d)} ms "
-          f"({ref.num_rows:,} rows)")
+          f"({ref.num_rows:,} rows; measured once before the variants, so the ratio column is "
+          "only as good as this baseline; the speed-up column compares variants)")
     combos = [("unary", "tls", False), ("unary", "plaintext", False), ("unary", "tls", True),
               ("stream", "tls", False), ("stream", "tls", True), ("stream", "plaintext", True),
               ("flight", "tls", False), ("flight", "plaintext", False)]
+    today = 0.0
     for transport, mode, tuned in combos:
         env = {**CHILD_ENV, **(MALLOC_TUNED if tuned else {})}
         port = free_port()
         kind = "--scratch-flight-server" if transport == "flight" else "--scratch-server"
         server = subprocess.Popen([PY, __file__, kind, str(port), mode, str(parquet),
-                                   str(certs)], cwd=ROOT, env=env)
+                                   str(certs)], cwd=ROOT, env=env,
+                                  preexec_fn=_die_with_parent)
         try:
             out = subprocess.run([PY, __file__, "--scratch-client", str(port), mode, transport,
                                   str(certs), str(runs), sql], cwd=ROOT, env=env,
@@ -656,11 +666,13 @@ def section_c(parquet: Path, sql: str, runs: int) -> None:
                     "flight": "Arrow Flight DoGet"}[transport]
             label = f"{name}, {mode}, malloc {'tuned' if tuned else 'default'}"
             ratio = statistics.median(d) * 1000 / r["ms"]
-            print(f"  {label:<52}{r['ms']:8.2f} ms  → R4 ratio {ratio:.2f}"
-                  f"{'' if ok else '  (WRONG ROWS)'}")
+            today = today or r["ms"]
+            print(f"  {label:<52}{r['ms']:8.2f} ms  speed-up vs as today {today / r['ms']:.2f}"
+                  f"  R4 ratio {ratio:.2f}{'' if ok else '  (WRONG ROWS)'}")
         finally:
             server.terminate()
             server.wait(timeout=10)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:

@@ -1,8 +1,10 @@
 """The vetted model zoo: the only architectures a node will train.
 
 Every model maps a float tensor of features to one logit (binary label). Inputs are the
-training view built at the node: ``[batch, n_features]`` for the tabular models,
-``[batch, max_len, n_features]`` (left-padded with zeros) for the sequence model.
+training view built at the node, one example per learner: ``[batch, n_features]`` for the
+tabular models (one row of the learner, or — with an order — the mean of the learner's
+earlier rows next to the last row), ``[batch, max_len, n_features]`` (left-padded with
+zeros) for the sequence model.
 The GRU is Opacus' ``DPGRU`` (per-sample gradients need it); its state dict can be
 loaded into ``torch.nn.GRU`` for inference (``to_inference_state``).
 """
@@ -74,3 +76,10 @@ def strip_opacus_prefix(state: dict[str, Any]) -> dict[str, Any]:
 def n_features(features: list[dict[str, Any]]) -> int:
     """Width of the feature vector a layout produces (numbers: 1, categories: one-hot)."""
     return sum(len(f["values"]) if f["kind"] == "cat" else 1 for f in features)
+
+
+def input_width(model: str, features: list[dict[str, Any]], order_by: str) -> int:
+    """Input width of the model: a tabular model over ordered traces sees the mean of the
+    learner's earlier rows next to the row to predict (twice the layout's width)."""
+    width = n_features(features)
+    return 2 * width if order_by and model not in SEQUENCE_MODELS else width

@@ -27,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from bulle_flower.models import build_model, n_features
+from bulle_flower.models import build_model, input_width
 
 app = ServerApp()
 POLL_S = float(os.environ.get("BULLE_SERVERAPP_POLL_S", "0.05"))
@@ -103,93 +103,102 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
+def _exchange(grid: Grid, active: dict[str, int], arrays: ArrayRecord, config: ConfigRecord,
+              rnd: int, timeout: float) -> tuple[dict, dict, dict, dict]:
+    """Send one message per active node, collect replies until the last or ``timeout``.
+    Returns (ok contents, failures, budget refusals, reply delays) by node name."""
+    t0 = time.monotonic()
+    sent = {name: Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid,
+                          message_type="train", group_id=str(rnd), ttl=timeout + 60)
+            for name, nid in sorted(active.items())}
+    ids = list(grid.push_messages(list(sent.values())))
+    ids += [""] * (len(sent) - len(ids))
+    pending = {mid: name for mid, name in zip(ids, sent, strict=True) if mid}
+    failed = {name: "the SuperLink did not take the message (node unknown or offline)"
+              for mid, name in zip(ids, sent, strict=True) if not mid}
+    replies: dict[str, Message] = {}
+    delays: dict[str, float] = {}
+    while pending and time.monotonic() < t0 + timeout:
+        for reply in grid.pull_messages(list(pending)):
+            name = pending.pop(reply.metadata.reply_to_message_id, None)
+            if name is not None:
+                replies[name] = reply
+                delays[name] = time.time() - float(sent[name].metadata.created_at)
+        if pending:
+            time.sleep(POLL_S)
+    failed.update({name: "no reply before the round timeout" for name in pending.values()})
+    ok: dict[str, RecordDict] = {}
+    budget: dict[str, str] = {}
+    for name, reply in replies.items():
+        if reply.has_error():
+            why = str(reply.error.reason)[:300]
+            (budget if why.startswith(BUDGET_CODES) else failed)[name] = why
+        else:
+            ok[name] = reply.content
+    return ok, failed, budget, delays
+
+
+def _node_records(ok: dict[str, RecordDict], delays: dict[str, float], bins: int
+                  ) -> tuple[dict[str, Any], np.ndarray]:
+    """Per-node public record (noisy counts, DP parameters, timings) and the summed
+    histogram; ε stays per node (never averaged)."""
+    nodes, total = {}, np.zeros(2 * bins)
+    for name, content in sorted(ok.items()):
+        m, dp = dict(content["metrics"]), dict(content["dp"])
+        hist = [float(x) for x in m.pop("hist")]
+        total += np.asarray(hist)
+        nodes[name] = {**m, **hist_metrics(hist, bins), "hist": hist, **dp,
+                       "reply_s": delays[name]}
+    return nodes, total
+
+
 def _train(grid: Grid, spec: dict[str, Any], progress: _Progress) -> None:
     started = time.monotonic()
     torch.manual_seed(int(spec.get("seed", 0)))
-    model = build_model(spec["model"], n_features(spec["features"]), int(spec["hidden"]))
+    width = input_width(spec["model"], spec["features"], spec["order_by"])
+    model = build_model(spec["model"], width, int(spec["hidden"]))
     arrays = ArrayRecord(model.state_dict())
-    flower_ids: dict[str, int] = {k: int(v) for k, v in spec["nodes"].items()}
-    active = dict(flower_ids)  # node name -> flower node id, minus nodes that failed
-    node_spec = _node_spec(spec)
-    run_id = grid.run.run_id
-    bins = int(spec["bins"])
-    progress.write({"type": "start", "run_id": run_id, "nodes": sorted(flower_ids),
+    active = {k: int(v) for k, v in spec["nodes"].items()}  # minus nodes that failed
+    node_spec, run_id = _node_spec(spec), grid.run.run_id
+    bins, timeout = int(spec["bins"]), float(spec["round_timeout_s"])
+    progress.write({"type": "start", "run_id": run_id, "nodes": sorted(active),
                     "setup_s": round(time.monotonic() - started, 3)})
     status, reason, done = "finished", "", 0
-    for rnd in range(1, int(spec["rounds"]) + 1):
+    # Round r: each node evaluates the incoming global model (of round r-1) and trains
+    # from it; after the last round, one more exchange evaluates the final model.
+    for rnd in range(1, int(spec["rounds"]) + 2):
+        train = rnd <= int(spec["rounds"])
         t0 = time.monotonic()
-        config = ConfigRecord({"spec": node_spec, "round": rnd, "run_id": str(run_id)})
-        sent = {}
-        for name, nid in sorted(active.items()):
-            msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=nid,
-                          message_type="train", group_id=str(rnd),
-                          ttl=float(spec["round_timeout_s"]) + 60)
-            sent[name] = msg
-        ids = list(grid.push_messages(list(sent.values())))
-        ids += [""] * (len(sent) - len(ids))
-        pending = {mid: name for mid, name in zip(ids, sent, strict=True) if mid}
-        unsent = {name: "the SuperLink did not take the message (node unknown or offline)"
-                  for mid, name in zip(ids, sent, strict=True) if not mid}
-        replies: dict[str, Message] = {}
-        arrived: dict[str, float] = {}
-        deadline = t0 + float(spec["round_timeout_s"])
-        while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
-                name = pending.pop(reply.metadata.reply_to_message_id, None)
-                if name is not None:
-                    replies[name] = reply
-                    arrived[name] = time.time()
-            if pending:
-                time.sleep(POLL_S)
-        failed = {name: "no reply before the round timeout" for name in pending.values()}
-        failed.update(unsent)
-        ok: dict[str, RecordDict] = {}
-        budget = {}
-        for name, reply in replies.items():
-            if reply.has_error():
-                why = str(reply.error.reason)[:300]
-                (budget if why.startswith(BUDGET_CODES) else failed)[name] = why
-            else:
-                ok[name] = reply.content
-        round_s = time.monotonic() - t0
+        config = ConfigRecord({"spec": node_spec, "round": rnd, "run_id": str(run_id),
+                               "train": int(train)})
+        ok, failed, budget, delays = _exchange(grid, active, arrays, config, rnd, timeout)
         for name in (*failed, *budget):
             active.pop(name, None)
-        record: dict[str, Any] = {"type": "round", "round": rnd, "failed": failed,
-                                  "refused": budget, "round_s": round(round_s, 4)}
-        if budget:
-            # A node's ledger refused to pay: stop here, release nothing of this round.
-            status, reason = "budget_exhausted", "; ".join(f"{n}: {w}" for n, w in
-                                                         sorted(budget.items()))
+        record: dict[str, Any] = {"type": "round" if train else "eval", "round": rnd,
+                                  "evaluates": rnd - 1, "failed": failed, "refused": budget,
+                                  "round_s": round(time.monotonic() - t0, 4)}
+        if budget or len(ok) < int(spec["min_nodes"]):
+            # A node's ledger refused to pay, or too few answered: stop, release nothing.
+            if budget:
+                status, reason = "budget_exhausted", "; ".join(
+                    f"{n}: {w}" for n, w in sorted(budget.items()))
+            elif train:
+                status = "failed"
+                reason = (f"round {rnd}: {len(ok)} node(s) answered, {spec['min_nodes']} "
+                          "needed; " + "; ".join(f"{n}: {w}" for n, w in sorted(failed.items())))
             record["released"] = False
             progress.write(record)
             break
-        if len(ok) < int(spec["min_nodes"]):
-            status = "failed"
-            reason = (f"round {rnd}: {len(ok)} node(s) answered, {spec['min_nodes']} needed; "
-                      + "; ".join(f"{n}: {w}" for n, w in sorted(failed.items())))
-            record["released"] = False
-            progress.write(record)
-            break
-        nodes_out, states, weights = {}, [], []
-        total_hist = np.zeros(2 * bins)
-        for name, content in sorted(ok.items()):
-            m = dict(content["metrics"])
-            dp = dict(content["dp"])
-            hist = [float(x) for x in m["hist"]]
-            total_hist += np.asarray(hist)
-            n_train = max(float(m["n_train_noisy"]), 1.0)
-            states.append({k: v.numpy() for k, v in content["arrays"].items()})
-            weights.append(n_train)
-            nodes_out[name] = {**{k: v for k, v in m.items() if k != "hist"},
-                               **hist_metrics(hist, bins), "hist": hist,
-                               **{k: v for k, v in dp.items()},
-                               "reply_s": arrived[name] - float(sent[name].metadata.created_at)}
-        state = fedavg(states, weights)
-        arrays = ArrayRecord(state)
-        record.update(released=True, nodes=nodes_out, model_file=progress.save_model(rnd, state),
-                      **hist_metrics(list(total_hist), bins),
-                      train_s=max(float(n["train_s"]) for n in nodes_out.values()))
+        nodes_out, total_hist = _node_records(ok, delays, bins)
+        record.update(released=True, nodes=nodes_out, **hist_metrics(list(total_hist), bins))
+        if train:
+            states = [{k: v.numpy() for k, v in ok[n]["arrays"].items()} for n in sorted(ok)]
+            weights = [max(float(nodes_out[n]["n_train_noisy"]), 1.0) for n in sorted(ok)]
+            state = fedavg(states, weights)
+            arrays = ArrayRecord(state)
+            record.update(model_file=progress.save_model(rnd, state),
+                          train_s=max(float(n["train_s"]) for n in nodes_out.values()))
+            done = rnd
         progress.write(record)
-        done = rnd
     progress.write({"type": "done", "status": status, "reason": reason, "rounds_done": done,
                     "elapsed_s": round(time.monotonic() - started, 3)})

@@ -35,15 +35,13 @@ class TrainingResult:
 
     def model(self) -> Any:
         """The trained model (``bulle_flower.models``), ready for inference."""
-        from bulle_flower.models import build_model
+        from bulle_flower.models import build_model, input_width
 
-        m = build_model(self.info["model"], _n_features(self.info), self.info["hidden"], dp=True)
+        i = self.info
+        m = build_model(i["model"], input_width(i["model"], i["layout"], i["order_by"]),
+                        i["hidden"], dp=True)
         m.load_state_dict(self.state_dict)
         return m.eval()
-
-
-def _n_features(info: dict[str, Any]) -> int:
-    return sum(len(f["values"]) if f["kind"] == "cat" else 1 for f in info["layout"])
 
 
 class TrainingJob:

@@ -203,20 +203,27 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
             else final(o.expr)
         cols.append(f"{_sql(e)} AS __o{i}")
         order.append(f"__o{i} {'DESC' if o.descending else 'ASC'} NULLS LAST")
-    sql = f"SELECT {', '.join(cols)}, __suppressed, __i FROM merged AS {M}"
+    dp = any(r.noise_scales for r, _ in parts)
+    # DP releases keep the merged partials (and a row id) for the interval bootstrap;
+    # otherwise one statement does it all (DuckDB planning is a large share of a small merge)
+    source = "merged" if dp else f"({inner})"
+    sql = f"SELECT {', '.join(cols)}, __suppressed{', __i' if dp else ''} FROM {source} AS {M}"
     if q.having is not None:
         sql += f" WHERE ({_sql(final(q.having))}) IS NOT FALSE"
     if order:
         sql += " ORDER BY " + ", ".join(order)
     if q.limit is not None:
         sql += f" LIMIT {int(q.limit)}"
-    merged = _query(inner, "parts", table)
-    merged = merged.append_column("__i", pa.array(range(merged.num_rows), pa.int64()))
-    out = _query(sql, "merged", merged)
+    if dp:
+        merged = _query(inner, "parts", table)
+        merged = merged.append_column("__i", pa.array(range(merged.num_rows), pa.int64()))
+        out = _query(sql, "merged", merged)
+        row_ids = out.column("__i").to_numpy()
+    else:
+        out = _query(sql, "parts", table)
     flags = out.column("__suppressed").to_pylist()
-    row_ids = out.column("__i").to_numpy()
     out = out.select(list(items))
-    if any(r.noise_scales for r, _ in parts):
+    if dp:
         released = Released(out, [[False] * out.num_columns for _ in range(out.num_rows)])
         released.noise_sd, released.ci_low, released.ci_high = _dp_intervals(
             fp, items, merged, row_ids, out, parts)

@@ -34,10 +34,10 @@ from privacy import RdpTotals, gaussian_event, opacus_event
 log = logging.getLogger("bulle.training")
 ZOO = ("logreg", "mlp", "gru")
 # Per-model defaults (the researcher may override each).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "logreg": {"lr": 0.5, "batch_size": 256, "hidden": 1, "epochs": 1},
-    "mlp": {"lr": 0.2, "batch_size": 256, "hidden": 32, "epochs": 1},
-    "gru": {"lr": 0.5, "batch_size": 256, "hidden": 16, "epochs": 1},
+DEFAULTS: dict[str, dict[str, Any]] = {  # tuned on OULAD traces, 2-3 nodes, ε 1-2
+    "logreg": {"lr": 0.3, "batch_size": 128, "hidden": 1, "epochs": 2},
+    "mlp": {"lr": 0.3, "batch_size": 128, "hidden": 32, "epochs": 2},
+    "gru": {"lr": 0.3, "batch_size": 128, "hidden": 16, "epochs": 2},
 }
 _LABEL = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?))?\s*$")
 FINAL = ("finished", "failed", "cancelled", "budget_exhausted")
@@ -81,6 +81,7 @@ class TrainingJob:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # released (charged) rounds
     withheld: list[dict[str, Any]] = field(default_factory=list)  # rounds not released
     events: list[dpa.DpEvent] = field(default_factory=list)  # charged to the global ledger
+    node_epsilon: dict[str, float] = field(default_factory=dict)  # each node's ε, this run
     model_path: Path | None = None
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
@@ -92,7 +93,6 @@ class TrainingJob:
         eps = RdpTotals()
         for e in self.events:
             eps.add(e)
-        last = self.rounds[-1] if self.rounds else {}
         return {
             "id": self.id, "status": self.status, "reason": self.reason,
             "project": self.project, "model": s["model"], "table": s["table"],
@@ -101,7 +101,7 @@ class TrainingJob:
             "epsilon_target_per_node": s["epsilon"], "delta": s["delta"],
             # the run's ε composed over nodes and rounds (RDP, as the global ledger)
             "epsilon_spent": eps.epsilon(s["delta"]) if self.events else 0.0,
-            "epsilon_per_node": {n: v["epsilon_run"] for n, v in last.get("nodes", {}).items()},
+            "epsilon_per_node": dict(self.node_epsilon),
             "rounds": self.rounds, "withheld": self.withheld,
             "features": [f["name"] for f in s["features"]], "label": s["label"],
             "layout": s["features"], "hidden": s["hidden"], "order_by": s["order_by"],
@@ -414,21 +414,22 @@ class Trainer:
 
     def _on_record(self, job: TrainingJob, rec: dict[str, Any]) -> None:
         kind = rec.get("type")
-        if kind == "round" and rec.get("released"):
-            self._release_round(job, rec)
-        elif kind == "round":
+        if kind in ("round", "eval") and rec.get("released"):
+            self._release(job, rec)
+        elif kind in ("round", "eval"):
             job.withheld.append({"round": rec["round"], "failed": rec.get("failed", {}),
                                  "refused": rec.get("refused", {})})
         elif kind == "done":
             self._finish(job, rec["status"], rec.get("reason", ""))
         self._notify(job)
 
-    def _release_round(self, job: TrainingJob, rec: dict[str, Any]) -> None:
+    def _release(self, job: TrainingJob, rec: dict[str, Any]) -> None:
+        """Charge the global ledger for one exchange, then show it: round r's weights and
+        the noisy evaluation of round r-1's model (an "eval" record: of the last one)."""
         events, nodes = [], {}
         for name, n in sorted(rec["nodes"].items()):
-            ev = dpa.ComposedDpEvent([opacus_event(json.loads(n["history"])),
-                                      gaussian_event(float(n["sigma_eval"]))])
-            events.append(ev)
+            events.append(dpa.ComposedDpEvent([opacus_event(json.loads(n["history"])),
+                                               gaussian_event(float(n["sigma_eval"]))]))
             nodes[name] = {k: n.get(k) for k in (
                 "epsilon_round", "epsilon_run", "epsilon_spent", "epsilon_remaining", "sigma",
                 "sample_rate", "steps", "sigma_eval", "accuracy", "auc", "n_eval")}
@@ -444,21 +445,34 @@ class Trainer:
             self._finish(job, "budget_exhausted", e.message)
             return
         job.events.append(event)
+        for name, n in nodes.items():
+            job.node_epsilon[name] = float(n["epsilon_run"])
         eps = RdpTotals()
         for e in job.events:
             eps.add(e)
-        job.model_path = Path(job.spec["out_dir"]) / rec["model_file"]
-        job.rounds.append({
-            "round": rec["round"], "accuracy": rec.get("accuracy"), "auc": rec.get("auc"),
-            "n_eval": rec.get("n_eval"), "nodes": nodes, "failed": rec.get("failed", {}),
-            "epsilon_spent": eps.epsilon(job.spec["delta"]),
-            "project_epsilon_spent": charged.spent_epsilon,
-            "project_epsilon_remaining": charged.remaining_epsilon,
-            "round_s": rec.get("round_s"), "train_s": rec.get("train_s"),
-        })
-        self._audit(job, "train_round_released", {
-            "round": rec["round"], "nodes": sorted(nodes), "epsilon": charged.needed_epsilon,
-            "failed": sorted(rec.get("failed", {}))})
+        evaluated = {"accuracy": rec.get("accuracy"), "auc": rec.get("auc"),
+                     "n_eval": rec.get("n_eval"),
+                     "nodes_eval": {k: {m: v[m] for m in ("accuracy", "auc", "n_eval")}
+                                    for k, v in nodes.items()}}
+        if job.rounds and rec["evaluates"] == job.rounds[-1]["round"]:
+            job.rounds[-1].update(evaluated)
+        if rec["type"] == "round":
+            job.model_path = Path(job.spec["out_dir"]) / rec["model_file"]
+            job.rounds.append({
+                "round": rec["round"], "accuracy": None, "auc": None, "n_eval": None,
+                "nodes": nodes, "failed": rec.get("failed", {}),
+                "round_s": rec.get("round_s"), "train_s": rec.get("train_s")})
+        last = job.rounds[-1]
+        last.update(epsilon_spent=eps.epsilon(job.spec["delta"]),
+                    project_epsilon_spent=charged.spent_epsilon,
+                    project_epsilon_remaining=charged.remaining_epsilon)
+        for name, n in nodes.items():  # the node's ε after this exchange
+            last["nodes"].setdefault(name, n).update(
+                {k: n[k] for k in ("epsilon_run", "epsilon_spent", "epsilon_remaining")})
+        self._audit(job, "train_round_released" if rec["type"] == "round" else
+                    "train_eval_released", {"round": rec["round"], "nodes": sorted(nodes),
+                                            "epsilon": charged.needed_epsilon,
+                                            "failed": sorted(rec.get("failed", {}))})
 
     def _finish(self, job: TrainingJob, status: str, reason: str) -> None:
         if job.status in FINAL:

@@ -111,10 +111,11 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
         table_sql = add_table(join.table)
         alias = join.table.alias or join.table.table
         _check_join(join.on, alias, aliases)
-        query = query.join(table_sql, on=compile_expr(join.on), join_type=join.kind.upper())
+        query = query.join(table_sql, on=compile_expr(join.on), join_type=join.kind.upper(),
+                           copy=False)
     tier = max((m.tier for m in aliases.values()), key=TIER_RANK.__getitem__)
     if plan.HasField("where"):
-        query = query.where(compile_expr(plan.where))
+        query = query.where(compile_expr(plan.where), copy=False)
     if tier == "sensitive":
         try:
             return _compile_dp(plan, query, aliases, source_alias, compile_expr, resolve)
@@ -136,16 +137,16 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
         for col in plan.rows.columns:
             _check_name("output", col.name)
             names.append(col.name)
-            query = query.select(exp.alias_(compile_expr(col.expr), _ident(col.name)))
+            query = query.select(exp.alias_(compile_expr(col.expr), _ident(col.name)), copy=False)
         if not names:
             raise PlanRefused("row plan selects no column")
         for key in plan.rows.order_by:
             if key.name not in names:
                 raise PlanRefused("ORDER BY must name an output column")
             query = query.order_by(exp.Ordered(this=exp.column(_ident(key.name)),
-                                               desc=key.descending))
+                                               desc=key.descending), copy=False)
         limit = plan.rows.limit if 0 < plan.rows.limit <= max_rows else max_rows + 1
-        query = query.limit(limit)
+        query = query.limit(limit, copy=False)
         return CompiledPlan(query.sql("duckdb"), tier, tables, True, tuple(names), (), (), (),
                             0, 1.0, 1)
 
@@ -155,9 +156,9 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
     for i, key in enumerate(plan.group_by):
         _check_name("group key", key.name)
         group_names.append(key.name)
-        query = query.select(exp.alias_(compile_expr(key.expr), _ident(key.name)))
+        query = query.select(exp.alias_(compile_expr(key.expr), _ident(key.name)), copy=False)
         domains.append(_public_domain(key.expr, aliases))
-        query = query.group_by(exp.Literal.number(i + 1))
+        query = query.group_by(exp.Literal.number(i + 1), copy=False)
     aggs, dominance_pairs = [], []
     for agg in plan.aggregates:
         _check_name("aggregate", agg.name)
@@ -168,19 +169,20 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
                 raise PlanRefused("aggregate without argument")
             arg = compile_expr(agg.arg)
             value = _aggregate_sql(agg.kind, arg)
-            if agg.kind == pb.SUM and tier == "restricted":
+            if agg.kind == pb.SUM and tier == "restricted" and dominance < 1.0:
                 mx, sm = f"__max_abs_{agg.name}", f"__sum_abs_{agg.name}"
                 abs_arg = exp.Anonymous(this="abs", expressions=[arg.copy()])
-                query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)))
-                query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)))
+                query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)), copy=False)
+                query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)),
+                                     copy=False)
                 dominance_pairs.append((agg.name, mx, sm))
         aggs.append((agg.name, agg.kind))
-        query = query.select(exp.alias_(value, _ident(agg.name)))
+        query = query.select(exp.alias_(value, _ident(agg.name)), copy=False)
     if tier == "restricted":
         unit = next((m.privacy_unit for a, m in aliases.items() if a == source_alias), "")
         units = (exp.Count(this=exp.Distinct(expressions=[resolve(source_alias, unit)]))
                  if unit else exp.Count(this=exp.Star()))
-        query = query.select(exp.alias_(units, _ident("__units")))
+        query = query.select(exp.alias_(units, _ident("__units")), copy=False)
     return CompiledPlan(query.sql("duckdb"), tier, tables, False, tuple(group_names),
                         tuple(domains), tuple(aggs), tuple(dominance_pairs), min_count,
                         dominance, round_to)

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class NodeEngine:
             "autoload_known_extensions": False,
         })
         self.meta: dict[str, TableMeta] = {}
+        self._compiled: dict[bytes, CompiledPlan] = {}
+        self._cache_lock = threading.Lock()
         self._buckets: dict[str, str] = {}
         self.quality: dict[str, dict[str, object]] = {}  # nodes/_quality.py reports
         for ds in config.datasets:
@@ -131,9 +134,31 @@ class NodeEngine:
             log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
             raise PlanFailed(_public_engine_error(e), incident) from None
 
+    def _compile(self, plan: pb.Plan) -> CompiledPlan:
+        """compile_plan, memoised for exact plans (a dashboard repeats its queries).
+
+        The key is the plan without its request fields; DP plans are never cached (each
+        compilation draws a fresh salt for the per-unit row selection).
+        """
+        if plan.HasField("privacy"):
+            return compile_plan(plan, self.meta, self.max_rows)
+        shape = pb.Plan()
+        shape.CopyFrom(plan)
+        shape.request_id = shape.project = shape.researcher = shape.query_sha256 = ""
+        key = shape.SerializeToString(deterministic=True)
+        with self._cache_lock:
+            hit = self._compiled.get(key)
+        if hit is None:
+            hit = compile_plan(plan, self.meta, self.max_rows)
+            with self._cache_lock:
+                if len(self._compiled) >= 512:
+                    self._compiled.pop(next(iter(self._compiled)))
+                self._compiled[key] = hit
+        return hit
+
     def execute(self, plan: pb.Plan) -> Execution:
         started = time.perf_counter()
-        compiled = compile_plan(plan, self.meta, self.max_rows)
+        compiled = self._compile(plan)
         if compiled.dp is not None:
             return self._execute_dp(plan, compiled, started)
         table = self._run(plan, compiled.sql)

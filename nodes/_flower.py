@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,15 @@ def _run_task(address: str, token: str, allowed: str, client_app: Any) -> int:
                                   reason="refused: only train messages are handled"),
                             reply_to=message)
         else:
-            reply = client_app(message=message, context=context)
-            status, details = SubStatus.COMPLETED, ""
+            try:
+                reply = client_app(message=message, context=context)
+                status, details = SubStatus.COMPLETED, ""
+            except Exception:  # the detail may quote data: it stays in this node's log
+                incident = uuid.uuid4().hex[:12]
+                log.exception("training task failed (incident %s)", incident)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"node error (node incident {incident})"),
+                                reply_to=message)
         push_message(client, reply, context)
         return 0
     except Exception:

@@ -99,7 +99,14 @@ class TrainSpec:
 
     @property
     def n_features(self) -> int:
+        """Width of one encoded row."""
         return sum(len(f.values) if f.kind == "cat" else 1 for f in self.features)
+
+    @property
+    def input_width(self) -> int:
+        """Width of the model's input (``bulle_flower.models.input_width``)."""
+        ordered = self.order_by and self.model not in SEQUENCE_MODELS
+        return 2 * self.n_features if ordered else self.n_features
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> TrainSpec:
@@ -165,8 +172,10 @@ class TrainSpec:
             raise TrainingRefused("bad_spec", "between 1 and 256 feature columns")
         if spec.model in SEQUENCE_MODELS and not spec.order_by:
             raise TrainingRefused("bad_spec", "a sequence model needs order_by")
-        if spec.model not in SEQUENCE_MODELS and spec.label[0] in {f.name for f in spec.features}:
-            raise TrainingRefused("bad_spec", "the label column cannot also be a feature")
+        if not spec.order_by and spec.label[0] in {f.name for f in spec.features}:
+            # with an order, only the learner's earlier values of it are features
+            raise TrainingRefused("bad_spec", "the label column cannot also be a feature of "
+                                  "the same row (give order_by to use its earlier values)")
         return spec
 
 
@@ -281,6 +290,17 @@ def label_of(rows: dict[str, Any], label: tuple[str, str, float]) -> np.ndarray:
     return out
 
 
+def _columns_of(spec: TrainSpec, name: str) -> np.ndarray:
+    """Positions, in an encoded row, of the feature(s) named ``name``."""
+    out, at = [], 0
+    for f in spec.features:
+        width = len(f.values) if f.kind == "cat" else 1
+        if f.name == name:
+            out.extend(range(at, at + width))
+        at += width
+    return np.array(out, dtype=int)
+
+
 def eval_mask(units: np.ndarray, salt: bytes, fraction: float) -> np.ndarray:
     """A stable held-out set of units (keyed hash, so it does not move between runs)."""
     if fraction <= 0:
@@ -292,13 +312,16 @@ def eval_mask(units: np.ndarray, salt: bytes, fraction: float) -> np.ndarray:
 
 def build_view(rows: dict[str, Any], spec: TrainSpec, salt: bytes,
                rng: np.random.Generator) -> View:
-    """One example per unit: a random row (tabular) or the unit's trace (sequence)."""
+    """One example per unit. With ``order_by``: the unit's rows in order, the label of
+    its last row to predict from the (at most ``max_len``) rows before — as a sequence
+    (GRU), or as their mean next to the last row without its label columns (tabular).
+    Without: one random row of the unit (tabular)."""
     x_all = encode(rows, spec.features)
     y_all = label_of(rows, spec.label)
     units = rows["__unit"]
     keep = ~np.isnan(y_all) & np.array([u is not None for u in units])
     x_all, y_all, units = x_all[keep], y_all[keep], units[keep]
-    if spec.model in SEQUENCE_MODELS:
+    if spec.order_by:
         order = np.array([np.nan if a is None else float(a) for a in rows[spec.order_by]])[keep]
         idx = np.lexsort((np.nan_to_num(order, nan=np.inf), units))
         x_all, y_all, units = x_all[idx], y_all[idx], units[idx]
@@ -306,10 +329,20 @@ def build_view(rows: dict[str, Any], spec: TrainSpec, salt: bytes,
         ends = np.r_[starts[1:], len(units)]
         ok = ends - starts >= 2  # a trace and a next step to predict
         starts, ends = starts[ok], ends[ok]
-        x = np.zeros((len(starts), spec.max_len, x_all.shape[1]), dtype=np.float32)
+        d = x_all.shape[1]
+        if spec.model in SEQUENCE_MODELS:
+            x = np.zeros((len(starts), spec.max_len, d), dtype=np.float32)
+        else:
+            x = np.zeros((len(starts), 2 * d), dtype=np.float32)
+            hidden = _columns_of(spec, spec.label[0])  # the label's own value, last row
         for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
             steps = x_all[max(s, e - 1 - spec.max_len):e - 1]  # the last max_len before the end
-            x[i, spec.max_len - len(steps):] = steps  # left-padded: the GRU ends on real data
+            if spec.model in SEQUENCE_MODELS:
+                x[i, spec.max_len - len(steps):] = steps  # left-padded: the GRU ends on data
+            else:
+                x[i, :d] = steps.mean(axis=0)
+                x[i, d:] = x_all[e - 1]
+                x[i, d + hidden] = 0.0
         y = y_all[ends - 1]
         unit_ids = units[starts]
     else:
@@ -351,7 +384,9 @@ def calibrate(prior: RdpTotals, cap: float, target: float, delta: float, sample_
     δ); None if even the largest σ does not fit. (RDP composition is sublinear: the run's
     own ε is larger than what it adds to a prior spend, so both are checked.)"""
     def fits(sigma: float) -> bool:
-        run = dpa.SelfComposedDpEvent(round_event(sigma, sample_rate, steps, sigma_eval), rounds)
+        run = dpa.ComposedDpEvent([  # the rounds, then the final model's evaluation
+            dpa.SelfComposedDpEvent(round_event(sigma, sample_rate, steps, sigma_eval), rounds),
+            gaussian_event(sigma_eval)])
         return (RdpTotals().plus(run).epsilon(delta) <= target
                 and prior.plus(run).epsilon(delta) <= cap)
 
@@ -468,8 +503,9 @@ def train_round(msg: Any, context: Any) -> Any:
         if any(h.request_id == request_id for h in history):
             raise TrainingRefused("refused", "this round was charged before but its release "
                                   "never left the node: it is not trained again")
-        event, metrics, dp, arrays = _train(spec, rt, where, rnd, run_id, history,
-                                            grant.epsilon, context, msg)
+        train = bool(int(cfg.get("train", 1)))  # 0: the final model's evaluation only
+        event, metrics, dp, arrays = _train(spec, rt, where, run_id, history, grant.epsilon,
+                                            context, msg, train)
         _failpoint("before-charge", rnd, spec.project)
         outcome = guard.ledger.charge(request_id, spec.project, spec.table, event,
                                       epsilon_claim=dp["epsilon_round_planned"])
@@ -515,12 +551,12 @@ def _reply(msg: Any, arrays: dict[str, np.ndarray], metrics: dict, dp: dict) -> 
     return Message(content, reply_to=msg)
 
 
-def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], rnd: int, run_id: str,
-           history: list[Any], cap: float, context: Any, msg: Any
+def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
+           history: list[Any], cap: float, context: Any, msg: Any, train: bool
            ) -> tuple[dpa.DpEvent, dict, dict, dict[str, np.ndarray]]:
+    """Evaluate the incoming global model on held-out learners and, if ``train``, run one
+    round of DP-SGD from it. Returns the event to charge and what to release after."""
     import torch
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
 
     started = time.perf_counter()
     # A forked child inherits its parent's RNG state: re-seed from the OS, or every task
@@ -537,47 +573,99 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], rnd: int, ru
         raise TrainingRefused("too_small", "too few learners at this node for DP training")
     steps_epoch = steps_per_epoch(n, spec.batch_size)
     q, steps = 1.0 / steps_epoch, steps_epoch * spec.epochs
-
-    # Noise plan: once per run, kept in the run's context at this node.
-    state = context.state
-    plan = dict(state["bulle"]) if "bulle" in state else {}
-    if plan.get("job") != spec.job:
-        prior = RdpTotals()
-        for h in history:
-            if h.accepted:
-                prior.add(event_from_dict(h.event))
-        spent = prior.epsilon(spec.delta) if history else 0.0
-        available = min(spec.epsilon, cap - spent)
-        if available <= 0:
-            raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
-                                  f"project {spec.project!r} on {spec.table!r}")
-        sigma_eval = sigma_for_eval(spec.rounds, spec.eval_share * available, spec.delta)
-        sigma = spec.noise_multiplier or calibrate(prior, cap, available, spec.delta, q,
-                                                   steps, spec.rounds, sigma_eval)
-        if sigma is None:
-            raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
-                                  f"(ε={available:.4g}) cannot pay for {spec.rounds} rounds")
-        plan = {"job": spec.job, "sigma": float(sigma), "sigma_eval": float(sigma_eval),
-                "epsilon_available": float(available)}
-        from flwr.app import ConfigRecord
-
-        state["bulle"] = ConfigRecord(plan)
+    plan = _noise_plan(spec, rt, context, history, cap, q, steps)
     sigma, sigma_eval = float(plan["sigma"]), float(plan["sigma_eval"])
 
-    model = build_model(spec.model, spec.n_features, spec.hidden, dp=True)
+    model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
     try:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     except (KeyError, RuntimeError) as e:
         raise TrainingRefused("bad_spec", f"the global weights do not fit the model ({e})") \
             from None
-    x = torch.from_numpy(view.x_train)
-    y = torch.from_numpy(view.y_train)
-    loader = DataLoader(TensorDataset(x, y), batch_size=spec.batch_size)
+    # Evaluation of the global model: a 2×bins histogram of its scores on held-out learners
+    # (plus, in a training round, the training-set size for FedAvg's weights). One learner
+    # changes one cell by one: L2 sensitivity 1, Gaussian noise σ_eval.
+    model.eval()
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.from_numpy(view.x_eval))).numpy() \
+            if len(view.y_eval) else np.zeros(0)
+    cells = np.minimum((scores * spec.bins).astype(int), spec.bins - 1)
+    exact = np.zeros(2 * spec.bins + (1 if train else 0))
+    np.add.at(exact, view.y_eval.astype(int) * spec.bins + cells, 1.0)
+    if train:
+        exact[-1] = n
+    noisy = gaussian_noise(exact.tolist(), sigma_eval)
+    events: list[dpa.DpEvent] = [gaussian_event(sigma_eval)]
+    arrays: dict[str, np.ndarray] = {}
+    dp_history: list[tuple[float, float, int]] = []
+    if train:
+        dp_history, arrays = _dp_sgd(spec, model, view, sigma)
+        events.insert(0, opacus_event(dp_history))
+    event = dpa.ComposedDpEvent(events)
+    run_eps = RdpTotals()
+    for h in history:
+        if h.accepted and h.request_id.startswith(f"{run_id}:"):
+            run_eps.add(event_from_dict(h.event))
+    run_eps.add(event)
+    metrics = {"hist": [float(v) for v in noisy[:2 * spec.bins]],
+               "train_s": round(time.perf_counter() - started, 4)}
+    if train:
+        metrics["n_train_noisy"] = float(noisy[-1])
+    dp = {"node": rt.node_id, "sigma": sigma if train else 0.0, "sample_rate": q,
+          "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
+          "delta": spec.delta,
+          "epsilon_round_planned": RdpTotals().plus(event).epsilon(spec.delta),
+          "epsilon_run": run_eps.epsilon(spec.delta),
+          "epsilon_available": float(plan["epsilon_available"]),
+          "history": json.dumps(dp_history)}
+    return event, metrics, dp, arrays
+
+
+def _noise_plan(spec: TrainSpec, rt: NodeRuntime, context: Any, history: list[Any],
+                cap: float, q: float, steps: int) -> dict[str, Any]:
+    """σ of DP-SGD and of the evaluations, fixed at the run's first round at this node and
+    kept in the run's context (a second run starts from what the ledger holds then)."""
+    state = context.state
+    plan = dict(state["bulle"]) if "bulle" in state else {}
+    if plan.get("job") == spec.job:
+        return plan
+    prior = RdpTotals()
+    for h in history:
+        if h.accepted:
+            prior.add(event_from_dict(h.event))
+    spent = prior.epsilon(spec.delta) if history else 0.0
+    available = min(spec.epsilon, cap - spent)
+    if available <= 0:
+        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
+                              f"project {spec.project!r} on {spec.table!r}")
+    sigma_eval = sigma_for_eval(spec.rounds + 1, spec.eval_share * available, spec.delta)
+    sigma = spec.noise_multiplier or calibrate(prior, cap, available, spec.delta, q, steps,
+                                               spec.rounds, sigma_eval)
+    if sigma is None:
+        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
+                              f"(ε={available:.4g}) cannot pay for {spec.rounds} rounds")
+    plan = {"job": spec.job, "sigma": float(sigma), "sigma_eval": float(sigma_eval),
+            "epsilon_available": float(available)}
+    from flwr.app import ConfigRecord
+
+    state["bulle"] = ConfigRecord(plan)
+    return plan
+
+
+def _dp_sgd(spec: TrainSpec, model: Any, view: View, sigma: float
+            ) -> tuple[list[tuple[float, float, int]], dict[str, np.ndarray]]:
+    """One round of DP-SGD (Opacus: Poisson sampling, per-sample clipping, noise)."""
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.from_numpy(view.x_train), torch.from_numpy(view.y_train))
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     engine = PrivacyEngine(accountant="rdp")
+    model.train()  # Opacus checks the mode
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=spec.max_grad_norm, poisson_sampling=True)
+        module=model, optimizer=optimizer, data_loader=DataLoader(data, spec.batch_size),
+        noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, poisson_sampling=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     for _ in range(spec.epochs):
@@ -587,35 +675,6 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], rnd: int, ru
             optimizer.zero_grad()
             loss_fn(model(xb), yb).backward()
             optimizer.step()
-    dp_history = [tuple(h) for h in engine.accountant.history]
-    state_dict = strip_opacus_prefix(model.state_dict())
-    arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state_dict.items()}
-
-    # Evaluation: a 2×bins histogram of predicted scores on held-out learners, plus the
-    # training-set size; one learner changes one cell by one (L2 sensitivity 1).
-    model.eval()
-    with torch.no_grad():
-        scores = torch.sigmoid(model(torch.from_numpy(view.x_eval))).numpy() \
-            if len(view.y_eval) else np.zeros(0)
-    cells = np.minimum((scores * spec.bins).astype(int), spec.bins - 1)
-    exact = np.zeros(2 * spec.bins + 1)
-    np.add.at(exact, view.y_eval.astype(int) * spec.bins + cells, 1.0)
-    exact[-1] = n
-    noisy = gaussian_noise(exact.tolist(), sigma_eval)
-    event = dpa.ComposedDpEvent([opacus_event(dp_history), gaussian_event(sigma_eval)])
-    planned = RdpTotals().plus(round_event(sigma, q, steps, sigma_eval)).epsilon(spec.delta)
-    run_events = [event_from_dict(h.event) for h in history
-                  if h.accepted and h.request_id.startswith(f"{run_id}:")]
-    run_eps = RdpTotals()
-    for e in [*run_events, event]:
-        run_eps.add(e)
-    metrics = {"hist": [float(v) for v in noisy[:-1]], "n_train_noisy": float(noisy[-1]),
-               "train_s": round(time.perf_counter() - started, 4)}
-    dp = {"node": rt.node_id, "sigma": sigma, "sample_rate": q,
-          "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
-          "delta": spec.delta, "epsilon_round_planned": planned,
-          "epsilon_run": run_eps.epsilon(spec.delta),
-          "epsilon_available": float(plan["epsilon_available"]),
-          "history": json.dumps(dp_history)}
-    return event, metrics, dp, arrays
-
+    history = [(float(a), float(b), int(c)) for a, b, c in engine.accountant.history]
+    state = strip_opacus_prefix(model.state_dict())
+    return history, {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()}

@@ -38,8 +38,10 @@ from privacy import RdpTotals, event_from_dict, generate_board_keys
 from tests._federation import TOKEN
 from tests._training import TrainingFed, start_training_federation
 
-FEATURES = ["assessment_type", "weight", "date", "date_submitted", "is_banked"]
+FEATURES = ["score", "assessment_type", "weight", "date", "date_submitted", "is_banked"]
 BOUNDS = {"weight": (0, 100), "date": (0, 300)}
+# tabular models see the mean of a learner's earlier submissions next to the next one
+TABULAR = {"join": ["assessments"], "bounds": BOUNDS, "order_by": "date_submitted"}
 TRACE = ["score", "assessment_type", "weight", "date_submitted", "is_banked"]
 
 
@@ -103,7 +105,7 @@ def test_spec_from_the_coordinator_is_checked_at_the_node() -> None:
     assert TrainSpec.parse(spec_dict()).n_features == 3
     bad = [spec_dict(model="resnet"), spec_dict(table="x; DROP"), spec_dict(rounds=10_000),
            spec_dict(label=["y", "~", 1]), spec_dict(features=[]), spec_dict(bins=5),
-           spec_dict(features=[{"name": "y", "kind": "num", "lo": 0, "hi": 1}]),
+           spec_dict(order_by="", features=[{"name": "y", "kind": "num", "lo": 0, "hi": 1}]),
            spec_dict(model="gru", order_by=""), spec_dict(noise_multiplier=0.01)]
     for raw in bad:
         with pytest.raises(TrainingRefused):
@@ -117,13 +119,18 @@ def test_view_has_one_example_per_learner() -> None:
             "y": np.array([0, 1, 1, 0, 1, None], dtype=object),
             "k": np.array([3, 1, 2, 1, 2, 1], dtype=object)}
     rng = np.random.default_rng(0)
-    tab = build_view(rows, TrainSpec.parse(spec_dict()), b"salt", rng)
-    assert len(tab.y_train) == 2  # units 1 and 2 (unit 3 has no label); one row each
+    one_row = build_view(rows, TrainSpec.parse(spec_dict(order_by="")), b"salt", rng)
+    assert one_row.x_train.shape == (2, 3)  # units 1 and 2 (unit 3 has no label): a row each
     seq = build_view(rows, TrainSpec.parse(spec_dict(model="gru")), b"salt", rng)
     assert seq.x_train.shape == (2, 3, 3)
     # unit 1 ordered by k: rows a=2 (k=1), a=3 (k=2), then a=1 (k=3) is the label row
     assert seq.y_train.tolist() == [0.0, 1.0]
     assert seq.x_train[0, :, 0].tolist() == pytest.approx([0.0, 0.2, 0.3])  # left-padded
+    summary = build_view(rows, TrainSpec.parse(spec_dict(
+        features=[{"name": "a", "kind": "num", "lo": 0, "hi": 10},
+                  {"name": "y", "kind": "num", "lo": 0, "hi": 1}])), b"salt", rng)
+    # mean of the earlier rows (a: 0.25, y: 1), then the last row with its label hidden
+    assert summary.x_train[0].tolist() == pytest.approx([0.25, 1.0, 0.1, 0.0])
 
 
 def test_noise_is_calibrated_to_the_budget_left() -> None:
@@ -245,7 +252,7 @@ def heldout_accuracy(fed: TrainingFed, info: dict[str, Any], state: dict[str, An
         xs.append(view.x_eval)
         ys.append(view.y_eval)
     x, y = np.concatenate(xs), np.concatenate(ys)
-    model = build_model(spec.model, spec.n_features, spec.hidden, dp=True)
+    model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
     model.load_state_dict(state)
     with torch.no_grad():
         scores = model(torch.from_numpy(x)).numpy()
@@ -284,41 +291,41 @@ def test_two_nodes_train_a_gru_on_learning_traces(fed: TrainingFed) -> None:
     acc, baseline, auc = heldout_accuracy(fed, res.info, res.state_dict, ["t1", "t2"])
     print(f"GRU, 2 nodes, ε={res.epsilon:.3g}: held-out accuracy {acc:.3f} (majority "
           f"{baseline:.3f}), AUC {auc:.3f}")
-    assert acc > baseline and auc > 0.65, (acc, baseline, auc)
+    assert acc > baseline + 0.05 and auc > 0.7, (acc, baseline, auc)
     # each node charged its ledger once per round, before releasing; audit agrees
     for node in ("t1", "t2"):
         audit = [e for e in audit_of(fed, node, job.id) if e.action == "train_released"]
-        assert len(audit) == 3
+        assert len(audit) == 4  # 3 rounds + the final model's evaluation
         charges = {h.request_id: h for h in fed.ledger(node).history("demo",
                                                                      "student_assessment")}
         assert {e.detail["request_id"] for e in audit} <= set(charges)
         assert all(charges[e.detail["request_id"]].accepted for e in audit)
     coord = [h for h in fed.coordinator.projects.ledger.history("demo", "*")
              if h.request_id.startswith(f"train:{job.id}:")]
-    assert len(coord) == 3 and all(h.accepted for h in coord)
+    assert len(coord) == 4 and all(h.accepted for h in coord)
+    assert res.metrics["accuracy"].notna().all()  # every released model was evaluated
 
 
 @pytest.mark.slow
 def test_three_nodes_train_an_mlp(fed: TrainingFed) -> None:
-    """MLP on one random submission per learner, 3 nodes (ε ≤ 3 composed)."""
+    """MLP over a summary of each learner's trace, 3 nodes (ε ≤ 2 composed)."""
     hub = connect(fed.url, TOKEN)
-    job = hub.train("mlp", "student_assessment", FEATURES, "score >= 80", rounds=2,
-                    epsilon=3.0, project="demo", join=["assessments"], bounds=BOUNDS,
-                    nodes=["t1", "t2", "t3"])
+    job = hub.train("mlp", "student_assessment", FEATURES, "score >= 70", rounds=2,
+                    epsilon=2.0, project="demo", nodes=["t1", "t2", "t3"], **TABULAR)
     res = job.result(timeout=240, progress=False)
     assert res.status == "finished" and sorted(res.epsilon_per_node) == ["t1", "t2", "t3"]
-    assert res.epsilon <= 3.0
+    assert res.epsilon <= 2.0
     acc, baseline, auc = heldout_accuracy(fed, res.info, res.state_dict, ["t1", "t2", "t3"])
     print(f"MLP, 3 nodes, ε={res.epsilon:.3g}: held-out accuracy {acc:.3f} (majority "
           f"{baseline:.3f}), AUC {auc:.3f}")
-    assert acc > baseline and auc > 0.55, (acc, baseline, auc)
+    assert acc > baseline + 0.05 and auc > 0.65, (acc, baseline, auc)
     assert set(res.metrics.columns) >= {"round", "accuracy", "auc", "epsilon", "epsilon_t3"}
 
 
 @pytest.mark.slow
 def test_a_second_run_starts_from_what_the_first_spent(fed: TrainingFed) -> None:
     hub = connect(fed.url, TOKEN)
-    kw = {"project": "carry", "join": ["assessments"], "bounds": BOUNDS, "nodes": ["t1"]}
+    kw = {"project": "carry", "nodes": ["t1"], **TABULAR}
     first = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=2,
                       epsilon=2.0, **kw).result(timeout=180, progress=False)
     spent_1 = fed.ledger("t1").spent("carry", "student_assessment")[0]
@@ -330,7 +337,7 @@ def test_a_second_run_starts_from_what_the_first_spent(fed: TrainingFed) -> None
     assert node_2["sigma"] > node_1["sigma"]  # only ~1 ε was left: more noise
     spent_2 = fed.ledger("t1").spent("carry", "student_assessment")[0]
     assert spent_1 < spent_2 <= 3.0 + 1e-9  # the grant's cap, over both runs
-    assert node_2["epsilon_spent"] == pytest.approx(spent_2)
+    assert second.info["rounds"][-1]["nodes"]["t1"]["epsilon_spent"] == pytest.approx(spent_2)
     with pytest.raises(BulleError) as err:  # nothing left for a third
         hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=1,
                   epsilon=0.5, **kw)
@@ -341,8 +348,8 @@ def test_a_second_run_starts_from_what_the_first_spent(fed: TrainingFed) -> None
 def test_budget_exhaustion_stops_at_the_round_that_would_overspend(fed: TrainingFed) -> None:
     hub = connect(fed.url, TOKEN)
     job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=8,
-                    epsilon=1.5, project="tight", join=["assessments"], bounds=BOUNDS,
-                    nodes=["t1"], noise_multiplier=1.2)
+                    epsilon=1.5, project="tight", nodes=["t1"], noise_multiplier=2.0,
+                    **TABULAR)
     s = job.wait(timeout=240, progress=False)
     assert s["status"] == "budget_exhausted" and "t1" in s["reason"]
     done = s["rounds_done"]
@@ -379,8 +386,8 @@ def test_a_node_that_dies_mid_round(fed: TrainingFed) -> None:
     the round timeout, and t3's ledger has nothing for a release that never happened."""
     hub = connect(fed.url, TOKEN)
     job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=3,
-                    epsilon=2.0, project="death", join=["assessments"], bounds=BOUNDS,
-                    nodes=["t1", "t2", "t3"], round_timeout_s=12)
+                    epsilon=2.0, project="death", nodes=["t1", "t2", "t3"],
+                    round_timeout_s=12, **TABULAR)
     res = job.result(timeout=240, progress=False)
     assert res.status == "finished" and len(res.metrics) == 3
     rounds = res.info["rounds"]
@@ -389,6 +396,7 @@ def test_a_node_that_dies_mid_round(fed: TrainingFed) -> None:
     assert sorted(rounds[2]["nodes"]) == ["t1", "t2"]
     t3 = fed.ledger("t3").history("death", "student_assessment")
     assert len(t3) == 1 and t3[0].request_id.endswith(":1:t3") and t3[0].accepted
+    assert res.metrics["accuracy"].notna().all()
     released = [e for e in audit_of(fed, "t3", job.id) if e.action == "train_released"]
     assert len(released) == 1
     coord = [h for h in fed.coordinator.projects.ledger.history("death", "*")
@@ -413,8 +421,8 @@ def test_a_tampered_app_is_refused_and_never_imported(fed: TrainingFed) -> None:
     trainer = fed.trainer
     spec, nodes = trainer._spec(fed.researcher, "tamper", {
         "model": "logreg", "table": "student_assessment", "features": FEATURES,
-        "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "join": ["assessments"],
-        "bounds": BOUNDS, "nodes": ["t1", "t2"], "round_timeout_s": 30})
+        "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "nodes": ["t1", "t2"],
+        "round_timeout_s": 30, **TABULAR})
     spec.update(job="tampered", out_dir=str(fed.tmp / "tampered"))
     client = trainer._control()
     try:
@@ -448,8 +456,7 @@ def test_what_the_coordinator_sees_of_one_nodes_update(fed: TrainingFed) -> None
     update — exactly the DP-SGD output the node charged to its ledger before it left."""
     hub = connect(fed.url, TOKEN)
     job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=1,
-                    epsilon=1.0, project="demo", join=["assessments"], bounds=BOUNDS,
-                    nodes=["t3"])
+                    epsilon=1.0, project="demo", nodes=["t3"], **TABULAR)
     res = job.result(timeout=180, progress=False)
     node = res.info["rounds"][0]["nodes"]["t3"]
     db = sqlite3.connect(fed.state("t3") / "training.sqlite")
@@ -461,7 +468,8 @@ def test_what_the_coordinator_sees_of_one_nodes_update(fed: TrainingFed) -> None
     kept = {}
     for rid, blob, _ in mine:
         with np.load(io.BytesIO(blob)) as z:
-            if all(np.allclose(z[k], res.state_dict[k].numpy()) for k in z.files):
+            if set(z.files) == set(res.state_dict) and all(
+                    np.allclose(z[k], res.state_dict[k].numpy()) for k in z.files):
                 kept[rid] = blob
     assert len(kept) == 1  # the coordinator's model = this node's released update
     (rid,) = kept
@@ -485,7 +493,7 @@ def test_training_refuses_what_the_grant_does_not_allow(fed: TrainingFed) -> Non
     assert err.value.code == "bad_request" and "bounds" in str(err.value)
     with pytest.raises(BulleError) as err:
         hub.train("logreg", "student_assessment", FEATURES, "score >= 80", project="demo",
-                  join=["assessments"], bounds=BOUNDS, epsilon=50.0)
+                  epsilon=50.0, **TABULAR)
     assert "grant" in str(err.value)
     # the Control API behind the fence: no token, no service
     r = httpx.post(f"https://127.0.0.1:{fed.superlink_port}/v1/control/list-runs",
