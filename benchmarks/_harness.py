@@ -47,11 +47,14 @@ TOKEN = "bench-token-0123456789"
 
 
 # -- data --------------------------------------------------------------------------------
-def gen_partitions(name: str, rows: int, parts: int = N_NODES) -> list[Path]:
+def gen_partitions(name: str, rows: int, parts: int = N_NODES,
+                   unit_rows: int = 0) -> list[Path]:
     """Write ``rows`` synthetic rows to ``parts`` Parquet files (cached by name and size).
 
     Columns: ``id`` BIGINT, ``grp`` VARCHAR (10 categories g0…g9), ``x`` DOUBLE in
     [0, 1000), ``k`` BIGINT in [0, 100). Row i goes to partition ``i % parts``.
+    With ``unit_rows`` > 0, also ``unit`` BIGINT (a privacy unit): ``unit_rows`` consecutive
+    rows of one partition share a unit, so every unit lives at exactly one node.
     """
     out = DATA / f"{name}_{rows}"
     paths = [out / f"part{i}.parquet" for i in range(parts)]
@@ -59,11 +62,13 @@ def gen_partitions(name: str, rows: int, parts: int = N_NODES) -> list[Path]:
         return paths
     out.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
+    unit = (f",\n        (range // {parts * unit_rows}) * {parts} + range % {parts} AS unit"
+            if unit_rows > 0 else "")
     con.execute(f"""CREATE TABLE src AS SELECT
         range AS id,
         'g' || CAST(hash(range) % 10 AS VARCHAR) AS grp,
         CAST(hash(range * 7 + 1) % 1000000 AS DOUBLE) / 1000.0 AS x,
-        CAST(hash(range * 13 + 5) % 100 AS BIGINT) AS k
+        CAST(hash(range * 13 + 5) % 100 AS BIGINT) AS k{unit}
         FROM range({int(rows)})""")
     for i, p in enumerate(paths):
         tmp = p.with_suffix(".tmp")
@@ -171,6 +176,15 @@ class Dataset:
     min_count: int = 0
     round_to: int = 1
     privacy_unit: str = ""
+    dominance: float | None = None  # None: the node's default
+    # sensitive tier (DP)
+    max_rows_per_unit: int = 0  # 0: the node's default
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    public_domains: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _toml_inline(d: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in d.items()) + " }"
 
 
 @dataclass
@@ -178,6 +192,8 @@ class Federation:
     datasets: list[Dataset]
     threads: int = 1
     http: bool = True
+    board_public_key: Path | None = None  # nodes and coordinator verify grants with it
+    projects: tuple[Any, ...] = ()  # ProjectConfig for the coordinator (sensitive tier)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bulle-bench-")))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
@@ -204,6 +220,8 @@ class Federation:
             dirs = [f"{key} = {_toml_str(self.workdir / sub / nid)}"
                     for key, sub in (("log_dir", "logs"), ("state_dir", "state"))
                     if key in node_keys]
+            if self.board_public_key is not None:
+                dirs.append(f"board_public_key = {_toml_str(self.board_public_key)}")
             lines = [f'node_id = "{nid}"', 'listen = "127.0.0.1:0"', *dirs, "",
                      "[tls]", f"cert = {_toml_str(certs / f'{nid}.pem')}",
                      f"key = {_toml_str(certs / f'{nid}.key')}",
@@ -218,6 +236,14 @@ class Federation:
                     lines += [f"min_count = {ds.min_count}", f"round_to = {ds.round_to}"]
                 if ds.privacy_unit:
                     lines.append(f'privacy_unit = "{ds.privacy_unit}"')
+                if ds.dominance is not None:
+                    lines.append(f"dominance = {float(ds.dominance)}")
+                if ds.max_rows_per_unit:
+                    lines.append(f"max_rows_per_unit = {ds.max_rows_per_unit}")
+                if ds.bounds:
+                    lines.append(f"bounds = {_toml_inline(ds.bounds)}")
+                if ds.public_domains:
+                    lines.append(f"public_domains = {_toml_inline(ds.public_domains)}")
                 lines.append("")
             cfg.write_text("\n".join(lines))
             err = (self.workdir / f"{nid}.stderr").open("wb")
@@ -235,6 +261,9 @@ class Federation:
         self.coord_has_state = "state_dir" in {f.name for f in dc_fields(CoordinatorConfig)}
         if self.coord_has_state:  # else the coordinator keeps its ledger under the cwd
             extra["state_dir"] = self.workdir / "coordinator-state"
+        if self.projects or self.board_public_key is not None:
+            extra["projects"] = self.projects
+            extra["board_public_key"] = self.board_public_key
         self.coord_config = CoordinatorConfig(
             listen="127.0.0.1:0", cert=certs / "bulle-coordinator.pem",
             key=certs / "bulle-coordinator.key", ca=certs / "ca.pem",

@@ -83,3 +83,26 @@ def input_width(model: str, features: list[dict[str, Any]], order_by: str) -> in
     learner's earlier rows next to the row to predict (twice the layout's width)."""
     width = n_features(features)
     return 2 * width if order_by and model not in SEQUENCE_MODELS else width
+
+
+def pack(state: dict[str, Any], template: dict[str, Any]) -> Any:
+    """All weights as one float32 vector, in the template's key order. One array per
+    message instead of one per tensor: every array is a separate object upload and
+    download through the SuperLink (each an HTTPS request)."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(state[k], dtype=np.float32).ravel() for k in template])
+
+
+def unpack(flat: Any, template: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``pack``: tensors shaped like the template's."""
+    out, at = {}, 0
+    for k, v in template.items():
+        n = int(v.numel())
+        if at + n > len(flat):
+            raise ValueError("the packed weights are shorter than the model")
+        out[k] = torch.from_numpy(flat[at:at + n].copy()).reshape(v.shape)
+        at += n
+    if at != len(flat):
+        raise ValueError("the packed weights are longer than the model")
+    return out

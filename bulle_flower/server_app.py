@@ -27,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from bulle_flower.models import build_model, input_width
+from bulle_flower.models import build_model, input_width, pack, unpack
 
 app = ServerApp()
 POLL_S = float(os.environ.get("BULLE_SERVERAPP_POLL_S", "0.05"))
@@ -157,7 +157,8 @@ def _train(grid: Grid, spec: dict[str, Any], progress: _Progress) -> None:
     torch.manual_seed(int(spec.get("seed", 0)))
     width = input_width(spec["model"], spec["features"], spec["order_by"])
     model = build_model(spec["model"], width, int(spec["hidden"]))
-    arrays = ArrayRecord(model.state_dict())
+    template = model.state_dict()
+    arrays = ArrayRecord({"w": torch.from_numpy(pack(template, template))})
     active = {k: int(v) for k, v in spec["nodes"].items()}  # minus nodes that failed
     node_spec, run_id = _node_spec(spec), grid.run.run_id
     bins, timeout = int(spec["bins"]), float(spec["round_timeout_s"])
@@ -192,10 +193,11 @@ def _train(grid: Grid, spec: dict[str, Any], progress: _Progress) -> None:
         nodes_out, total_hist = _node_records(ok, delays, bins)
         record.update(released=True, nodes=nodes_out, **hist_metrics(list(total_hist), bins))
         if train:
-            states = [{k: v.numpy() for k, v in ok[n]["arrays"].items()} for n in sorted(ok)]
+            states = [{"w": ok[n]["arrays"]["w"].numpy()} for n in sorted(ok)]
             weights = [max(float(nodes_out[n]["n_train_noisy"]), 1.0) for n in sorted(ok)]
-            state = fedavg(states, weights)
-            arrays = ArrayRecord(state)
+            packed = fedavg(states, weights)
+            arrays = ArrayRecord(packed)
+            state = unpack(packed["w"].numpy(), template)
             record.update(model_file=progress.save_model(rnd, state),
                           train_s=max(float(n["train_s"]) for n in nodes_out.values()))
             done = rnd

@@ -29,6 +29,8 @@ HUB_ACCOUNTS = {"demo-researcher": "researcher", "other-researcher": "researcher
                 "demo-board": "ethics-board", "demo-operator": "node-operator",
                 "demo-admin": "admin"}
 HUB_PORTS = ("hub", "hub-api", "hub-proxy-api")
+# DP training (issue 6): the coordinator's SuperLink, and the nodes that run a SuperNode
+TRAINING_NODES = ("vendor-a", "vendor-b")
 EXAMPLE = ("SELECT school, sex, COUNT(*) AS pupils, AVG(g3) AS mean_final_grade "
            "FROM lycee_students GROUP BY school, sex ORDER BY school, sex")
 
@@ -119,19 +121,23 @@ class Demo:
         (self.state / "logs").mkdir(exist_ok=True)
         from federation._certs import make_certs
 
-        make_certs(self.state / "certs", list(NODES))
+        make_certs(self.state / "certs", [*NODES, "bulle-superlink"])
         self._board()
         previous = self.info().get("ports", {})
         ports = {name: _free_port(previous.get(name))
-                 for name in (*NODES, "coordinator", *HUB_PORTS)}
+                 for name in (*NODES, "coordinator", *HUB_PORTS, "superlink")}
         env = {**os.environ, "BULLE_DATA": str(self.data), "BULLE_DEMO_STATE": str(self.state)}
         pids: dict[str, int] = {}
         started = time.monotonic()
         try:
+            self._superlink(ports, env, pids)  # before the nodes: their SuperNodes dial it
             for name in NODES:
+                flower = (["--superlink", f"127.0.0.1:{ports['superlink']}"]
+                          if name in TRAINING_NODES else [])
                 pids[name] = self._spawn(name, ["node", "serve", "--config",
                                                 str(NODE_CONFIGS / f"{name}.toml"),
-                                                "--listen", f"127.0.0.1:{ports[name]}"], env)
+                                                "--listen", f"127.0.0.1:{ports[name]}",
+                                                *flower], env)
                 self.pids_file.write_text(json.dumps(pids))
             for name in NODES:
                 self._wait(name, pids[name], ports[name], 120)
@@ -219,6 +225,13 @@ class Demo:
         # grants with the demo board key; in production that key stays with the board.
         at = next(i for i, line in enumerate(lines) if line.startswith("board_public_key"))
         lines.insert(at + 1, f'board_private_key = "{board / "board_ed25519.pem"}"')
+        lines += ["", "[training]", f'superlink = "127.0.0.1:{ports["superlink"]}"',
+                  f'root_certificates = "{certs / "ca.pem"}"',
+                  f'control_token_file = "{self.state / "superlink" / "control.token"}"',
+                  f'work_dir = "{self.state / "coordinator" / "training"}"',
+                  "node_keys = { " + ", ".join(
+                      f'"{n}" = "{self.state / "flower" / (n + ".pub")}"'
+                      for n in TRAINING_NODES) + " }"]
         lines += ["", "[hub]", f'api_url = "http://127.0.0.1:{ports["hub-api"]}/hub/api"',
                   f'public_url = "http://127.0.0.1:{ports["hub"]}"', 'service_name = "bulle"',
                   f'api_token_file = "{self._service_token()}"', "cache_s = 5"]
@@ -322,3 +335,28 @@ class Demo:
             if time.monotonic() > deadline or not _alive(proc.pid):
                 raise RuntimeError("the hub did not answer within 90 s; see logs/hub.log")
             time.sleep(0.2)
+
+    # -- DP training ------------------------------------------------------------------
+    def _superlink(self, ports: dict[str, int], env: dict[str, str],
+                   pids: dict[str, int]) -> None:
+        """The coordinator's Flower SuperLink (fenced Control API), and the training nodes'
+        SuperNode keys, registered before the nodes start (an unknown key is refused)."""
+        from federation._superlink import control_client, control_token, register_nodes
+        from nodes._flower import make_flower_key
+
+        certs, sl = self.state / "certs", self.state / "superlink"
+        token_file = sl / "control.token"
+        keys = {n: make_flower_key(self.state / "flower" / f"{n}.key") for n in TRAINING_NODES}
+        pids["superlink"] = self._spawn("superlink", [
+            "coordinator", "superlink", "--state", str(sl), "--port", str(ports["superlink"]),
+            "--cert", str(certs / "bulle-superlink.pem"),
+            "--key", str(certs / "bulle-superlink.key"), "--ca", str(certs / "ca.pem"),
+            "--control-token-file", str(token_file)], env)
+        self.pids_file.write_text(json.dumps(pids))
+        self._wait("superlink", pids["superlink"], ports["superlink"], 60)
+        client = control_client(f"127.0.0.1:{ports['superlink']}", certs / "ca.pem",
+                                control_token(token_file))
+        try:
+            register_nodes(client, {n: k for n, k in keys.items()})
+        finally:
+            client.close()

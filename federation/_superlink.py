@@ -85,6 +85,10 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--key", required=True, type=Path)
     parser.add_argument("--ca", required=True, type=Path)
     parser.add_argument("--control-token-file", required=True, type=Path)
+    parser.add_argument("--database", default=":flwr-in-memory:",
+                        help="LinkState database (default: in memory — an SQLite file costs "
+                        "a commit per message object, seconds per round; node keys are "
+                        "registered again by the coordinator after a restart)")
     args = parser.parse_args(argv)
     args.state.mkdir(parents=True, exist_ok=True)
     token = control_token(args.control_token_file)
@@ -95,7 +99,10 @@ def serve(argv: list[str]) -> int:
     os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     import flwr.superlink.main as superlink_main
+    from flwr.supercore.logger import update_console_handler
     from flwr.superlink.cli import flower_superlink
+
+    update_console_handler(timestamps=True, colored=False)
 
     create_app = superlink_main.create_app
 
@@ -108,7 +115,7 @@ def serve(argv: list[str]) -> int:
     sys.argv = ["flower-superlink", "--ssl-ca-certfile", str(args.ca),
                 "--ssl-certfile", str(args.cert), "--ssl-keyfile", str(args.key),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                "--database", str(args.state / "superlink.db"),
+                "--database", str(args.database),
                 "--host", args.host, "--port", str(args.port)]
     flower_superlink()
     return 0

@@ -170,15 +170,15 @@ class Trainer:
                               control_token(s.control_token_file))
 
     def flower_ids(self) -> dict[str, int]:
-        """Node id → Flower node id; registers the nodes' keys with the SuperLink once."""
-        if self._flower_ids is None:
-            from federation._superlink import register_nodes
+        """Node id → Flower node id. Registers the nodes' keys (idempotent): each time, as
+        an in-memory SuperLink forgets them when it restarts."""
+        from federation._superlink import register_nodes
 
-            client = self._control()
-            try:
-                self._flower_ids = register_nodes(client, self.settings.node_keys)
-            finally:
-                client.close()
+        client = self._control()
+        try:
+            self._flower_ids = register_nodes(client, self.settings.node_keys)
+        finally:
+            client.close()
         return self._flower_ids
 
     # -- requests -----------------------------------------------------------------------

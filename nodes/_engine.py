@@ -18,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
@@ -86,7 +87,8 @@ class NodeEngine:
                     raise ConfigError(f"dataset {ds.table!r}: bounds on non-numeric {col!r}")
             self.meta[ds.table] = TableMeta(ds.table, ds.tier, columns, ds.privacy_unit, domains,
                                             ds.min_count, ds.round_to, ds.dominance,
-                                            dict(ds.bounds), ds.max_rows_per_unit)
+                                            dict(ds.bounds), ds.max_rows_per_unit,
+                                            _max_unit_rows(self._con, ds))
             self._buckets[ds.table] = row_count_bucket(n)
             self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
             log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
@@ -205,6 +207,16 @@ class NodeEngine:
                 os._exit(86)
             self.guard.store(plan.request_id, result)
         return Execution(result, out.num_rows, time.perf_counter() - started)
+
+
+def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:
+    """The most rows one unit has (sensitive tables): lets DP plans skip the per-unit rank."""
+    if ds.tier != "sensitive" or not ds.privacy_unit:
+        return 0
+    unit = exp.to_identifier(ds.privacy_unit, quoted=True).sql("duckdb")
+    table = exp.to_identifier(ds.table, quoted=True).sql("duckdb")
+    return int(con.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM {table} "
+                       f"GROUP BY {unit})").fetchall()[0][0])
 
 
 def _public_engine_error(e: duckdb.Error) -> str:

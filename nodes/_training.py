@@ -21,6 +21,7 @@ and every round is charged to this node's ledger *before* anything leaves:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,14 @@ from typing import Any
 import dp_accounting as dpa
 import numpy as np
 
-from bulle_flower.models import MODELS, SEQUENCE_MODELS, build_model, strip_opacus_prefix
+from bulle_flower.models import (
+    MODELS,
+    SEQUENCE_MODELS,
+    build_model,
+    pack,
+    strip_opacus_prefix,
+    unpack,
+)
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import PlanRefused
 from nodes._config import NodeConfig
@@ -267,38 +275,38 @@ def fetch_rows(cursor: Any, spec: TrainSpec, unit: str, where: dict[str, str]) -
             for name in table.column_names}
 
 
+def _floats(v: np.ndarray) -> np.ndarray:
+    """A column as float64, NULL → NaN (vectorised: columns are tens of thousands long)."""
+    if v.dtype.kind in "iuf":
+        return v.astype(np.float64)
+    import pandas as pd
+
+    return pd.to_numeric(pd.Series(v, dtype=object), errors="coerce").to_numpy(np.float64)
+
+
 def encode(rows: dict[str, Any], features: tuple[Feature, ...]) -> np.ndarray:
     """Feature matrix: numbers clamped and scaled to [0, 1] (NULL → 0), categories one-hot."""
+    import pandas as pd
+
     blocks = []
     for f in features:
         v = rows[f.name]
         if f.kind == "num":
-            x = np.array([np.nan if a is None else float(a) for a in v], dtype=np.float64)
-            x = np.clip((x - f.lo) / (f.hi - f.lo), 0.0, 1.0)
+            x = np.clip((_floats(v) - f.lo) / (f.hi - f.lo), 0.0, 1.0)
             blocks.append(np.nan_to_num(x, nan=0.0)[:, None])
         else:
-            s = np.array(["" if a is None else str(a) for a in v], dtype=object)
+            s = pd.Series(v, dtype=object)
+            s = s.where(s.notna(), "").astype(str).to_numpy()
             blocks.append(np.stack([(s == c) for c in f.values], axis=1).astype(np.float64))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
 def label_of(rows: dict[str, Any], label: tuple[str, str, float]) -> np.ndarray:
     col, op, value = label
-    raw = np.array([np.nan if a is None else float(a) for a in rows[col]], dtype=np.float64)
+    raw = _floats(rows[col])
     out = _OPS[op](raw, value).astype(np.float32)
     out[np.isnan(raw)] = np.nan  # no label: the row cannot be used
     return out
-
-
-def _columns_of(spec: TrainSpec, name: str) -> np.ndarray:
-    """Positions, in an encoded row, of the feature(s) named ``name``."""
-    out, at = [], 0
-    for f in spec.features:
-        width = len(f.values) if f.kind == "cat" else 1
-        if f.name == name:
-            out.extend(range(at, at + width))
-        at += width
-    return np.array(out, dtype=int)
 
 
 def eval_mask(units: np.ndarray, salt: bytes, fraction: float) -> np.ndarray:
@@ -319,39 +327,49 @@ def build_view(rows: dict[str, Any], spec: TrainSpec, salt: bytes,
     x_all = encode(rows, spec.features)
     y_all = label_of(rows, spec.label)
     units = rows["__unit"]
-    keep = ~np.isnan(y_all) & np.array([u is not None for u in units])
+    keep = ~np.isnan(y_all) & ~np.array([u is None for u in units])
     x_all, y_all, units = x_all[keep], y_all[keep], units[keep]
     if spec.order_by:
-        order = np.array([np.nan if a is None else float(a) for a in rows[spec.order_by]])[keep]
+        order = _floats(rows[spec.order_by])[keep]
         idx = np.lexsort((np.nan_to_num(order, nan=np.inf), units))
         x_all, y_all, units = x_all[idx], y_all[idx], units[idx]
         starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
         ends = np.r_[starts[1:], len(units)]
         ok = ends - starts >= 2  # a trace and a next step to predict
         starts, ends = starts[ok], ends[ok]
-        d = x_all.shape[1]
+        last = ends - 1  # the row to predict; before it, at most max_len rows
+        first = np.maximum(starts, last - spec.max_len)
         if spec.model in SEQUENCE_MODELS:
-            x = np.zeros((len(starts), spec.max_len, d), dtype=np.float32)
+            pos = last[:, None] - spec.max_len + np.arange(spec.max_len)[None, :]
+            real = pos >= first[:, None]  # left-padded: the GRU ends on real data
+            x = np.where(real[..., None], x_all[np.maximum(pos, 0)], 0.0).astype(np.float32)
         else:
-            x = np.zeros((len(starts), 2 * d), dtype=np.float32)
-            hidden = _columns_of(spec, spec.label[0])  # the label's own value, last row
-        for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
-            steps = x_all[max(s, e - 1 - spec.max_len):e - 1]  # the last max_len before the end
-            if spec.model in SEQUENCE_MODELS:
-                x[i, spec.max_len - len(steps):] = steps  # left-padded: the GRU ends on data
-            else:
-                x[i, :d] = steps.mean(axis=0)
-                x[i, d:] = x_all[e - 1]
-                x[i, d + hidden] = 0.0
-        y = y_all[ends - 1]
+            cum = np.vstack([np.zeros((1, x_all.shape[1])), np.cumsum(x_all, axis=0,
+                                                                       dtype=np.float64)])
+            mean = (cum[last] - cum[first]) / (last - first)[:, None]
+            current = x_all[last].copy()
+            current[:, _columns_of(spec, spec.label[0])] = 0.0  # the label's own value
+            x = np.concatenate([mean, current], axis=1).astype(np.float32)
+        y = y_all[last]
         unit_ids = units[starts]
     else:
         perm = rng.permutation(len(units))
-        _, first = np.unique(units[perm], return_index=True)
-        pick = perm[first]
+        _, first_seen = np.unique(units[perm], return_index=True)
+        pick = perm[first_seen]
         x, y, unit_ids = x_all[pick], y_all[pick], units[pick]
     held = eval_mask(unit_ids, salt, spec.eval_fraction)
     return View(x[~held], y[~held], x[held], y[held])
+
+
+def _columns_of(spec: TrainSpec, name: str) -> np.ndarray:
+    """Positions, in an encoded row, of the feature(s) named ``name``."""
+    out, at = [], 0
+    for f in spec.features:
+        width = len(f.values) if f.kind == "cat" else 1
+        if f.name == name:
+            out.extend(range(at, at + width))
+        at += width
+    return np.array(out, dtype=int)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -542,9 +560,13 @@ def _reply(msg: Any, arrays: dict[str, np.ndarray], metrics: dict, dp: dict) -> 
         metrics = {**metrics, "queue_s": TIMES["forked"] - float(msg.metadata.created_at),
                    "pull_s": TIMES.get("pulled", now) - TIMES["forked"],
                    "task_s": now - TIMES["forked"]}
+        marks = ["pulled", "started", "fetched", "view", "evaluated", "trained"]
+        for a, b in itertools.pairwise(marks):
+            if a in TIMES and b in TIMES:
+                metrics[f"t_{b}_s"] = TIMES[b] - TIMES[a]
 
     content = RecordDict({
-        "arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+        "arrays": ArrayRecord({"w": torch.from_numpy(pack(arrays, arrays))} if arrays else {}),
         "metrics": MetricRecord(metrics),
         "dp": ConfigRecord(dp),
     })
@@ -559,6 +581,7 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     import torch
 
     started = time.perf_counter()
+    TIMES["started"] = time.time()
     # A forked child inherits its parent's RNG state: re-seed from the OS, or every task
     # would draw the same DP noise.
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
@@ -566,20 +589,20 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     salt = node_salt(rt.state_dir)
     meta = rt.engine.meta[spec.table]
     rows = fetch_rows(rt.engine.cursor(), spec, meta.privacy_unit, where)
+    TIMES["fetched"] = time.time()
     view_seed = int.from_bytes(hashlib.sha256(salt + run_id.encode()).digest()[:8], "big")
     view = build_view(rows, spec, salt, np.random.default_rng(view_seed))
+    TIMES["view"] = time.time()
     n = len(view.y_train)
     if n < 2 * spec.batch_size and n < 100:
         raise TrainingRefused("too_small", "too few learners at this node for DP training")
-    steps_epoch = steps_per_epoch(n, spec.batch_size)
-    q, steps = 1.0 / steps_epoch, steps_epoch * spec.epochs
-    plan = _noise_plan(spec, rt, context, history, cap, q, steps)
-    sigma, sigma_eval = float(plan["sigma"]), float(plan["sigma_eval"])
+    plan, prior = _noise_plan(spec, rt, context, history, cap)
+    sigma_eval = float(plan["sigma_eval"])
 
     model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
     try:
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    except (KeyError, RuntimeError) as e:
+        model.load_state_dict(unpack(msg.content["arrays"]["w"].numpy(), model.state_dict()))
+    except (KeyError, RuntimeError, ValueError) as e:
         raise TrainingRefused("bad_spec", f"the global weights do not fit the model ({e})") \
             from None
     # Evaluation of the global model: a 2×bins histogram of its scores on held-out learners
@@ -598,9 +621,14 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     events: list[dpa.DpEvent] = [gaussian_event(sigma_eval)]
     arrays: dict[str, np.ndarray] = {}
     dp_history: list[tuple[float, float, int]] = []
+    TIMES["evaluated"] = time.time()
     if train:
-        dp_history, arrays = _dp_sgd(spec, model, view, sigma)
+        if "sigma" not in plan:  # the run's first round here: the sampling plan
+            _sampling_plan(spec, rt, plan, prior, cap, float(noisy[-1]), context)
+        dp_history, arrays = _dp_sgd(spec, model, view, float(plan["sigma"]),
+                                     int(plan["steps_epoch"]))
         events.insert(0, opacus_event(dp_history))
+    TIMES["trained"] = time.time()
     event = dpa.ComposedDpEvent(events)
     run_eps = RdpTotals()
     for h in history:
@@ -611,7 +639,8 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
                "train_s": round(time.perf_counter() - started, 4)}
     if train:
         metrics["n_train_noisy"] = float(noisy[-1])
-    dp = {"node": rt.node_id, "sigma": sigma if train else 0.0, "sample_rate": q,
+    dp = {"node": rt.node_id, "sigma": float(plan.get("sigma", 0.0)) if train else 0.0,
+          "sample_rate": 1.0 / float(plan.get("steps_epoch", 1)),
           "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
           "delta": spec.delta,
           "epsilon_round_planned": RdpTotals().plus(event).epsilon(spec.delta),
@@ -622,52 +651,65 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
 
 
 def _noise_plan(spec: TrainSpec, rt: NodeRuntime, context: Any, history: list[Any],
-                cap: float, q: float, steps: int) -> dict[str, Any]:
-    """σ of DP-SGD and of the evaluations, fixed at the run's first round at this node and
-    kept in the run's context (a second run starts from what the ledger holds then)."""
-    state = context.state
-    plan = dict(state["bulle"]) if "bulle" in state else {}
-    if plan.get("job") == spec.job:
-        return plan
+                cap: float) -> tuple[dict[str, Any], RdpTotals]:
+    """The run's budget at this node (kept in the run's context: a second run starts from
+    what the ledger holds when it starts) and σ of the evaluations."""
     prior = RdpTotals()
     for h in history:
         if h.accepted:
             prior.add(event_from_dict(h.event))
+    state = context.state
+    plan = dict(state["bulle"]) if "bulle" in state else {}
+    if plan.get("job") == spec.job:
+        return plan, prior
     spent = prior.epsilon(spec.delta) if history else 0.0
     available = min(spec.epsilon, cap - spent)
     if available <= 0:
         raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
                               f"project {spec.project!r} on {spec.table!r}")
-    sigma_eval = sigma_for_eval(spec.rounds + 1, spec.eval_share * available, spec.delta)
-    sigma = spec.noise_multiplier or calibrate(prior, cap, available, spec.delta, q, steps,
-                                               spec.rounds, sigma_eval)
-    if sigma is None:
-        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
-                              f"(ε={available:.4g}) cannot pay for {spec.rounds} rounds")
-    plan = {"job": spec.job, "sigma": float(sigma), "sigma_eval": float(sigma_eval),
-            "epsilon_available": float(available)}
+    plan = {"job": spec.job, "epsilon_available": float(available),
+            "sigma_eval": sigma_for_eval(spec.rounds + 1, spec.eval_share * available,
+                                         spec.delta)}
+    return plan, prior
+
+
+def _sampling_plan(spec: TrainSpec, rt: NodeRuntime, plan: dict[str, Any], prior: RdpTotals,
+                   cap: float, n_noisy: float, context: Any) -> None:
+    """Steps per epoch and σ of DP-SGD, fixed at the run's first round. The sampling rate
+    comes from the *noisy* training-set size released in that round, so that q and the
+    step count, which travel in clear for the accounting, never reveal the exact count."""
     from flwr.app import ConfigRecord
 
-    state["bulle"] = ConfigRecord(plan)
-    return plan
+    steps_epoch = max(1, round(max(n_noisy, spec.batch_size) / spec.batch_size))
+    sigma = spec.noise_multiplier or calibrate(
+        prior, cap, float(plan["epsilon_available"]), spec.delta, 1.0 / steps_epoch,
+        steps_epoch * spec.epochs, spec.rounds, float(plan["sigma_eval"]))
+    if sigma is None:
+        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
+                              f"(ε={plan['epsilon_available']:.4g}) cannot pay for "
+                              f"{spec.rounds} rounds")
+    plan.update(sigma=float(sigma), steps_epoch=int(steps_epoch))
+    context.state["bulle"] = ConfigRecord(plan)
 
 
-def _dp_sgd(spec: TrainSpec, model: Any, view: View, sigma: float
+def _dp_sgd(spec: TrainSpec, model: Any, view: View, sigma: float, steps_epoch: int
             ) -> tuple[list[tuple[float, float, int]], dict[str, np.ndarray]]:
-    """One round of DP-SGD (Opacus: Poisson sampling, per-sample clipping, noise)."""
+    """One round of DP-SGD (Opacus: Poisson sampling at q = 1/steps_epoch, per-sample
+    clipping, Gaussian noise)."""
     import torch
     from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
 
     data = TensorDataset(torch.from_numpy(view.x_train), torch.from_numpy(view.y_train))
+    loader = DPDataLoader(data, sample_rate=1.0 / steps_epoch)  # len = steps_epoch
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)
     engine = PrivacyEngine(accountant="rdp")
     model.train()  # Opacus checks the mode
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=DataLoader(data, spec.batch_size),
-        noise_multiplier=sigma, max_grad_norm=spec.max_grad_norm, poisson_sampling=True)
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=spec.max_grad_norm, poisson_sampling=False)  # already Poisson
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    model.train()
     for _ in range(spec.epochs):
         for xb, yb in loader:
             if len(xb) == 0:  # Poisson sampling can give an empty batch (TRAPS.md)

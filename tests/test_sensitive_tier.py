@@ -437,3 +437,26 @@ def test_sdk_budget_and_epsilon(dp_fed) -> None:
         assert after["epsilon_remaining"] < before["epsilon_remaining"]
         report = hub._check(hub._http.get("/v1/budget", params={"report": True}))
         assert 0 < report["epsilon_spent_pld"] <= report["epsilon_spent"] * 1.01
+
+
+def test_per_unit_rank_only_when_a_unit_can_exceed_its_bound(dp_fed) -> None:
+    """The node skips the (costly) per-unit rank when load-time data shows no unit has more
+    rows than max_rows_per_unit and no join can multiply rows; otherwise it keeps it."""
+    from dataclasses import replace as with_
+
+    from nodes._compile import compile_plan
+
+    engine = dp_fed.engines["v1"]
+    meta = engine.meta["student_assessment"]
+    assert meta.max_unit_rows > 0
+    plan = _dp_plan(dp_fed, "unused", "rank-check")
+    for most, expect_rank in ((meta.max_rows_per_unit, False),
+                              (meta.max_rows_per_unit + 1, True), (0, True)):
+        catalog = {**engine.meta, "student_assessment": with_(meta, max_unit_rows=most)}
+        sql = compile_plan(plan, catalog, 1000).sql.upper()
+        assert ("ROW_NUMBER" in sql) is expect_rank, (most, sql)
+    joined = plan_query(parse("SELECT COUNT(*) FROM student_assessment s JOIN assessments a "
+                              "USING (id_assessment)", dp_fed.coordinator.schema())).plan
+    joined.privacy.epsilon = 1.0
+    catalog = {**engine.meta, "student_assessment": with_(meta, max_unit_rows=1)}
+    assert "ROW_NUMBER" in compile_plan(joined, catalog, 1000).sql.upper()

@@ -19,6 +19,7 @@ COPY privacy ./privacy
 COPY nodes ./nodes
 COPY federation ./federation
 COPY enclave ./enclave
+COPY bulle_flower ./bulle_flower
 RUN pip install /src "jupyterlab==4.6.6"
 
 FROM python:3.11.14-slim-bookworm
