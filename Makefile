@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-down test lint install stubs bench clean
+.PHONY: demo demo-down test lint install stubs bench clean fab-hash
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 
 lint: install
 	$(PY) -m ruff check .
+
+# Release hash of the DP-training Flower app: nodes run only this FAB (tests check drift).
+fab-hash: install
+	$(PY) -m bulle_flower._fab > bulle_flower/fab.sha256
 
 stubs: install
 	$(PY) -m federation.proto._codegen

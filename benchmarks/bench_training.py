@@ -45,7 +45,6 @@ def _load() -> str:
 
 def _views(model: str, modules: tuple[str, ...], tmp: Path) -> Any:
     """The training view a node builds, for ``modules`` of OULAD, in this process."""
-    from bulle_flower.models import n_features  # noqa: F401
     from federation._certs import make_certs
     from nodes._config import load_node_config
     from nodes._engine import NodeEngine

@@ -62,3 +62,13 @@ def build_fab() -> bytes:
 def fab_sha256() -> str:
     """sha256 (hex) of ``build_fab()``: the only FAB a node of this install will run."""
     return hashlib.sha256(build_fab()).hexdigest()
+
+
+def released_sha256() -> str:
+    """The hash recorded at release time (``make fab-hash`` writes ``fab.sha256``; a test
+    fails when the code and the recorded hash drift apart)."""
+    return (PACKAGE / "fab.sha256").read_text().strip()
+
+
+if __name__ == "__main__":  # python -m bulle_flower._fab > bulle_flower/fab.sha256
+    print(fab_sha256())

@@ -6,6 +6,8 @@
   ``df.bulle`` accessor gives per-value metadata (``df.bulle.suppressed``, ``.notes``).
 - ``Hub.budget()``, ``Hub.projects()``, ``Hub.submit_project(...)``: ε left, your projects,
   a new project for the ethics board.
+- ``Hub.train(model, table, features, label, rounds=…, epsilon=…)`` → a training job
+  (DP federated training): ``job.result()`` (weights, noisy metrics, ε), ``job.cancel()``.
 - ``BulleError``: a refused or failed query, with a ``code``.
 """
 

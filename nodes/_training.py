@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import re
 import secrets
 import sqlite3
 import time
@@ -37,154 +36,25 @@ from typing import Any
 import dp_accounting as dpa
 import numpy as np
 
-from bulle_flower.models import (
-    MODELS,
-    SEQUENCE_MODELS,
-    build_model,
-    pack,
-    strip_opacus_prefix,
-    unpack,
-)
+from bulle_flower.models import build_model, pack, strip_opacus_prefix, unpack
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import PlanRefused
 from nodes._config import NodeConfig
 from nodes._guard import PrivacyGuard
+from nodes._trainview import (
+    SIGMA_RANGE,
+    TrainingRefused,
+    TrainSpec,
+    View,
+    build_view,
+    check_spec,
+    fetch_rows,
+)
 from privacy import RdpTotals, event_from_dict, gaussian_event, gaussian_noise, opacus_event
 
-LIMITS = {"rounds": 200, "epochs": 20, "batch_size": 4096, "hidden": 256, "max_len": 64,
-          "features": 256, "bins": 50}
-_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less,
-        "=": np.equal, "!=": np.not_equal}
-SIGMA_RANGE = (0.5, 200.0)
-
-
-class TrainingRefused(Exception):
-    """The node will not train (or release) this round; the message is safe to send."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-# ------------------------------------------------------------------------------ the spec
-
-
-@dataclass(frozen=True)
-class Feature:
-    name: str
-    kind: str  # "num" (scaled to [0, 1] within lo..hi) or "cat" (one-hot over values)
-    lo: float = 0.0
-    hi: float = 1.0
-    values: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    job: str
-    project: str
-    researcher: str
-    grant: str
-    model: str
-    hidden: int
-    table: str
-    joins: tuple[tuple[str, str], ...]  # (open table, join column)
-    features: tuple[Feature, ...]
-    label: tuple[str, str, float]  # (column, operator, threshold)
-    order_by: str
-    max_len: int
-    rounds: int
-    epochs: int
-    batch_size: int
-    lr: float
-    max_grad_norm: float
-    epsilon: float
-    delta: float
-    noise_multiplier: float | None
-    eval_fraction: float
-    eval_share: float
-    bins: int
-
-    @property
-    def n_features(self) -> int:
-        """Width of one encoded row."""
-        return sum(len(f.values) if f.kind == "cat" else 1 for f in self.features)
-
-    @property
-    def input_width(self) -> int:
-        """Width of the model's input (``bulle_flower.models.input_width``)."""
-        ordered = self.order_by and self.model not in SEQUENCE_MODELS
-        return 2 * self.n_features if ordered else self.n_features
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> TrainSpec:
-        """Validate a spec received from the coordinator (limits, names, types)."""
-        try:
-            def name(v: Any) -> str:
-                if not isinstance(v, str) or not _NAME.match(v):
-                    raise ValueError(f"invalid name {str(v)[:40]!r}")
-                return v
-
-            def bounded(key: str, lo: float, hi: float) -> float:
-                v = float(raw[key])
-                if not (lo <= v <= hi) or math.isnan(v):
-                    raise ValueError(f"{key} must be in [{lo}, {hi}]")
-                return v
-
-            feats = []
-            for f in raw["features"]:
-                if f["kind"] == "num":
-                    lo, hi = float(f["lo"]), float(f["hi"])
-                    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                        raise ValueError(f"feature {f['name']!r}: bounds must be lo < hi")
-                    feats.append(Feature(name(f["name"]), "num", lo, hi))
-                elif f["kind"] == "cat":
-                    values = tuple(str(v)[:200] for v in f["values"])
-                    if not values or len(values) > LIMITS["features"]:
-                        raise ValueError(f"feature {f['name']!r}: bad category list")
-                    feats.append(Feature(name(f["name"]), "cat", values=values))
-                else:
-                    raise ValueError("feature kind must be num or cat")
-            col, op, value = raw["label"]
-            if op not in _OPS:
-                raise ValueError(f"label operator must be one of {', '.join(_OPS)}")
-            nm = raw.get("noise_multiplier")
-            spec = cls(
-                job=str(raw["job"])[:64], project=str(raw["project"]),
-                researcher=str(raw["researcher"]), grant=str(raw["grant"]),
-                model=str(raw["model"]), hidden=int(bounded("hidden", 1, LIMITS["hidden"])),
-                table=name(raw["table"]),
-                joins=tuple((name(t), name(c)) for t, c in raw.get("joins", [])),
-                features=tuple(feats), label=(name(col), op, float(value)),
-                order_by=name(raw["order_by"]) if raw.get("order_by") else "",
-                max_len=int(bounded("max_len", 2, LIMITS["max_len"])),
-                rounds=int(bounded("rounds", 1, LIMITS["rounds"])),
-                epochs=int(bounded("epochs", 1, LIMITS["epochs"])),
-                batch_size=int(bounded("batch_size", 1, LIMITS["batch_size"])),
-                lr=bounded("lr", 1e-6, 10.0), max_grad_norm=bounded("max_grad_norm", 1e-3, 100),
-                epsilon=bounded("epsilon", 1e-3, 100.0), delta=bounded("delta", 1e-12, 0.1),
-                noise_multiplier=None if nm is None else float(nm),
-                eval_fraction=bounded("eval_fraction", 0.0, 0.5),
-                eval_share=bounded("eval_share", 0.01, 0.5),
-                bins=int(bounded("bins", 2, LIMITS["bins"])),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TrainingRefused("bad_spec", f"invalid training spec ({e})") from None
-        if spec.model not in MODELS:
-            raise TrainingRefused("bad_spec", f"model {spec.model!r} is not in the zoo")
-        if spec.bins % 2:
-            raise TrainingRefused("bad_spec", "bins must be even (threshold 0.5 on a bin edge)")
-        if spec.noise_multiplier is not None and not SIGMA_RANGE[0] <= spec.noise_multiplier:
-            raise TrainingRefused("bad_spec", f"noise_multiplier must be >= {SIGMA_RANGE[0]}")
-        if spec.n_features == 0 or spec.n_features > LIMITS["features"]:
-            raise TrainingRefused("bad_spec", "between 1 and 256 feature columns")
-        if spec.model in SEQUENCE_MODELS and not spec.order_by:
-            raise TrainingRefused("bad_spec", "a sequence model needs order_by")
-        if not spec.order_by and spec.label[0] in {f.name for f in spec.features}:
-            # with an order, only the learner's earlier values of it are features
-            raise TrainingRefused("bad_spec", "the label column cannot also be a feature of "
-                                  "the same row (give order_by to use its earlier values)")
-        return spec
+__all__ = ["SIGMA_RANGE", "NodeRuntime", "TrainSpec", "TrainingRefused", "bind",
+           "build_view", "calibrate", "check_spec", "fetch_rows", "round_event",
+           "sigma_for_eval", "train_round"]
 
 
 # ------------------------------------------------------------------------ the node side
@@ -218,158 +88,6 @@ def _runtime() -> NodeRuntime:
     if _RUNTIME is None:
         raise RuntimeError("nodes._training.bind() was not called: not a node executor")
     return _RUNTIME
-
-
-@dataclass
-class View:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_eval: np.ndarray
-    y_eval: np.ndarray
-
-
-def check_spec(spec: TrainSpec, meta: dict[str, Any], models: tuple[str, ...]) -> dict[str, str]:
-    """Check the spec against this node's catalogue; returns column → table alias."""
-    if spec.model not in models:
-        raise TrainingRefused("not_allowed", f"this node does not train {spec.model!r}")
-    t = meta.get(spec.table)
-    if t is None:
-        raise TrainingRefused("not_allowed", f"table {spec.table!r} is not published here")
-    if t.tier == "open" or not t.privacy_unit:
-        raise TrainingRefused("not_allowed", "DP training runs on sensitive or restricted "
-                              "tables with a privacy unit")
-    where: dict[str, str] = {c: "t" for c in t.columns}
-    for i, (jt, col) in enumerate(spec.joins):
-        j = meta.get(jt)
-        if j is None or j.tier != "open":
-            raise TrainingRefused("not_allowed", f"joins are only with open tables ({jt!r})")
-        if col not in t.columns or col not in j.columns:
-            raise TrainingRefused("not_allowed", f"join column {col!r} is not in both tables")
-        for c in j.columns:
-            where.setdefault(c, f"j{i}")
-    used = [f.name for f in spec.features] + [spec.label[0]] + \
-        ([spec.order_by] if spec.order_by else [])
-    for c in used:
-        if c not in where:
-            raise TrainingRefused("not_allowed", f"column {c!r} is not in the training view")
-        if c == t.privacy_unit:
-            raise TrainingRefused("not_allowed", "the privacy unit cannot be a feature or label")
-    return where
-
-
-def _quote(name: str) -> str:
-    return '"' + name + '"'
-
-
-def fetch_rows(cursor: Any, spec: TrainSpec, unit: str, where: dict[str, str]) -> dict[str, Any]:
-    """The raw columns of the view, one row per source row (names come from the catalogue)."""
-    cols = dict.fromkeys([f.name for f in spec.features] + [spec.label[0]]
-                         + ([spec.order_by] if spec.order_by else []))
-    select = [f"t.{_quote(unit)} AS __unit"] + [f"{where[c]}.{_quote(c)} AS {_quote(c)}"
-                                                for c in cols]
-    sql = f"SELECT {', '.join(select)} FROM {_quote(spec.table)} AS t"
-    for i, (jt, col) in enumerate(spec.joins):
-        sql += f" JOIN {_quote(jt)} AS j{i} ON t.{_quote(col)} = j{i}.{_quote(col)}"
-    table = cursor.sql(sql).to_arrow_table()
-    return {name: table.column(name).to_numpy(zero_copy_only=False)
-            for name in table.column_names}
-
-
-def _floats(v: np.ndarray) -> np.ndarray:
-    """A column as float64, NULL → NaN (vectorised: columns are tens of thousands long)."""
-    if v.dtype.kind in "iuf":
-        return v.astype(np.float64)
-    import pandas as pd
-
-    return pd.to_numeric(pd.Series(v, dtype=object), errors="coerce").to_numpy(np.float64)
-
-
-def encode(rows: dict[str, Any], features: tuple[Feature, ...]) -> np.ndarray:
-    """Feature matrix: numbers clamped and scaled to [0, 1] (NULL → 0), categories one-hot."""
-    import pandas as pd
-
-    blocks = []
-    for f in features:
-        v = rows[f.name]
-        if f.kind == "num":
-            x = np.clip((_floats(v) - f.lo) / (f.hi - f.lo), 0.0, 1.0)
-            blocks.append(np.nan_to_num(x, nan=0.0)[:, None])
-        else:
-            s = pd.Series(v, dtype=object)
-            s = s.where(s.notna(), "").astype(str).to_numpy()
-            blocks.append(np.stack([(s == c) for c in f.values], axis=1).astype(np.float64))
-    return np.concatenate(blocks, axis=1).astype(np.float32)
-
-
-def label_of(rows: dict[str, Any], label: tuple[str, str, float]) -> np.ndarray:
-    col, op, value = label
-    raw = _floats(rows[col])
-    out = _OPS[op](raw, value).astype(np.float32)
-    out[np.isnan(raw)] = np.nan  # no label: the row cannot be used
-    return out
-
-
-def eval_mask(units: np.ndarray, salt: bytes, fraction: float) -> np.ndarray:
-    """A stable held-out set of units (keyed hash, so it does not move between runs)."""
-    if fraction <= 0:
-        return np.zeros(len(units), dtype=bool)
-    cut = int(fraction * 2**32)
-    return np.array([int.from_bytes(hashlib.sha256(salt + str(u).encode()).digest()[:4], "big")
-                     < cut for u in units])
-
-
-def build_view(rows: dict[str, Any], spec: TrainSpec, salt: bytes,
-               rng: np.random.Generator) -> View:
-    """One example per unit. With ``order_by``: the unit's rows in order, the label of
-    its last row to predict from the (at most ``max_len``) rows before — as a sequence
-    (GRU), or as their mean next to the last row without its label columns (tabular).
-    Without: one random row of the unit (tabular)."""
-    x_all = encode(rows, spec.features)
-    y_all = label_of(rows, spec.label)
-    units = rows["__unit"]
-    keep = ~np.isnan(y_all) & ~np.array([u is None for u in units])
-    x_all, y_all, units = x_all[keep], y_all[keep], units[keep]
-    if spec.order_by:
-        order = _floats(rows[spec.order_by])[keep]
-        idx = np.lexsort((np.nan_to_num(order, nan=np.inf), units))
-        x_all, y_all, units = x_all[idx], y_all[idx], units[idx]
-        starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
-        ends = np.r_[starts[1:], len(units)]
-        ok = ends - starts >= 2  # a trace and a next step to predict
-        starts, ends = starts[ok], ends[ok]
-        last = ends - 1  # the row to predict; before it, at most max_len rows
-        first = np.maximum(starts, last - spec.max_len)
-        if spec.model in SEQUENCE_MODELS:
-            pos = last[:, None] - spec.max_len + np.arange(spec.max_len)[None, :]
-            real = pos >= first[:, None]  # left-padded: the GRU ends on real data
-            x = np.where(real[..., None], x_all[np.maximum(pos, 0)], 0.0).astype(np.float32)
-        else:
-            cum = np.vstack([np.zeros((1, x_all.shape[1])), np.cumsum(x_all, axis=0,
-                                                                       dtype=np.float64)])
-            mean = (cum[last] - cum[first]) / (last - first)[:, None]
-            current = x_all[last].copy()
-            current[:, _columns_of(spec, spec.label[0])] = 0.0  # the label's own value
-            x = np.concatenate([mean, current], axis=1).astype(np.float32)
-        y = y_all[last]
-        unit_ids = units[starts]
-    else:
-        perm = rng.permutation(len(units))
-        _, first_seen = np.unique(units[perm], return_index=True)
-        pick = perm[first_seen]
-        x, y, unit_ids = x_all[pick], y_all[pick], units[pick]
-    held = eval_mask(unit_ids, salt, spec.eval_fraction)
-    return View(x[~held], y[~held], x[held], y[held])
-
-
-def _columns_of(spec: TrainSpec, name: str) -> np.ndarray:
-    """Positions, in an encoded row, of the feature(s) named ``name``."""
-    out, at = [], 0
-    for f in spec.features:
-        width = len(f.values) if f.kind == "cat" else 1
-        if f.name == name:
-            out.extend(range(at, at + width))
-        at += width
-    return np.array(out, dtype=int)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -630,7 +348,7 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
         events.insert(0, opacus_event(dp_history))
     TIMES["trained"] = time.time()
     event = dpa.ComposedDpEvent(events)
-    run_eps = RdpTotals()
+    run_eps = RdpTotals()  # this run's events at this node (all rounds alike: one RDP)
     for h in history:
         if h.accepted and h.request_id.startswith(f"{run_id}:"):
             run_eps.add(event_from_dict(h.event))
@@ -654,12 +372,14 @@ def _noise_plan(spec: TrainSpec, rt: NodeRuntime, context: Any, history: list[An
                 cap: float) -> tuple[dict[str, Any], RdpTotals]:
     """The run's budget at this node (kept in the run's context: a second run starts from
     what the ledger holds when it starts) and σ of the evaluations."""
+    state = context.state
+    plan = dict(state["bulle"]) if "bulle" in state else {}
     prior = RdpTotals()
+    if plan.get("job") == spec.job and "sigma" in plan:
+        return plan, prior  # (prior is only needed to plan)
     for h in history:
         if h.accepted:
             prior.add(event_from_dict(h.event))
-    state = context.state
-    plan = dict(state["bulle"]) if "bulle" in state else {}
     if plan.get("job") == spec.job:
         return plan, prior
     spent = prior.epsilon(spec.delta) if history else 0.0

@@ -98,11 +98,13 @@ class TrainingFed:
     def audit(self, node: str) -> AuditLog:
         return AuditLog(self.state(node) / "audit.sqlite")
 
-    def wait_ready(self, nodes: list[str], timeout: float = 120.0) -> None:
-        """Until each node's executor has loaded its data and imports."""
+    def wait_ready(self, nodes: list[str], timeout: float = 120.0, times: int = 1) -> None:
+        """Until each node's executor has loaded its data and imports (``times``: counting
+        restarts)."""
         deadline = time.monotonic() + timeout
         for n in nodes:
-            while "training executor ready" not in self.logs[n].read_text(errors="replace"):
+            while self.logs[n].read_text(errors="replace").count(
+                    "training executor ready") < times:
                 if self.procs[n].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"node {n} not ready:\n"
                                        f"{self.logs[n].read_text()[-3000:]}")
