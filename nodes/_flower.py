@@ -374,7 +374,7 @@ class NodeFlower:
 
     def _supervise(self, i: int, argv: list[str], env: dict[str, str]) -> None:
         """Restart a SuperNode or executor that exits (SuperLink down, key not yet
-        registered: exit 305), with a delay; never while stopping. The two go together:
+        registered: exit 305), 2 s later; never while stopping. The two go together:
         a SuperNode whose executor died mid-task waits forever for that task's reply."""
         while not self._stopping.is_set():
             code = self.procs[i].wait()
@@ -383,7 +383,7 @@ class NodeFlower:
             other = self.procs[1 - i] if len(self.procs) == 2 else None
             if other is not None and other.poll() is None:
                 other.terminate()
-            if self._stopping.wait(5.0):
+            if self._stopping.wait(2.0):
                 return
             log.warning("node %s: %s exited (%s), restarting", self.config.node_id, argv[3],
                         code)

@@ -218,7 +218,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingFed]:
         # demo: the main runs; carry: two runs at one node; tight: exhaustion; tamper, death
         {"demo": 8.0, "carry": 3.0, "tight": 1.5, "death": 8.0, "tamper": 8.0},
         poll_s=0.1, round_timeout_s=60,
-        # t3 dies in round 2 of project "death" only (its executor restarts 5 s later)
+        # t3 dies in round 2 of project "death" only (its agent restarts it 2 s later)
         node_env={"t3": {"BULLE_TRAIN_FAILPOINT": "die-before-charge:2:death"}})
     yield fed
     fed.close()
@@ -340,12 +340,6 @@ def test_a_second_run_starts_from_what_the_first_spent(fed: TrainingFed) -> None
     spent_2 = fed.ledger("t1").spent("carry", "student_assessment")[0]
     assert spent_1 < spent_2 <= 3.0 + 1e-9  # the grant's cap, over both runs
     assert second.info["rounds"][-1]["nodes"]["t1"]["epsilon_spent"] == pytest.approx(spent_2)
-    # A third run asks for as much as the second and gets what is left: still more noise
-    third = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=1,
-                      epsilon=2.0, **kw).result(timeout=120, progress=False)
-    assert third.info["rounds"][0]["nodes"]["t1"]["sigma"] > node_2["sigma"]
-    spent_3 = fed.ledger("t1").spent("carry", "student_assessment")[0]
-    assert spent_2 < spent_3 <= 3.0 + 1e-9
     assert fed.coordinator.projects.budget("carry").spent <= 3.0 + 1e-9
 
 
@@ -392,7 +386,7 @@ def test_a_node_that_dies_mid_round(fed: TrainingFed) -> None:
     hub = connect(fed.url, TOKEN)
     job = hub.train("logreg", "student_assessment", FEATURES, "score >= 80", rounds=3,
                     epsilon=2.0, project="death", nodes=["t1", "t2", "t3"],
-                    round_timeout_s=12, **TABULAR)
+                    round_timeout_s=15, **TABULAR)
     res = job.result(timeout=240, progress=False)
     assert res.status == "finished" and len(res.metrics) == 3
     rounds = res.info["rounds"]
