@@ -16,7 +16,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,12 +51,17 @@ class Check:
 
 
 def run_checks(config_path: Path, coordinator_ca: Path | None = None,
-               host: str | None = None) -> list[Check]:
-    """All checks, in order; a config that does not parse stops the rest."""
+               host: str | None = None, listen: str | None = None) -> list[Check]:
+    """All checks, in order; a config that does not parse stops the rest.
+
+    ``listen`` overrides the config's address, as ``bulle node serve --listen`` does.
+    """
     try:
         config = load_node_config(config_path)
     except ConfigError as e:
         return [Check(FAIL, f"config: {e}")]
+    if listen:
+        config = replace(config, listen=listen)
     out = [Check(OK, f"config {config.path}: node {config.node_id!r}, "
                      f"{len(config.datasets)} dataset(s)")]
     out += _datasets(config)
@@ -78,8 +83,9 @@ def report(checks: list[Check]) -> str:
 
 
 def doctor(config_path: Path, coordinator_ca: Path | None = None,
-           host: str | None = None, out: Callable[[str], None] = print) -> int:
-    checks = run_checks(config_path, coordinator_ca, host)
+           host: str | None = None, listen: str | None = None,
+           out: Callable[[str], None] = print) -> int:
+    checks = run_checks(config_path, coordinator_ca, host, listen)
     out(report(checks))
     return 1 if any(c.failed for c in checks) else 0
 

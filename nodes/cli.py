@@ -40,11 +40,13 @@ def main(argv: list[str]) -> int:
                         help="CA bundle the coordinator trusts (default: the node's client_ca)")
     doctor.add_argument("--host", help="name the coordinator dials, for the certificate check "
                                        "(default: the listen host)")
+    doctor.add_argument("--listen", help="check this address instead of the config's "
+                                         "(as serve --listen)")
     args = parser.parse_args(argv[1:])
     if args.cmd == "doctor":  # a config that does not parse is one of its checks
         from nodes._doctor import doctor as run_doctor
 
-        return run_doctor(args.config, args.coordinator_ca, args.host)
+        return run_doctor(args.config, args.coordinator_ca, args.host, args.listen)
     try:
         config = load_node_config(args.config)
         if getattr(args, "listen", None):

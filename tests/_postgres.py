@@ -15,11 +15,12 @@ import atexit
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from tests._net import free_port
 
 _server: PostgresServer | None = None
 
@@ -40,18 +41,13 @@ def _bindir() -> Path:
     return Path(dirs[-1]).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PostgresServer:
     def __init__(self) -> None:
         self.bindir = _bindir()
         self.dir = Path(tempfile.mkdtemp(prefix="bulle-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.owner_pid = os.getpid()
         self._as_user: list[str] = []
         if os.geteuid() == 0:

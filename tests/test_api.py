@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,17 +19,12 @@ from federation._api import build_app
 from federation.proto import bulle_pb2 as pb
 from federation.proto import bulle_pb2_grpc as pb_grpc
 from tests._federation import OTHER_TOKEN, TOKEN, start_federation
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests._net import free_port
 
 
 class ServerThread:
     def __init__(self, app) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

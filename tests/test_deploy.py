@@ -30,6 +30,7 @@ from nodes._config import DatasetConfig, EngineConfig, NodeConfig, TlsConfig
 from nodes._doctor import FAIL, OK, run_checks
 from tests._federation import DATA
 from tests._k8s import KUBE_SYSTEM, NS, allowed, chart_singleuser_policy, helm_merge
+from tests._net import free_port
 from tests._postgres import fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -467,29 +468,22 @@ def demo_env(monkeypatch: pytest.MonkeyPatch, demo_state: Path) -> Path:
     return demo_state
 
 
-def _port_taken(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.parametrize("node", DEMO_NODES)
 def test_doctor_all_green_on_the_demo_configs(demo_env: Path, node: str) -> None:
-    path = DEPLOY / "demo" / "nodes" / f"{node}.toml"
-    port = int(tomllib.loads(path.read_text())["listen"].rsplit(":", 1)[1])
-    if _port_taken(port):
-        pytest.skip(f"port {port} is in use on this machine")
-    checks = run_checks(path)
+    # `bulle demo up` serves each node on a free port (serve --listen); so does this check
+    listen = f"127.0.0.1:{free_port()}"
+    checks = run_checks(DEPLOY / "demo" / "nodes" / f"{node}.toml", listen=listen)
     assert [c.text for c in checks if c.failed] == []
     assert sum(c.status == OK for c in checks) >= 8
+    assert checks[-1].text == f"listen address {listen} is free"
 
 
 def test_doctor_cli_exit_code(demo_env: Path) -> None:
     done = subprocess.run([str(BIN / "bulle"), "node", "doctor", "--config",
-                           str(DEPLOY / "demo" / "nodes" / "region-ms.toml")],
+                           str(DEPLOY / "demo" / "nodes" / "region-ms.toml"),
+                           "--listen", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=300, check=False,
                           env=os.environ.copy())
-    if _port_taken(50712):
-        pytest.skip("port 50712 is in use on this machine")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.rstrip().endswith("checks passed") and "✘" not in done.stdout
 
@@ -568,9 +562,7 @@ def test_doctor_reports_expired_certificate_wrong_name_and_open_key(tmp_path: Pa
     (tmp_path / "n1.pem").write_bytes(cert)
     (tmp_path / "n1.key").write_bytes(key)
     (tmp_path / "n1.key").chmod(0o644)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = _node_toml(tmp_path / "node.toml", f"localhost:{port}",
                         {"cert": tmp_path / "n1.pem", "key": tmp_path / "n1.key",
                          "client_ca": ca / "ca.pem"},
@@ -635,9 +627,7 @@ def test_doctor_recognises_its_own_running_node(tmp_path: Path) -> None:
     from nodes._service import build_server
 
     certs = make_certs(tmp_path / "certs", ["n1"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     path = _node_toml(tmp_path / "node.toml", f"127.0.0.1:{port}",
                       {"cert": certs / "n1.pem", "key": certs / "n1.key",
                        "client_ca": certs / "ca.pem"},

@@ -20,6 +20,7 @@ from federation.proto import bulle_pb2 as pb
 from federation.proto import bulle_pb2_grpc as pb_grpc
 from privacy import AuditLog, Grant, RdpTotals, generate_board_keys, sign_grant
 from tests._federation import DATA, Federation, start_federation
+from tests._net import free_port
 
 ASSESSMENTS = DATA / "oulad" / "assessments.csv"
 SUBMISSIONS = DATA / "oulad" / "studentAssessment.csv"
@@ -310,13 +311,6 @@ def test_dp_count_intervals_cover_at_the_declared_rate(tmp_path, certs, board, u
         fed.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_a_node_killed_between_charge_and_reply_keeps_the_charge(tmp_path, certs, board) -> None:
@@ -334,7 +328,7 @@ def test_a_node_killed_between_charge_and_reply_keeps_the_charge(tmp_path, certs
     config.write_text(node_toml("v1", certs, vendor(("AAA",)),
                                 f'board_public_key = "{board / "board_ed25519.pub.pem"}"\n'
                                 f'state_dir = "{tmp_path / "state"}"'))
-    port = _free_port()
+    port = free_port()
     token = make_grant(board, 100.0)
 
     def start(failpoint: bool) -> subprocess.Popen[bytes]:
