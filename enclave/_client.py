@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import unicodedata
 from typing import Any
 
 import httpx
 import pandas as pd
+
+from federation._catalog import search_table
 
 _DTYPES = {"integer": "Int64", "number": "float64", "boolean": "boolean", "string": "object"}
 
@@ -131,7 +132,7 @@ class Hub:
                    "quality": t.get("quality_score"), "columns": len(t["columns"]),
                    "description": t["description"]}
             if search is not None:
-                where = _search(t, search)
+                where = search_table(t, search)
                 if where is None:
                     continue
                 row["matches"] = ", ".join(where)
@@ -246,24 +247,6 @@ class Hub:
                               project=project, join=join, order_by=order_by,
                               bounds={k: list(v) for k, v in (bounds or {}).items()},
                               **options)
-
-
-def _fold(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
-
-
-def _search(table: dict[str, Any], query: str) -> list[str] | None:
-    """Where every word of ``query`` occurs in a catalogue entry, or None if one does not."""
-    places = [("name", table["name"]), ("description", table.get("description", ""))]
-    places += [(c["name"], f"{c['name']} {c.get('description', '')}") for c in table["columns"]]
-    found: list[str] = []
-    for word in _fold(query).split():
-        hits = [where for where, text in places if word in _fold(text)]
-        if not hits:
-            return None
-        found += [h for h in hits if h not in found]
-    return found
 
 
 def connect(url: str | None = None, token: str | None = None, *, timeout: float = 300.0) -> Hub:

@@ -19,7 +19,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_CONFIGS = REPO / "deploy" / "demo" / "nodes"
-NODES = ("region-gp", "region-ms", "vendor-a", "vendor-b", "depp")
+NODES = ("region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp")
 RESEARCHER = "demo-researcher"
 PROJECT = "demo"
 SENSITIVE_TABLES = ("student_assessment",)

@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from federation._catalog_page import add_catalog_page
 from federation._config import Researcher
 from federation._coordinator import Coordinator
 from federation._dashboard import add_dashboard, export, summary
@@ -45,6 +46,7 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "GET /v1/audit/verify": (SCOPE_AUDIT,),
     "/v1/trainings": (SCOPE_TRAIN,),  # DP training jobs (federation/_training.py)
     "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
+    "GET /catalog/": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),  # the catalogue page
     "POST /board/decide": (SCOPE_APPROVE,),
 }
 
@@ -143,17 +145,7 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     @app.get(f"{_V}/catalog")
     def catalog(who: Who, refresh: bool = False) -> dict[str, Any]:
         require(who, "GET /v1/catalog")
-        tables = coordinator.catalog(refresh=refresh)
-        covered = None if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else _covered(coordinator, who)
-        out = []
-        for t in tables.values():
-            body = t.to_json()
-            if covered is not None and t.tier == "sensitive" and t.name not in covered:
-                # Listed so it can be requested in a project; its details need a grant.
-                body.update(columns=[], row_count_buckets={}, public_domains={},
-                            quality=None, quality_score=None, pivots={}, granted=False)
-            out.append(body)
-        return {"tables": out, "nodes": coordinator.node_status()}
+        return catalog_json(coordinator, who, refresh)
 
     @app.post(f"{_V}/queries")
     def submit(body: QueryIn, who: Who) -> JSONResponse:
@@ -253,6 +245,7 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     app.include_router(training_router(
         coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
     add_dashboard(app, coordinator)
+    add_catalog_page(app, coordinator)
     return app
 
 
@@ -266,6 +259,22 @@ def decide_project(coordinator: Coordinator, who: Caller, name: str, body: Decis
     return coordinator.projects.approve(
         name, who.name, epsilon=body.epsilon, delta=body.delta, datasets=body.datasets,
         days=body.days, reason=body.reason, grant=body.grant)
+
+
+def catalog_json(coordinator: Coordinator, who: Caller, refresh: bool = False
+                 ) -> dict[str, Any]:
+    """The catalogue as ``who`` may see it (``GET /v1/catalog`` and the catalogue page)."""
+    tables = coordinator.catalog(refresh=refresh)
+    covered = None if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else _covered(coordinator, who)
+    out = []
+    for t in tables.values():
+        body = t.to_json()
+        if covered is not None and t.tier == "sensitive" and t.name not in covered:
+            # Listed so it can be requested in a project; its details need a grant.
+            body.update(columns=[], row_count_buckets={}, public_domains={},
+                        quality=None, quality_score=None, pivots={}, granted=False)
+        out.append(body)
+    return {"tables": out, "nodes": coordinator.node_status()}
 
 
 def _covered(coordinator: Coordinator, who: Caller) -> set[str]:

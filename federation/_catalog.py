@@ -5,6 +5,7 @@ A table published by several nodes under one name is the union of their partitio
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,14 @@ class FederatedTable:
     round_to: int
     quality: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> its report
     pivots: dict[str, str] = field(default_factory=dict)  # join column -> kind
+    # a public reference table: its one node lets the coordinator copy it to the others
+    shared: bool = False
+    copies: tuple[str, ...] = ()  # nodes holding the current copy (for joins only)
+
+    @property
+    def available_at(self) -> set[str]:
+        """Nodes where a plan can read this table: its partitions and current copies."""
+        return {*self.nodes, *self.copies}
 
     def quality_score(self) -> int | None:
         """The lowest score among the publishing nodes (a table is as good as its worst part)."""
@@ -45,7 +54,7 @@ class FederatedTable:
             "public_domains": {k: list(v) for k, v in self.public_domains.items()},
             "min_count": self.min_count, "round_to": self.round_to,
             "quality_score": self.quality_score(), "quality": self.quality,
-            "pivots": self.pivots,
+            "pivots": self.pivots, "shared": self.shared, "copies": list(self.copies),
         }
 
 
@@ -66,10 +75,16 @@ def quality_json(q: pb.Quality) -> dict[str, Any]:
 
 
 def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
+    """Tables by name. A node's copy of a reference table is not a partition: it only
+    makes the table available there for joins (and only while it is the current version)."""
     by_table: dict[str, list[tuple[str, pb.TableInfo]]] = {}
+    copies: dict[str, dict[str, str]] = {}  # table -> node -> (origin, sha256) key
     for node_id in sorted(catalogs):
         for t in catalogs[node_id].tables:
-            by_table.setdefault(t.name, []).append((node_id, t))
+            if t.copy_of:
+                copies.setdefault(t.name, {})[node_id] = f"{t.copy_of}/{t.content_sha256}"
+            else:
+                by_table.setdefault(t.name, []).append((node_id, t))
     out = {}
     for name, entries in sorted(by_table.items()):
         first = entries[0][1]
@@ -82,6 +97,8 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             if all(col in t.public_domains for _, t in entries):
                 values = [v for _, t in entries for v in t.public_domains[col].values]
                 domains[col] = tuple(dict.fromkeys(values))
+        shared = len(entries) == 1 and first.shared and first.tier == "open"
+        current = f"{entries[0][0]}/{first.content_sha256}"
         out[name] = FederatedTable(
             name=name,
             tier=max((t.tier for _, t in entries), key=TIER_RANK.__getitem__),
@@ -97,5 +114,30 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             round_to=max(t.round_to for _, t in entries),
             quality={n: quality_json(t.quality) for n, t in entries if t.HasField("quality")},
             pivots={c: k for _, t in entries for c, k in t.pivots.items() if c in columns},
+            shared=shared,
+            copies=tuple(n for n, key in copies.get(name, {}).items()
+                         if shared and key == current),
         )
     return out
+
+
+def fold(text: str) -> str:
+    """Lower case without accents: what catalogue search compares."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def search_table(table: dict[str, Any], query: str) -> list[str] | None:
+    """Where every word of ``query`` occurs in a catalogue entry (``FederatedTable.to_json``):
+    its name, description, column names and descriptions, case and accents ignored; None if
+    a word occurs nowhere. Shared by ``Hub.catalog(search=…)`` and the catalogue page."""
+    places = [("name", table["name"]), ("description", table.get("description") or "")]
+    places += [(c["name"], f"{c['name']} {c.get('description') or ''}")
+               for c in table.get("columns", [])]
+    found: list[str] = []
+    for word in fold(query).split():
+        hits = [where for where, text in places if word in fold(text)]
+        if not hits:
+            return None
+        found += [h for h in hits if h not in found]
+    return found

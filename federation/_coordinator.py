@@ -28,11 +28,13 @@ from federation._merge import Released, merge
 from federation._nodes import NodeClient, client_credentials, describe_rpc_error
 from federation._planner import plan_event, plan_query
 from federation._projects import Projects
+from federation._references import ReferenceSync
 from federation._sql import parse
 from federation.proto import bulle_pb2 as pb
 
 log = logging.getLogger("bulle.coordinator")
 KEEP_QUERIES = 1000
+NODE_CHAIN = "node_chain_checked"  # coordinator audit action: a node's verified head
 
 
 @dataclass
@@ -86,6 +88,18 @@ def released_to_json(r: Released, nodes: list[str], tier: str, elapsed: float) -
     return out
 
 
+def _participants(tables: list[FederatedTable]) -> tuple[list[str], list[str]]:
+    """Nodes that run the plan, and nodes with data for it that cannot (a joined table
+    missing there). Reference tables are read wherever a copy is, but only their origin
+    holds their rows: a query counts each row once."""
+    facts = [t for t in tables if not t.shared] or tables[:1]
+    lookups = [t for t in tables if t not in facts]
+    holders = set.union(*(set(t.nodes) for t in facts))
+    nodes = set.intersection(*(set(t.nodes) for t in facts),
+                             *(t.available_at for t in lookups))
+    return sorted(nodes), sorted(holders - nodes)
+
+
 def _json_type(t: pa.DataType) -> str:
     if pa.types.is_integer(t) or (pa.types.is_decimal(t) and t.scale == 0):
         return "integer"
@@ -111,6 +125,7 @@ class Coordinator:
         self._catalog_at = 0.0
         self._node_status: dict[str, str] = {}
         self._catalog_lock = threading.Lock()
+        self.references = ReferenceSync(self.clients, self.pool)
         self.projects = Projects(config)
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
@@ -158,6 +173,35 @@ class Coordinator:
         self.catalog()
         return dict(self._node_status)
 
+    def node_chains(self) -> dict[str, dict[str, Any]]:
+        """Each node verifies its own audit chain, against the head it showed last time.
+
+        A head that moved is recorded in the coordinator's own chain, so a node that later
+        rewrites or truncates what it had shown fails the next check, even after restarts.
+        """
+        audit = self.projects.audit
+        seen: dict[str, tuple[int, str]] = {}
+        for e in audit.entries():
+            if e.action == NODE_CHAIN and e.detail.get("ok"):
+                seen[e.detail["node"]] = (int(e.detail["head_seq"]), e.detail["head_hash"])
+        timeout = min(self.config.node_timeout_s, 10.0)
+        calls = {nid: self.pool.submit(c.verify_audit, seen.get(nid), timeout)
+                 for nid, c in self.clients.items()}
+        out: dict[str, dict[str, Any]] = {}
+        for nid, call in calls.items():
+            try:
+                r = call.result()
+            except grpc.RpcError as e:
+                out[nid] = {"status": describe_rpc_error(nid, e, timeout), "ok": None}
+                continue
+            report = {"node": nid, "ok": r.ok, "entries": r.entries, "reason": r.reason,
+                      "first_bad_seq": r.first_bad_seq or None, "head_seq": r.head_seq,
+                      "head_hash": r.head_hash}
+            if not r.ok or seen.get(nid) != (r.head_seq, r.head_hash):
+                audit.append("coordinator", "", NODE_CHAIN, report)
+            out[nid] = {"status": "up", **report}
+        return out
+
     def _refresh_catalog(self) -> None:
         timeout = min(self.config.node_timeout_s, 10.0)
         calls = {nid: self.pool.submit(c.catalog, timeout) for nid, c in self.clients.items()}
@@ -169,6 +213,10 @@ class Coordinator:
             except grpc.RpcError as e:
                 status[nid] = describe_rpc_error(nid, e, timeout)
                 log.warning("catalogue of node %s unavailable: %s", nid, status[nid])
+        try:
+            self.references.sync(catalogs, timeout)
+        except Exception:  # copies are retried at the next refresh; the catalogue stands
+            log.exception("reference table sync failed")
         self._catalog = federate(catalogs)
         self._node_status = status
         self._catalog_at = time.monotonic()
@@ -263,8 +311,7 @@ class Coordinator:
             raise QueryError("not_allowed", "row-level output is only allowed on open tables; "
                              f"{', '.join(t.name for t in tables if t.tier != 'open')} "
                              "must be aggregated (COUNT, SUM, AVG, …) with GROUP BY")
-        holders = [set(t.nodes) for t in tables]
-        nodes = sorted(set.intersection(*holders))
+        nodes, excluded = _participants(tables)
         if not nodes:
             raise QueryError("not_allowed", "no node holds all of "
                              f"{', '.join(query.tables)}: row-level joins across nodes are "
@@ -293,7 +340,6 @@ class Coordinator:
             event = dpa.ComposedDpEvent([plan_event(dp, len(fp.partials))] * k)
             charged = self.projects.charge(record.id, record.project, event, dp * k)
         released = merge(fp, parts, self.config.max_rows)
-        excluded = sorted(set.union(*holders) - set(nodes))
         if excluded:
             released.notes.append(f"nodes {', '.join(excluded)} do not hold every joined table "
                                   "and did not take part")

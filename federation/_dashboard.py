@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from html import escape
@@ -28,9 +29,10 @@ if TYPE_CHECKING:
 
 SESSION_COOKIE = "bulle-board-session"
 STATE_COOKIE = "bulle-oauth-state"
+RETURN_COOKIE = "bulle-oauth-return"  # the page to come back to after the hub's login
+# Pages the OAuth callback may return to; a catalogue search comes back with its words.
+_RETURN = re.compile(r"(board/|catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?)")
 _PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626")
-NODE_CHAIN_NOTE = ("node chains are verified at each node (`bulle audit verify`): the node "
-                   "protocol has no audit RPC yet")
 
 
 # ------------------------------------------------------------------------------ data
@@ -44,8 +46,8 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
     chains = {"coordinator": {"ok": report.ok, "entries": report.entries,
                               "first_bad_seq": report.first_bad_seq, "reason": report.reason,
                               "head_seq": seq, "head_hash": head},
-              "nodes": {nid: {"status": st, "chain": "not checked", "note": NODE_CHAIN_NOTE}
-                        for nid, st in coordinator.node_status().items()}}
+              # each node verifies its own chain against the head it showed last time
+              "nodes": coordinator.node_chains()}
     if audit_only:
         return {"chains": chains}
     projects = _projects(coordinator)
@@ -244,7 +246,8 @@ def _page(who: Caller, data: dict[str, Any], csrf: str | None, msg: str) -> str:
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Bulle — "
              f"ethics board</title><style>{_CSS}</style></head><body><header><h1>Bulle · "
              f"ethics-board dashboard</h1><span>signed in as <b id='who'>{escape(who.name)}"
-             "</b></span><a href='logout'>log out</a></header><main>"]
+             "</b></span><a href='../catalog/'>catalogue</a><a href='logout'>log out</a>"
+             "</header><main>"]
     if msg:
         parts.append(f"<p class='msg' id='msg'>{escape(msg)}</p>")
     parts.append(f"<section id='pending'><h2>Pending projects ({len(pending)})</h2>")
@@ -296,16 +299,15 @@ def _page(who: Caller, data: dict[str, Any], csrf: str | None, msg: str) -> str:
                      f"<td>{r['epsilon']:.3g}</td><td>{r['rows']}</td>"
                      f"<td>{escape(', '.join(r['nodes']))}</td></tr>")
     parts.append("</table></section>")
-    c = data["chains"]["coordinator"]
-    state = (f"<span class='ok' id='chain-ok'>✔ intact</span> — {c['entries']} entries, head "
-             f"#{c['head_seq']} <code>{c['head_hash'][:16]}…</code>") if c["ok"] else (
-             f"<span class='bad' id='chain-bad'>✘ broken at entry {c['first_bad_seq']}: "
-             f"{escape(c['reason'])}</span>")
-    parts.append(f"<section id='audit'><h2>Audit chains</h2><p>Coordinator: {state}</p>"
-                 "<table><tr><th>node</th><th>status</th><th>chain</th></tr>")
+    coordinator_chain = _chain(data["chains"]["coordinator"], "chain")
+    parts.append(f"<section id='audit'><h2>Audit chains</h2><p>Coordinator: "
+                 f"{coordinator_chain}</p><table><tr><th>node</th><th>status</th>"
+                 "<th>chain</th></tr>")
     for nid, n in data["chains"]["nodes"].items():
-        parts.append(f"<tr><td>{escape(nid)}</td><td>{escape(n['status'])}</td>"
-                     f"<td class='muted'>{escape(n['note'])}</td></tr>")
+        chain = ("<span class='muted'>not checked: the node did not answer</span>"
+                 if n["ok"] is None else _chain(n))
+        parts.append(f"<tr id='node-chain-{escape(nid)}'><td>{escape(nid)}</td>"
+                     f"<td>{escape(n['status'])}</td><td>{chain}</td></tr>")
     parts.append("</table></section><section id='projects'><h2>All projects</h2><table><tr>"
                  "<th>project</th><th>status</th><th>ε granted</th><th>ε spent</th>"
                  "<th>expires</th><th>decided by</th><th>reason</th></tr>")
@@ -326,33 +328,58 @@ def _page(who: Caller, data: dict[str, Any], csrf: str | None, msg: str) -> str:
     return "".join(parts)
 
 
+def page_caller(coordinator: Coordinator, request: Request
+                ) -> tuple[Caller | None, str | None]:
+    """Who is looking at a page: a ``Authorization: Bearer`` header, else the hub session
+    cookie; with the session id (for CSRF) when it came from the cookie."""
+    from federation._api import bearer
+
+    hub = coordinator.hub
+    sid = request.cookies.get(SESSION_COOKIE)
+    token = bearer(request.headers.get("authorization"))
+    if token is None and hub is not None:
+        token = hub.session_token(sid)
+    else:
+        sid = None  # header auth: no cookie session, so no CSRF token either
+    try:
+        who = coordinator.identify(token)
+    except HubUnavailable as e:
+        raise QueryError("hub_unavailable", str(e), status=503) from None
+    return who, sid if who is not None else None
+
+
+def return_path(value: str | None) -> str:
+    """Where the OAuth callback may send the browser back to: a page of ours (relative to
+    the service prefix), never anything a request chose freely."""
+    return value if value and _RETURN.fullmatch(value) else "board/"
+
+
+def login(coordinator: Coordinator, request: Request, back: str = "board/") -> Response:
+    """Send a browser without a session to the hub's OAuth, to come back to ``back``."""
+    hub = coordinator.hub
+    if hub is None or not hub.config.public_url:
+        return JSONResponse({"error": {"code": "unauthenticated",
+                                       "message": "missing or invalid token"}}, 401)
+    state = secrets.token_urlsafe(24)
+    r = RedirectResponse(hub.authorize_url(state), status_code=302)
+    for name, value in ((STATE_COOKIE, state), (RETURN_COOKIE, return_path(back))):
+        r.set_cookie(name, value, max_age=600, httponly=True, samesite="lax",
+                     path=hub.config.prefix + "/")
+    return r
+
+
+def _chain(c: dict[str, Any], element_id: str = "") -> str:
+    """A verified chain's state; ``element_id`` names the span (``-ok``/``-bad`` added)."""
+    ident = (lambda suffix: f" id='{element_id}-{suffix}'") if element_id else (lambda _: "")
+    if c["ok"]:
+        return (f"<span class='ok'{ident('ok')}>✔ intact</span> — {c['entries']} entries, "
+                f"head #{c['head_seq']} <code>{escape(c['head_hash'][:16])}…</code>")
+    return (f"<span class='bad'{ident('bad')}>✘ broken at entry {c['first_bad_seq']}: "
+            f"{escape(c['reason'])}</span>")
+
+
 def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
     hub = coordinator.hub
-
-    def page_caller(request: Request) -> tuple[Caller | None, str | None]:
-        from federation._api import bearer
-
-        sid = request.cookies.get(SESSION_COOKIE)
-        token = bearer(request.headers.get("authorization"))
-        if token is None and hub is not None:
-            token = hub.session_token(sid)
-        else:
-            sid = None  # header auth: no cookie session, so no CSRF token either
-        try:
-            who = coordinator.identify(token)
-        except HubUnavailable as e:
-            raise QueryError("hub_unavailable", str(e), status=503) from None
-        return who, sid if who is not None else None
-
-    def login(request: Request) -> Response:
-        if hub is None or not hub.config.public_url:
-            return JSONResponse({"error": {"code": "unauthenticated",
-                                           "message": "missing or invalid token"}}, 401)
-        state = secrets.token_urlsafe(24)
-        r = RedirectResponse(hub.authorize_url(state), status_code=302)
-        r.set_cookie(STATE_COOKIE, state, max_age=600, httponly=True, samesite="lax",
-                     path=hub.config.prefix + "/")
-        return r
 
     def forbidden(who: Caller) -> HTMLResponse:
         return HTMLResponse(f"<!doctype html><title>Bulle</title><p>{escape(who.name)}: this "
@@ -365,9 +392,9 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
 
     @app.get("/board/")
     def board(request: Request, msg: str = "") -> Response:
-        who, sid = page_caller(request)
+        who, sid = page_caller(coordinator, request)
         if who is None:
-            return login(request)
+            return login(coordinator, request)
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
             return forbidden(who)
         csrf = hub.csrf(sid) if hub is not None and sid else None
@@ -376,9 +403,9 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
     @app.get("/board/export")
     def board_export(request: Request, format: str = "json", table: str = "releases"
                      ) -> Response:
-        who, _ = page_caller(request)
+        who, _ = page_caller(coordinator, request)
         if who is None:
-            return login(request)
+            return login(coordinator, request)
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
             return forbidden(who)
         if format not in ("json", "csv") or table not in _EXPORT_COLUMNS:
@@ -391,9 +418,9 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
     async def board_decide(request: Request) -> Response:
         from federation._api import DecisionIn, decide_project
 
-        who, sid = page_caller(request)
+        who, sid = page_caller(coordinator, request)
         if who is None:
-            return login(request)
+            return login(coordinator, request)
         if not who.can(SCOPE_APPROVE):
             return forbidden(who)
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
@@ -428,17 +455,19 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
         if hub is None:
             return JSONResponse({"error": {"code": "not_found", "message": "no hub"}}, 404)
         expected = request.cookies.get(STATE_COOKIE)
+        back = return_path(request.cookies.get(RETURN_COOKIE))
         if not code or not expected or not secrets.compare_digest(state, expected):
-            return HTMLResponse("<p>Login state mismatch: <a href='board/'>try again</a></p>",
-                                status_code=400)
+            return HTMLResponse(f"<p>Login state mismatch: <a href='{escape(back)}'>try again"
+                                "</a></p>", status_code=400)
         try:
             token = hub.token_for_code(code)
         except HubUnavailable as e:
             raise QueryError("hub_unavailable", str(e), status=503) from None
         if token is None:
             return HTMLResponse("<p>The hub refused the login.</p>", status_code=403)
-        r = RedirectResponse("board/", status_code=302)
+        r = RedirectResponse(back, status_code=302)
         r.set_cookie(SESSION_COOKIE, hub.new_session(token), max_age=8 * 3600, httponly=True,
                      samesite="lax", path=hub.config.prefix + "/")
         r.delete_cookie(STATE_COOKIE, path=hub.config.prefix + "/")
+        r.delete_cookie(RETURN_COOKIE, path=hub.config.prefix + "/")
         return r

@@ -28,6 +28,18 @@ class NodeClient:
     def execute(self, plan: pb.Plan, timeout: float) -> pb.PartialResult:
         return self.stub.Execute(plan, timeout=timeout)
 
+    def fetch_reference(self, table: str, timeout: float) -> pb.ReferenceTable:
+        return self.stub.FetchReference(pb.ReferenceRequest(table=table), timeout=timeout)
+
+    def put_reference(self, ref: pb.ReferenceTable, timeout: float) -> pb.ReferenceAck:
+        return self.stub.PutReference(ref, timeout=timeout)
+
+    def verify_audit(self, checkpoint: tuple[int, str] | None,
+                     timeout: float) -> pb.AuditReport:
+        seq, digest = checkpoint or (0, "")
+        return self.stub.VerifyAudit(pb.AuditRequest(checkpoint_seq=seq,
+                                                     checkpoint_hash=digest), timeout=timeout)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -60,6 +60,9 @@ class DatasetConfig:
     # the declared bounds; only bounded columns can be summed.
     max_rows_per_unit: int = 1
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # open tier only: a public reference table the coordinator copies to the other nodes,
+    # so that joins with it run inside each node (nodes/_references.py)
+    shared: bool = False
     # onboarding (nodes/_onboard.py): [dataset.ingest], [dataset.pseudonymise],
     # [dataset.classify] and `pivots`, parsed there; None for a dataset served as is
     onboarding: Onboarding | None = None
@@ -97,6 +100,8 @@ class NodeConfig:
     board_public_key: Path | None = None
     path: Path | None = None
     training: TrainingConfig | None = None
+    # keep copies of other nodes' shared open tables for joins (nodes/_references.py)
+    accept_references: bool = True
 
     def dataset(self, table: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.table == table), None)
@@ -158,6 +163,11 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         raise ConfigError(f"{where}: a sensitive dataset needs a privacy_unit")
     if max_rows < 1:
         raise ConfigError(f"{where}: max_rows_per_unit must be >= 1")
+    shared = raw.get("shared", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{where}: shared must be true or false")
+    if shared and tier != "open":
+        raise ConfigError(f"{where}: only an open table can be shared (tier is {tier!r})")
     return DatasetConfig(
         table=table,
         source=tuple(_expand(s, base, where) for s in sources),
@@ -173,6 +183,7 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         public_domains=domains,
         max_rows_per_unit=max_rows,
         bounds=bounds,
+        shared=shared,
         onboarding=_onboarding(raw, base, where),
     )
 
@@ -194,7 +205,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
     base = path.parent
     where = str(path)
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
-                             "state_dir", "board_public_key", "data_dir", "training"})
+                             "state_dir", "board_public_key", "data_dir", "training",
+                             "accept_references"})
+    accept_references = raw.get("accept_references", True)
+    if not isinstance(accept_references, bool):
+        raise ConfigError(f"{where}: accept_references must be true or false")
     tls = None
     if "tls" in raw:
         _check_keys(f"{where} [tls]", raw["tls"], TlsConfig)
@@ -231,6 +246,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         path=path,
         training=_training(raw["training"], base, f"{where} [training]")
         if "training" in raw else None,
+        accept_references=accept_references,
     )
 
 

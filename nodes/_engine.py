@@ -27,6 +27,16 @@ from nodes._dp import release
 from nodes._guard import PrivacyGuard
 from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
 from nodes._quality import compute_quality, fill_table_info
+from nodes._references import (
+    MAX_REFERENCE_BYTES,
+    Copy,
+    ReferenceFiles,
+    ReferenceRefused,
+    catalog_entry,
+    check,
+    sha256,
+    to_ipc,
+)
 from privacy import suppression_mask
 
 log = logging.getLogger("bulle.node")
@@ -76,6 +86,9 @@ class NodeEngine:
         self._cache_lock = threading.Lock()
         self._buckets: dict[str, str] = {}
         self.quality: dict[str, dict[str, object]] = {}  # nodes/_quality.py reports
+        self._shared: dict[str, bytes] = {}  # own shared tables as Arrow IPC
+        self.copies: dict[str, Copy] = {}  # other nodes' shared tables kept here
+        self._copies_lock = threading.Lock()
         for ds in config.datasets:
             started = time.perf_counter()
             n = load_dataset(self._con, ds)
@@ -91,6 +104,8 @@ class NodeEngine:
                                             _max_unit_rows(self._con, ds))
             self._buckets[ds.table] = row_count_bucket(n)
             self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
+            if ds.shared:
+                self._shared[ds.table] = _shared_ipc(self._con, ds.table)
             log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
                      row_count_bucket(n), time.perf_counter() - started)
         self._con.execute("SET enable_external_access = false")
@@ -99,6 +114,10 @@ class NodeEngine:
             config.path.parent / f"{config.node_id}-state" if config.path
             else Path(tempfile.gettempdir()) / f"bulle-{config.node_id}-state")
         self.guard = PrivacyGuard(config.node_id, state_dir, config.board_public_key)
+        self._reference_files = ReferenceFiles(state_dir)
+        if config.accept_references:  # copies received before a restart serve at once
+            for copy in self._reference_files.load(config.node_id, set(self._buckets)):
+                self._keep(copy)
 
     def close(self) -> None:
         self._con.close()
@@ -125,7 +144,62 @@ class NodeEngine:
             for col, values in meta.public_domains.items():
                 info.public_domains[col].values.extend(str(v) for v in values)
             fill_table_info(info, ds, self.quality.get(ds.table))
+            if ds.shared:
+                info.shared, info.content_sha256 = True, sha256(self._shared[ds.table])
+        out.tables.extend(catalog_entry(c.ref) for c in self.copies.values())
+        out.accepts_references = self.config.accept_references
         return out
+
+    # -- public reference tables (nodes/_references.py) --------------------------------
+    def fetch_reference(self, table: str) -> pb.ReferenceTable:
+        """One of this node's shared tables, whole, with its catalogue entry."""
+        ipc = self._shared.get(table)
+        if ipc is None:
+            raise ReferenceRefused(f"{table!r} is not a shared table of this node")
+        info = next(t for t in self.catalog().tables if t.name == table and not t.copy_of)
+        return pb.ReferenceTable(info=info, origin=self.config.node_id, arrow_ipc=ipc)
+
+    def put_reference(self, ref: pb.ReferenceTable) -> pb.TableInfo:
+        """Check, store and load another node's shared table; returns the copy's entry."""
+        if not self.config.accept_references:
+            raise ReferenceRefused("this node does not accept reference tables "
+                                   "(accept_references = false)")
+        copy = check(ref, self.config.node_id, set(self._buckets))
+        with self._copies_lock:
+            held = self.copies.get(copy.ref.info.name)
+            if held is None or held.ref.info.content_sha256 != ref.info.content_sha256:
+                self._keep(copy)  # checks the domains against DuckDB's types too
+                self._reference_files.save(copy)  # a restart serves it before the next sync
+                self.guard.audit.append("coordinator", "", "reference_received", {
+                    "node": self.config.node_id, "table": ref.info.name,
+                    "origin": ref.origin, "sha256": ref.info.content_sha256,
+                    "rows": copy.table.num_rows})
+                log.info("reference %s from %s: %d rows (sha256 %s…)", ref.info.name,
+                         ref.origin, copy.table.num_rows, ref.info.content_sha256[:12])
+        return catalog_entry(copy.ref)
+
+    def _keep(self, copy: Copy) -> None:
+        """Load a checked copy into DuckDB (from Arrow: allowed after the lock-down)."""
+        name = copy.ref.info.name
+        view = f"__reference_{name}"
+        cur = self._con.cursor()
+        cur.register(view, copy.table)
+        try:
+            columns = dict(table_columns(cur, view))
+            try:
+                domains = {c: _typed_domain(tuple(d.values), columns[c], f"reference {name!r}")
+                           for c, d in copy.ref.info.public_domains.items() if c in columns}
+            except ConfigError as e:
+                raise ReferenceRefused(str(e)) from None
+            cur.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM "{view}"')
+        finally:
+            cur.unregister(view)
+            cur.close()
+        meta = TableMeta(name, "open", columns, "", domains, 0, 1, 1.0)
+        self.meta = {**self.meta, name: meta}  # swapped whole: compiles read one version
+        self.copies = {**self.copies, name: copy}
+        with self._cache_lock:
+            self._compiled.clear()
 
     def _run(self, plan: pb.Plan, sql: str) -> pa.Table:
         try:
@@ -207,6 +281,15 @@ class NodeEngine:
                 os._exit(86)
             self.guard.store(plan.request_id, result)
         return Execution(result, out.num_rows, time.perf_counter() - started)
+
+
+def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
+    ipc = to_ipc(con.sql(f'SELECT * FROM "{table}"').to_arrow_table())
+    if len(ipc) > MAX_REFERENCE_BYTES:
+        raise ConfigError(f"dataset {table!r}: a shared table must fit in "
+                          f"{MAX_REFERENCE_BYTES >> 20} MiB as Arrow IPC "
+                          f"({len(ipc) >> 20} MiB): drop columns or share a smaller table")
+    return ipc
 
 
 def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:

@@ -593,7 +593,7 @@ def _publish(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
     _publish(_write_temp(target, lambda f: f.write(data)), target)
 
 
@@ -683,7 +683,7 @@ def _write_proposal(config: NodeConfig, table: str, entry: dict[str, Any]) -> Pa
                   for c, typ in t.get("schema", {}).items()]
         lines += ["", f"[{name}.classify]  # copy into [dataset.classify] once reviewed"]
         lines += [f"{k} = {_toml(v)}" for k, v in cls.items()]
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -861,8 +861,8 @@ def _run(config: NodeConfig, ds: DatasetConfig, spec: IngestSpec, key: bytes | N
         # between leaves a manifest that does not match, so the next ingest runs again.
         _publish(tmp, parquet)
         tmp = None
-        _atomic_write(quality_path, json.dumps(report, indent=2).encode())
-        _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
+        atomic_write(quality_path, json.dumps(report, indent=2).encode())
+        atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
         types = {c: str(t) for c, t in zip(table.column_names,
                                            _duck_types(con, table), strict=True)}
         proposal = _write_proposal(config, ds.table, _proposal(spec, types, "ingested"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 
@@ -18,6 +20,7 @@ from federation.proto import bulle_pb2_grpc as pb_grpc
 from nodes._compile import PlanRefused
 from nodes._config import ConfigError, NodeConfig
 from nodes._engine import NodeEngine, PlanFailed
+from nodes._references import ReferenceRefused
 
 log = logging.getLogger("bulle.node")
 MAX_MESSAGE = 512 * 1024 * 1024
@@ -44,6 +47,30 @@ class NodeServicer(pb_grpc.NodeServicer):
         self._authorize(context)
         return self.engine.catalog()
 
+    def FetchReference(self, request: pb.ReferenceRequest,
+                       context: grpc.ServicerContext) -> pb.ReferenceTable:
+        self._authorize(context)
+        with _references(context, "fetch", request.table):
+            return self.engine.fetch_reference(request.table)
+
+    def PutReference(self, request: pb.ReferenceTable,
+                     context: grpc.ServicerContext) -> pb.ReferenceAck:
+        self._authorize(context)
+        with _references(context, "put", request.info.name):
+            return pb.ReferenceAck(info=self.engine.put_reference(request))
+
+    def VerifyAudit(self, request: pb.AuditRequest,
+                    context: grpc.ServicerContext) -> pb.AuditReport:
+        self._authorize(context)
+        audit = self.engine.guard.audit
+        checkpoint = ((request.checkpoint_seq, request.checkpoint_hash)
+                      if request.checkpoint_seq > 0 else None)
+        head_seq, head_hash = audit.head()  # before verifying: the chain covers this head
+        report = audit.verify(checkpoint)
+        return pb.AuditReport(ok=report.ok, entries=report.entries,
+                              first_bad_seq=report.first_bad_seq or 0, reason=report.reason,
+                              head_seq=head_seq, head_hash=head_hash)
+
     def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
         self._authorize(context)
         guard = self.engine.guard
@@ -69,6 +96,18 @@ class NodeServicer(pb_grpc.NodeServicer):
             "epsilon": r.epsilon_spent, "delta": r.delta_spent,
             "ms": round(done.seconds * 1000, 2)})
         return r
+
+
+@contextmanager
+def _references(context: grpc.ServicerContext, what: str, table: str) -> Iterator[None]:
+    try:
+        yield
+    except ReferenceRefused as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("reference %s of %r failed (incident %s)", what, table[:64], incident)
+        context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
 
 
 def build_server(config: NodeConfig, engine: NodeEngine,

@@ -68,8 +68,9 @@ def _check(config) -> int:
     engine = NodeEngine(config)
     for t in engine.catalog().tables:
         quality = f"quality {t.quality.score}/100" if t.HasField("quality") else ""
+        role = f"copy of {t.copy_of}'s" if t.copy_of else "shared" if t.shared else ""
         print(f"{t.name:<24} {t.tier:<11} {t.row_count_bucket:<9} {len(t.columns)} columns "
-              f"{quality}".rstrip())
+              f"{quality} {role}".rstrip())
     return 0
 
 

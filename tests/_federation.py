@@ -100,12 +100,16 @@ class Federation:
 
 def start_federation(tmp: Path, certs: Path, nodes: dict[str, list[dict[str, Any]]],
                      node_timeout_s: float = 20.0, board_public_key: Path | None = None,
-                     projects: tuple[ProjectConfig, ...] = ()) -> Federation:
+                     projects: tuple[ProjectConfig, ...] = (),
+                     node_extra: dict[str, str] | None = None) -> Federation:
+    """Nodes (real engines behind real gRPC servers) and a coordinator; ``node_extra``
+    adds top-level TOML lines to some nodes' configs."""
     engines, servers, ports = {}, {}, {}
     extra = f'board_public_key = "{board_public_key}"' if board_public_key else ""
     for node_id, datasets in nodes.items():
         path = tmp / f"{node_id}.toml"
-        path.write_text(node_toml(node_id, certs, datasets, extra))
+        more = (node_extra or {}).get(node_id, "")
+        path.write_text(node_toml(node_id, certs, datasets, f"{extra}\n{more}".strip()))
         config = load_node_config(path)
         engine = CountingEngine(config)
         server, port = build_server(config, engine)

@@ -39,7 +39,7 @@ def test_demo_up_query_down(tmp_path: Path) -> None:
         url = re.search(r"coordinator API\s+(http://127\.0\.0\.1:\d+)", up.stdout).group(1)
         assert "from enclave import connect" in up.stdout
         pids = json.loads((state / "pids.json").read_text())
-        assert set(pids) >= {"region-gp", "region-ms", "vendor-a", "vendor-b", "depp",
+        assert set(pids) >= {"region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp",
                              "coordinator", "hub"}
         env = bulle("demo", "env", state=state).stdout.strip()
         values = dict(kv.split("=", 1) for kv in env.removeprefix("export ").split())

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 MANIFESTS = DEPLOY / "k8s" / "manifests"
 CHART = REPO.parent / "shared" / "vendor" / "z2jh-chart"
-DEMO_NODES = ("region-gp", "region-ms", "vendor-a", "vendor-b", "depp")
+DEMO_NODES = ("region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp")
 BIN = Path(sys.executable).parent
 
 
@@ -216,6 +216,38 @@ def test_coordinator_config_map_is_a_valid_coordinator_config(tmp_path: Path) ->
         assert any(str(p).startswith(m) for m in mounts), p
     migrate = _container(_find("Deployment", "bulle-coordinator"), "migrate")
     assert "upgrade" in migrate["command"] and "head" in migrate["command"]
+
+
+def _mounts(deployment: str, container: str) -> dict[str, str]:
+    """mountPath -> volume name, with the claim name for PVC-backed volumes."""
+    d = _find("Deployment", deployment)
+    volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName", v["name"])
+               for v in d["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]]
+            for m in _container(d, container)["volumeMounts"]}
+
+
+def test_training_work_dir_is_shared_by_the_coordinator_and_the_superlink(
+        tmp_path: Path) -> None:
+    """The ServerApp (in the SuperLink pod) writes rounds and weights where the coordinator
+    reads them: one ReadWriteMany claim, at the configured work_dir, in both pods."""
+    from federation._training import TrainingSettings
+
+    config = _coordinator_config(tmp_path)
+    settings = TrainingSettings.parse(config.training, config.state_dir)
+    work = str(settings.work_dir)
+    coordinator = _mounts("bulle-coordinator", "coordinator")
+    superlink = _mounts("bulle-superlink", "superlink")
+    assert coordinator.get(work) == superlink.get(work) == "bulle-training-work"
+    claim = _find("PersistentVolumeClaim", "bulle-training-work")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for p in (settings.root_certificates, settings.control_token_file,
+              *settings.node_keys.values()):
+        assert any(str(p).startswith(m) for m in coordinator), p
+    host, port = settings.superlink.rsplit(":", 1)
+    control = _find("Service", host)["spec"]
+    assert [pt["port"] for pt in control["ports"]] == [int(port)]
+    assert set(settings.node_keys) <= {n.id for n in config.nodes}
 
 
 # ------------------------------------------------------------------- network policies

@@ -1,4 +1,4 @@
-"""The enclave end to end: `bulle demo up` (5 nodes, the coordinator, JupyterHub with its
+"""The enclave end to end: `bulle demo up` (6 nodes, the coordinator, JupyterHub with its
 proxy) as separate processes; hub tokens and scopes on every endpoint; projects from
 submission to the board's decision to a DP query the nodes accept; the example notebooks
 run headless; the dashboard and JupyterLab in a real browser (Debian's chromium).
@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from enclave import BulleError, connect
+from enclave._demo import NODES
 from tests._federation import DATA
 from tests._hub import HubSession
 
@@ -185,6 +186,11 @@ def test_token_and_scope_matrix(enclave: Enclave) -> None:
         assert r.status_code == want, (role, r.status_code)
     r = httpx.get(board, timeout=60)
     assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["location"]
+    # The catalogue page: whoever may read the catalogue (every role here).
+    page = f"{enclave.hub_url}/services/bulle/catalog/"
+    for role, token in tokens.items():
+        r = httpx.get(page, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert r.status_code == ok and "id='table-ips_colleges'" in r.text, role
     # The notebook server's token carries the user's Bulle scopes (server_token_scopes).
     scopes = httpx.get(f"{enclave.hub_url}/hub/api/user", timeout=30, headers={
         "Authorization": f"token {tokens['researcher']}"}).json()["scopes"]
@@ -338,6 +344,8 @@ def test_board_approves_in_the_dashboard_and_sees_the_spend(enclave: Enclave) ->
             page.wait_for_selector("#pending .card[data-project='dropout-signals']")
             assert page.inner_text("#who") == "demo-board"
             assert page.query_selector("#chain-ok") is not None
+            for node in NODES:  # each node verified its own chain over gRPC
+                assert "✔ intact" in page.inner_text(f"#node-chain-{node}"), node
             assert _spent(page, "dropout-signals") is None  # no grant, no bar
             page.screenshot(path=str(ARTIFACTS / "board-1-pending.png"), full_page=True)
             page.click("#approve-dropout-signals")
@@ -358,6 +366,73 @@ def test_board_approves_in_the_dashboard_and_sees_the_spend(enclave: Enclave) ->
             r = page.request.get(f"{enclave.hub_url}/services/bulle/board/export?format=csv"
                                  "&table=budgets")
             assert r.ok and "dropout-signals,approved,3.0," in r.text()
+        finally:
+            browser.close()
+
+
+def test_researcher_browses_and_searches_the_catalogue_page(enclave: Enclave) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from federation._catalog import search_table
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page_url = f"{enclave.hub_url}/services/bulle/catalog/"
+    # No session: to the hub's OAuth, remembering to come back here (with the search).
+    r = httpx.get(page_url, params={"q": "IPS"}, timeout=60)
+    assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["location"]
+    assert any(c.startswith('bulle-oauth-return="catalog/?q=IPS"')
+               for c in r.headers.get_list("set-cookie"))
+    # A token without the catalogue's scopes: 403.
+    narrow, _ = enclave.session("demo-researcher").token(scopes=["read:users:name!user"])
+    r = httpx.get(page_url, headers={"Authorization": f"Bearer {narrow}"}, timeout=60)
+    assert r.status_code == 403 and "custom:bulle:query" in r.text
+    user = "demo-researcher"
+    tables = _call(enclave, "GET", "/v1/catalog", enclave.token(user)).json()["tables"]
+
+    def shown(page: Any) -> set[str]:
+        return {s.get_attribute("data-table") for s in page.query_selector_all("section.table")}
+
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{page_url}?q=IPS")
+            assert "/hub/login" in page.url
+            _login(page, user, enclave.passwords[user])
+            page.wait_for_selector("#table-ips_colleges")
+            assert page.url == f"{page_url}?q=IPS"  # back where the researcher started
+            assert page.inner_text("#who") == user
+            want = {t["name"] for t in tables if search_table(t, "IPS") is not None}
+            assert shown(page) == want and "lycee_students" not in want
+            page.screenshot(path=str(ARTIFACTS / "catalogue-1-search-ips.png"), full_page=True)
+            page.fill("input[name=q]", "college")  # accents ignored: "collège", "colleges"
+            page.click("#search button")
+            page.wait_for_url(re.compile(r".*/catalog/\?q=college$"))
+            want = {t["name"] for t in tables if search_table(t, "COLLÈGE") is not None}
+            assert shown(page) == want and {"ips_colleges", "dnb_colleges"} <= want
+            assert "ips_ecoles" not in want and "lycee_students" not in want
+            assert page.inner_text("#count").startswith(f"{len(want)} of {len(tables)} tables")
+            page.goto(page_url)
+            assert page.inner_text("#count") == f"{len(tables)} tables"
+            assert page.inner_text("#nodes tr[data-node='depp'] td.ok") == "up"
+            lycee = page.inner_text("#table-lycee_students")
+            assert "restricted" in page.inner_text("#table-lycee_students .tier")
+            assert "region-gp" in lycee and "region-ms" in lycee
+            assert "final grade (0-20)" in page.inner_text(
+                "#table-lycee_students tr[data-column='g3']")
+            ips = "#table-ips_colleges tr[data-column='{}']"
+            assert "social-position index (higher = more favoured)" in page.inner_text(
+                ips.format("ips"))
+            uai = page.inner_text(ips.format("uai"))
+            assert "⇄ school" in uai and "dnb_colleges" in uai
+            copies = next(t for t in tables if t["name"] == "ips_colleges").get("copies")
+            if copies:  # a shared reference table: where it can be joined
+                ref = page.inner_text("#table-ips_colleges .ref")
+                assert "join it at any of these nodes" in ref and all(n in ref for n in copies)
+            # Sensitive: details only once a grant of hers covers it (as GET /v1/catalog).
+            granted = next(t for t in tables if t["name"] == "student_assessment")["columns"]
+            details = page.inner_text("#table-student_assessment")
+            assert ("details need a grant in a project" in details) is not bool(granted)
+            page.screenshot(path=str(ARTIFACTS / "catalogue-2-all.png"), full_page=True)
         finally:
             browser.close()
 

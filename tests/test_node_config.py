@@ -133,10 +133,12 @@ def test_demo_configs_are_valid(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BULLE_DEMO_STATE", str(tmp_path))
     root = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "nodes"
     configs = {p.stem: load_node_config(p) for p in root.glob("*.toml")}
-    assert set(configs) == {"region-gp", "region-ms", "vendor-a", "vendor-b", "depp"}
+    assert set(configs) == {"region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp"}
     tables = {n: {d.table for d in c.datasets} for n, c in configs.items()}
     assert tables["region-gp"] == tables["region-ms"] == {"lycee_students", "lycee_students_math"}
     assert tables["vendor-a"] == tables["vendor-b"] == {
         "student_info", "student_registration", "student_assessment", "assessments", "courses"}
     assert tables["depp"] == {"ips_colleges", "ips_ecoles", "ips_lycees", "dnb_colleges"}
     assert all(d.tier == "open" for d in configs["depp"].datasets)
+    assert [d.table for d in configs["depp"].datasets if d.shared] == ["ips_colleges"]
+    assert tables["region-35"] == {"college_headcounts"}

@@ -45,7 +45,7 @@ class Domain(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to", "bounds", "max_rows_per_unit", "quality", "pivots")
+    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to", "bounds", "max_rows_per_unit", "quality", "pivots", "shared", "copy_of", "content_sha256")
     class PublicDomainsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class TableInfo(_message.Message):
     MAX_ROWS_PER_UNIT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PIVOTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    COPY_OF_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: str
     columns: _containers.RepeatedCompositeFieldContainer[Column]
@@ -93,7 +96,10 @@ class TableInfo(_message.Message):
     max_rows_per_unit: int
     quality: Quality
     pivots: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., bounds: _Optional[_Mapping[str, Bounds]] = ..., max_rows_per_unit: _Optional[int] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., pivots: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    shared: bool
+    copy_of: str
+    content_sha256: str
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., bounds: _Optional[_Mapping[str, Bounds]] = ..., max_rows_per_unit: _Optional[int] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., pivots: _Optional[_Mapping[str, str]] = ..., shared: bool = ..., copy_of: _Optional[str] = ..., content_sha256: _Optional[str] = ...) -> None: ...
 
 class Quality(_message.Message):
     __slots__ = ("score", "completeness_pct", "validity_pct", "uniqueness_pct", "uniqueness_in_score", "column_completeness_pct", "checks", "units_bucket", "source_modified_at", "ingested_at", "coarsened")
@@ -149,12 +155,36 @@ class Bounds(_message.Message):
     def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("node_id", "tables")
+    __slots__ = ("node_id", "tables", "accepts_references")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_REFERENCES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
-    def __init__(self, node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+    accepts_references: bool
+    def __init__(self, node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., accepts_references: bool = ...) -> None: ...
+
+class ReferenceRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class ReferenceTable(_message.Message):
+    __slots__ = ("info", "origin", "arrow_ipc")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    info: TableInfo
+    origin: str
+    arrow_ipc: bytes
+    def __init__(self, info: _Optional[_Union[TableInfo, _Mapping]] = ..., origin: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
+
+class ReferenceAck(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: TableInfo
+    def __init__(self, info: _Optional[_Union[TableInfo, _Mapping]] = ...) -> None: ...
 
 class Expr(_message.Message):
     __slots__ = ("column", "literal", "call")
@@ -318,6 +348,30 @@ class PartialResult(_message.Message):
     noise_scales: _containers.ScalarMap[str, float]
     replayed: bool
     def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("checkpoint_seq", "checkpoint_hash")
+    CHECKPOINT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_HASH_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_seq: int
+    checkpoint_hash: str
+    def __init__(self, checkpoint_seq: _Optional[int] = ..., checkpoint_hash: _Optional[str] = ...) -> None: ...
+
+class AuditReport(_message.Message):
+    __slots__ = ("ok", "entries", "first_bad_seq", "reason", "head_seq", "head_hash")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    entries: int
+    first_bad_seq: int
+    reason: str
+    head_seq: int
+    head_hash: str
+    def __init__(self, ok: bool = ..., entries: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,21 @@ class NodeStub(object):
                 request_serializer=federation_dot_proto_dot_bulle__pb2.HealthRequest.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_bulle__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.FetchReference = channel.unary_unary(
+                '/bulle.v1.Node/FetchReference',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.FromString,
+                _registered_method=True)
+        self.PutReference = channel.unary_unary(
+                '/bulle.v1.Node/PutReference',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/bulle.v1.Node/VerifyAudit',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.AuditRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.AuditReport.FromString,
+                _registered_method=True)
 
 
 class NodeServicer(object):
@@ -74,6 +89,30 @@ class NodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchReference(self, request, context):
+        """Public reference tables: an `open` table its node declares `shared` is copied by the
+        coordinator to the other nodes, so that joins with it run inside each node.
+        FetchReference is answered only for this node's own shared tables.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutReference(self, request, context):
+        """Keep a copy of another node's shared table (replacing an older version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """The node verifies its own hash-chained audit log (and that it still contains the
+        head the coordinator saw last time): the ethics board's view of every node's chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +130,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=federation_dot_proto_dot_bulle__pb2.HealthRequest.FromString,
                     response_serializer=federation_dot_proto_dot_bulle__pb2.HealthReply.SerializeToString,
+            ),
+            'FetchReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchReference,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.SerializeToString,
+            ),
+            'PutReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutReference,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.AuditRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.AuditReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +228,87 @@ class Node(object):
             '/bulle.v1.Node/Health',
             federation_dot_proto_dot_bulle__pb2.HealthRequest.SerializeToString,
             federation_dot_proto_dot_bulle__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulle.v1.Node/FetchReference',
+            federation_dot_proto_dot_bulle__pb2.ReferenceRequest.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.ReferenceTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulle.v1.Node/PutReference',
+            federation_dot_proto_dot_bulle__pb2.ReferenceTable.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulle.v1.Node/VerifyAudit',
+            federation_dot_proto_dot_bulle__pb2.AuditRequest.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.AuditReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,82 @@
+"""Public reference tables: copy each node's shared open tables to the other nodes.
+
+Run at every catalogue refresh. A table is copied when exactly one node publishes it,
+as `open` and `shared`; it goes to every reachable node that accepts references and does
+not hold the current version (same origin, same SHA-256). The content is fetched once
+per version. A failed copy is logged and retried at the next refresh; until then that
+node simply does not hold the table (queries say which nodes took part).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+
+from federation._nodes import NodeClient, describe_rpc_error
+from federation.proto import bulle_pb2 as pb
+
+log = logging.getLogger("bulle.coordinator")
+
+
+class ReferenceSync:
+    def __init__(self, clients: dict[str, NodeClient], pool: futures.Executor) -> None:
+        self.clients = clients
+        self.pool = pool
+        self._fetched: dict[tuple[str, str], pb.ReferenceTable] = {}  # (origin, table)
+        self.problems: dict[tuple[str, str], str] = {}  # (node, table) -> last failure
+
+    def sync(self, catalogs: dict[str, pb.Catalog], timeout: float) -> None:
+        """Ship what is missing; the copies made are added to ``catalogs`` in place."""
+        publishers: dict[str, list[tuple[str, pb.TableInfo]]] = {}
+        for nid, cat in catalogs.items():
+            for t in cat.tables:
+                if not t.copy_of:
+                    publishers.setdefault(t.name, []).append((nid, t))
+        for name, entries in sorted(publishers.items()):
+            if len(entries) != 1 or not entries[0][1].shared or entries[0][1].tier != "open":
+                continue
+            origin, info = entries[0]
+            targets = [nid for nid, cat in sorted(catalogs.items())
+                       if nid != origin and cat.accepts_references
+                       and name not in {t.name for t in cat.tables if not t.copy_of}
+                       and not any(t.name == name and t.copy_of == origin
+                                   and t.content_sha256 == info.content_sha256
+                                   for t in cat.tables)]
+            if not targets:
+                continue
+            ref = self._fetch(origin, info, timeout)
+            if ref is None:
+                continue
+            calls = {nid: self.pool.submit(self.clients[nid].put_reference, ref, timeout)
+                     for nid in targets}
+            for nid, call in calls.items():
+                try:
+                    ack = call.result()
+                except grpc.RpcError as e:
+                    self._problem(nid, name, describe_rpc_error(nid, e, timeout))
+                    continue
+                self.problems.pop((nid, name), None)
+                kept = [t for t in catalogs[nid].tables if t.name != name]
+                del catalogs[nid].tables[:]
+                catalogs[nid].tables.extend([*kept, ack.info])
+                log.info("reference table %s (from %s) copied to %s", name, origin, nid)
+
+    def _fetch(self, origin: str, info: pb.TableInfo, timeout: float) -> pb.ReferenceTable | None:
+        key = (origin, info.name)
+        held = self._fetched.get(key)
+        if held is not None and held.info.content_sha256 == info.content_sha256:
+            return held
+        try:
+            ref = self.clients[origin].fetch_reference(info.name, timeout)
+        except grpc.RpcError as e:
+            self._problem(origin, info.name, describe_rpc_error(origin, e, timeout))
+            return None
+        self._fetched[key] = ref
+        return ref
+
+    def _problem(self, node: str, table: str, why: str) -> None:
+        if self.problems.get((node, table)) != why:  # once per new reason, not every refresh
+            log.warning("reference table %s not copied to/from %s: %s", table, node, why)
+        self.problems[(node, table)] = why
