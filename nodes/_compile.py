@@ -44,6 +44,9 @@ class TableMeta:
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     max_rows_per_unit: int = 1
     max_unit_rows: int = 0  # the most rows any unit has in the loaded data (0: unknown)
+    # numeric columns with no negative value in the loaded data (restricted tier): there
+    # |v| = v, so the dominance rule reads MAX(v) and the SUM itself
+    nonnegative: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,19 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
             arg = compile_expr(agg.arg)
             value = _aggregate_sql(agg.kind, arg)
             if agg.kind == pb.SUM and tier == "restricted" and dominance < 1.0:
-                mx, sm = f"__max_abs_{agg.name}", f"__sum_abs_{agg.name}"
-                abs_arg = exp.Anonymous(this="abs", expressions=[arg.copy()])
-                query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)), copy=False)
-                query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)),
-                                     copy=False)
-                dominance_pairs.append((agg.name, mx, sm))
+                mx = f"__max_abs_{agg.name}"
+                if _nonnegative(agg.arg, aliases):
+                    query = query.select(exp.alias_(exp.Max(this=arg.copy()), _ident(mx)),
+                                         copy=False)
+                    dominance_pairs.append((agg.name, mx, agg.name))
+                else:
+                    sm = f"__sum_abs_{agg.name}"
+                    abs_arg = exp.Anonymous(this="abs", expressions=[arg.copy()])
+                    query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)),
+                                         copy=False)
+                    query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)),
+                                         copy=False)
+                    dominance_pairs.append((agg.name, mx, sm))
         aggs.append((agg.name, agg.kind))
         query = query.select(exp.alias_(value, _ident(agg.name)), copy=False)
     if tier == "restricted":
@@ -282,6 +292,14 @@ def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
     if kind == pb.MAX:
         return exp.Max(this=arg)
     raise PlanRefused("unknown aggregate kind")
+
+
+def _nonnegative(e: pb.Expr, aliases: dict[str, TableMeta]) -> bool:
+    """A plain column known to hold no negative value (a WHERE or join only drops rows)."""
+    if e.WhichOneof("kind") != "column":
+        return False
+    meta = aliases.get(e.column.table)
+    return meta is not None and e.column.name in meta.nonnegative
 
 
 def _public_domain(e: pb.Expr, aliases: dict[str, TableMeta]) -> tuple[object, ...] | None:

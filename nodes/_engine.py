@@ -101,7 +101,8 @@ class NodeEngine:
             self.meta[ds.table] = TableMeta(ds.table, ds.tier, columns, ds.privacy_unit, domains,
                                             ds.min_count, ds.round_to, ds.dominance,
                                             dict(ds.bounds), ds.max_rows_per_unit,
-                                            _max_unit_rows(self._con, ds))
+                                            _max_unit_rows(self._con, ds),
+                                            _nonnegative_columns(self._con, ds, columns))
             self._buckets[ds.table] = row_count_bucket(n)
             self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
             if ds.shared:
@@ -290,6 +291,20 @@ def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
                           f"{MAX_REFERENCE_BYTES >> 20} MiB as Arrow IPC "
                           f"({len(ipc) >> 20} MiB): drop columns or share a smaller table")
     return ipc
+
+
+def _nonnegative_columns(con: duckdb.DuckDBPyConnection, ds,
+                         columns: dict[str, str]) -> frozenset[str]:
+    """Numeric columns of a restricted table without a negative value (the tables never
+    change once loaded): SUM cells then need no ABS columns for the dominance rule."""
+    numeric = [c for c, t in columns.items() if type_family(t) in ("integer", "number")]
+    if ds.tier != "restricted" or not numeric:
+        return frozenset()
+    table = exp.to_identifier(ds.table, quoted=True).sql("duckdb")
+    mins = con.sql("SELECT " + ", ".join(
+        f"coalesce(min({exp.to_identifier(c, quoted=True).sql('duckdb')}) >= 0, true)"
+        for c in numeric) + f" FROM {table}").fetchall()[0]
+    return frozenset(c for c, ok in zip(numeric, mins, strict=True) if ok)
 
 
 def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:

@@ -145,7 +145,7 @@ class RdpTotals:
 
     def to_list(self) -> list[float]:
         """Plain floats, in ``ORDERS`` order (what the ledger stores)."""
-        return [float(x) for x in self._rdp]
+        return self._rdp.tolist()
 
     @classmethod
     def from_list(cls, values: Sequence[float]) -> RdpTotals:

@@ -121,3 +121,42 @@ def test_dominated_sum_is_suppressed(sdc_fed, union_db) -> None:
                 if r[0][0] == sex)
     assert cell == ([sex, None, None], [False, True, True])
     assert most not in [v for row in result["rows"] for v in row[1:]]
+
+
+def test_dominance_uses_absolute_values_when_a_column_can_be_negative(tmp_path, certs) -> None:
+    """One large negative value dominates a cell whose plain sum looks harmless: the rule
+    reads |v| (MAX(v)/SUM(v) is only used on columns without a negative value)."""
+    from tests._federation import start_federation
+
+    rows = ["unit,grp,v"] + [f"u{i},a,1" for i in range(10)] + ["u10,a,-100"]
+    rows += [f"w{i},b,{5 + i}" for i in range(12)]
+    (tmp_path / "balances.csv").write_text("\n".join(rows) + "\n")
+    dataset = {"table": "balances", "source": str(tmp_path / "balances.csv"),
+               "tier": "restricted", "privacy_unit": "unit", "min_count": 5,
+               "public_domains": {"grp": ["a", "b"]}}
+    (tmp_path / "fed").mkdir()
+    (tmp_path / "fed2").mkdir()
+    fed = start_federation(tmp_path / "fed", certs, {"solo": [dataset]})
+    try:
+        engine = fed.engines["solo"]
+        assert engine.meta["balances"].nonnegative == frozenset()  # v has a negative value
+        out = fed.run("SELECT grp, SUM(v) AS s, COUNT(*) AS n FROM balances GROUP BY grp "
+                      "ORDER BY grp")
+        # a: 11 units pass the minimum, but |-100| > 0.9 × 110: the cell is withheld
+        assert out["rows"] == [["a", None, None], ["b", sum(range(5, 17)), 12]]
+        # and a column without negative values takes the MAX(v)/SUM(v) form, same answer
+        positive = {**dataset, "table": "positive"}
+        (tmp_path / "positive.csv").write_text(
+            "\n".join(["unit,grp,v"] + [f"u{i},a,1" for i in range(10)] + ["u10,a,100"]
+                      + [f"w{i},b,{5 + i}" for i in range(12)]) + "\n")
+        positive["source"] = str(tmp_path / "positive.csv")
+        fed2 = start_federation(tmp_path / "fed2", certs, {"solo": [positive]})
+        try:
+            assert fed2.engines["solo"].meta["positive"].nonnegative == frozenset({"v"})
+            out = fed2.run("SELECT grp, SUM(v) AS s FROM positive GROUP BY grp ORDER BY grp")
+            assert out["rows"] == [["a", None], ["b", sum(range(5, 17))]]
+            assert out["suppressed"] == [[False, True], [False, False]]
+        finally:
+            fed2.close()
+    finally:
+        fed.close()
