@@ -118,7 +118,10 @@ class NodeEngine:
         self._reference_files = ReferenceFiles(state_dir)
         if config.accept_references:  # copies received before a restart serve at once
             for copy in self._reference_files.load(config.node_id, set(self._buckets)):
-                self._keep(copy)
+                try:
+                    self._keep(copy)
+                except ReferenceRefused as e:  # the coordinator sends a good one again
+                    log.warning("reference copy %s not loaded: %s", copy.ref.info.name, e)
 
     def close(self) -> None:
         self._con.close()
