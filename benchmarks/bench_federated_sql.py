@@ -91,6 +91,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=DATA / "last_results.json")
     args = ap.parse_args()
     started = time.perf_counter()
+    # This process stands in for the coordinator: tune malloc as `coordinator serve` does.
+    from bulle_cli import tune_malloc
+
+    tune_malloc()
 
     parts = gen_partitions("t", args.rows)
     small = gen_partitions("small", 1000)

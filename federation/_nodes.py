@@ -34,6 +34,9 @@ class NodeClient:
     def put_reference(self, ref: pb.ReferenceTable, timeout: float) -> pb.ReferenceAck:
         return self.stub.PutReference(ref, timeout=timeout)
 
+    def drop_reference(self, table: str, timeout: float) -> pb.ReferenceAck:
+        return self.stub.DropReference(pb.ReferenceRequest(table=table), timeout=timeout)
+
     def verify_audit(self, checkpoint: tuple[int, str] | None,
                      timeout: float) -> pb.AuditReport:
         seq, digest = checkpoint or (0, "")

@@ -4,7 +4,8 @@ Run at every catalogue refresh. A table is copied when exactly one node publishe
 as `open` and `shared`; it goes to every reachable node that accepts references and does
 not hold the current version (same origin, same SHA-256). The content is fetched once
 per version. A failed copy is logged and retried at the next refresh; until then that
-node simply does not hold the table (queries say which nodes took part).
+node simply does not hold the table (queries say which nodes took part). A copy whose
+origin answers and no longer shares the table is dropped at the node.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from federation.proto import bulle_pb2 as pb
 log = logging.getLogger("bulle.coordinator")
 
 
+def _replace(catalog: pb.Catalog, name: str, copy: pb.TableInfo | None) -> None:
+    """Set (or remove) the copy of ``name`` in a node's catalogue."""
+    kept = [t for t in catalog.tables if t.name != name or not t.copy_of]
+    del catalog.tables[:]
+    catalog.tables.extend([*kept, *([copy] if copy is not None else [])])
+
+
 class ReferenceSync:
     def __init__(self, clients: dict[str, NodeClient], pool: futures.Executor) -> None:
         self.clients = clients
@@ -28,16 +36,17 @@ class ReferenceSync:
         self.problems: dict[tuple[str, str], str] = {}  # (node, table) -> last failure
 
     def sync(self, catalogs: dict[str, pb.Catalog], timeout: float) -> None:
-        """Ship what is missing; the copies made are added to ``catalogs`` in place."""
+        """Ship what is missing, drop copies their origin no longer shares; ``catalogs``
+        is updated in place to match."""
         publishers: dict[str, list[tuple[str, pb.TableInfo]]] = {}
         for nid, cat in catalogs.items():
             for t in cat.tables:
                 if not t.copy_of:
                     publishers.setdefault(t.name, []).append((nid, t))
-        for name, entries in sorted(publishers.items()):
-            if len(entries) != 1 or not entries[0][1].shared or entries[0][1].tier != "open":
-                continue
-            origin, info = entries[0]
+        shippable = {name: entries[0] for name, entries in publishers.items()
+                     if len(entries) == 1 and entries[0][1].shared
+                     and entries[0][1].tier == "open"}
+        for name, (origin, info) in sorted(shippable.items()):
             targets = [nid for nid, cat in sorted(catalogs.items())
                        if nid != origin and cat.accepts_references
                        and name not in {t.name for t in cat.tables if not t.copy_of}
@@ -58,10 +67,22 @@ class ReferenceSync:
                     self._problem(nid, name, describe_rpc_error(nid, e, timeout))
                     continue
                 self.problems.pop((nid, name), None)
-                kept = [t for t in catalogs[nid].tables if t.name != name]
-                del catalogs[nid].tables[:]
-                catalogs[nid].tables.extend([*kept, ack.info])
+                _replace(catalogs[nid], name, ack.info)
                 log.info("reference table %s (from %s) copied to %s", name, origin, nid)
+        # A copy whose origin answered and no longer shares the table (or another node
+        # publishes it too) is dropped; an origin that is down decides nothing.
+        for nid, cat in sorted(catalogs.items()):
+            for t in [t for t in cat.tables if t.copy_of and t.copy_of in catalogs]:
+                if shippable.get(t.name, ("",))[0] == t.copy_of:
+                    continue
+                try:
+                    self.clients[nid].drop_reference(t.name, timeout)
+                except grpc.RpcError as e:
+                    self._problem(nid, t.name, describe_rpc_error(nid, e, timeout))
+                    continue
+                _replace(cat, t.name, None)
+                log.info("reference table %s (from %s) dropped at %s: no longer shared",
+                         t.name, t.copy_of, nid)
 
     def _fetch(self, origin: str, info: pb.TableInfo, timeout: float) -> pb.ReferenceTable | None:
         key = (origin, info.name)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 TIERS = ("open", "restricted", "sensitive")
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_COLUMN = re.compile(r"^[a-z0-9_]{1,63}$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -52,6 +53,9 @@ class DatasetConfig:
     min_count: int = 10
     round_to: int = 1
     dominance: float = 0.9  # a SUM cell is suppressed when one row holds this share of it
+    # Source column (normalised name) -> name it is published under, e.g. a UAI column
+    # renamed ``uai`` so that joins can say USING (uai); the other keys use the new names.
+    rename: dict[str, str] = field(default_factory=dict)
     # Expected columns and types; loading fails if one is missing or of another kind.
     schema: dict[str, str] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)  # column -> description
@@ -163,6 +167,14 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         raise ConfigError(f"{where}: a sensitive dataset needs a privacy_unit")
     if max_rows < 1:
         raise ConfigError(f"{where}: max_rows_per_unit must be >= 1")
+    rename = raw.get("rename", {})
+    if not isinstance(rename, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _COLUMN.match(k) and _COLUMN.match(v)
+            for k, v in rename.items()):
+        raise ConfigError(f"{where}: rename maps source column names to new names, both "
+                          "lowercase snake_case (e.g. rename = { numero_du_college = \"uai\" })")
+    if len(set(rename.values())) != len(rename):
+        raise ConfigError(f"{where}: rename gives two columns the same name")
     shared = raw.get("shared", False)
     if not isinstance(shared, bool):
         raise ConfigError(f"{where}: shared must be true or false")
@@ -183,6 +195,7 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         public_domains=domains,
         max_rows_per_unit=max_rows,
         bounds=bounds,
+        rename=dict(rename),
         shared=shared,
         onboarding=_onboarding(raw, base, where),
     )

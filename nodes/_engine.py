@@ -182,6 +182,28 @@ class NodeEngine:
                          ref.origin, copy.table.num_rows, ref.info.content_sha256[:12])
         return catalog_entry(copy.ref)
 
+    def drop_reference(self, table: str) -> pb.TableInfo:
+        """Forget a copy (its origin stopped sharing it); the node's own tables never."""
+        with self._copies_lock:
+            held = self.copies.get(table)
+            if held is None:
+                raise ReferenceRefused(f"{table!r} is not a reference copy held by this node")
+            self.meta = {k: v for k, v in self.meta.items() if k != table}
+            self.copies = {k: v for k, v in self.copies.items() if k != table}
+            with self._cache_lock:
+                self._compiled.clear()
+            cur = self._con.cursor()
+            try:
+                cur.execute(f'DROP TABLE IF EXISTS "{table}"')  # name checked when kept
+            finally:
+                cur.close()
+            self._reference_files.remove(table)
+            self.guard.audit.append("coordinator", "", "reference_dropped", {
+                "node": self.config.node_id, "table": table, "origin": held.ref.origin,
+                "sha256": held.ref.info.content_sha256})
+            log.info("reference %s (from %s) dropped", table, held.ref.origin)
+        return catalog_entry(held.ref)
+
     def _keep(self, copy: Copy) -> None:
         """Load a checked copy into DuckDB (from Arrow: allowed after the lock-down)."""
         name = copy.ref.info.name

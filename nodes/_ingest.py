@@ -109,6 +109,18 @@ def unique_names(raw: list[str]) -> list[str]:
     return out
 
 
+def _renamed(names: list[str], ds: DatasetConfig, path: Path) -> list[str]:
+    missing = sorted(set(ds.rename) - set(names))
+    if missing:
+        raise ConfigError(f"dataset {ds.table!r}: rename: column {missing[0]!r} is not in "
+                          f"{path.name} (its columns: {', '.join(names[:20])})")
+    out = [ds.rename.get(n, n) for n in names]
+    dup = next((n for n in out if out.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"dataset {ds.table!r}: rename: two columns would be named {dup!r}")
+    return out
+
+
 def _infer_casts(con: duckdb.DuckDBPyConnection, view: str, names: list[str]) -> list[str]:
     """Select-list that gives each all-text column its narrowest faithful type."""
     probes = []
@@ -146,7 +158,7 @@ def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
         raw_view = f"__src_{ds.table}_{i}"
         try:
             cols = [c[0] for c in con.execute(f"DESCRIBE SELECT * FROM {rel}").fetchall()]
-            names = unique_names(cols)
+            names = _renamed(unique_names(cols), ds, path)
             renamed = ", ".join(f"{_quote(c)} AS {_quote(n)}"
                                 for c, n in zip(cols, names, strict=True))
             con.execute(f"CREATE OR REPLACE TEMP TABLE {raw_view} AS SELECT {renamed} FROM {rel}")

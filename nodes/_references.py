@@ -106,6 +106,9 @@ class ReferenceFiles:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.dir / f"{copy.ref.info.name}.pb", copy.ref.SerializeToString())
 
+    def remove(self, table: str) -> None:
+        (self.dir / f"{table}.pb").unlink(missing_ok=True)
+
     def load(self, node_id: str, own_tables: set[str]) -> list[Copy]:
         """The stored copies that still pass the checks (others are logged and skipped)."""
         out = []

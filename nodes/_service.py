@@ -71,6 +71,12 @@ class NodeServicer(pb_grpc.NodeServicer):
                               first_bad_seq=report.first_bad_seq or 0, reason=report.reason,
                               head_seq=head_seq, head_hash=head_hash)
 
+    def DropReference(self, request: pb.ReferenceRequest,
+                      context: grpc.ServicerContext) -> pb.ReferenceAck:
+        self._authorize(context)
+        with _references(context, "drop", request.table):
+            return pb.ReferenceAck(info=self.engine.drop_reference(request.table))
+
     def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
         self._authorize(context)
         guard = self.engine.guard

@@ -6,6 +6,7 @@ union of the data as the reference.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from federation.proto import bulle_pb2_grpc as pb_grpc
 from nodes._config import ConfigError, load_node_config
 from nodes._engine import NodeEngine
 from nodes._references import ReferenceRefused, sha256, to_ipc
-from tests._federation import DATA, Federation, node_toml, start_federation
+from tests._federation import DATA, Federation, node_toml, start_federation, wait_for
 
 IPS = DATA / "fr-ips" / "fr-en-ips-colleges-ap2022.csv"
 HEADCOUNTS = DATA / "fr-ille-et-vilaine" / "fr-en-college-effectifs-niveau-sexe-lv.csv"
@@ -32,7 +33,8 @@ def _ips(shared: bool = True, **kw: object) -> dict:
 
 def _headcounts(secteur: str) -> dict:
     return {"table": "college_headcounts", "source": str(HEADCOUNTS), "tier": "restricted",
-            "filter": f"secteur = '{secteur}'", "privacy_unit": "numero_du_college",
+            "filter": f"secteur = '{secteur}'", "privacy_unit": "uai",
+            "rename": {"numero_du_college": "uai"},
             "min_count": 0}
 
 
@@ -69,7 +71,8 @@ def union(fed: Federation) -> Iterator[duckdb.DuckDBPyConnection]:
     from nodes._ingest import load_dataset
 
     con = duckdb.connect()
-    load_dataset(con, DatasetConfig("college_headcounts", (HEADCOUNTS,), "restricted"))
+    load_dataset(con, DatasetConfig("college_headcounts", (HEADCOUNTS,), "restricted",
+                                    rename={"numero_du_college": "uai"}))
     load_dataset(con, DatasetConfig("ips_colleges", (IPS,), "open"))
     yield con
     con.close()
@@ -95,7 +98,7 @@ def test_join_with_the_reference_runs_inside_each_node_and_equals_the_union(
         fed: Federation, union: duckdb.DuckDBPyConnection) -> None:
     sql = ("SELECT h.secteur, h.rentree_scolaire, COUNT(*) AS colleges, AVG(i.ips) AS mean_ips, "
            "SUM(h.nombre_total_de_6emes) AS pupils_6e "
-           "FROM college_headcounts h JOIN ips_colleges i ON i.uai = h.numero_du_college "
+           "FROM college_headcounts h JOIN ips_colleges i USING (uai) "
            "GROUP BY h.secteur, h.rentree_scolaire ORDER BY h.secteur, h.rentree_scolaire")
     before = {n: e.executed for n, e in fed.engines.items()}
     out = fed.run(sql)
@@ -133,7 +136,7 @@ def test_a_node_without_the_copy_is_named_not_silently_dropped(
                          node_extra={"closed": "accept_references = false"})
     try:
         out = f.run("SELECT COUNT(*) AS n FROM college_headcounts h JOIN ips_colleges i "
-                    "ON i.uai = h.numero_du_college")
+                    "USING (uai)")
         assert out["nodes"] == ["r35a"]
         assert out["notes"] == ["nodes closed do not hold every joined table and did not "
                                 "take part"]
@@ -153,6 +156,42 @@ def test_copies_survive_a_restart_and_are_audited(fed: Federation) -> None:
         assert again.guard.audit.verify().ok
     finally:
         again.close()
+
+
+def test_a_copy_is_dropped_when_its_origin_stops_sharing(tmp_path: Path,
+                                                          ref_certs: Path) -> None:
+    from nodes._service import build_server
+
+    f = start_federation(tmp_path, ref_certs, {"depp": [_ips()],
+                                               "r35a": [_headcounts("PUBLIC")]})
+    receiver = f.engines["r35a"]
+    try:
+        assert f.coordinator.catalog(refresh=True)["ips_colleges"].copies == ("r35a",)
+        stored = tmp_path / "r35a-state" / "references" / "ips_colleges.pb"
+        assert stored.is_file()
+        f.stop_node("depp")  # an origin that is down decides nothing
+        assert "ips_colleges" not in f.coordinator.catalog(refresh=True)
+        assert "ips_colleges" in receiver.copies
+        # the origin comes back on the same address, no longer sharing the table
+        config = _config(tmp_path, ref_certs, "depp", [_ips(shared=False)], state="depp2",
+                         extra="")
+        config = dataclasses.replace(config, listen=f"127.0.0.1:{f.ports['depp']}")
+        f.engines["depp"].close()
+        f.engines["depp"] = NodeEngine(config)
+        f.servers["depp"], _ = build_server(config, f.engines["depp"])
+        # the coordinator's channel reconnects after its backoff
+        wait_for(lambda: "ips_colleges" in f.coordinator.catalog(refresh=True), timeout=30)
+        table = f.coordinator.catalog()["ips_colleges"]
+        assert not table.shared and table.copies == () and table.nodes == ("depp",)
+        assert receiver.copies == {} and "ips_colleges" not in receiver.meta
+        assert not stored.exists()
+        assert "ips_colleges" not in {t.name for t in receiver.catalog().tables}
+        dropped = [e for e in receiver.guard.audit.entries() if e.action == "reference_dropped"]
+        assert [e.detail["table"] for e in dropped] == ["ips_colleges"]
+        with pytest.raises(duckdb.CatalogException):
+            receiver.cursor().sql("SELECT count(*) FROM ips_colleges").fetchall()
+    finally:
+        f.close()
 
 
 def test_a_new_version_replaces_the_copy(tmp_path: Path, ref_certs: Path) -> None:
@@ -259,6 +298,9 @@ def test_put_refuses_what_is_not_a_public_reference(fed: Federation,
     }
     for label, (ref, words) in cases.items():
         assert words in _refused(node_stub.PutReference, ref), label
+    for own in ("college_headcounts", "no_such_table"):  # never drops the node's own data
+        assert "is not a reference copy" in _refused(
+            node_stub.DropReference, pb.ReferenceRequest(table=own))
     assert fed.engines["r35a"].catalog() == before  # nothing changed at the node
 
 
@@ -267,6 +309,27 @@ def test_a_node_that_declines_refuses_puts(fed: Federation, ref_certs: Path) -> 
     assert not fed.engines["closed"].config.accept_references
     with pytest.raises(ReferenceRefused, match="does not accept reference tables"):
         fed.engines["closed"].put_reference(good)
+
+
+def test_rename_publishes_a_source_column_under_another_name(tmp_path: Path,
+                                                             ref_certs: Path) -> None:
+    engine = NodeEngine(_config(tmp_path, ref_certs, "r35a", [_headcounts("PUBLIC")]))
+    try:
+        columns = engine.meta["college_headcounts"].columns
+        assert "uai" in columns and "numero_du_college" not in columns
+        entry = next(t for t in engine.catalog().tables if t.name == "college_headcounts")
+        assert entry.pivots["uai"] == "school"
+    finally:
+        engine.close()
+    bad = {**_headcounts("PUBLIC"), "rename": {"numero_du_colege": "uai"}}
+    with pytest.raises(ConfigError, match="rename: column 'numero_du_colege' is not in"):
+        NodeEngine(_config(tmp_path, ref_certs, "r35b", [bad]))
+    clash = {**_headcounts("PUBLIC"), "rename": {"numero_du_college": "secteur"}}
+    with pytest.raises(ConfigError, match="two columns would be named 'secteur'"):
+        NodeEngine(_config(tmp_path, ref_certs, "r35b", [clash]))
+    with pytest.raises(ConfigError, match="rename maps source column names"):
+        _config(tmp_path, ref_certs, "r35b",
+                [{**_headcounts("PUBLIC"), "rename": {"numero_du_college": "U A I"}}])
 
 
 def test_only_open_tables_can_be_shared(tmp_path: Path, ref_certs: Path) -> None:

@@ -59,6 +59,11 @@ class NodeStub(object):
                 request_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
                 _registered_method=True)
+        self.DropReference = channel.unary_unary(
+                '/bulle.v1.Node/DropReference',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
+                _registered_method=True)
         self.VerifyAudit = channel.unary_unary(
                 '/bulle.v1.Node/VerifyAudit',
                 request_serializer=federation_dot_proto_dot_bulle__pb2.AuditRequest.SerializeToString,
@@ -105,6 +110,13 @@ class NodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropReference(self, request, context):
+        """Forget a copy whose origin no longer shares the table (never one of the node's own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifyAudit(self, request, context):
         """The node verifies its own hash-chained audit log (and that it still contains the
         head the coordinator saw last time): the ethics board's view of every node's chain.
@@ -139,6 +151,11 @@ def add_NodeServicer_to_server(servicer, server):
             'PutReference': grpc.unary_unary_rpc_method_handler(
                     servicer.PutReference,
                     request_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceTable.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.SerializeToString,
+            ),
+            'DropReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropReference,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.ReferenceRequest.FromString,
                     response_serializer=federation_dot_proto_dot_bulle__pb2.ReferenceAck.SerializeToString,
             ),
             'VerifyAudit': grpc.unary_unary_rpc_method_handler(
@@ -281,6 +298,33 @@ class Node(object):
             target,
             '/bulle.v1.Node/PutReference',
             federation_dot_proto_dot_bulle__pb2.ReferenceTable.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulle.v1.Node/DropReference',
+            federation_dot_proto_dot_bulle__pb2.ReferenceRequest.SerializeToString,
             federation_dot_proto_dot_bulle__pb2.ReferenceAck.FromString,
             options,
             channel_credentials,
