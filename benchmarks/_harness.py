@@ -381,6 +381,18 @@ def federation(datasets: list[Dataset], **kw: Any) -> Iterator[Federation]:
         fed.stop()
 
 
+def finish(details: dict[str, Any], failures: list[str], path: Path, ok: str) -> int:
+    """Save the run's details as JSON; exit status 1 (and say which) on a wrong answer."""
+    details["failures"] = failures
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(details, indent=1, default=str))
+    if failures:
+        print("\nWRONG ANSWERS:\n  " + "\n  ".join(failures))
+        return 1
+    print(ok)
+    return 0
+
+
 def cpu_info() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):

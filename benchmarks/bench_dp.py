@@ -18,7 +18,6 @@ costs. Timing misses are reported, never asserted; a wrong answer makes the scri
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import secrets
 import sys
@@ -37,6 +36,7 @@ from _harness import (
     Row,
     cpu_info,
     federation,
+    finish,
     fmt_s,
     gen_partitions,
     load_avg,
@@ -209,14 +209,8 @@ def main() -> int:
     print(f"medians of {args.runs} warm runs, interleaved; total "
           f"{time.perf_counter() - started:.0f} s; load average start {load_start}, end "
           f"{details['load_avg_end']}")
-    details["failures"] = failures
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(details, indent=1, default=str))
-    if failures:
-        print("\nWRONG ANSWERS:\n  " + "\n  ".join(failures))
-        return 1
-    print("restricted answers exact; DP answers within 1 % of the truth")
-    return 0
+    return finish(details, failures, args.json,
+                  "restricted answers exact; DP answers within 1 % of the truth")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Timing misses are reported, never asserted; a wrong answer makes the script exit
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ from _harness import (
     Row,
     cpu_info,
     federation,
+    finish,
     fmt_s,
     gen_partitions,
     load_avg,
@@ -252,15 +252,7 @@ def main() -> int:
     print(f"\nbaseline DuckDB threads = {details['baseline_threads']}; medians of "
           f"{args.runs} warm runs (R1, R4) and {args.t0_runs} runs (T0); "
           f"total {time.perf_counter() - started:.0f} s; load average {load_avg()}")
-    details["failures"] = failures
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(details, indent=1, default=str))
-    if failures:
-        print("\nWRONG ANSWERS:\n  " + "\n  ".join(failures))
-        return 1
-    print("all answers match the single-DuckDB baseline")
-    return 0
-
+    return finish(details, failures, args.json, "all answers match the single-DuckDB baseline")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,16 @@ import dp_accounting as dpa
 from federation._config import CoordinatorConfig, ProjectConfig, Researcher
 from federation._errors import QueryError
 from federation._registry import Project, Registry, RegistryError
-from privacy import AuditLog, Grant, GrantError, Ledger, pld_epsilon, sign_grant, verify_grant
-from privacy._ledger import PROJECT_WIDE
+from privacy import (
+    PROJECT_WIDE,
+    AuditLog,
+    Grant,
+    GrantError,
+    Ledger,
+    pld_epsilon,
+    sign_grant,
+    verify_grant,
+)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ Map of the public API:
   ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
   ``event_from_dict``.
 - Ledger (``_ledger``, SQLAlchemy Core): ``Ledger`` (``set_budget``, ``charge``, ``spent``,
-  ``history``), ``ChargeResult``, ``ChargeRecord``, ``LedgerError``.
+  ``history``), ``ChargeResult``, ``ChargeRecord``, ``LedgerError``; ``PROJECT_WIDE`` (the
+  scope of a project's budget across datasets), ``ledger_metadata`` (its tables, for the
+  migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
   ``verify_grant``, ``GrantError``.
 - Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
@@ -29,7 +31,8 @@ from privacy._accounting import (
 )
 from privacy._audit import AuditEntry, AuditLog, AuditReport
 from privacy._grants import Grant, GrantError, generate_board_keys, sign_grant, verify_grant
-from privacy._ledger import ChargeRecord, ChargeResult, Ledger, LedgerError
+from privacy._ledger import PROJECT_WIDE, ChargeRecord, ChargeResult, Ledger, LedgerError
+from privacy._ledger import metadata as ledger_metadata
 from privacy._mechanisms import (
     Release,
     aggregate_event,
@@ -53,6 +56,7 @@ from privacy._sdc import round_count, suppression_mask
 
 __all__ = ["round_count", "suppression_mask"]
 __all__ += [
+    "PROJECT_WIDE",
     "AuditEntry",
     "AuditLog",
     "AuditReport",
@@ -81,6 +85,7 @@ __all__ += [
     "laplace_halfwidth",
     "laplace_noise",
     "laplace_scale",
+    "ledger_metadata",
     "opacus_event",
     "pld_epsilon",
     "quantile_rank_error",

@@ -55,10 +55,10 @@ from privacy._accounting import ORDERS, RdpTotals, event_key, rdp_of_key
 
 PROJECT_WIDE = "*"
 
-_md = MetaData()
+metadata = MetaData()
 budgets = Table(
     "privacy_budgets",
-    _md,
+    metadata,
     Column("project", String(200), primary_key=True),
     Column("scope", String(200), primary_key=True),
     Column("epsilon_cap", Double, nullable=False),
@@ -71,7 +71,7 @@ budgets = Table(
 )
 charges = Table(
     "privacy_charges",
-    _md,
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("request_id", String(200), nullable=False, unique=True),
     Column("project", String(200), nullable=False),
@@ -161,7 +161,7 @@ class Ledger:
         with self._engine.begin() as conn:  # serialised on SQLite by BEGIN IMMEDIATE
             if conn.dialect.name == "postgresql":  # …and here, so racing creators are safe
                 conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7261946205)")
-            _md.create_all(conn)
+            metadata.create_all(conn)
 
     def close(self) -> None:
         self._engine.dispose()

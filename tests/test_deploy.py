@@ -709,7 +709,7 @@ def test_migrations_build_the_ledger_schema(store_url: str) -> None:
     from federation._registry import Registry
     from federation._registry import metadata as registry_md
     from privacy import Ledger, laplace_event
-    from privacy._ledger import _md as ledger_md
+    from privacy import ledger_metadata as ledger_md
 
     _alembic(store_url, "upgrade", "head")
     engine = create_engine(store_url)

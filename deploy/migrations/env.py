@@ -9,7 +9,7 @@ from alembic import context
 from sqlalchemy import MetaData, create_engine, pool
 
 from federation._registry import metadata as registry_metadata
-from privacy._ledger import _md as ledger_metadata
+from privacy import ledger_metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
