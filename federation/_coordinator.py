@@ -356,16 +356,23 @@ class Coordinator:
 
     def _fan_out(self, plan: pb.Plan, nodes: list[str]) -> list[tuple[pb.PartialResult, pa.Table]]:
         timeout = self.config.node_timeout_s
-        calls = {nid: self.pool.submit(self.clients[nid].execute, plan, timeout)
-                 for nid in nodes}
+        rows = plan.HasField("rows")  # rows are streamed: no single 20 MB message
+
+        def call(client: NodeClient) -> tuple[pb.PartialResult, bytes]:
+            if rows:
+                return client.execute_rows(plan, timeout)
+            result = client.execute(plan, timeout)
+            return result, result.arrow_ipc
+
+        calls = {nid: self.pool.submit(call, self.clients[nid]) for nid in nodes}
         parts, failures = [], {}
         for nid, fut in calls.items():
             try:
-                result = fut.result()
+                result, ipc = fut.result()
             except grpc.RpcError as e:
                 failures[nid] = describe_rpc_error(nid, e, timeout)
                 continue
-            with pa.ipc.open_stream(result.arrow_ipc) as reader:
+            with pa.ipc.open_stream(ipc) as reader:
                 parts.append((result, reader.read_all()))
         if failures:
             # No partial answer is ever presented as complete.

@@ -28,6 +28,18 @@ class NodeClient:
     def execute(self, plan: pb.Plan, timeout: float) -> pb.PartialResult:
         return self.stub.Execute(plan, timeout=timeout)
 
+    def execute_rows(self, plan: pb.Plan, timeout: float) -> tuple[pb.PartialResult, bytes]:
+        """A row plan, streamed: the node's header and the whole Arrow IPC stream."""
+        header, pieces = None, []
+        for chunk in self.stub.ExecuteRows(plan, timeout=timeout):
+            if chunk.HasField("header"):
+                header = chunk.header
+            else:
+                pieces.append(chunk.arrow_ipc)
+        if header is None:
+            raise ValueError(f"node {self.id} streamed no header")
+        return header, b"".join(pieces)
+
     def fetch_reference(self, table: str, timeout: float) -> pb.ReferenceTable:
         return self.stub.FetchReference(pb.ReferenceRequest(table=table), timeout=timeout)
 

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from privacy import suppression_mask
 
 log = logging.getLogger("bulle.node")
 MAX_DOMAIN_CELLS = 100_000
+ROW_BATCH = 65_536  # rows per chunk of ExecuteRows
 
 
 @dataclass(frozen=True)
@@ -231,10 +233,7 @@ class NodeEngine:
         try:
             return self._con.cursor().sql(sql).to_arrow_table()
         except duckdb.Error as e:
-            incident = uuid.uuid4().hex[:12]
-            # The detail may quote data values: it stays in this node's own log.
-            log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
-            raise PlanFailed(_public_engine_error(e), incident) from None
+            raise self._failed(plan, e) from None
 
     def _compile(self, plan: pb.Plan) -> CompiledPlan:
         """compile_plan, memoised for exact plans (a dashboard repeats its queries).
@@ -281,6 +280,58 @@ class NodeEngine:
         return Execution(result, out.num_rows, time.perf_counter() - started)
 
 
+    def execute_rows(self, plan: pb.Plan) -> tuple[pb.PartialResult, Iterator[tuple[bytes, int]]]:
+        """A row plan as (header, pieces of one Arrow IPC stream with their row counts).
+
+        Rows only ever leave from `open` tables: ``compile_plan`` refuses anything else, and
+        a plan with aggregates is refused here (it goes through ``execute``).
+        """
+        compiled = self._compile(plan)
+        if not compiled.is_rows:
+            raise PlanRefused("ExecuteRows takes row plans only")
+        header = pb.PartialResult(node_id=self.config.node_id, tier=compiled.tier,
+                                  round_to=1)
+        cursor = self._con.cursor()
+        try:
+            reader = cursor.sql(compiled.sql).to_arrow_reader(ROW_BATCH)
+        except duckdb.Error as e:
+            cursor.close()
+            raise self._failed(plan, e) from None
+        return header, self._ipc_pieces(plan, cursor, reader)
+
+    def _ipc_pieces(self, plan: pb.Plan, cursor: duckdb.DuckDBPyConnection,
+                    reader: pa.RecordBatchReader) -> Iterator[tuple[bytes, int]]:
+        sink = _Pieces()
+        rows = 0
+        try:
+            with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), reader.schema) as writer:
+                yield sink.take(), 0
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        break
+                    except (duckdb.Error, pa.ArrowException) as e:
+                        raise self._failed(plan, e) from None
+                    rows += batch.num_rows
+                    if rows > self.max_rows:
+                        raise PlanRefused(f"more than {self.max_rows} rows: add a filter or "
+                                          "a LIMIT")
+                    writer.write_batch(batch)
+                    yield sink.take(), batch.num_rows
+            yield sink.take(), 0  # the end-of-stream marker
+        finally:
+            reader.close()
+            cursor.close()
+
+    def _failed(self, plan: pb.Plan, e: Exception) -> PlanFailed:
+        incident = uuid.uuid4().hex[:12]
+        # The detail may quote data values: it stays in this node's own log.
+        log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
+        public = (_public_engine_error(e) if isinstance(e, duckdb.Error)
+                  else "the node could not execute the plan")
+        return PlanFailed(public, incident)
+
     def _execute_dp(self, plan: pb.Plan, compiled: CompiledPlan, started: float) -> Execution:
         spec = compiled.dp
         assert spec is not None
@@ -307,6 +358,30 @@ class NodeEngine:
                 os._exit(86)
             self.guard.store(plan.request_id, result)
         return Execution(result, out.num_rows, time.perf_counter() - started)
+
+
+class _Pieces:
+    """A write-only file for ``pa.ipc.new_stream`` whose bytes are taken piece by piece."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        out = b"".join(self._parts)
+        self._parts.clear()
+        return out
 
 
 def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:

@@ -8,6 +8,7 @@ leaves.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
@@ -20,6 +21,7 @@ from federation.proto import bulle_pb2_grpc as pb_grpc
 from nodes._compile import PlanRefused
 from nodes._config import ConfigError, NodeConfig
 from nodes._engine import NodeEngine, PlanFailed
+from nodes._guard import PrivacyGuard
 from nodes._references import ReferenceRefused
 
 log = logging.getLogger("bulle.node")
@@ -80,28 +82,58 @@ class NodeServicer(pb_grpc.NodeServicer):
     def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
         self._authorize(context)
         guard = self.engine.guard
-        try:
+        with _plan_errors(guard, plan, context):
             done = self.engine.execute(plan)
-        except PlanRefused as e:
-            guard.record(plan, "refused", {"reason": str(e)})
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except PlanFailed as e:
-            guard.record(plan, "failed", {"incident": e.incident})
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{e.public} (node incident {e.incident})")
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("unexpected error on plan %s (incident %s)", plan.request_id, incident)
-            guard.record(plan, "error", {"incident": incident})
-            context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
         r = done.result
         guard.record(plan, "replayed" if r.replayed else "released", {
-            "tier": r.tier, "tables": sorted({plan.source.table,
-                                              *(j.table.table for j in plan.joins)}),
+            "tier": r.tier, "tables": _tables(plan),
             "rows": done.rows_out, "suppressed": r.suppressed_cells, "hidden": r.hidden_cells,
             "epsilon": r.epsilon_spent, "delta": r.delta_spent,
             "ms": round(done.seconds * 1000, 2)})
         return r
+
+    def ExecuteRows(self, plan: pb.Plan, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
+        self._authorize(context)
+        guard = self.engine.guard
+        started, rows, sent = time.perf_counter(), 0, None
+        with _plan_errors(guard, plan, context):
+            header, pieces = self.engine.execute_rows(plan)
+            try:
+                yield pb.RowChunk(header=header)
+                sent = False
+                for data, n in pieces:
+                    yield pb.RowChunk(arrow_ipc=data)
+                    rows += n
+                sent = True
+            finally:  # what left is on the record, even when the caller went away
+                if sent is not None:
+                    guard.record(plan, "released" if sent else "released_partly", {
+                        "tier": header.tier, "tables": _tables(plan), "rows": rows,
+                        "streamed": True, "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+def _tables(plan: pb.Plan) -> list[str]:
+    return sorted({plan.source.table, *(j.table.table for j in plan.joins)})
+
+
+@contextmanager
+def _plan_errors(guard: PrivacyGuard, plan: pb.Plan,
+                 context: grpc.ServicerContext) -> Iterator[None]:
+    """Refusals and failures as gRPC statuses with data-free messages, each audited."""
+    try:
+        yield
+    except PlanRefused as e:
+        guard.record(plan, "refused", {"reason": str(e)})
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except PlanFailed as e:
+        guard.record(plan, "failed", {"incident": e.incident})
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{e.public} (node incident {e.incident})")
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unexpected error on plan %s (incident %s)", plan.request_id, incident)
+        guard.record(plan, "error", {"incident": incident})
+        context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
 
 
 @contextmanager

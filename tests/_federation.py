@@ -43,6 +43,11 @@ class CountingEngine(NodeEngine):
             self.executed += 1
         return super().execute(plan)
 
+    def execute_rows(self, plan):
+        with self._count_lock:
+            self.executed += 1
+        return super().execute_rows(plan)
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):

@@ -173,6 +173,17 @@ def test_node_refuses_crafted_plans(exact_fed, certs) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 stub.Execute(plan, timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            # the streaming row RPC refuses the same plans before sending anything
+            received = []
+            with pytest.raises(grpc.RpcError) as err:
+                received.extend(stub.ExecuteRows(plan, timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+            assert received == [], what
+        # and takes row plans only: an aggregate over open data goes through Execute
+        aggregate = _plan("SELECT COUNT(*) FROM lycee_students", exact_fed)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ExecuteRows(aggregate, timeout=10))
+        assert err.value.details() == "ExecuteRows takes row plans only"
     finally:
         channel.close()
 

@@ -373,6 +373,14 @@ class AuditReport(_message.Message):
     head_hash: str
     def __init__(self, ok: bool = ..., entries: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
+class RowChunk(_message.Message):
+    __slots__ = ("header", "arrow_ipc")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    header: PartialResult
+    arrow_ipc: bytes
+    def __init__(self, header: _Optional[_Union[PartialResult, _Mapping]] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class NodeStub(object):
                 request_serializer=federation_dot_proto_dot_bulle__pb2.Plan.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_bulle__pb2.PartialResult.FromString,
                 _registered_method=True)
+        self.ExecuteRows = channel.unary_stream(
+                '/bulle.v1.Node/ExecuteRows',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.Plan.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.RowChunk.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/bulle.v1.Node/Health',
                 request_serializer=federation_dot_proto_dot_bulle__pb2.HealthRequest.SerializeToString,
@@ -83,6 +88,15 @@ class NodeServicer(object):
 
     def Execute(self, request, context):
         """Execute one plan and return its (disclosure-controlled) partial result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecuteRows(self, request, context):
+        """A row plan (open tables only) as a stream: the header first, then one Arrow IPC
+        stream cut into chunks (schema, then batches of ROW_BATCH rows) — no 20 MB message to
+        build, copy and parse at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +151,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=federation_dot_proto_dot_bulle__pb2.Plan.FromString,
                     response_serializer=federation_dot_proto_dot_bulle__pb2.PartialResult.SerializeToString,
+            ),
+            'ExecuteRows': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteRows,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.Plan.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.RowChunk.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -218,6 +237,33 @@ class Node(object):
             '/bulle.v1.Node/Execute',
             federation_dot_proto_dot_bulle__pb2.Plan.SerializeToString,
             federation_dot_proto_dot_bulle__pb2.PartialResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bulle.v1.Node/ExecuteRows',
+            federation_dot_proto_dot_bulle__pb2.Plan.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.RowChunk.FromString,
             options,
             channel_credentials,
             insecure,
