@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -22,20 +23,24 @@ def tune_malloc() -> None:
     glibc's default each copy is a new ``mmap`` whose every page faults on first touch
     (benchmarks/RESULTS.md §2: 140 → 85 ms for 1M rows). Process-wide, so set here, at
     the start of a long-running server; the heap keeps up to 256 MiB it could return.
+    ``BULLE_MALLOC_TUNING=0`` leaves glibc's defaults.
     """
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not name:
+    if os.environ.get("BULLE_MALLOC_TUNING", "1") == "0" or not name \
+            or not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt"):  # musl has no mallopt
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 64 << 20)
-    libc.mallopt(m_trim_threshold, 256 << 20)
-    libc.mallopt(m_top_pad, 64 << 20)
+    for option, value in ((m_mmap_threshold, 64 << 20), (m_trim_threshold, 256 << 20),
+                          (m_top_pad, 64 << 20)):
+        if libc.mallopt(option, value) != 1:  # 1 = accepted; the defaults then stay
+            print(f"bulle: malloc tuning {option}={value} refused by the C library",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

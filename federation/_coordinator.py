@@ -30,6 +30,7 @@ from federation._planner import plan_event, plan_query
 from federation._projects import Projects
 from federation._references import ReferenceSync
 from federation._sql import parse
+from federation._tree import Query
 from federation.proto import bulle_pb2 as pb
 
 log = logging.getLogger("bulle.coordinator")
@@ -100,6 +101,25 @@ def _participants(tables: list[FederatedTable]) -> tuple[list[str], list[str]]:
     return sorted(nodes), sorted(holders - nodes)
 
 
+def _refuse_left_join_from_a_reference(query: Query, catalog: dict[str, FederatedTable]
+                                       ) -> None:
+    """``reference LEFT JOIN partitioned`` would keep the reference's unmatched rows at
+    every node that runs it, so they would be counted once per node."""
+    names = query.tables
+    if not any(not catalog[n].shared for n in names):
+        return  # only reference tables: the plan runs at their origin
+    seen_fact = not catalog[query.source.table].shared
+    for join in query.joins:
+        table = catalog[join.table.table]
+        if not table.shared and join.kind == "left" and not seen_fact:
+            raise QueryError(
+                "not_allowed", f"{table.name!r} is split over several nodes: a LEFT JOIN "
+                f"from the reference table {query.source.table!r} would repeat its unmatched "
+                f"rows at each node. Put {table.name!r} first (FROM {table.name} … LEFT JOIN "
+                f"{query.source.table}) or use an inner JOIN")
+        seen_fact = seen_fact or not table.shared
+
+
 def _json_type(t: pa.DataType) -> str:
     if pa.types.is_integer(t) or (pa.types.is_decimal(t) and t.scale == 0):
         return "integer"
@@ -125,6 +145,9 @@ class Coordinator:
         self._catalog_at = 0.0
         self._node_status: dict[str, str] = {}
         self._catalog_lock = threading.Lock()
+        self._refreshing = False  # a background refresh is running
+        self._chain_heads: dict[str, tuple[int, str]] | None = None  # node_chains()
+        self._chains_lock = threading.Lock()
         self.references = ReferenceSync(self.clients, self.pool)
         self.projects = Projects(config)
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
@@ -163,10 +186,17 @@ class Coordinator:
 
     # -- catalogue --------------------------------------------------------------------
     def catalog(self, refresh: bool = False) -> dict[str, FederatedTable]:
+        """The federated catalogue. The first call and ``refresh=True`` ask every node and
+        wait; afterwards a stale catalogue is served while a refresh runs in the
+        background, so queries never wait for a slow node's catalogue or a table copy."""
         with self._catalog_lock:
+            if refresh or not self._catalog:
+                self._set_catalog(*self._build_catalog())
+                return self._catalog
             stale = time.monotonic() - self._catalog_at > self.config.catalog_ttl_s
-            if refresh or stale or not self._catalog:
-                self._refresh_catalog()
+            if stale and not self._refreshing:
+                self._refreshing = True
+                self.pool.submit(self._refresh_in_background)
             return self._catalog
 
     def node_status(self) -> dict[str, str]:
@@ -180,10 +210,14 @@ class Coordinator:
         rewrites or truncates what it had shown fails the next check, even after restarts.
         """
         audit = self.projects.audit
-        seen: dict[str, tuple[int, str]] = {}
-        for e in audit.entries():
-            if e.action == NODE_CHAIN and e.detail.get("ok"):
-                seen[e.detail["node"]] = (int(e.detail["head_seq"]), e.detail["head_hash"])
+        with self._chains_lock:
+            if self._chain_heads is None:  # read the record once, then kept up to date
+                self._chain_heads = {}
+                for e in audit.entries():
+                    if e.action == NODE_CHAIN and e.detail.get("ok"):
+                        self._chain_heads[e.detail["node"]] = (int(e.detail["head_seq"]),
+                                                               e.detail["head_hash"])
+            seen = dict(self._chain_heads)
         timeout = min(self.config.node_timeout_s, 10.0)
         calls = {nid: self.pool.submit(c.verify_audit, seen.get(nid), timeout)
                  for nid, c in self.clients.items()}
@@ -199,10 +233,24 @@ class Coordinator:
                       "head_hash": r.head_hash}
             if not r.ok or seen.get(nid) != (r.head_seq, r.head_hash):
                 audit.append("coordinator", "", NODE_CHAIN, report)
+                if r.ok:
+                    with self._chains_lock:
+                        self._chain_heads[nid] = (r.head_seq, r.head_hash)
             out[nid] = {"status": "up", **report}
         return out
 
-    def _refresh_catalog(self) -> None:
+    def _refresh_in_background(self) -> None:
+        try:
+            built = self._build_catalog()
+            with self._catalog_lock:
+                self._set_catalog(*built)
+        except Exception:  # the previous catalogue stays; the next call tries again
+            log.exception("catalogue refresh failed")
+        finally:
+            self._refreshing = False
+
+    def _build_catalog(self) -> tuple[dict[str, FederatedTable], dict[str, str]]:
+        """Ask every node for its catalogue, sync reference tables, federate."""
         timeout = min(self.config.node_timeout_s, 10.0)
         calls = {nid: self.pool.submit(c.catalog, timeout) for nid, c in self.clients.items()}
         catalogs, status = {}, {}
@@ -217,8 +265,10 @@ class Coordinator:
             self.references.sync(catalogs, timeout)
         except Exception:  # copies are retried at the next refresh; the catalogue stands
             log.exception("reference table sync failed")
-        self._catalog = federate(catalogs)
-        self._node_status = status
+        return federate(catalogs), status
+
+    def _set_catalog(self, catalog: dict[str, FederatedTable], status: dict[str, str]) -> None:
+        self._catalog, self._node_status = catalog, status
         self._catalog_at = time.monotonic()
 
     def schema(self) -> dict[str, dict[str, str]]:
@@ -316,6 +366,8 @@ class Coordinator:
             raise QueryError("not_allowed", "no node holds all of "
                              f"{', '.join(query.tables)}: row-level joins across nodes are "
                              "not allowed")
+        if len(nodes) > 1:
+            _refuse_left_join_from_a_reference(query, catalog)
         fp = plan_query(query)
         plan = pb.Plan()
         plan.CopyFrom(fp.plan)

@@ -351,7 +351,10 @@ def page_caller(coordinator: Coordinator, request: Request
 def return_path(value: str | None) -> str:
     """Where the OAuth callback may send the browser back to: a page of ours (relative to
     the service prefix), never anything a request chose freely."""
-    return value if value and _RETURN.fullmatch(value) else "board/"
+    if value and _RETURN.fullmatch(value):
+        return value
+    # a catalogue search too long to carry back still returns to the catalogue
+    return "catalog/" if value and value.startswith("catalog/") else "board/"
 
 
 def login(coordinator: Coordinator, request: Request, back: str = "board/") -> Response:

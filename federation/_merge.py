@@ -214,6 +214,9 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
     sql = f"SELECT {', '.join(cols)}, __suppressed{', __i' if dp else ''} FROM {source} AS {M}"
     if q.having is not None:
         sql += f" WHERE ({_sql(final(q.having))}) IS NOT FALSE"
+    # the group keys break ties (and order an unordered result): a row's position must
+    # not depend on which node held it or whether it holds anyone
+    order += [f"{M}.{_q(g)} ASC NULLS LAST" for g in fp.group_names]
     if order:
         sql += " ORDER BY " + ", ".join(order)
     if q.limit is not None:
@@ -283,11 +286,17 @@ def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
                 return None
         order.append((name, "descending" if o.descending else "ascending", "at_end"))
     try:
+        for g in fp.group_names:  # -0.0 and 0.0 are one group in SQL: + 0.0 makes -0.0 0.0
+            if pa.types.is_floating(table.schema.field(g).type):
+                i = table.schema.get_field_index(g)
+                table = table.set_column(i, g, pc.add(table.column(g), 0.0))
         merged = table.group_by(list(fp.group_names), use_threads=False).aggregate(
             [(p.name, _ARROW_FN[MERGE_FN[p.kind]]) for p in fp.partials]
             + [("__suppressed", "any")])
         merged = merged.rename_columns([c.rsplit("_", 1)[0] if c not in keys.values() else c
                                         for c in merged.column_names])
+        if fp.group_names:  # key order first; the ORDER BY below is a stable sort
+            merged = merged.sort_by([(g, "ascending", "at_end") for g in fp.group_names])
         flag = merged.column("__suppressed")
         columns = {}
         for item in q.items:

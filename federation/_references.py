@@ -3,14 +3,16 @@
 Run at every catalogue refresh. A table is copied when exactly one node publishes it,
 as `open` and `shared`; it goes to every reachable node that accepts references and does
 not hold the current version (same origin, same SHA-256). The content is fetched once
-per version. A failed copy is logged and retried at the next refresh; until then that
-node simply does not hold the table (queries say which nodes took part). A copy whose
-origin answers and no longer shares the table is dropped at the node.
+per version. A failed copy is logged and tried again after 30 s, then less and less often
+(at most every 15 min); until then that node does not hold the table (queries say which
+nodes took part). A copy whose origin answers and no longer shares the table is dropped
+at the node.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 
 import grpc
@@ -19,6 +21,7 @@ from federation._nodes import NodeClient, describe_rpc_error
 from federation.proto import bulle_pb2 as pb
 
 log = logging.getLogger("bulle.coordinator")
+RETRY_S, RETRY_MAX_S = 30.0, 900.0  # back-off after a failed copy: 30 s, doubling to 15 min
 
 
 def _replace(catalog: pb.Catalog, name: str, copy: pb.TableInfo | None) -> None:
@@ -34,6 +37,9 @@ class ReferenceSync:
         self.pool = pool
         self._fetched: dict[tuple[str, str], pb.ReferenceTable] = {}  # (origin, table)
         self.problems: dict[tuple[str, str], str] = {}  # (node, table) -> last failure
+        # (node, table) -> (monotonic time of the next try, delay): a node that keeps
+        # refusing is not sent the table at every refresh
+        self._retry: dict[tuple[str, str], tuple[float, float]] = {}
 
     def sync(self, catalogs: dict[str, pb.Catalog], timeout: float) -> None:
         """Ship what is missing, drop copies their origin no longer shares; ``catalogs``
@@ -52,7 +58,8 @@ class ReferenceSync:
                        and name not in {t.name for t in cat.tables if not t.copy_of}
                        and not any(t.name == name and t.copy_of == origin
                                    and t.content_sha256 == info.content_sha256
-                                   for t in cat.tables)]
+                                   for t in cat.tables)
+                       and self._due(nid, name)]
             if not targets:
                 continue
             ref = self._fetch(origin, info, timeout)
@@ -67,6 +74,7 @@ class ReferenceSync:
                     self._problem(nid, name, describe_rpc_error(nid, e, timeout))
                     continue
                 self.problems.pop((nid, name), None)
+                self._retry.pop((nid, name), None)
                 _replace(catalogs[nid], name, ack.info)
                 log.info("reference table %s (from %s) copied to %s", name, origin, nid)
         # A copy whose origin answered and no longer shares the table (or another node
@@ -97,7 +105,12 @@ class ReferenceSync:
         self._fetched[key] = ref
         return ref
 
+    def _due(self, node: str, table: str) -> bool:
+        return time.monotonic() >= self._retry.get((node, table), (0.0, 0.0))[0]
+
     def _problem(self, node: str, table: str, why: str) -> None:
         if self.problems.get((node, table)) != why:  # once per new reason, not every refresh
             log.warning("reference table %s not copied to/from %s: %s", table, node, why)
         self.problems[(node, table)] = why
+        delay = min(RETRY_MAX_S, 2 * self._retry.get((node, table), (0.0, RETRY_S / 2))[1])
+        self._retry[(node, table)] = (time.monotonic() + delay, delay)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlglot import exp
@@ -190,10 +191,8 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
         aggs.append((agg.name, agg.kind))
         query = query.select(exp.alias_(value, _ident(agg.name)), copy=False)
     if tier == "restricted":
-        unit = next((m.privacy_unit for a, m in aliases.items() if a == source_alias), "")
-        units = (exp.Count(this=exp.Distinct(expressions=[resolve(source_alias, unit)]))
-                 if unit else exp.Count(this=exp.Star()))
-        query = query.select(exp.alias_(units, _ident("__units")), copy=False)
+        query = query.select(exp.alias_(_units(aliases, bool(plan.joins), resolve),
+                                        _ident("__units")), copy=False)
     return CompiledPlan(query.sql("duckdb"), tier, tables, False, tuple(group_names),
                         tuple(domains), tuple(aggs), tuple(dominance_pairs), min_count,
                         dominance, round_to)
@@ -292,6 +291,31 @@ def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
     if kind == pb.MAX:
         return exp.Max(this=arg)
     raise PlanRefused("unknown aggregate kind")
+
+
+def _units(aliases: dict[str, TableMeta], joined: bool,
+           resolve: Callable[[str, str], exp.Expression]) -> exp.Expression:
+    """The units a cell draws on: for every restricted table, its distinct privacy units
+    (its distinct rows when it declares none), and the smallest of these counts.
+
+    Joined rows are not units: a join may repeat a unit's rows (a reference table with
+    several rows per key, the restricted table on either side), and a LEFT JOIN adds
+    null-extended rows that belong to nobody; COUNT(DISTINCT …) ignores both.
+    """
+    counts: list[exp.Expression] = []
+    for alias, meta in aliases.items():
+        if meta.tier != "restricted":
+            continue
+        if meta.privacy_unit:
+            key = resolve(alias, meta.privacy_unit)
+        elif not joined:
+            counts.append(exp.Count(this=exp.Star()))  # one table: each row is its own unit
+            continue
+        else:
+            key = exp.Column(this=exp.to_identifier("rowid"), table=_ident(alias))
+        counts.append(exp.Count(this=exp.Distinct(expressions=[key])))
+    return counts[0] if len(counts) == 1 else exp.Least(this=counts[0],
+                                                        expressions=counts[1:])
 
 
 def _nonnegative(e: pb.Expr, aliases: dict[str, TableMeta]) -> bool:

@@ -35,6 +35,7 @@ from nodes._references import (
     ReferenceRefused,
     catalog_entry,
     check,
+    light,
     sha256,
     to_ipc,
 )
@@ -85,11 +86,12 @@ class NodeEngine:
         })
         self.meta: dict[str, TableMeta] = {}
         self._compiled: dict[bytes, CompiledPlan] = {}
+        self._generation = 0  # bumped when tables change: older compilations are not kept
         self._cache_lock = threading.Lock()
         self._buckets: dict[str, str] = {}
         self.quality: dict[str, dict[str, object]] = {}  # nodes/_quality.py reports
         self._shared: dict[str, bytes] = {}  # own shared tables as Arrow IPC
-        self.copies: dict[str, Copy] = {}  # other nodes' shared tables kept here
+        self.copies: dict[str, pb.ReferenceTable] = {}  # entries of the copies held here
         self._copies_lock = threading.Lock()
         for ds in config.datasets:
             started = time.perf_counter()
@@ -122,7 +124,7 @@ class NodeEngine:
             for copy in self._reference_files.load(config.node_id, set(self._buckets)):
                 try:
                     self._keep(copy)
-                except ReferenceRefused as e:  # the coordinator sends a good one again
+                except Exception as e:  # never a reason not to start: it is sent again
                     log.warning("reference copy %s not loaded: %s", copy.ref.info.name, e)
 
     def close(self) -> None:
@@ -152,7 +154,7 @@ class NodeEngine:
             fill_table_info(info, ds, self.quality.get(ds.table))
             if ds.shared:
                 info.shared, info.content_sha256 = True, sha256(self._shared[ds.table])
-        out.tables.extend(catalog_entry(c.ref) for c in self.copies.values())
+        out.tables.extend(catalog_entry(c) for c in self.copies.values())
         out.accepts_references = self.config.accept_references
         return out
 
@@ -166,22 +168,30 @@ class NodeEngine:
         return pb.ReferenceTable(info=info, origin=self.config.node_id, arrow_ipc=ipc)
 
     def put_reference(self, ref: pb.ReferenceTable) -> pb.TableInfo:
-        """Check, store and load another node's shared table; returns the copy's entry."""
+        """Check, record, store and load another node's shared table; returns the copy's
+        catalogue entry. The version already held is acknowledged without reading it."""
         if not self.config.accept_references:
             raise ReferenceRefused("this node does not accept reference tables "
                                    "(accept_references = false)")
-        copy = check(ref, self.config.node_id, set(self._buckets))
         with self._copies_lock:
-            held = self.copies.get(copy.ref.info.name)
-            if held is None or held.ref.info.content_sha256 != ref.info.content_sha256:
+            held = self.copies.get(ref.info.name)
+            if held is not None and held.origin == ref.origin and held.info == ref.info:
+                return catalog_entry(held)  # the same entry and content hash: checked before
+            copy = check(ref, self.config.node_id, set(self._buckets))
+            # On the record first: a copy is never served without its audit entry.
+            self.guard.audit.append("coordinator", "", "reference_received", {
+                "node": self.config.node_id, "table": ref.info.name, "origin": ref.origin,
+                "sha256": ref.info.content_sha256, "rows": copy.table.num_rows})
+            try:
                 self._keep(copy)  # checks the domains against DuckDB's types too
-                self._reference_files.save(copy)  # a restart serves it before the next sync
-                self.guard.audit.append("coordinator", "", "reference_received", {
+            except ReferenceRefused as e:  # the version held, if any, stays
+                self.guard.audit.append("coordinator", "", "reference_refused", {
                     "node": self.config.node_id, "table": ref.info.name,
-                    "origin": ref.origin, "sha256": ref.info.content_sha256,
-                    "rows": copy.table.num_rows})
-                log.info("reference %s from %s: %d rows (sha256 %s…)", ref.info.name,
-                         ref.origin, copy.table.num_rows, ref.info.content_sha256[:12])
+                    "origin": ref.origin, "reason": str(e)[:200]})
+                raise
+            self._reference_files.save(copy)  # a restart serves it before the next sync
+            log.info("reference %s from %s: %d rows (sha256 %s…)", ref.info.name,
+                     ref.origin, copy.table.num_rows, ref.info.content_sha256[:12])
         return catalog_entry(copy.ref)
 
     def drop_reference(self, table: str) -> pb.TableInfo:
@@ -192,8 +202,7 @@ class NodeEngine:
                 raise ReferenceRefused(f"{table!r} is not a reference copy held by this node")
             self.meta = {k: v for k, v in self.meta.items() if k != table}
             self.copies = {k: v for k, v in self.copies.items() if k != table}
-            with self._cache_lock:
-                self._compiled.clear()
+            self._forget_compiled()
             cur = self._con.cursor()
             try:
                 cur.execute(f'DROP TABLE IF EXISTS "{table}"')  # name checked when kept
@@ -201,10 +210,15 @@ class NodeEngine:
                 cur.close()
             self._reference_files.remove(table)
             self.guard.audit.append("coordinator", "", "reference_dropped", {
-                "node": self.config.node_id, "table": table, "origin": held.ref.origin,
-                "sha256": held.ref.info.content_sha256})
-            log.info("reference %s (from %s) dropped", table, held.ref.origin)
-        return catalog_entry(held.ref)
+                "node": self.config.node_id, "table": table, "origin": held.origin,
+                "sha256": held.info.content_sha256})
+            log.info("reference %s (from %s) dropped", table, held.origin)
+        return catalog_entry(held)
+
+    def _forget_compiled(self) -> None:
+        with self._cache_lock:
+            self._generation += 1
+            self._compiled.clear()
 
     def _keep(self, copy: Copy) -> None:
         """Load a checked copy into DuckDB (from Arrow: allowed after the lock-down)."""
@@ -225,9 +239,8 @@ class NodeEngine:
             cur.close()
         meta = TableMeta(name, "open", columns, "", domains, 0, 1, 1.0)
         self.meta = {**self.meta, name: meta}  # swapped whole: compiles read one version
-        self.copies = {**self.copies, name: copy}
-        with self._cache_lock:
-            self._compiled.clear()
+        self.copies = {**self.copies, name: light(copy.ref)}
+        self._forget_compiled()
 
     def _run(self, plan: pb.Plan, sql: str) -> pa.Table:
         try:
@@ -248,10 +261,12 @@ class NodeEngine:
         shape.request_id = shape.project = shape.researcher = shape.query_sha256 = ""
         key = shape.SerializeToString(deterministic=True)
         with self._cache_lock:
-            hit = self._compiled.get(key)
+            hit, generation = self._compiled.get(key), self._generation
         if hit is None:
             hit = compile_plan(plan, self.meta, self.max_rows)
             with self._cache_lock:
+                if generation != self._generation:
+                    return hit  # a table changed meanwhile: use it once, do not keep it
                 if len(self._compiled) >= 512:
                     self._compiled.pop(next(iter(self._compiled)))
                 self._compiled[key] = hit
@@ -458,6 +473,9 @@ def _disclosure_control(table: pa.Table, c: CompiledPlan) -> tuple[pa.Table, int
             return True
         return all(d is not None and v in d for v, d in zip(key, c.key_domains, strict=True))
 
+    # Key order, not "present first, zero-filled after": the position of a suppressed cell
+    # must not tell whether it holds anyone.
+    rows.sort(key=lambda r: tuple((r[k] is None, r[k]) for k in keys))
     key_tuples = [tuple(r[k] for k in keys) for r in rows]
     if c.tier == "restricted":
         dominated = [

@@ -24,6 +24,8 @@ from nodes._ingest import normalize_column_name
 log = logging.getLogger("bulle.node")
 # The node accepts gRPC messages up to 16 MiB; the table info travels with the content.
 MAX_REFERENCE_BYTES = 15 * 1024 * 1024
+# …and the table once decompressed (zstd can shrink repetitive data a thousandfold).
+MAX_REFERENCE_TABLE_BYTES = 256 * 1024 * 1024
 _IPC = pa.ipc.IpcWriteOptions(compression="zstd")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -72,7 +74,14 @@ def check(ref: pb.ReferenceTable, node_id: str, own_tables: set[str]) -> Copy:
         raise ReferenceRefused(f"reference {info.name!r}: content does not match its SHA-256")
     try:
         with pa.ipc.open_stream(ref.arrow_ipc) as reader:
-            table = reader.read_all()
+            batches, size = [], 0
+            for batch in reader:  # batch by batch: stop early at the size cap
+                size += batch.nbytes
+                if size > MAX_REFERENCE_TABLE_BYTES:
+                    raise ReferenceRefused(f"reference {info.name!r}: more than "
+                                           f"{MAX_REFERENCE_TABLE_BYTES >> 20} MiB once read")
+                batches.append(batch)
+            table = pa.Table.from_batches(batches, reader.schema)
     except (pa.ArrowInvalid, OSError):
         raise ReferenceRefused(f"reference {info.name!r}: not an Arrow IPC stream") from None
     names = table.column_names
@@ -83,6 +92,11 @@ def check(ref: pb.ReferenceTable, node_id: str, own_tables: set[str]) -> Copy:
         raise ReferenceRefused(f"reference {info.name!r}: column names must be lowercase "
                                "snake_case and unique")
     return Copy(ref, table)
+
+
+def light(ref: pb.ReferenceTable) -> pb.ReferenceTable:
+    """What the node keeps in memory of a loaded copy: its entry, not its content."""
+    return pb.ReferenceTable(info=ref.info, origin=ref.origin)
 
 
 def catalog_entry(ref: pb.ReferenceTable) -> pb.TableInfo:
@@ -110,9 +124,15 @@ class ReferenceFiles:
         (self.dir / f"{table}.pb").unlink(missing_ok=True)
 
     def load(self, node_id: str, own_tables: set[str]) -> list[Copy]:
-        """The stored copies that still pass the checks (others are logged and skipped)."""
+        """The stored copies that still pass the checks (others are logged and skipped);
+        temporary files a crash left behind are removed."""
         out = []
-        for path in sorted(self.dir.glob("*.pb")) if self.dir.is_dir() else []:
+        for path in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
+            if path.name.startswith("."):  # atomic_write's temporary name
+                path.unlink(missing_ok=True)
+                continue
+            if path.suffix != ".pb":
+                continue
             try:
                 ref = pb.ReferenceTable.FromString(path.read_bytes())
                 out.append(check(ref, node_id, own_tables))

@@ -216,6 +216,74 @@ def test_a_new_version_replaces_the_copy(tmp_path: Path, ref_certs: Path) -> Non
             e.close()
 
 
+def test_size_cap_and_leftovers_of_a_crash(tmp_path: Path, ref_certs: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import nodes._references as references
+
+    origin = NodeEngine(_config(tmp_path, ref_certs, "depp", [_ips()]))
+    config = _config(tmp_path, ref_certs, "r35a", [_headcounts("PUBLIC")])
+    receiver = NodeEngine(config)
+    try:
+        ref = origin.fetch_reference("ips_colleges")
+        monkeypatch.setattr(references, "MAX_REFERENCE_TABLE_BYTES", 100_000)
+        with pytest.raises(ReferenceRefused, match="once read"):  # decompressed size
+            receiver.put_reference(ref)
+        assert receiver.copies == {} and "ips_colleges" not in receiver.meta
+        monkeypatch.undo()
+        receiver.put_reference(ref)
+        receiver.put_reference(ref)  # the same version again: acknowledged, not re-read
+        received = [e for e in receiver.guard.audit.entries()
+                    if e.action == "reference_received"]
+        assert len(received) == 1
+    finally:
+        receiver.close()
+        origin.close()
+    # a crash in the middle of a write leaves a temporary file: removed, never loaded
+    folder = tmp_path / "r35a-state" / "references"
+    leftover = folder / ".ips_colleges.0123456789ab.tmp.pb"
+    leftover.write_bytes(b"half a file")
+    again = NodeEngine(config)
+    try:
+        assert not leftover.exists() and set(again.copies) == {"ips_colleges"}
+    finally:
+        again.close()
+
+
+def test_failed_copies_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import federation._references as sync_module
+
+    now = [1000.0]
+    monkeypatch.setattr(sync_module.time, "monotonic", lambda: now[0])
+    sync = sync_module.ReferenceSync({}, None)
+    assert sync._due("r35a", "ips")
+    delays = []
+    for _ in range(8):
+        sync._problem("r35a", "ips", "refused: disk full")
+        until, delay = sync._retry[("r35a", "ips")]
+        delays.append(delay)
+        assert not sync._due("r35a", "ips") and until == now[0] + delay
+        now[0] = until  # due again exactly then
+        assert sync._due("r35a", "ips")
+    assert delays == [30, 60, 120, 240, 480, 900, 900, 900]
+    assert sync._due("other", "ips")  # per node and table
+
+
+def test_a_stale_catalogue_is_served_while_it_refreshes(tmp_path: Path,
+                                                       ref_certs: Path) -> None:
+    f = start_federation(tmp_path, ref_certs, {"depp": [_ips()],
+                                               "r35a": [_headcounts("PUBLIC")]})
+    try:
+        assert set(f.coordinator.catalog()) == {"ips_colleges", "college_headcounts"}
+        f.coordinator.config = dataclasses.replace(f.coordinator.config, catalog_ttl_s=0.0)
+        f.stop_node("r35a")
+        # served at once from the previous catalogue; the refresh runs in the background
+        assert "college_headcounts" in f.coordinator.catalog()
+        wait_for(lambda: "college_headcounts" not in f.coordinator.catalog(), timeout=30)
+        assert f.coordinator.node_status()["r35a"] == "unreachable"
+    finally:
+        f.close()
+
+
 def _count_plan() -> pb.Plan:
     plan = pb.Plan(source=pb.TableRef(table="ips_colleges"), request_id="r")
     plan.aggregates.add(name="p0", kind=pb.COUNT_ROWS)
