@@ -131,9 +131,19 @@ def partial_bounds(kind: int, b: tuple[float, float] | None, name: str) -> tuple
 
 
 def clamp(arg: exp.Expression, lo: float, hi: float) -> exp.Expression:
-    return exp.Anonymous(this="greatest", expressions=[
-        exp.Literal.number(repr(lo)),
-        exp.Anonymous(this="least", expressions=[exp.Literal.number(repr(hi)), arg])])
+    """``arg`` clamped to [lo, hi] as a DOUBLE; NULL stays NULL (not counted in a SUM).
+
+    A CASE, not GREATEST/LEAST: those skip NULLs (LEAST(hi, NULL) = hi, so a missing value
+    would be summed as the upper bound), and with decimal literals they are 4-5× slower in
+    DuckDB (benchmarks/RESULTS.md, R3).
+    """
+    low, high = (exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
+                 for v in (lo, hi))
+    value = exp.Cast(this=arg, to=exp.DataType.build("DOUBLE"))
+    return exp.Case(ifs=[exp.If(this=exp.LT(this=value, expression=low), true=low.copy()),
+                         exp.If(this=exp.GT(this=value.copy(), expression=high),
+                                true=high.copy())],
+                    default=value.copy())
 
 
 def release(table: pa.Table, group_names: tuple[str, ...], spec: DpSpec

@@ -95,6 +95,18 @@ def test_dp_query_releases_noisy_values_with_intervals(dp_fed, union_db) -> None
     assert result["budget"]["epsilon_remaining"] < 1000
 
 
+def test_dp_sum_does_not_count_missing_values(dp_fed) -> None:
+    """A NULL is not a value: clamping must not turn it into the upper bound (LEAST/
+    GREATEST skip NULLs, so LEAST(100, NULL) would have summed 100 per missing score)."""
+    nulls = sum(e.cursor().sql("SELECT count(*) FROM student_assessment WHERE score IS NULL"
+                               ).fetchall()[0][0] for e in dp_fed.engines.values())
+    out = dp_fed.coordinator.run("SELECT SUM(score) AS s FROM student_assessment "
+                                 "WHERE score IS NULL", dp_fed.researcher, epsilon=9.0)
+    released, sd = out["rows"][0][0], out["noise_sd"][0][0]
+    assert 100 * nulls > 10 * sd  # the bug would stand out by 10 sd at least
+    assert abs(released) < 5 * sd, (released, sd, nulls)
+
+
 @pytest.mark.parametrize(("sql", "fragment"), [
     ("SELECT id_assessment, COUNT(*) FROM student_assessment GROUP BY 1", "public domain"),
     ("SELECT MAX(score) FROM student_assessment", "MIN and MAX"),
