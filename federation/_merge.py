@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import duckdb
@@ -87,15 +88,18 @@ def _dp_note(parts: list[tuple[pb.PartialResult, pa.Table]]) -> str:
             "are 95% for the noise only")
 
 
-def _dp_intervals(fp: FederatedPlan, items: dict[str, Expr], merged: pa.Table,
-                  row_ids: np.ndarray, out: pa.Table,
-                  parts: list[tuple[pb.PartialResult, pa.Table]]
+Simulate = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out: pa.Table,
+                  parts: list[tuple[pb.PartialResult, pa.Table]], simulate: Simulate
                   ) -> tuple[list[list[float | None]], ...]:
     """Noise sd and 95% interval of every released value, by parametric bootstrap.
 
     Post-processing of public figures only (released partials and the nodes' noise
     scales): each merged partial is redrawn with the sum of the nodes' Laplace noises and
-    every output expression recomputed; the basic bootstrap interval is
+    every output expression recomputed (``simulate``: the released items over the redrawn
+    partials, in the samples' order); the basic bootstrap interval is
     [r − q₉₇.₅(d), r − q₂.₅(d)] with d = f(redrawn) − r. Exact for counts and sums up to
     Monte Carlo error; delta-method-like for ratios (AVG, VAR).
     """
@@ -115,19 +119,14 @@ def _dp_intervals(fp: FederatedPlan, items: dict[str, Expr], merged: pa.Table,
             if b > 0:
                 noise += rng.laplace(0.0, b, n * draws)
         columns[p.name] = base + noise
-    noisy = [i.name for i in fp.query.items if contains_agg(i.expr)]
-    sql = "SELECT __i, " + ", ".join(f"{_sql(items[name])} AS {_q(name)}" for name in noisy) \
-        + f" FROM samples AS {M}"
-    sims = _query(sql, "samples", pa.table(columns))
-    order = np.argsort(sims.column("__i").to_numpy(), kind="stable")
+    sims = simulate(columns)  # row i's draws are entries i·draws … (i+1)·draws − 1
     sd = [[None] * out.num_columns for _ in range(out.num_rows)]
     lo = [[None] * out.num_columns for _ in range(out.num_rows)]
     hi = [[None] * out.num_columns for _ in range(out.num_rows)]
-    names = list(items)
-    for name in noisy:
+    names = out.column_names
+    for name, values in sims.items():
         col = names.index(name)
-        s = sims.column(name).to_numpy(zero_copy_only=False).astype(float)[order]
-        s = s.reshape(n, draws)
+        s = values.astype(float).reshape(n, draws)
         released = out.column(name).to_numpy(zero_copy_only=False).astype(float)
         for row, i in enumerate(row_ids):
             r = released[row]
@@ -138,6 +137,31 @@ def _dp_intervals(fp: FederatedPlan, items: dict[str, Expr], merged: pa.Table,
             sd[row][col] = float(np.std(d))
             lo[row][col], hi[row][col] = float(r - q_hi), float(r - q_lo)
     return sd, lo, hi
+
+
+def _simulate_sql(fp: FederatedPlan, items: dict[str, Expr]) -> Simulate:
+    noisy = [i.name for i in fp.query.items if contains_agg(i.expr)]
+
+    def simulate(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sql = "SELECT __i, " + ", ".join(f"{_sql(items[n])} AS {_q(n)}" for n in noisy) \
+            + f" FROM samples AS {M}"
+        sims = _query(sql, "samples", pa.table(columns))
+        order = np.argsort(sims.column("__i").to_numpy(), kind="stable")
+        return {n: sims.column(n).to_numpy(zero_copy_only=False)[order] for n in noisy}
+
+    return simulate
+
+
+def _simulate_arrow(fp: FederatedPlan, round_to: int) -> Simulate:
+    """The plain shape's items (keys and bare aggregates) with ``_arrow_form``."""
+    noisy = [i for i in fp.query.items if isinstance(i.expr, Agg)]
+
+    def simulate(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = pa.table(columns)
+        return {i.name: _arrow_form(i.expr, fp.roles[i.expr], round_to, samples)
+                .to_numpy(zero_copy_only=False) for i in noisy}
+
+    return simulate
 
 
 def _merge_rows(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
@@ -170,9 +194,13 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
               for i, (_, t) in enumerate(parts)]
     table = _concat(tables)
     dp = any(r.noise_scales for r, _ in parts)
-    fast = None if dp or hidden_nodes else _merge_in_arrow(fp, table, round_to)
+    fast = None if hidden_nodes else _merge_in_arrow(fp, table, round_to)
     if fast is not None:
-        return _released(fp, parts, *fast, round_to)
+        out, flags, merged, row_ids = fast
+        if dp:
+            return _dp_released(fp, parts, out, merged, row_ids,
+                                _simulate_arrow(fp, round_to))
+        return _released(fp, parts, out, flags, round_to)
 
     keys = ", ".join(_q(g) for g in fp.group_names)
     merged_cols = [f"{MERGE_FN[p.kind]}({_q(p.name)}) AS {_q(p.name)}" for p in fp.partials]
@@ -231,12 +259,18 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
     flags = out.column("__suppressed").to_pylist()
     out = out.select(list(items))
     if dp:
-        released = Released(out, [[False] * out.num_columns for _ in range(out.num_rows)])
-        released.noise_sd, released.ci_low, released.ci_high = _dp_intervals(
-            fp, items, merged, row_ids, out, parts)
-        released.notes.append(_dp_note(parts))
-        return released
+        return _dp_released(fp, parts, out, merged, row_ids, _simulate_sql(fp, items))
     return _released(fp, parts, out, flags, round_to)
+
+
+def _dp_released(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
+                 out: pa.Table, merged: pa.Table, row_ids: np.ndarray,
+                 simulate: Simulate) -> Released:
+    released = Released(out, [[False] * out.num_columns for _ in range(out.num_rows)])
+    released.noise_sd, released.ci_low, released.ci_high = _dp_intervals(
+        fp, merged, row_ids, out, parts, simulate)
+    released.notes.append(_dp_note(parts))
+    return released
 
 
 def _released(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
@@ -269,7 +303,9 @@ _F64 = pa.float64()
 
 
 def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
-                    ) -> tuple[pa.Table, list[bool]] | None:
+                    ) -> tuple[pa.Table, list[bool], pa.Table, np.ndarray] | None:
+    """(released table, suppression flags, merged partials with a row id ``__i``, the
+    merged row of each released row), or None when the query is not plain."""
     q = fp.query
     keys = dict(zip(q.group_by, fp.group_names, strict=True))
     if q.having is not None or not all(i.expr in keys or isinstance(i.expr, Agg)
@@ -297,6 +333,7 @@ def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
                                         for c in merged.column_names])
         if fp.group_names:  # key order first; the ORDER BY below is a stable sort
             merged = merged.sort_by([(g, "ascending", "at_end") for g in fp.group_names])
+        merged = merged.append_column("__i", pa.array(np.arange(merged.num_rows)))
         flag = merged.column("__suppressed")
         columns = {}
         for item in q.items:
@@ -306,14 +343,17 @@ def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
                 value = _arrow_form(item.expr, fp.roles[item.expr], round_to, merged)
                 columns[item.name] = pc.if_else(flag, pa.scalar(None, value.type), value)
         out = pa.table(columns)
+        row_ids = merged.column("__i")
         if order:
             idx = pc.sort_indices(out, sort_keys=order)  # NULLS LAST, as the SQL merge
-            out, flag = out.take(idx), flag.take(idx)
+            out, flag, row_ids = out.take(idx), flag.take(idx), row_ids.take(idx)
         if q.limit is not None:
-            out, flag = out.slice(0, max(q.limit, 0)), flag.slice(0, max(q.limit, 0))
+            keep = max(q.limit, 0)
+            out, flag, row_ids = out.slice(0, keep), flag.slice(0, keep), row_ids.slice(0, keep)
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowInvalid):
         return None  # a type pyarrow does not aggregate or cast like DuckDB: DuckDB merges
-    return out, [bool(f) for f in flag.to_pylist()]
+    return (out, [bool(f) for f in flag.to_pylist()], merged,
+            row_ids.to_numpy(zero_copy_only=False))
 
 
 def _arrow_form(agg: Agg, roles: dict[str, str], round_to: int, m: pa.Table) -> pa.Array:
