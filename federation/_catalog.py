@@ -74,6 +74,12 @@ def quality_json(q: pb.Quality) -> dict[str, Any]:
     }
 
 
+def shipped(publishers: list[tuple[str, pb.TableInfo]]) -> bool:
+    """A reference table the coordinator copies: one node publishes it, open and shared."""
+    return (len(publishers) == 1 and publishers[0][1].shared
+            and publishers[0][1].tier == "open")
+
+
 def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
     """Tables by name. A node's copy of a reference table is not a partition: it only
     makes the table available there for joins (and only while it is the current version)."""
@@ -97,7 +103,7 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             if all(col in t.public_domains for _, t in entries):
                 values = [v for _, t in entries for v in t.public_domains[col].values]
                 domains[col] = tuple(dict.fromkeys(values))
-        shared = len(entries) == 1 and first.shared and first.tier == "open"
+        shared = shipped(entries)
         current = f"{entries[0][0]}/{first.content_sha256}"
         out[name] = FederatedTable(
             name=name,

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from federation._catalog import search_table
-from federation._dashboard import _CSS, login, page_caller
+from federation._dashboard import _CSS, forbidden, login, page_caller
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
 
 if TYPE_CHECKING:
@@ -195,8 +195,6 @@ def add_catalog_page(app: FastAPI, coordinator: Coordinator) -> None:
             back = f"catalog/?q={quote(q, safe='')}" if q.strip() else "catalog/"
             return login(coordinator, request, back)
         if not who.can(*ENDPOINT_SCOPES[ENDPOINT]):
-            return HTMLResponse(f"<!doctype html><title>Bulle</title><p>{escape(who.name)}: "
-                                "the catalogue needs one of the scopes "
-                                f"{escape(', '.join(ENDPOINT_SCOPES[ENDPOINT]))}.</p>",
-                                status_code=403)
+            return forbidden(who, "the catalogue needs one of the scopes "
+                                  + ", ".join(ENDPOINT_SCOPES[ENDPOINT]))
         return HTMLResponse(render(who, catalog_json(coordinator, who), q))

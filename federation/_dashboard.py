@@ -381,13 +381,18 @@ def _chain(c: dict[str, Any], element_id: str = "") -> str:
             f"{escape(c['reason'])}</span>")
 
 
+def forbidden(who: Caller, why: str) -> HTMLResponse:
+    """A signed-in caller without the scopes a page needs."""
+    return HTMLResponse(f"<!doctype html><title>Bulle</title><p>{escape(who.name)}: "
+                        f"{escape(why)}.</p>", status_code=403)
+
+
 def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
     hub = coordinator.hub
 
-    def forbidden(who: Caller) -> HTMLResponse:
-        return HTMLResponse(f"<!doctype html><title>Bulle</title><p>{escape(who.name)}: this "
-                            f"page is for the ethics board ({SCOPE_APPROVE} or {SCOPE_AUDIT})."
-                            "</p>", status_code=403)
+    def forbidden_board(who: Caller) -> HTMLResponse:
+        return forbidden(who, f"this page is for the ethics board ({SCOPE_APPROVE} or "
+                              f"{SCOPE_AUDIT})")
 
     @app.get("/board")
     def board_root() -> RedirectResponse:
@@ -399,7 +404,7 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
         if who is None:
             return login(coordinator, request)
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
-            return forbidden(who)
+            return forbidden_board(who)
         csrf = hub.csrf(sid) if hub is not None and sid else None
         return HTMLResponse(_page(who, summary(coordinator), csrf, msg[:300]))
 
@@ -410,7 +415,7 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
         if who is None:
             return login(coordinator, request)
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
-            return forbidden(who)
+            return forbidden_board(who)
         if format not in ("json", "csv") or table not in _EXPORT_COLUMNS:
             return JSONResponse({"error": {"code": "bad_request",
                                            "message": "format: json|csv, table: "
@@ -425,7 +430,7 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
         if who is None:
             return login(coordinator, request)
         if not who.can(SCOPE_APPROVE):
-            return forbidden(who)
+            return forbidden_board(who)
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         if hub is None or sid is None or not hub.check_csrf(sid, form.get("csrf", "")):
             return HTMLResponse("<p>Form expired: reload the page.</p>", status_code=403)

@@ -17,6 +17,7 @@ from concurrent import futures
 
 import grpc
 
+from federation._catalog import shipped
 from federation._nodes import NodeClient, describe_rpc_error
 from federation.proto import bulle_pb2 as pb
 
@@ -50,8 +51,7 @@ class ReferenceSync:
                 if not t.copy_of:
                     publishers.setdefault(t.name, []).append((nid, t))
         shippable = {name: entries[0] for name, entries in publishers.items()
-                     if len(entries) == 1 and entries[0][1].shared
-                     and entries[0][1].tier == "open"}
+                     if shipped(entries)}
         for name, (origin, info) in sorted(shippable.items()):
             targets = [nid for nid, cat in sorted(catalogs.items())
                        if nid != origin and cat.accepts_references

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
-from nodes._config import ConfigError, NodeConfig
+from nodes._config import ConfigError, DatasetConfig, NodeConfig
 from nodes._dp import release
 from nodes._guard import PrivacyGuard
-from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
+from nodes._ingest import _quote, load_dataset, row_count_bucket, table_columns, type_family
 from nodes._quality import compute_quality, fill_table_info
 from nodes._references import (
     MAX_REFERENCE_BYTES,
@@ -90,7 +89,7 @@ class NodeEngine:
         self._cache_lock = threading.Lock()
         self._buckets: dict[str, str] = {}
         self.quality: dict[str, dict[str, object]] = {}  # nodes/_quality.py reports
-        self._shared: dict[str, bytes] = {}  # own shared tables as Arrow IPC
+        self._shared: dict[str, tuple[bytes, str]] = {}  # own shared tables: IPC, SHA-256
         self.copies: dict[str, pb.ReferenceTable] = {}  # entries of the copies held here
         self._copies_lock = threading.Lock()
         for ds in config.datasets:
@@ -110,7 +109,8 @@ class NodeEngine:
             self._buckets[ds.table] = row_count_bucket(n)
             self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
             if ds.shared:
-                self._shared[ds.table] = _shared_ipc(self._con, ds.table)
+                ipc = _shared_ipc(self._con, ds.table)
+                self._shared[ds.table] = ipc, sha256(ipc)
             log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
                      row_count_bucket(n), time.perf_counter() - started)
         self._con.execute("SET enable_external_access = false")
@@ -135,37 +135,40 @@ class NodeEngine:
         return self._con.cursor()
 
     def catalog(self) -> pb.Catalog:
-        out = pb.Catalog(node_id=self.config.node_id)
-        for ds in self.config.datasets:
-            meta = self.meta[ds.table]
-            info = out.tables.add(
-                name=ds.table, tier=ds.tier, description=ds.description,
-                row_count_bucket=self._buckets[ds.table], privacy_unit=ds.privacy_unit,
-                min_count=ds.min_count if ds.tier == "restricted" else 0,
-                round_to=ds.round_to if ds.tier == "restricted" else 1,
-                max_rows_per_unit=ds.max_rows_per_unit if ds.tier == "sensitive" else 0,
-            )
-            for col, (lo, hi) in ds.bounds.items():
-                info.bounds[col].lower, info.bounds[col].upper = lo, hi
-            for name, typ in meta.columns.items():
-                info.columns.add(name=name, type=typ, description=ds.columns.get(name, ""))
-            for col, values in meta.public_domains.items():
-                info.public_domains[col].values.extend(str(v) for v in values)
-            fill_table_info(info, ds, self.quality.get(ds.table))
-            if ds.shared:
-                info.shared, info.content_sha256 = True, sha256(self._shared[ds.table])
+        out = pb.Catalog(node_id=self.config.node_id,
+                         accepts_references=self.config.accept_references)
+        out.tables.extend(self._table_info(ds) for ds in self.config.datasets)
         out.tables.extend(catalog_entry(c) for c in self.copies.values())
-        out.accepts_references = self.config.accept_references
         return out
+
+    def _table_info(self, ds: DatasetConfig) -> pb.TableInfo:
+        meta = self.meta[ds.table]
+        info = pb.TableInfo(
+            name=ds.table, tier=ds.tier, description=ds.description,
+            row_count_bucket=self._buckets[ds.table], privacy_unit=ds.privacy_unit,
+            min_count=ds.min_count if ds.tier == "restricted" else 0,
+            round_to=ds.round_to if ds.tier == "restricted" else 1,
+            max_rows_per_unit=ds.max_rows_per_unit if ds.tier == "sensitive" else 0,
+        )
+        for col, (lo, hi) in ds.bounds.items():
+            info.bounds[col].lower, info.bounds[col].upper = lo, hi
+        for name, typ in meta.columns.items():
+            info.columns.add(name=name, type=typ, description=ds.columns.get(name, ""))
+        for col, values in meta.public_domains.items():
+            info.public_domains[col].values.extend(str(v) for v in values)
+        fill_table_info(info, ds, self.quality.get(ds.table))
+        if ds.table in self._shared:
+            info.shared, info.content_sha256 = True, self._shared[ds.table][1]
+        return info
 
     # -- public reference tables (nodes/_references.py) --------------------------------
     def fetch_reference(self, table: str) -> pb.ReferenceTable:
         """One of this node's shared tables, whole, with its catalogue entry."""
-        ipc = self._shared.get(table)
-        if ipc is None:
+        ds = self.config.dataset(table)
+        if ds is None or table not in self._shared:
             raise ReferenceRefused(f"{table!r} is not a shared table of this node")
-        info = next(t for t in self.catalog().tables if t.name == table and not t.copy_of)
-        return pb.ReferenceTable(info=info, origin=self.config.node_id, arrow_ipc=ipc)
+        return pb.ReferenceTable(info=self._table_info(ds), origin=self.config.node_id,
+                                 arrow_ipc=self._shared[table][0])
 
     def put_reference(self, ref: pb.ReferenceTable) -> pb.TableInfo:
         """Check, record, store and load another node's shared table; returns the copy's
@@ -205,7 +208,7 @@ class NodeEngine:
             self._forget_compiled()
             cur = self._con.cursor()
             try:
-                cur.execute(f'DROP TABLE IF EXISTS "{table}"')  # name checked when kept
+                cur.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
             finally:
                 cur.close()
             self._reference_files.remove(table)
@@ -233,7 +236,7 @@ class NodeEngine:
                            for c, d in copy.ref.info.public_domains.items() if c in columns}
             except ConfigError as e:
                 raise ReferenceRefused(str(e)) from None
-            cur.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM "{view}"')
+            cur.execute(f"CREATE OR REPLACE TABLE {_quote(name)} AS SELECT * FROM {_quote(view)}")
         finally:
             cur.unregister(view)
             cur.close()
@@ -284,11 +287,8 @@ class NodeEngine:
             out, suppressed, hidden = table, 0, 0
         else:
             out, suppressed, hidden = _disclosure_control(table, compiled)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, out.schema) as writer:
-            writer.write_table(out)
         result = pb.PartialResult(
-            node_id=self.config.node_id, arrow_ipc=sink.getvalue().to_pybytes(),
+            node_id=self.config.node_id, arrow_ipc=to_ipc(out),
             suppressed_cells=suppressed, hidden_cells=hidden, tier=compiled.tier,
             min_count=compiled.min_count, round_to=compiled.round_to,
         )
@@ -359,11 +359,8 @@ class NodeEngine:
                 return Execution(cached, 0, time.perf_counter() - started)
             table = self._run(plan, compiled.sql)
             out, scales = release(table, compiled.group_names, spec)
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, out.schema) as writer:
-                writer.write_table(out)
             result = pb.PartialResult(
-                node_id=self.config.node_id, arrow_ipc=sink.getvalue().to_pybytes(),
+                node_id=self.config.node_id, arrow_ipc=to_ipc(out),
                 tier="sensitive", epsilon_spent=spec.epsilon, delta_spent=spec.delta,
                 noise_scales=scales)
             # Charge before release: once charged, the result may leave; if the process
@@ -400,7 +397,7 @@ class _Pieces:
 
 
 def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
-    ipc = to_ipc(con.sql(f'SELECT * FROM "{table}"').to_arrow_table())
+    ipc = to_ipc(con.sql(f"SELECT * FROM {_quote(table)}").to_arrow_table(), compressed=True)
     if len(ipc) > MAX_REFERENCE_BYTES:
         raise ConfigError(f"dataset {table!r}: a shared table must fit in "
                           f"{MAX_REFERENCE_BYTES >> 20} MiB as Arrow IPC "
@@ -415,10 +412,9 @@ def _nonnegative_columns(con: duckdb.DuckDBPyConnection, ds,
     numeric = [c for c, t in columns.items() if type_family(t) in ("integer", "number")]
     if ds.tier != "restricted" or not numeric:
         return frozenset()
-    table = exp.to_identifier(ds.table, quoted=True).sql("duckdb")
-    mins = con.sql("SELECT " + ", ".join(
-        f"coalesce(min({exp.to_identifier(c, quoted=True).sql('duckdb')}) >= 0, true)"
-        for c in numeric) + f" FROM {table}").fetchall()[0]
+    mins = con.sql("SELECT " + ", ".join(f"coalesce(min({_quote(c)}) >= 0, true)"
+                                         for c in numeric)
+                   + f" FROM {_quote(ds.table)}").fetchall()[0]
     return frozenset(c for c, ok in zip(numeric, mins, strict=True) if ok)
 
 
@@ -426,10 +422,9 @@ def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:
     """The most rows one unit has (sensitive tables): lets DP plans skip the per-unit rank."""
     if ds.tier != "sensitive" or not ds.privacy_unit:
         return 0
-    unit = exp.to_identifier(ds.privacy_unit, quoted=True).sql("duckdb")
-    table = exp.to_identifier(ds.table, quoted=True).sql("duckdb")
-    return int(con.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM {table} "
-                       f"GROUP BY {unit})").fetchall()[0][0])
+    return int(con.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM "
+                       f"{_quote(ds.table)} GROUP BY {_quote(ds.privacy_unit)})"
+                       ).fetchall()[0][0])
 
 
 def _public_engine_error(e: duckdb.Error) -> str:

@@ -26,7 +26,7 @@ log = logging.getLogger("bulle.node")
 MAX_REFERENCE_BYTES = 15 * 1024 * 1024
 # …and the table once decompressed (zstd can shrink repetitive data a thousandfold).
 MAX_REFERENCE_TABLE_BYTES = 256 * 1024 * 1024
-_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
+_ZSTD = pa.ipc.IpcWriteOptions(compression="zstd")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -35,10 +35,11 @@ class ReferenceRefused(ValueError):
     """A reference table this node will not keep; the message is safe to send."""
 
 
-def to_ipc(table: pa.Table) -> bytes:
+def to_ipc(table: pa.Table, compressed: bool = False) -> bytes:
+    """One Arrow IPC stream; zstd-compressed for reference copies (shipped, then stored)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_IPC) as writer:
-        writer.write_table(table)
+    with pa.ipc.new_stream(sink, table.schema, options=_ZSTD if compressed else None) as w:
+        w.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
