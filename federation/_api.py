@@ -191,10 +191,7 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         require(who, "POST /v1/projects")
         if body.name in coordinator.projects.configs:
             raise RegistryError(f"a project named {body.name!r} exists", status=409)
-        known = set(coordinator.catalog())
-        unknown = sorted(set(body.datasets) - known)
-        if unknown:
-            raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
+        _in_catalogue(coordinator, body.datasets)
         p = registry.submit(who.name, **body.model_dump())
         coordinator.projects.audit.append(who.name, p.name, "project_submitted",
                                           {"epsilon": p.epsilon, "datasets": list(p.datasets)})
@@ -253,12 +250,16 @@ def decide_project(coordinator: Coordinator, who: Caller, name: str, body: Decis
     if body.decision == "refuse":
         return coordinator.projects.refuse(name, who.name, body.reason)
     if body.datasets is not None:
-        unknown = sorted(set(body.datasets) - set(coordinator.catalog()))
-        if unknown:
-            raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
+        _in_catalogue(coordinator, body.datasets)
     return coordinator.projects.approve(
         name, who.name, epsilon=body.epsilon, delta=body.delta, datasets=body.datasets,
         days=body.days, reason=body.reason, grant=body.grant)
+
+
+def _in_catalogue(coordinator: Coordinator, datasets: list[str]) -> None:
+    unknown = sorted(set(datasets) - set(coordinator.catalog()))
+    if unknown:
+        raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
 
 
 def catalog_json(coordinator: Coordinator, who: Caller, refresh: bool = False
