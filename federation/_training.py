@@ -29,7 +29,7 @@ from typing import Any
 import dp_accounting as dpa
 
 from federation._errors import QueryError
-from privacy import RdpTotals, gaussian_event, opacus_event
+from privacy import RdpTotals, gaussian_event, opacus_event, rdp_epsilon
 
 log = logging.getLogger("bulle.training")
 ZOO = ("logreg", "mlp", "gru")
@@ -90,9 +90,6 @@ class TrainingJob:
 
     def to_json(self) -> dict[str, Any]:
         s = self.spec
-        eps = RdpTotals()
-        for e in self.events:
-            eps.add(e)
         return {
             "id": self.id, "status": self.status, "reason": self.reason,
             "project": self.project, "model": s["model"], "table": s["table"],
@@ -100,7 +97,7 @@ class TrainingJob:
             "nodes": self.nodes, "epsilon_target": s["epsilon_total"],
             "epsilon_target_per_node": s["epsilon"], "delta": s["delta"],
             # the run's ε composed over nodes and rounds (RDP, as the global ledger)
-            "epsilon_spent": eps.epsilon(s["delta"]) if self.events else 0.0,
+            "epsilon_spent": rdp_epsilon(self.events, s["delta"]),
             "epsilon_per_node": dict(self.node_epsilon),
             "rounds": self.rounds, "withheld": self.withheld,
             "features": [f["name"] for f in s["features"]], "label": s["label"],
@@ -146,7 +143,7 @@ class Trainer:
         self.settings = settings
         self.jobs: dict[str, TrainingJob] = {}
         self._lock = threading.Lock()
-        self._flower_ids: dict[str, int] | None = None
+        self._token: str | None = None  # the Control API secret, read once
         # SuperNodes whose key is not registered are refused (exit 305): register now, in
         # the background (the SuperLink may still be starting); submit() retries if needed.
         threading.Thread(target=self._register_quietly, daemon=True).start()
@@ -166,8 +163,9 @@ class Trainer:
         from federation._superlink import control_client, control_token
 
         s = self.settings
-        return control_client(s.superlink, s.root_certificates,
-                              control_token(s.control_token_file))
+        if self._token is None:
+            self._token = control_token(s.control_token_file)
+        return control_client(s.superlink, s.root_certificates, self._token)
 
     def flower_ids(self) -> dict[str, int]:
         """Node id → Flower node id. Registers the nodes' keys (idempotent): each time, as
@@ -176,10 +174,9 @@ class Trainer:
 
         client = self._control()
         try:
-            self._flower_ids = register_nodes(client, self.settings.node_keys)
+            return register_nodes(client, self.settings.node_keys)
         finally:
             client.close()
-        return self._flower_ids
 
     # -- requests -----------------------------------------------------------------------
     def submit(self, researcher: Any, request: dict[str, Any]) -> TrainingJob:
@@ -331,20 +328,17 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------
     def _start(self, job: TrainingJob) -> None:
-        import hashlib
-
         from flwr.common.serde import fab_to_proto, user_config_to_proto
         from flwr.proto.control_pb2 import StartRunRequest
         from flwr.supercore.fab import Fab
 
-        from bulle_flower._fab import build_fab
+        from bulle_flower._fab import build_fab, fab_sha256
 
         Path(job.spec["out_dir"]).mkdir(parents=True, exist_ok=True)
-        fab = build_fab()
         client = self._control()
         try:
             res = client.StartRun(StartRunRequest(
-                fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                fab=fab_to_proto(Fab(fab_sha256(), build_fab(), {})),
                 override_config=user_config_to_proto({"spec": json.dumps(job.spec)}),
                 federation=""))
         except Exception as e:
@@ -447,9 +441,6 @@ class Trainer:
         job.events.append(event)
         for name, n in nodes.items():
             job.node_epsilon[name] = float(n["epsilon_run"])
-        eps = RdpTotals()
-        for e in job.events:
-            eps.add(e)
         evaluated = {"accuracy": rec.get("accuracy"), "auc": rec.get("auc"),
                      "n_eval": rec.get("n_eval"),
                      "nodes_eval": {k: {m: v[m] for m in ("accuracy", "auc", "n_eval")}
@@ -463,7 +454,7 @@ class Trainer:
                 "nodes": nodes, "failed": rec.get("failed", {}),
                 "round_s": rec.get("round_s"), "train_s": rec.get("train_s")})
         last = job.rounds[-1]
-        last.update(epsilon_spent=eps.epsilon(job.spec["delta"]),
+        last.update(epsilon_spent=rdp_epsilon(job.events, job.spec["delta"]),
                     project_epsilon_spent=charged.spent_epsilon,
                     project_epsilon_remaining=charged.remaining_epsilon)
         for name, n in nodes.items():  # the node's ε after this exchange

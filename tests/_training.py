@@ -112,33 +112,30 @@ class TrainingFed:
 
     def stop(self, name: str) -> None:
         proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        _stop_groups([proc] if proc is not None else [])
 
     def close(self) -> None:
         if self.server is not None:
             self.server.should_exit = True
         for group in ([n for n in self.procs if n != "superlink"], ["superlink"]):
-            live = [self.procs[n] for n in group if self.procs[n].poll() is None]
-            for p in live:  # all at once: each takes a few seconds to stop
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-            for p in live:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(5)
+            _stop_groups([self.procs[n] for n in group])
         self.coordinator.close()
+
+
+def _stop_groups(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each live process group, all at once (each takes a few seconds to
+    stop), then SIGKILL to whatever did not exit within 15 s."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in live:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
 
 
 def start_training_federation(tmp: Path, certs: Path, board: Path,
