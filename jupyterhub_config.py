@@ -11,7 +11,16 @@ the hub, or the hub waits for it) as ``jupyterhub -f jupyterhub_config.py`` with
 - ``BULLE_HUB_SERVICE_TOKEN_FILE``: the service's API token (also its OAuth secret; the
   coordinator reads the same file);
 - ``BULLE_HUB_AUTH``: ``demo`` (default: per-user generated passwords, hashes in
-  ``$BULLE_HUB_STATE/users.json``) or ``oidc`` (production, below).
+  ``$BULLE_HUB_STATE/users.json``) or ``oidc`` (production, below);
+- as root only: ``BULLE_HUB_PROXY_USER`` (the system user the proxy runs as),
+  ``BULLE_HUB_HIDDEN_PATHS`` (folders hidden from notebooks, ``:``-separated) and
+  ``BULLE_HUB_HOMES`` (where new accounts get their home, default ``/home``).
+
+Processes: run as root, the hub (which must be root to create accounts and start servers
+as them, like The Littlest JupyterHub) starts each person's server as their own system
+user ``jupyter-<name>``, created at their first start, and its proxy as
+``BULLE_HUB_PROXY_USER``. Run as another user, every server runs as that same user (a
+developer's machine), homes under ``$BULLE_HUB_STATE/home``.
 
 Roles: ``researcher`` (custom:bulle:query, custom:bulle:train), ``ethics-board``
 (custom:bulle:approve, custom:bulle:audit), ``node-operator`` (custom:bulle:audit),
@@ -21,7 +30,6 @@ coordinator checks the scopes of the caller's token on every endpoint.
 """
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +37,8 @@ from enclave._hub import (
     CUSTOM_SCOPES,
     SERVICE,
     DemoAuthenticator,
+    SystemUserSpawner,
+    prepare_home,
     read_users,
     roles_for,
 )
@@ -52,6 +62,12 @@ c.ConfigurableHTTPProxy.api_url = (
     f"http://127.0.0.1:{os.environ.get('BULLE_HUB_PROXY_API_PORT', '8001')}")
 # The PyPI (Python) configurable-http-proxy, from the same venv (TRAPS.md).
 c.ConfigurableHTTPProxy.command = [str(BIN / "configurable-http-proxy")]
+if os.geteuid() == 0 and os.environ.get("BULLE_HUB_PROXY_USER"):
+    # The network-facing proxy needs no privilege: it runs as the coordinator's user.
+    proxy_user = os.environ["BULLE_HUB_PROXY_USER"]
+    c.ConfigurableHTTPProxy.command = ["setpriv", f"--reuid={proxy_user}",
+                                       f"--regid={proxy_user}", "--clear-groups", "--",
+                                       *c.ConfigurableHTTPProxy.command]
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
 c.JupyterHub.cleanup_servers = True  # `bulle demo down` stops the hub: servers go too
 c.JupyterHub.cleanup_proxy = True
@@ -109,9 +125,18 @@ else:
     c.JupyterHub.load_roles = roles_for(users)
 
 # -- single-user servers ---------------------------------------------------------------------
-# Demo: processes of the hub's own user (no system accounts), homes under the state folder.
-c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.SimpleLocalProcessSpawner.home_dir_template = str(STATE / "home" / "{username}")
+if os.geteuid() == 0:
+    # Each person's server as their own system user (created at first start), unable to
+    # read node data or any key; the holders' source folders hidden (enclave/_hub.py).
+    c.JupyterHub.spawner_class = SystemUserSpawner
+    c.SystemUserSpawner.homes = os.environ.get("BULLE_HUB_HOMES", "/home")
+    c.SystemUserSpawner.hidden_paths = [
+        p for p in os.environ.get("BULLE_HUB_HIDDEN_PATHS", "").split(os.pathsep) if p]
+else:
+    # Not root: processes of the hub's own user (no system accounts), homes in the state.
+    c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+    c.SimpleLocalProcessSpawner.home_dir_template = str(STATE / "home" / "{username}")
+    c.Spawner.pre_spawn_hook = lambda spawner: prepare_home(Path(spawner.home_dir))
 c.Spawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 90
@@ -119,29 +144,8 @@ c.Spawner.http_timeout = 90
 # No news or update checks: the enclave has no internet (and no pop-up in the demo).
 c.Spawner.args = ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
                   "--LabApp.news_url=None"]
-if os.geteuid() == 0:
-    c.Spawner.args.append("--allow-root")  # otherwise a 500 and a 60 s wait (TRAPS.md)
 # The notebook's JUPYTERHUB_API_TOKEN: the server role's scopes plus Bulle's (narrowed by
 # the hub to what the user holds). `from enclave import connect; connect()` sends it.
 c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
                                  "custom:bulle:query", "custom:bulle:train"]
 c.Spawner.environment = {"BULLE_URL": COORDINATOR_URL, "BULLE_HUB_URL": PUBLIC_URL}
-
-
-def _prepare_home(spawner: object) -> None:
-    """A new home gets the example notebooks, and JupyterLab's news prompt answered "no"
-    (the enclave has no internet); the user's own files are never overwritten."""
-    home = Path(spawner.home_dir)  # type: ignore[attr-defined]
-    target = home / "examples"
-    if not target.exists():
-        target.mkdir(parents=True)
-        for nb in (REPO / "enclave" / "examples").glob("*.ipynb"):
-            shutil.copy(nb, target / nb.name)
-    news = (home / ".jupyter" / "lab" / "user-settings" / "@jupyterlab" /
-            "apputils-extension" / "notification.jupyterlab-settings")
-    if not news.exists():
-        news.parent.mkdir(parents=True, exist_ok=True)
-        news.write_text('{"fetchNews": "false", "checkForUpdates": false}\n')
-
-
-c.Spawner.pre_spawn_hook = _prepare_home

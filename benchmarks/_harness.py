@@ -176,7 +176,13 @@ class Dataset:
     min_count: int = 0
     round_to: int = 1
     privacy_unit: str = ""
-    dominance: float | None = None  # None: the node's default
+    # restricted tier, the cell key method (nodes/_config.py): e.g. {"perturb": False} (exact
+    # release: the nodes then get BULLE_ALLOW_EXACT_RELEASE=1), {"max_perturbation": 4,
+    # "variance": 3.0, "magnitude": 0.2}; empty: the node's defaults (perturbed)
+    cell_key: dict[str, Any] = field(default_factory=dict)
+    unit_level: str = ""  # "" (the node's default, person) or "institution"
+    # operator-side row filter per node (same length as sources), e.g. "school = 'GP'"
+    filters: list[str] | None = None
     # sensitive tier (DP)
     max_rows_per_unit: int = 0  # 0: the node's default
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -184,13 +190,24 @@ class Dataset:
 
 
 def _toml_inline(d: dict[str, Any]) -> str:
-    return "{ " + ", ".join(f"{k} = {json.dumps(list(v))}" for k, v in d.items()) + " }"
+    """An inline TOML table of lists or scalars (JSON literals are valid TOML values)."""
+    return "{ " + ", ".join(
+        f"{k} = {json.dumps(list(v) if isinstance(v, (list, tuple)) else v)}"
+        for k, v in d.items()) + " }"
+
+
+def exact_release_env(datasets: list[Dataset]) -> dict[str, str]:
+    """The nodes' environment: BULLE_ALLOW_EXACT_RELEASE=1 only when a dataset asks for an
+    unperturbed restricted tier (nodes refuse ``perturb = false`` otherwise)."""
+    exact = any(ds.cell_key.get("perturb") is False for ds in datasets)
+    return {**CHILD_ENV, **({"BULLE_ALLOW_EXACT_RELEASE": "1"} if exact else {})}
 
 
 @dataclass
 class Federation:
     datasets: list[Dataset]
     threads: int = 1
+    memory_limit: str = "2GB"  # per node (DuckDB), tables included
     http: bool = True
     board_public_key: Path | None = None  # nodes and coordinator verify grants with it
     projects: tuple[Any, ...] = ()  # ProjectConfig for the coordinator (sensitive tier)
@@ -199,6 +216,7 @@ class Federation:
     ports: dict[str, int] = field(default_factory=dict)
     http_url: str = ""
     coordinator: Any = None
+    coordinator_options: dict[str, Any] = field(default_factory=dict)  # e.g. node_timeout_s
 
     @property
     def node_ids(self) -> list[str]:
@@ -215,6 +233,7 @@ class Federation:
         # the node config has changed over time: log_dir (audit JSONL) → state_dir (ledger,
         # audit chain in SQLite); write what this tree's NodeConfig knows
         node_keys = {f.name for f in dc_fields(NodeConfig)}
+        node_env = exact_release_env(self.datasets)
         for i, nid in enumerate(self.node_ids):
             cfg = self.workdir / f"{nid}.toml"
             dirs = [f"{key} = {_toml_str(self.workdir / sub / nid)}"
@@ -226,18 +245,23 @@ class Federation:
                      "[tls]", f"cert = {_toml_str(certs / f'{nid}.pem')}",
                      f"key = {_toml_str(certs / f'{nid}.key')}",
                      f"client_ca = {_toml_str(certs / 'ca.pem')}", "",
-                     "[engine]", f"threads = {self.threads}", 'memory_limit = "2GB"', ""]
+                     "[engine]", f"threads = {self.threads}",
+                     f"memory_limit = {_toml_str(self.memory_limit)}", ""]
             for ds in self.datasets:
                 if i >= len(ds.sources) or ds.sources[i] is None:
                     continue
                 lines += ["[[dataset]]", f'table = "{ds.table}"',
                           f"source = {_toml_str(ds.sources[i])}", f'tier = "{ds.tier}"']
+                if ds.filters and ds.filters[i]:
+                    lines.append(f"filter = {_toml_str(ds.filters[i])}")
                 if ds.tier == "restricted":
                     lines += [f"min_count = {ds.min_count}", f"round_to = {ds.round_to}"]
+                    if ds.cell_key:
+                        lines.append(f"cell_key = {_toml_inline(ds.cell_key)}")
+                    if ds.unit_level:
+                        lines.append(f'unit_level = "{ds.unit_level}"')
                 if ds.privacy_unit:
                     lines.append(f'privacy_unit = "{ds.privacy_unit}"')
-                if ds.dominance is not None:
-                    lines.append(f"dominance = {float(ds.dominance)}")
                 if ds.max_rows_per_unit:
                     lines.append(f"max_rows_per_unit = {ds.max_rows_per_unit}")
                 if ds.bounds:
@@ -249,7 +273,7 @@ class Federation:
             err = (self.workdir / f"{nid}.stderr").open("wb")
             self.procs[nid] = subprocess.Popen(
                 [PY, "-m", "bulle_cli", "node", "serve", "--config", str(cfg)],
-                cwd=ROOT, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=err,
+                cwd=ROOT, env=node_env, stdout=subprocess.DEVNULL, stderr=err,
                 preexec_fn=_die_with_parent)
         for nid in self.node_ids:
             self.ports[nid] = self._wait_log(nid, re.compile(rb"\(port (\d+), mutual TLS\)"),
@@ -269,7 +293,7 @@ class Federation:
             key=certs / "bulle-coordinator.key", ca=certs / "ca.pem",
             nodes=tuple(NodeEndpoint(n, f"127.0.0.1:{p}") for n, p in self.ports.items()),
             researchers=(Researcher("bench", hash_token(TOKEN), ("bench",)),),
-            **extra,
+            **extra, **self.coordinator_options,
         )
         self.researcher = self.coord_config.researchers[0]
         if self.http:  # fork before this process starts gRPC threads
@@ -326,10 +350,15 @@ class Federation:
     def released_ms(self, nid: str) -> list[float]:
         """The node's own engine time ("ms") of every released plan so far, from its audit
         log: JSONL under log_dir (older nodes) or the SQLite audit chain under state_dir."""
+        return [d["ms"] for d in self.released_entries(nid) if "ms" in d]
+
+    def released_entries(self, nid: str) -> list[dict[str, Any]]:
+        """The audit detail of every plan node ``nid`` released so far, in order (``ms``:
+        its engine time; ``tables``: the tables the plan read, on nodes that log them)."""
         jsonl = self.workdir / "logs" / nid / "audit.jsonl"
         if jsonl.is_file():
             rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
-            return [r["ms"] for r in rows if r.get("decision") == "released" and "ms" in r]
+            return [r for r in rows if r.get("decision") == "released"]
         db = self.workdir / "state" / nid / "audit.sqlite"
         if db.is_file():
             import sqlite3
@@ -340,7 +369,7 @@ class Federation:
                                    "ORDER BY seq").fetchall()
             finally:
                 con.close()
-            return [d["ms"] for d in (json.loads(r[0]) for r in rows) if "ms" in d]
+            return [json.loads(r[0]) for r in rows]
         return []
 
     def node_stub(self, nid: str) -> Any:

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_dp.py [--rows N] [--runs N]
 
 R3  DP query time ÷ the same query on the same data in the ``restricted`` tier (min_count=0,
-    round_to=1, dominance=1.0, i.e. no disclosure-control work), 3 nodes, measured
+    ``cell_key = { perturb = false }``: exact answers, no perturbation; the nodes run with
+    BULLE_ALLOW_EXACT_RELEASE=1, see ``_harness.exact_release_env``), 3 nodes, measured
     interleaved (restricted, DP, restricted, DP, …) through ``Coordinator.run``. Target ≤ 1.10,
     or ≤ 2.0 when contribution bounding needs a per-unit pass, which it does here: the node
     ranks each unit's rows with ``ROW_NUMBER() OVER (PARTITION BY unit ORDER BY hash(rowid,
@@ -127,7 +128,8 @@ def main() -> int:
     board_dir = Path(tempfile.mkdtemp(prefix="bulle-bench-board-"))
     board_pub, grant_file = make_board(board_dir)
     datasets = [
-        Dataset("t_r", parts, tier="restricted", min_count=0, round_to=1, dominance=1.0),
+        Dataset("t_r", parts, tier="restricted", min_count=0, round_to=1,
+                cell_key={"perturb": False}),
         Dataset("t_dp", parts, tier="sensitive", privacy_unit="unit",
                 max_rows_per_unit=UNIT_ROWS, bounds={"x": (0.0, 1000.0)},
                 public_domains={"grp": GROUPS}),

@@ -9,11 +9,16 @@
   (grant, ledger, audit), and the reply back to the ServerApp.
 - R8: one federated round (3 nodes, 1 local epoch each) ÷ one centralized DP-SGD epoch of
   the same model on the union of the nodes' data, in one process.
+- Run authorisation (issue 12): what a node adds per round to check the coordinator's
+  signed authorisation before it touches data (``nodes._training.authorise``: Ed25519
+  verification, canonical hash of the spec, spec parse), timed in this process on the
+  spec of the rounds below; and, in the rounds, each node's own measure of it (``auth_s``).
 
 Usage (each section stops every process it starts)::
 
     .venv/bin/python benchmarks/bench_training.py                  # all, poll 0.05 s
     .venv/bin/python benchmarks/bench_training.py --poll 0.2 --skip-r7
+    .venv/bin/python benchmarks/bench_training.py --auth-only      # the check alone
 """
 
 from __future__ import annotations
@@ -170,7 +175,7 @@ def flower(tmp: Path, poll: float, rounds: int, model: str) -> dict[str, Any]:
         job.done.wait(600)
         wall = time.perf_counter() - t1
         records = [json.loads(line) for line in
-                   (Path(job.spec["out_dir"]) / "progress.jsonl").read_text().splitlines()]
+                   (job.out_dir / "progress.jsonl").read_text().splitlines()]
     finally:
         fed.close()
     start = next(r for r in records if r["type"] == "start")
@@ -187,12 +192,66 @@ def flower(tmp: Path, poll: float, rounds: int, model: str) -> dict[str, Any]:
             "task_other_s": statistics.median(n["task_s"] - n["pull_s"] - n["train_s"]
                                               for n in nodes),
             "back_s": statistics.median(n["reply_s"] - n["queue_s"] - n["task_s"]
-                                        for n in nodes)})
+                                        for n in nodes),
+            "auth_ms": 1000 * max(n["auth_s"] for n in nodes)})
     med = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
     out = {"poll_s": poll, "model": model, "rounds": len(rows), "status": job.status,
            "startup_s": round(startup, 1), "run_wall_s": round(wall, 2),
            "serverapp_setup_s": start["setup_s"], "idle_cpu_pct_of_a_core": idle, **med,
            "overhead_each_round": [round(p["overhead_s"], 3) for p in parts]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def auth_check(tmp: Path, repeats: int = 2000) -> dict[str, Any]:
+    """Per-message cost of the run authorisation at a node, on a real spec and token."""
+    from datetime import UTC, datetime, timedelta
+
+    from nodes._training import authorise
+    from privacy import (
+        Grant,
+        coordinator_keys,
+        generate_board_keys,
+        sign_grant,
+        spec_json,
+    )
+    from privacy._grants import load_public_key
+
+    generate_board_keys(tmp / "board")
+    now = datetime.now(UTC)
+    grant = sign_grant(Grant("bench", ("r",), ("student_assessment",), 10.0, 1e-6,
+                             now + timedelta(days=1), "bench", now),
+                       (tmp / "board" / "board_ed25519.pem").read_bytes())
+    private, public = coordinator_keys(tmp / "coordinator_ed25519.pem")
+
+    from federation._training import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only its signing: no SuperLink
+    trainer._signing_key = private.read_bytes()
+    layout = [{"name": f, "kind": "num", "lo": 0, "hi": 300} for f in FEATURES]
+    spec = {"job": "0" * 32, "project": "bench", "researcher": "r", "grant": grant,
+            "model": "mlp", "hidden": 32, "table": "student_assessment",
+            "joins": [["assessments", "id_assessment"]], "features": layout,
+            "label": ["score", ">=", 70.0], "order_by": "date_submitted", "max_len": 8,
+            "rounds": 6, "epochs": 1, "batch_size": 128, "lr": 0.3, "max_grad_norm": 1.0,
+            "epsilon": 2.9, "epsilon_total": 8.0, "delta": 1e-6, "noise_multiplier": None,
+            "eval_fraction": 0.2, "eval_share": 0.2, "bins": 4, "nodes": sorted(NODES),
+            "min_nodes": 1, "round_timeout_s": 120.0, "seed": 0}
+    t0 = time.perf_counter()
+    token = trainer.authorise(spec)
+    sign_ms = 1000 * (time.perf_counter() - t0)
+    cfg = {"spec": spec_json(spec), "auth": token, "round": 3}
+    key = load_public_key(public)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        authorise(cfg, "b1", key)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    out = {"auth_check_median_ms": round(1000 * statistics.median(times), 3),
+           "auth_check_p99_ms": round(1000 * times[int(0.99 * len(times))], 3),
+           "sign_once_per_run_ms": round(sign_ms, 3), "token_bytes": len(token),
+           "spec_bytes": len(cfg["spec"]), "repeats": repeats}
     print(json.dumps(out), flush=True)
     return out
 
@@ -244,12 +303,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-r7", action="store_true")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--auth-only", action="store_true",
+                        help="only the run authorisation check at a node")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     print(f"load average at start: {_load()}", flush=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bulle-bench-train-") as d:
         tmp = Path(d)
+        (tmp / "auth").mkdir()
+        results["auth"] = auth_check(tmp / "auth")
+        if args.auth_only:
+            return 0
         if not args.skip_r7:
             results["r7"] = r7(tmp / "r7", args.repeats)
         if not args.skip_flower:

@@ -39,6 +39,8 @@ clientapp = "bulle_flower.client_app:app"
 
 [tool.flwr.app.config]
 spec = ""
+auth = ""
+server = ""
 """
 
 

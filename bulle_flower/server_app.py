@@ -1,7 +1,11 @@
 """The vetted ServerApp: FedAvg over DP-SGD updates, rounds driven by our own loop.
 
-It runs inside the coordinator's SuperLink (deployment mode) and talks back to the
-coordinator through files in ``spec["out_dir"]`` (same host): ``progress.jsonl`` gets one
+It runs inside the coordinator's SuperLink (deployment mode). Its run config holds the
+spec the nodes receive (``spec``, canonical JSON, passed on byte for byte), the run
+authorisation the coordinator signed for it (``auth``: every message to a node carries it,
+nodes act on nothing else) and what only this app needs (``server``: the output folder,
+the nodes' Flower ids). It talks back to the coordinator through files in ``out_dir``
+(same host): ``progress.jsonl`` gets one
 JSON line per round and a final ``done`` line; ``round-<k>.pt`` holds the aggregated
 state dict of round k. The coordinator charges its global ledger for a round before it
 shows that round (weights or metrics) to the researcher.
@@ -81,21 +85,16 @@ def fedavg(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[st
             for k in states[0]}
 
 
-def _node_spec(spec: dict[str, Any]) -> str:
-    # Nodes get what they need to build the view and train; not the coordinator's paths.
-    return json.dumps({k: v for k, v in spec.items() if k not in ("out_dir", "nodes")},
-                      sort_keys=True)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from bulle_flower._patches import cap_pull_backoff
 
     cap_pull_backoff(cap=0.2)  # a reply is visible before its objects: do not wait 1 s+
-    spec = json.loads(str(context.run_config["spec"]))
-    progress = _Progress(Path(spec["out_dir"]))
+    node_spec, auth = str(context.run_config["spec"]), str(context.run_config["auth"])
+    server = json.loads(str(context.run_config["server"]))
+    progress = _Progress(Path(server["out_dir"]))
     try:
-        _train(grid, spec, progress)
+        _train(grid, json.loads(node_spec), node_spec, auth, server["nodes"], progress)
     except Exception as e:  # the coordinator must always learn how the run ended
         progress.write({"type": "done", "status": "failed",
                         "reason": f"server app error: {type(e).__name__}: {e}"[:500],
@@ -152,26 +151,28 @@ def _node_records(ok: dict[str, RecordDict], delays: dict[str, float], bins: int
     return nodes, total
 
 
-def _train(grid: Grid, spec: dict[str, Any], progress: _Progress) -> None:
+def _train(grid: Grid, spec: dict[str, Any], node_spec: str, auth: str,
+           nodes: dict[str, int], progress: _Progress) -> None:
     started = time.monotonic()
     torch.manual_seed(int(spec.get("seed", 0)))
     width = input_width(spec["model"], spec["features"], spec["order_by"])
     model = build_model(spec["model"], width, int(spec["hidden"]))
     template = model.state_dict()
     arrays = ArrayRecord({"w": torch.from_numpy(pack(template, template))})
-    active = {k: int(v) for k, v in spec["nodes"].items()}  # minus nodes that failed
-    node_spec, run_id = _node_spec(spec), grid.run.run_id
+    active = {k: int(v) for k, v in nodes.items()}  # minus nodes that failed
+    run_id = grid.run.run_id
     bins, timeout = int(spec["bins"]), float(spec["round_timeout_s"])
     progress.write({"type": "start", "run_id": run_id, "nodes": sorted(active),
                     "setup_s": round(time.monotonic() - started, 3)})
     status, reason, done = "finished", "", 0
     # Round r: each node evaluates the incoming global model (of round r-1) and trains
-    # from it; after the last round, one more exchange evaluates the final model.
+    # from it; after the last round, one more exchange evaluates the final model (the
+    # nodes know it from the round number: rounds + 1).
     for rnd in range(1, int(spec["rounds"]) + 2):
         train = rnd <= int(spec["rounds"])
         t0 = time.monotonic()
-        config = ConfigRecord({"spec": node_spec, "round": rnd, "run_id": str(run_id),
-                               "train": int(train)})
+        config = ConfigRecord({"spec": node_spec, "auth": auth, "round": rnd,
+                               "run_id": str(run_id)})
         ok, failed, budget, delays = _exchange(grid, active, arrays, config, rnd, timeout)
         for name in (*failed, *budget):
             active.pop(name, None)

@@ -232,7 +232,9 @@ class Hub:
               **options: Any) -> Any:
         """Start DP federated training of a vetted model (``logreg``, ``mlp``, ``gru``).
 
-        ``label`` is binary: ``"score >= 40"`` or a 0/1 column; ``join`` names open tables
+        ``label`` is binary: ``"score >= 40"``, a 0/1 column, or a column with a public
+        domain compared to values (``"higher = 'yes'"``, ``"col IN ('a', 'b')"``); a table
+        whose rows are persons (``privacy_unit = "row"``) trains too; ``join`` names open tables
         (``"assessments"`` or ``"assessments:id_assessment"``); the GRU reads each learner's
         rows ordered by ``order_by``. ``epsilon`` is the run's target at each node (the
         nodes calibrate their noise to it and to what the grant leaves). Returns a

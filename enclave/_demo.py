@@ -1,13 +1,23 @@
 """The demo federation on one machine: five node agents on real open data, the
 coordinator, and JupyterHub (started after the coordinator, its service).
 ``bulle demo up`` is idempotent; ``down`` stops what ``up`` started, by PID.
+
+Run as root, every process gets the least privilege its job needs (DESIGN.md "Processes
+and users"): the node agents run as ``bulle-node`` on their own copies of the open data
+(``node-data/``), owning their state and keys; the coordinator, its SuperLink and the
+hub's proxy as ``bulle-coord``; the hub stays root (it creates each person's account and
+starts their server as them); each notebook runs as ``jupyter-<account>``, in a mount
+namespace where the source data folder is hidden. Files: 0600, folders 0700, public
+certificates and keys 0644 in traversable-only folders. Not root: one user, as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from enclave import _users as users
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_CONFIGS = REPO / "deploy" / "demo" / "nodes"
@@ -31,6 +43,7 @@ HUB_ACCOUNTS = {"demo-researcher": "researcher", "other-researcher": "researcher
 HUB_PORTS = ("hub", "hub-api", "hub-proxy-api")
 # DP training (issue 6): the coordinator's SuperLink, and the nodes that run a SuperNode
 TRAINING_NODES = ("vendor-a", "vendor-b")
+COORDINATOR_KEY = "coordinator_ed25519.pem"  # run authorisations (public half: .pub.pem)
 EXAMPLE = ("SELECT school, sex, COUNT(*) AS pupils, AVG(g3) AS mean_final_grade "
            "FROM lycee_students GROUP BY school, sex ORDER BY school, sex")
 
@@ -81,6 +94,8 @@ class Demo:
         self.data = data or default_data()
         self.pids_file = self.state / "pids.json"
         self.info_file = self.state / "demo.json"
+        self.accounts: dict[str, users.Account] = {}  # role → service account (as root)
+        self._namespaces: bool | None = None
 
     # -- state ------------------------------------------------------------------------
     def _read(self, path: Path) -> dict:
@@ -117,35 +132,35 @@ class Demo:
         if not (self.data / "uci-student-performance" / "student-por.csv").exists():
             raise SystemExit(f"demo data not found under {self.data}: pass --data DIR or set "
                              "BULLE_DATA to the shared/data folder")
-        self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / "logs").mkdir(exist_ok=True)
-        from federation._certs import make_certs
+        umask = os.umask(0o077) if users.is_root() else None  # as root: private by default
+        try:
+            return self._up(log)
+        finally:
+            if umask is not None:
+                os.umask(umask)
 
-        make_certs(self.state / "certs", [*NODES, "bulle-superlink"])
-        self._board()
-        previous = self.info().get("ports", {})
-        ports = {name: _free_port(previous.get(name))
-                 for name in (*NODES, "coordinator", *HUB_PORTS, "superlink")}
-        env = {**os.environ, "BULLE_DATA": str(self.data), "BULLE_DEMO_STATE": str(self.state)}
-        pids: dict[str, int] = {}
+    def _up(self, log) -> dict:
         started = time.monotonic()
+        ports, env = self._prepare()
+        pids: dict[str, int] = {}
         try:
             self._superlink(ports, env, pids)  # before the nodes: their SuperNodes dial it
+            node_env = {**env, "BULLE_DATA": str(self._node_data())}
             for name in NODES:
                 flower = (["--superlink", f"127.0.0.1:{ports['superlink']}"]
                           if name in TRAINING_NODES else [])
                 pids[name] = self._spawn(name, ["node", "serve", "--config",
                                                 str(NODE_CONFIGS / f"{name}.toml"),
                                                 "--listen", f"127.0.0.1:{ports[name]}",
-                                                *flower], env)
+                                                *flower], node_env, "node")
                 self.pids_file.write_text(json.dumps(pids))
             for name in NODES:
                 self._wait(name, pids[name], ports[name], 120)
                 log(f"  node {name:<10} ready on 127.0.0.1:{ports[name]}")
-            cfg = self._coordinator_config(ports)
-            self._seed_projects()
+            cfg = self.state / "coordinator.toml"
             pids["coordinator"] = self._spawn("coordinator",
-                                              ["coordinator", "serve", "--config", str(cfg)], env)
+                                              ["coordinator", "serve", "--config", str(cfg)],
+                                              env, "coord")
             self.pids_file.write_text(json.dumps(pids))
             self._wait("coordinator", pids["coordinator"], ports["coordinator"], 60)
             # The hub after its external service (else it waits 30 s for it: TRAPS.md).
@@ -156,15 +171,131 @@ class Demo:
         url = f"http://127.0.0.1:{ports['coordinator']}"
         info = {"url": url, "ports": ports, "researcher": RESEARCHER, "project": PROJECT,
                 "state": str(self.state), "started_in_s": round(time.monotonic() - started, 1),
-                "hub_url": f"http://127.0.0.1:{ports['hub']}", "accounts": HUB_ACCOUNTS}
+                "hub_url": f"http://127.0.0.1:{ports['hub']}", "accounts": HUB_ACCOUNTS,
+                "processes": self._process_note()}
         self.info_file.write_text(json.dumps(info, indent=2))
         return {**info, "passwords": passwords}  # shown once, never stored in clear
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> int:
-        log_file = (self.state / "logs" / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "bulle_cli", *args], env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+    def _prepare(self) -> tuple[dict[str, int], dict[str, str]]:
+        """Everything on disk before the first process starts: certificates, keys, the
+        board's grant, the nodes' data copies, the coordinator's config and ledger; then,
+        as root, the service users and who owns what."""
+        if users.is_root():
+            closed = users.closed_ancestor(self.state)
+            if closed is not None:
+                raise RuntimeError(f"the state folder {self.state} is below {closed}, which "
+                                   f"{users.NODE_USER} and {users.COORD_USER} cannot enter: "
+                                   "pick another --state")
+            self.accounts = {"node": users.ensure_service_user(users.NODE_USER),
+                             "coord": users.ensure_service_user(users.COORD_USER)}
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "logs").mkdir(exist_ok=True)
+        from federation._certs import make_certs
+        from nodes._flower import make_flower_key
+
+        make_certs(self.state / "certs", [*NODES, "bulle-superlink"])
+        self._board()
+        for n in TRAINING_NODES:
+            make_flower_key(self.state / "flower" / f"{n}.key")
+        from privacy import coordinator_keys  # signs run authorisations; nodes hold .pub.pem
+
+        coordinator_keys(self.state / "flower" / COORDINATOR_KEY)
+        previous = self.info().get("ports", {})
+        ports = {name: _free_port(previous.get(name))
+                 for name in (*NODES, "coordinator", *HUB_PORTS, "superlink")}
+        self._coordinator_config(ports)
+        self._seed_projects()
+        (self.state / "hub").mkdir(exist_ok=True)
+        if self.accounts:
+            self._copy_node_data()
+            self._secure()
+        return ports, {**os.environ, "BULLE_DATA": str(self.data),
+                       "BULLE_DEMO_STATE": str(self.state)}
+
+    # -- users and files (as root) ----------------------------------------------------
+    def _node_data(self) -> Path:
+        """What the nodes read: their own copies as root, else the source itself."""
+        return self.state / "node-data" if self.accounts else self.data
+
+    def _copy_node_data(self) -> None:
+        """The files the node configs name under ``${BULLE_DATA}``, copied (when changed)
+        into ``node-data/``: the nodes' own data, which only ``bulle-node`` can read."""
+        wanted = sorted({m for cfg in NODE_CONFIGS.glob("*.toml")
+                         for m in re.findall(r"\$\{BULLE_DATA\}/([^\"']+)", cfg.read_text())})
+        for rel in wanted:
+            src, dst = self.data / rel, self.state / "node-data" / rel
+            if not src.is_file():
+                continue  # the node reports it at start-up, with its config's path
+            have = dst.stat() if dst.exists() else None
+            now = src.stat()
+            if have is None or (have.st_size, int(have.st_mtime)) != (now.st_size,
+                                                                      int(now.st_mtime)):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+
+    def _secure(self) -> None:
+        """Owners and modes. Private keys: 0600, each to the one service that uses it;
+        service folders 0700 to their user; shared folders 0711 (enter, not list) with
+        only public certificates and keys readable (0644); the rest root's, 0600/0700."""
+        node, coord = self.accounts["node"], self.accounts["coord"]
+        s = self.state
+        users.own(s, None, 0o711)
+        for d in ("logs", "hub"):
+            users.own(s / d, None, 0o700, recursive=True)
+        keys = {**{f"{n}.key": node for n in NODES + TRAINING_NODES},
+                "bulle-coordinator.key": coord, "bulle-superlink.key": coord,
+                "board_ed25519.pem": coord, f"{PROJECT}.grant": coord,
+                COORDINATOR_KEY: coord}
+        for d in ("certs", "board", "flower"):
+            users.own(s / d, None, 0o711)
+            for f in (s / d).iterdir():
+                public = f.name.endswith((".pub", ".pub.pem")) or (
+                    d == "certs" and f.suffix == ".pem")
+                users.own(f, None if public else keys.get(f.name), 0o644 if public else 0o600)
+        for d, who in (("nodes", node), ("node-data", node), ("coordinator", coord),
+                       ("superlink", coord)):
+            (s / d).mkdir(exist_ok=True)
+            users.own(s / d, who, 0o700, recursive=True)
+        users.own(s / "coordinator.toml", coord, 0o600)
+        for f in ("researcher.token", "pids.json", "demo.json"):
+            if (s / f).exists():
+                users.own(s / f, None, 0o600)
+
+    def _process_note(self) -> str:
+        if not self.accounts:
+            import getpass
+
+            return (f"not root: every process runs as {getpass.getuser()} (one user; "
+                    "start the demo as root for one system user per service and person)")
+        note = (f"nodes as {users.NODE_USER}, coordinator, SuperLink and proxy as "
+                f"{users.COORD_USER}, hub as root; each notebook as its own system user "
+                f"{users.PERSON_PREFIX}<account>, created at first login")
+        if not self._hidden():
+            note += (f"; this machine has no mount namespaces, so notebooks can still read "
+                     f"the open-data source {self.data} (the nodes serve their own copies)")
+        return note
+
+    def _hidden(self) -> list[str]:
+        """Folders hidden from notebooks: the data source (world-readable, read-only)."""
+        if self._namespaces is None:
+            self._namespaces = bool(self.accounts) and users.mount_namespaces_work()
+        return [str(self.data)] if self._namespaces else []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], role: str) -> int:
+        """Start ``bulle <args>`` as the ``role`` service user (as root), its log in
+        ``logs/``, its working folder and HOME its own state folder."""
+        cwd, kw = REPO, {}
+        account = self.accounts.get(role)
+        if account is not None:
+            cwd = self.state / ("nodes" if role == "node" else "coordinator")
+            env = {**env, "HOME": str(cwd)}
+            kw = {"user": account.uid, "group": account.gid, "extra_groups": [],
+                  "umask": 0o077}
+        with (self.state / "logs" / f"{name}.log").open("ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "bulle_cli", *args], env=env,
+                                    stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    cwd=cwd, **kw)
         return proc.pid
 
     def _wait(self, name: str, pid: int, port: int, timeout: float) -> None:
@@ -228,6 +359,7 @@ class Demo:
         lines += ["", "[training]", f'superlink = "127.0.0.1:{ports["superlink"]}"',
                   f'root_certificates = "{certs / "ca.pem"}"',
                   f'control_token_file = "{self.state / "superlink" / "control.token"}"',
+                  f'signing_key = "{self.state / "flower" / COORDINATOR_KEY}"',
                   f'work_dir = "{self.state / "coordinator" / "training"}"',
                   "node_keys = { " + ", ".join(
                       f'"{n}" = "{self.state / "flower" / (n + ".pub")}"'
@@ -240,21 +372,31 @@ class Demo:
         return path
 
     def down(self, quiet: bool = False, log=print) -> list[str]:
-        pids = self._read(self.pids_file)
+        pids = {n: p for n, p in self._read(self.pids_file).items() if _alive(p)}
+        # Found before anything stops: the proxy, SuperNodes, each notebook server (its
+        # own user and session) and its kernels.
+        below = users.process_tree(list(pids.values()))
         stopped = []
         for name, pid in pids.items():
-            if _alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except (ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
-                stopped.append(name)
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                os.kill(pid, signal.SIGTERM)
+            except PermissionError:
+                raise SystemExit("bulle demo: the demo runs under other users; stop it as "
+                                 "the user who started it (root)") from None
+            stopped.append(name)
         deadline = time.monotonic() + 15
         for pid in pids.values():
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5  # the hub stops its servers; what it could not:
+        while users.still_running(below) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in users.still_running(below):
+            os.kill(pid, signal.SIGKILL)
         proxy = self.state / "hub" / "proxy.pid"  # the hub stops its proxy; if it died first
         if proxy.exists():
             pid = int(proxy.read_text().strip() or 0)
@@ -275,8 +417,9 @@ class Demo:
 
     # -- the hub ----------------------------------------------------------------------
     def _service_token(self) -> Path:
-        """The `bulle` service's hub API token (the coordinator's OAuth client secret)."""
-        path = self.state / "hub" / "service.token"
+        """The `bulle` service's hub API token (the coordinator's OAuth client secret), in
+        the coordinator's folder (the hub, root, reads it there too)."""
+        path = self.state / "coordinator" / "hub-service.token"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -316,11 +459,16 @@ class Demo:
                    "BULLE_HUB_PROXY_API_PORT": str(ports["hub-proxy-api"]),
                    "BULLE_COORDINATOR_URL": f"http://127.0.0.1:{ports['coordinator']}",
                    "BULLE_HUB_SERVICE_TOKEN_FILE": str(self._service_token())}
-        log_file = (self.state / "logs" / "hub.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "jupyterhub_config.py")],
-            env=hub_env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=hub_state)
+        if self.accounts:  # root: the proxy as the coordinator's user, the data hidden
+            hub_env.pop("BULLE_DATA", None)
+            hub_env.update(BULLE_HUB_PROXY_USER=users.COORD_USER,
+                           BULLE_HUB_HIDDEN_PATHS=os.pathsep.join(self._hidden()))
+        with (self.state / "logs" / "hub.log").open("ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "jupyterhub_config.py")],
+                env=hub_env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, cwd=hub_state,
+                umask=0o077 if self.accounts else -1)
         pids["hub"] = proc.pid
         self.pids_file.write_text(json.dumps(pids))
         self._wait("hub", proc.pid, ports["hub"], 90)
@@ -351,7 +499,7 @@ class Demo:
             "coordinator", "superlink", "--state", str(sl), "--port", str(ports["superlink"]),
             "--cert", str(certs / "bulle-superlink.pem"),
             "--key", str(certs / "bulle-superlink.key"), "--ca", str(certs / "ca.pem"),
-            "--control-token-file", str(token_file)], env)
+            "--control-token-file", str(token_file)], env, "coord")
         self.pids_file.write_text(json.dumps(pids))
         self._wait("superlink", pids["superlink"], ports["superlink"], 60)
         client = control_client(f"127.0.0.1:{ports['superlink']}", certs / "ca.pem",

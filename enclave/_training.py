@@ -2,7 +2,9 @@
 
 The SDK only talks HTTP to the coordinator; torch is imported when the weights are
 loaded. Metrics are the nodes' *noisy* evaluation counts turned into accuracy and AUC;
-ε is reported per node and composed over nodes for the run (never averaged).
+ε is reported per node and composed over nodes for the run (never averaged). The run's
+result is ``evaluation``: the released model's own noisy evaluation (charged like a
+round), next to ``metrics``, the per-round history.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class TrainingResult:
     status: str
     reason: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    # the released model's noisy evaluation: accuracy, auc, n_eval (summed over nodes),
+    # per node, and its ε; None when the run stopped before it (budget, failure)
+    evaluation: dict[str, Any] | None = None
 
     def model(self) -> Any:
         """The trained model (``bulle_flower.models``), ready for inference."""
@@ -102,7 +107,8 @@ class TrainingJob:
                  **{f"epsilon_{n}": v["epsilon_run"] for n, v in sorted(r["nodes"].items())}}
                 for r in s["rounds"]]
         return TrainingResult(state, pd.DataFrame(rows), float(s["epsilon_spent"]),
-                              dict(s["epsilon_per_node"]), s["status"], s["reason"], s)
+                              dict(s["epsilon_per_node"]), s["status"], s["reason"], s,
+                              s.get("evaluation"))
 
 
 def _bar(s: dict[str, Any], width: int = 20) -> None:

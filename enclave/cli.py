@@ -45,6 +45,7 @@ started in {info['started_in_s']} s.
   researcher        {info['researcher']} (project {info['project']})
   token             {info['state']}/researcher.token
   logs              {info['state']}/logs/
+  processes         {info.get('processes', '')}
 
 Try it (paste into your shell):
   eval "$(.venv/bin/bulle demo env)"

@@ -32,6 +32,12 @@ class FederatedTable:
     # a public reference table: its one node lets the coordinator copy it to the others
     shared: bool = False
     copies: tuple[str, ...] = ()  # nodes holding the current copy (for joins only)
+    # declared bounds of a column at every publishing node (their hull): the range its
+    # clamped values lie in, for DP checks and post-processing at the coordinator
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # restricted tier: "person" unless every publishing node declares "institution"
+    unit_level: str = "person"
+    cell_key: dict[str, Any] = field(default_factory=dict)  # the perturbation's parameters
 
     @property
     def available_at(self) -> set[str]:
@@ -55,6 +61,7 @@ class FederatedTable:
             "min_count": self.min_count, "round_to": self.round_to,
             "quality_score": self.quality_score(), "quality": self.quality,
             "pivots": self.pivots, "shared": self.shared, "copies": list(self.copies),
+            "unit_level": self.unit_level, "cell_key": self.cell_key,
         }
 
 
@@ -103,6 +110,10 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             if all(col in t.public_domains for _, t in entries):
                 values = [v for _, t in entries for v in t.public_domains[col].values]
                 domains[col] = tuple(dict.fromkeys(values))
+        bounds = {c: (min(t.bounds[c].lower for _, t in entries),
+                      max(t.bounds[c].upper for _, t in entries))
+                  for c in first.bounds if c in columns
+                  and all(c in t.bounds for _, t in entries)}
         shared = shipped(entries)
         current = f"{entries[0][0]}/{first.content_sha256}"
         out[name] = FederatedTable(
@@ -123,8 +134,24 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             shared=shared,
             copies=tuple(n for n, key in copies.get(name, {}).items()
                          if shared and key == current),
+            bounds=bounds,
+            unit_level=("institution" if all(t.unit_level == "institution" for _, t in entries)
+                        else "person"),
+            cell_key=_cell_key(entries),
         )
     return out
+
+
+def _cell_key(entries: list[tuple[str, pb.TableInfo]]) -> dict[str, Any]:
+    """The loosest perturbation any publishing node applies (what a researcher can rely on
+    is the smallest noise), for restricted tables."""
+    keys = [t.cell_key for _, t in entries if t.tier == "restricted" and t.HasField("cell_key")]
+    if not keys:
+        return {}
+    return {"perturbed": all(k.perturbed for k in keys),
+            "max_perturbation": min(k.max_perturbation for k in keys),
+            "variance": min(k.variance for k in keys),
+            "magnitude": min(k.magnitude for k in keys)}
 
 
 def fold(text: str) -> str:

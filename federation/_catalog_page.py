@@ -31,7 +31,7 @@ MAX_QUERY = 200  # characters of a search kept
 MAX_DOMAIN = 12  # public-domain values shown before "… (+n more)"
 TIER_NOTE = {
     "open": "rows may be read; joins with it are allowed",
-    "restricted": "exact aggregates with disclosure control at the node",
+    "restricted": "aggregates perturbed at the node by the cell key method (no ε cost)",
     "sensitive": "differentially-private aggregates, within a project's grant",
 }
 PIVOT_NOTE = {"school": "school (UAI)", "year": "school year", "level": "level / grade",
@@ -87,7 +87,12 @@ def _section(t: dict[str, Any], holders: dict[str, list[str]], where: list[str] 
            f"{'—' if score is None else f'{score}/100'}</span></p>"]
     unit, min_count, round_to = t.get("privacy_unit"), t.get("min_count"), t.get("round_to")
     rules = [f"privacy unit <code>{escape(str(unit))}</code>" if unit else "",
-             f"cells under {min_count} units suppressed" if min_count else "",
+             f"values resting on fewer than {min_count} units shown as &lt; {min_count}"
+             if min_count else "",
+             "perturbed by the cell key method" if (t.get("cell_key") or {}).get("perturbed")
+             else "",
+             "no MIN/MAX (the unit is a person)" if tier == "restricted"
+             and t.get("unit_level") == "person" else "",
              f"counts rounded to {round_to}" if round_to and round_to > 1 else ""]
     if any(rules):
         out.append(f"<p class='muted'>{' · '.join(r for r in rules if r)}</p>")

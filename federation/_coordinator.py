@@ -20,17 +20,18 @@ import dp_accounting as dpa
 import grpc
 import pyarrow as pa
 
+from federation import _checks as checks
+from federation import _dp_rules as dp_rules
 from federation._catalog import FederatedTable, federate
 from federation._config import CoordinatorConfig, Researcher, hash_token
-from federation._errors import QueryError
+from federation._errors import QueryError, evaluation_failed
 from federation._hubauth import CONFIG_TOKEN_SCOPES, Caller, HubAuth
 from federation._merge import Released, merge
-from federation._nodes import NodeClient, client_credentials, describe_rpc_error
+from federation._nodes import NodeClient, client_credentials, describe_rpc_error, rpc_outcome
 from federation._planner import plan_event, plan_query
 from federation._projects import Projects
 from federation._references import ReferenceSync
 from federation._sql import parse
-from federation._tree import Query
 from federation.proto import bulle_pb2 as pb
 
 log = logging.getLogger("bulle.coordinator")
@@ -46,6 +47,7 @@ class QueryRecord:
     sql_sha256: str
     epsilon: float | None = None  # requested ε for sensitive data (None: project default)
     datasets: tuple[str, ...] = ()  # sensitive tables charged (per-dataset spend, audit)
+    epsilon_charged: float = 0.0  # ε reserved on the project's ledger before the fan-out
     status: str = "running"  # running | done | failed
     submitted: float = field(default_factory=time.time)
     finished: float | None = None
@@ -87,37 +89,6 @@ def released_to_json(r: Released, nodes: list[str], tier: str, elapsed: float) -
     if r.noise_sd is not None:
         out.update(noise_sd=r.noise_sd, ci_low=r.ci_low, ci_high=r.ci_high)
     return out
-
-
-def _participants(tables: list[FederatedTable]) -> tuple[list[str], list[str]]:
-    """Nodes that run the plan, and nodes with data for it that cannot (a joined table
-    missing there). Reference tables are read wherever a copy is, but only their origin
-    holds their rows: a query counts each row once."""
-    facts = [t for t in tables if not t.shared] or tables[:1]
-    lookups = [t for t in tables if t not in facts]
-    holders = set.union(*(set(t.nodes) for t in facts))
-    nodes = set.intersection(*(set(t.nodes) for t in facts),
-                             *(t.available_at for t in lookups))
-    return sorted(nodes), sorted(holders - nodes)
-
-
-def _refuse_left_join_from_a_reference(query: Query, catalog: dict[str, FederatedTable]
-                                       ) -> None:
-    """``reference LEFT JOIN partitioned`` would keep the reference's unmatched rows at
-    every node that runs it, so they would be counted once per node."""
-    names = query.tables
-    if not any(not catalog[n].shared for n in names):
-        return  # only reference tables: the plan runs at their origin
-    seen_fact = not catalog[query.source.table].shared
-    for join in query.joins:
-        table = catalog[join.table.table]
-        if not table.shared and join.kind == "left" and not seen_fact:
-            raise QueryError(
-                "not_allowed", f"{table.name!r} is split over several nodes: a LEFT JOIN "
-                f"from the reference table {query.source.table!r} would repeat its unmatched "
-                f"rows at each node. Put {table.name!r} first (FROM {table.name} … LEFT JOIN "
-                f"{query.source.table}) or use an inner JOIN")
-        seen_fact = seen_fact or not table.shared
 
 
 def _json_type(t: pa.DataType) -> str:
@@ -333,6 +304,8 @@ class Coordinator:
             record.exception = e
             record.status = "failed"
             decision, detail = "refused", {"code": e.code, "message": e.message[:500]}
+            if record.epsilon_charged:  # failed after the reservation: the charge stands
+                detail.update(epsilon=record.epsilon_charged, datasets=list(record.datasets))
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("query %s failed (incident %s)", record.id, incident)
@@ -340,6 +313,8 @@ class Coordinator:
                             "message": f"internal error (incident {incident})"}
             record.status = "failed"
             detail = {"incident": incident}
+            if record.epsilon_charged:
+                detail.update(epsilon=record.epsilon_charged, datasets=list(record.datasets))
         finally:
             try:
                 self.projects.audit.append(record.researcher, record.project, decision,
@@ -355,51 +330,54 @@ class Coordinator:
         started = time.perf_counter()
         catalog = self.catalog()
         query = parse(sql, {n: t.columns for n, t in catalog.items()})
-        tables = [catalog[t] for t in query.tables]
-        tier = max((t.tier for t in tables), key=["open", "restricted", "sensitive"].index)
-        if not query.is_aggregate and tier != "open":
-            raise QueryError("not_allowed", "row-level output is only allowed on open tables; "
-                             f"{', '.join(t.name for t in tables if t.tier != 'open')} "
-                             "must be aggregated (COUNT, SUM, AVG, …) with GROUP BY")
-        nodes, excluded = _participants(tables)
-        if not nodes:
-            raise QueryError("not_allowed", "no node holds all of "
-                             f"{', '.join(query.tables)}: row-level joins across nodes are "
-                             "not allowed")
-        if len(nodes) > 1:
-            _refuse_left_join_from_a_reference(query, catalog)
+        checked = checks.check(query, catalog)  # static rules: a refusal costs nothing
+        tables, tier = checked.tables, checked.tier
+        nodes, excluded = checked.participants
         fp = plan_query(query)
         plan = pb.Plan()
         plan.CopyFrom(fp.plan)
         plan.request_id, plan.project = record.id, record.project
         plan.researcher, plan.query_sha256 = record.researcher, record.sql_sha256
-        dp = None
+        dp = charged = None
         if tier == "sensitive":
             grant, token = self.projects.grant(record.project)
             # The caller may be a hub user absent from the config: the grant decides.
             record.datasets = tuple(t.name for t in tables if t.tier == "sensitive")
             self.projects.check(grant, Researcher(record.researcher, "", ()),
                                 list(record.datasets))
+            dp_rules.check(query, catalog)  # shape refusals the nodes would make, for free
             epsilon = record.epsilon or self.projects.config(record.project).default_epsilon
             plan.privacy.epsilon, plan.privacy.delta, plan.privacy.grant = epsilon, 0.0, token
             dp = epsilon
-        parts = self._fan_out(plan, nodes)
-        charged = None
-        if dp is not None:
-            # Each node released an ε-DP view of its partition; a unit present at k nodes
-            # is seen k times unless the board declared the nodes disjoint.
-            k = 1 if self.projects.config(record.project).nodes_disjoint else len(parts)
+            # Reserved before any node sees the plan, and never refunded: a plan that fails
+            # at a node keeps its charge (a free failure would be an oracle). Each node
+            # releases an ε-DP view of its partition; a unit present at k nodes is seen k
+            # times unless the board declared the nodes disjoint.
+            k = 1 if self.projects.config(record.project).nodes_disjoint else len(nodes)
             event = dpa.ComposedDpEvent([plan_event(dp, len(fp.partials))] * k)
             charged = self.projects.charge(record.id, record.project, event, dp * k)
+            record.epsilon_charged = dp * k
+        parts = self._fan_out(plan, nodes)
         released = merge(fp, parts, self.config.max_rows)
+        if charged is not None:
+            intervals = (released.noise_sd, released.ci_low, released.ci_high) \
+                if released.noise_sd is not None else None
+            released.table = dp_rules.post_process(
+                released.table, intervals, dp_rules.ranges(query, dp_rules.bounds_of(query,
+                                                                                     catalog)))
         if excluded:
             released.notes.append(f"nodes {', '.join(excluded)} do not hold every joined table "
                                   "and did not take part")
         out = released_to_json(released, nodes, tier, time.perf_counter() - started)
         if charged is not None:
-            out["epsilon_spent"] = charged.needed_epsilon
+            # What this query was charged, and how much the project's composed total grew
+            # (RDP composition: the growth is not the sum of the queries' ε).
+            out["epsilon_spent"] = record.epsilon_charged
             out["budget"] = {"epsilon_spent": charged.spent_epsilon,
-                             "epsilon_remaining": charged.remaining_epsilon}
+                             "epsilon_remaining": charged.remaining_epsilon,
+                             "composed_epsilon_before": charged.spent_epsilon
+                             - charged.needed_epsilon,
+                             "composed_epsilon_after": charged.spent_epsilon}
             out["budget_split"] = (
                 f"ε={dp:g} per node split equally over {len(fp.partials)} partial "
                 f"aggregate(s) ({dp / len(fp.partials):.4g} each); groups share it by parallel "
@@ -417,20 +395,32 @@ class Coordinator:
             return result, result.arrow_ipc
 
         calls = {nid: self.pool.submit(call, self.clients[nid]) for nid in nodes}
-        parts, failures = [], {}
+        parts = []
+        refused: dict[str, str] = {}
+        unreachable: dict[str, str] = {}
+        failed = False
         for nid, fut in calls.items():
             try:
                 result, ipc = fut.result()
             except grpc.RpcError as e:
-                failures[nid] = describe_rpc_error(nid, e, timeout)
+                outcome = rpc_outcome(e)
+                if outcome == "refused":
+                    refused[nid] = describe_rpc_error(nid, e, timeout)
+                elif outcome == "unreachable":
+                    unreachable[nid] = "unreachable"
+                failed = failed or outcome == "failed"
                 continue
             with pa.ipc.open_stream(ipc) as reader:
                 parts.append((result, reader.read_all()))
-        if failures:
-            # No partial answer is ever presented as complete.
-            detail = "; ".join(f"{n}: {why}" for n, why in sorted(failures.items()))
-            refused = all(why.startswith("refused") for why in failures.values())
-            raise QueryError("node_refused" if refused else "node_failed",
-                             f"query not answered: {detail}",
-                             status=400 if refused else 502, nodes=failures)
+        # No partial answer is ever presented as complete. Data-free outcomes first (a
+        # static refusal, a node down), and they hide whether another node failed; a
+        # failure or a deadline is one outcome that names no node and no cause.
+        for code, found, status in (("node_refused", refused, 400),
+                                    ("node_failed", unreachable, 502)):
+            if found:
+                detail = "; ".join(f"{n}: {why}" for n, why in sorted(found.items()))
+                raise QueryError(code, f"query not answered: {detail}", status=status,
+                                 nodes=found)
+        if failed:
+            raise evaluation_failed()
         return parts

@@ -53,9 +53,11 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
     projects = _projects(coordinator)
     releases, per_dataset = [], {}
     for e in audit.entries():
-        if e.action != "released":
-            continue
         eps = float(e.detail.get("epsilon") or 0.0)
+        if e.action != "released":  # a query that failed after its charge still spent it
+            for d in e.detail.get("datasets", []) if e.action in ("refused", "error") else ():
+                per_dataset[(e.project, d)] = per_dataset.get((e.project, d), 0.0) + eps
+            continue
         releases.append({"time": e.time, "project": e.project, "researcher": e.actor,
                          "tier": e.detail.get("tier", ""), "epsilon": eps,
                          "rows": e.detail.get("rows"), "nodes": e.detail.get("nodes", []),

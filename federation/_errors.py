@@ -27,3 +27,16 @@ class QueryError(Exception):
         if self.nodes:
             out["nodes"] = self.nodes
         return out
+
+
+# The one outcome of a query that a node accepted and did not complete, whatever the node
+# and the cause (an error, memory, its deadline): both may depend on one person's data.
+EVALUATION_FAILED = (
+    "the query could not be evaluated: a node accepted it but did not complete it (a limit "
+    "on time or memory, or an internal error). Which node and why are recorded in that "
+    "node's audit log, which the ethics board reads, and are not reported here because they "
+    "may depend on the data. Narrow or simplify the query (fewer joins, groups or rows).")
+
+
+def evaluation_failed() -> QueryError:
+    return QueryError("evaluation_failed", EVALUATION_FAILED, status=502)

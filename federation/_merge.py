@@ -204,7 +204,9 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
 
     keys = ", ".join(_q(g) for g in fp.group_names)
     merged_cols = [f"{MERGE_FN[p.kind]}({_q(p.name)}) AS {_q(p.name)}" for p in fp.partials]
-    flag = "bool_or(__suppressed)"
+    # A part below the threshold at one node is left out (its values are NULL, which the
+    # sums skip); the merged cell is "< k" only when no node released a part of it.
+    flag = "bool_and(__suppressed)"
     if hidden_nodes:
         # A node that hid cells may hold part of any group it did not name: such a merged
         # group is suppressed whole (privacy/_sdc.py, rule 4).
@@ -281,9 +283,16 @@ def _released(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
     suppressed = [[bool(f) and d for d in derived] for f in flags]
     hidden = sum(r.hidden_cells for r, _ in parts)
     notes = []
-    if any(flags):
-        notes.append(f"{sum(1 for f in flags if f)} cell(s) suppressed (fewer than the minimum "
-                     "count of units at a node, dominated by one value, or protecting another)")
+    restricted = [r for r, _ in parts if r.tier == "restricted"]
+    if any(r.perturbed for r in restricted):
+        notes.append("restricted data: every value is perturbed at its node by the cell key "
+                     "method (the same records always give the same value; the catalogue's "
+                     "cell_key gives the noise)")
+    k = max((r.min_count for r in restricted), default=0)
+    if k > 0:
+        notes.append(f"a part resting on fewer than {k} units at a node, whether 0 or small, "
+                     "is left out of the merged value; a value no node could release is "
+                     f"shown as \"< {k}\" (suppressed)")
     if hidden:
         notes.append(f"{hidden} cell(s) withheld with their keys at the nodes: keys not in a "
                      "declared public domain are not named when suppressed")
@@ -327,7 +336,7 @@ def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
                 table = table.set_column(i, g, pc.add(table.column(g), 0.0))
         merged = table.group_by(list(fp.group_names), use_threads=False).aggregate(
             [(p.name, MERGE_FN[p.kind]) for p in fp.partials]  # sum/min/max: pyarrow's names
-            + [("__suppressed", "any")])
+            + [("__suppressed", "all")])
         merged = merged.rename_columns([c.rsplit("_", 1)[0] if c not in keys.values() else c
                                         for c in merged.column_names])
         if fp.group_names:  # key order first; the ORDER BY below is a stable sort

@@ -67,16 +67,30 @@ def client_credentials(config: CoordinatorConfig) -> grpc.ChannelCredentials:
     )
 
 
+# The codes of answers built without data: a node's static refusal (and a certificate
+# mismatch); everything else after a node accepted a plan is the one uniform failure
+# (nodes/_service.py), and a deadline passed or a stream cut is treated like it.
+_REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+             grpc.StatusCode.PERMISSION_DENIED)
+
+
+def rpc_outcome(err: grpc.RpcError) -> str:
+    """What a node's error means for a query: "refused", "unreachable" or "failed"."""
+    code = err.code() if hasattr(err, "code") else None
+    if code in _REFUSALS:
+        return "refused"
+    return "unreachable" if code == grpc.StatusCode.UNAVAILABLE else "failed"
+
+
 def describe_rpc_error(node_id: str, err: grpc.RpcError, timeout: float) -> str:
-    """A researcher-facing reason for a node failure (node messages are already sanitised)."""
+    """A reason for a node's error, for the catalogue, status and reference pages (a query's
+    own failures are reported by ``rpc_outcome``: see ``Coordinator._fan_out``)."""
+    outcome = rpc_outcome(err)
+    if outcome == "refused":  # the node's refusal messages are built without data
+        return f"refused: {err.details()}"
+    if outcome == "unreachable":
+        return "unreachable"
     code = err.code() if hasattr(err, "code") else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"no answer within {timeout:g} s"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return "unreachable"
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.PERMISSION_DENIED):
-        return f"refused: {err.details()}"
-    if code == grpc.StatusCode.INTERNAL:
-        return f"failed: {err.details()}"
-    return f"failed ({code.name if code else 'unknown'})"
+    return "failed"

@@ -2,9 +2,10 @@
 
 The coordinator's ledger is per project across the whole federation (one budget scope
 ``*``): the same pupil may be at a regional node and at a vendor node, so each node's own
-per-dataset ledger cannot see the whole spend. It is charged after the nodes answered and
-before anything is released to the researcher; if the charge does not fit, the result is
-withheld (the nodes' own charges stand: their results did leave them).
+per-dataset ledger cannot see the whole spend. A query's ε is reserved here after the
+coordinator's static checks and *before* any node receives the plan: a query that does not
+fit never runs anywhere, and a query that fails at a node afterwards keeps its charge (a
+free failure would be an oracle on the data). Charges are never refunded.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class Projects:
                 f"privacy budget of project {project!r} exhausted: this query needs "
                 f"ε={outcome.needed_epsilon:.4g}, {outcome.remaining_epsilon:.4g} is left",
                 status=403)
+        self.audit.append("coordinator", project, "charged", {
+            "query": query_id, "epsilon": epsilon, "replay": outcome.replay,
+            "composed_epsilon_before": outcome.spent_epsilon - outcome.needed_epsilon,
+            "composed_epsilon_after": outcome.spent_epsilon})
         return outcome
 
     def report(self, project: str, delta: float) -> float:

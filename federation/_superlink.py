@@ -9,7 +9,14 @@ superlink`` starts the stock SuperLink (TLS, ``--enable-supernode-auth``,
 - ``/v1/fleet/*`` and ``/health``: open (TLS; every SuperNode signs with a registered key);
 - ``/v1/control/*``: only from the loopback *and* with the coordinator's secret header
   (``x-bulle-control-token``, a 0600 file in the coordinator's state);
-- ``/v1/runtime/*``: only from the loopback (the ServerApp and SuperExec it spawns);
+- ``/v1/runtime/*``: only from the loopback *and* with the runtime secret
+  (``x-bulle-runtime-token``): a random secret this process draws at start, keeps in
+  memory and hands, in the environment, to the SuperExec it spawns and through it to the
+  ServerApp processes; both send it on every Runtime API call (``bulle_flower/_fence.py``).
+  They are started through two shims (``<state>/bin/flower-superexec``,
+  ``flwr-serverapp``, first on the ``PATH`` the SuperLink spawns with). Another process on
+  the host can neither take a pending ServerApp task (``AcquireTask``) nor use a run token
+  it read from a command line;
 - anything else (``/docs``…): 404.
 
 In Kubernetes the same split is done by the nginx sidecar (deploy/k8s/manifests/
@@ -20,19 +27,27 @@ superlink.yaml). The fence wraps the app returned by ``flwr.superlink.main.creat
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import secrets
+import shlex
 import sys
-from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from bulle_flower._fence import (
+    ASGI,
+    SUPERLINK_SECRET_ENV,
+    Scope,
+    deny,
+    loopback_with_secret,
+    new_secret,
+    send_secret_on_runtime_calls,
+)
+
 CONTROL_HEADER = "x-bulle-control-token"
-LOOPBACK = ("127.0.0.1", "::1")
-Scope = MutableMapping[str, Any]
-ASGI = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                Awaitable[None]]
+# Flower commands the SuperLink (and its SuperExec) start by name: our shims go first.
+CHILDREN = {"flower-superexec": ("flwr.supercore.cli", "flower_superexec"),
+            "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp")}
 
 
 def control_token(path: Path) -> str:
@@ -48,31 +63,26 @@ def control_token(path: Path) -> str:
 class Fence:
     """ASGI middleware in front of the SuperLink's FastAPI app (see the module docstring)."""
 
-    def __init__(self, app: ASGI, token: str) -> None:
+    def __init__(self, app: ASGI, token: str, runtime_secret: str) -> None:
         self.app = app
         self.token = token.encode()
+        self.runtime_secret = runtime_secret.encode()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path: str = scope.get("path", "")
-        client = scope.get("client") or ("", 0)
-        local = client[0] in LOOPBACK
         if path.startswith("/v1/fleet/") or path == "/health":
             allowed = True
         elif path.startswith("/v1/control/"):
-            given = dict(scope.get("headers") or []).get(CONTROL_HEADER.encode(), b"")
-            allowed = local and hmac.compare_digest(given, self.token)
+            allowed = loopback_with_secret(scope, self.token, CONTROL_HEADER)
         elif path.startswith("/v1/runtime/"):
-            allowed = local
+            allowed = loopback_with_secret(scope, self.runtime_secret)
         else:
             allowed = False
         if allowed:
             return await self.app(scope, receive, send)
-        status = 403 if path.startswith(("/v1/control/", "/v1/runtime/")) else 404
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain")]})
-        await send({"type": "http.response.body", "body": b"not here\n"})
+        await deny(send, 403 if path.startswith(("/v1/control/", "/v1/runtime/")) else 404)
 
 
 def serve(argv: list[str]) -> int:
@@ -92,11 +102,14 @@ def serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.state.mkdir(parents=True, exist_ok=True)
     token = control_token(args.control_token_file)
+    runtime_secret = new_secret()  # in memory; only the processes spawned for it get it
+    os.environ[SUPERLINK_SECRET_ENV] = runtime_secret
     os.environ["FLWR_HOME"] = str(args.state / "flwr")
     # The SuperExec it spawns polls for ServerApp tasks: the only supported knob (TRAPS.md).
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     bindir = str(Path(sys.executable).parent)  # flower-superexec / flwr-serverapp live here
-    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(write_shims(args.state / "bin")), bindir,
+                                          os.environ.get("PATH", "")])
 
     import flwr.superlink.main as superlink_main
     from flwr.supercore.logger import update_console_handler
@@ -108,7 +121,8 @@ def serve(argv: list[str]) -> int:
 
     def fenced_create_app(*a: Any, **kw: Any) -> Any:
         app = create_app(*a, **kw)
-        app.add_middleware(Fence, token=token)  # outermost: runs before Flower's own
+        # outermost: runs before Flower's own
+        app.add_middleware(Fence, token=token, runtime_secret=runtime_secret)
         return app
 
     superlink_main.create_app = fenced_create_app  # type: ignore[assignment]
@@ -118,6 +132,38 @@ def serve(argv: list[str]) -> int:
                 "--database", str(args.database),
                 "--host", args.host, "--port", str(args.port)]
     flower_superlink()
+    return 0
+
+
+def write_shims(bindir: Path) -> Path:
+    """``flower-superexec`` and ``flwr-serverapp`` that run Flower's own entry points in a
+    process that sends the runtime secret (``python -m federation._superlink child …``)."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    python = shlex.quote(sys.executable)
+    for name in CHILDREN:
+        path = bindir / name
+        tmp = bindir / f".{name}.tmp"
+        tmp.write_text(f'#!/bin/sh\nexec {python} -m federation._superlink child {name} "$@"\n')
+        tmp.chmod(0o700)
+        os.replace(tmp, path)
+    return bindir
+
+
+def child(argv: list[str]) -> int:
+    """A Flower process started by the SuperLink (or by its SuperExec) for the Runtime API:
+    its clients send the secret; a ServerApp does not pass the secret on further."""
+    import importlib
+
+    name, rest = argv[0], argv[1:]
+    module, function = CHILDREN[name]
+    secret = os.environ.get(SUPERLINK_SECRET_ENV, "")
+    if not secret:
+        raise SystemExit(f"{name}: not started by a fenced SuperLink (no runtime secret)")
+    if name == "flwr-serverapp":  # runs app code: the SuperExec alone passes it on
+        del os.environ[SUPERLINK_SECRET_ENV]
+    send_secret_on_runtime_calls(secret)
+    sys.argv = [name, *rest]
+    getattr(importlib.import_module(module), function)()
     return 0
 
 
@@ -161,3 +207,10 @@ def register_nodes(client: Any, public_keys: dict[str, Path]) -> dict[str, int]:
         res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=name))
         out[name] = int(res.node_id)
     return out
+
+
+if __name__ == "__main__":  # the shims: python -m federation._superlink child <name> …
+    if len(sys.argv) < 3 or sys.argv[1] != "child" or sys.argv[2] not in CHILDREN:
+        raise SystemExit("usage: python -m federation._superlink child "
+                         f"{{{','.join(CHILDREN)}}} ARGS…")
+    sys.exit(child(sys.argv[2:]))

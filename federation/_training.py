@@ -3,14 +3,18 @@
 A request names a model of the zoo, a table, features, a binary label, rounds and a target
 (ε, δ). The coordinator checks it against the federated catalogue and the project's grant,
 turns it into a *spec* (feature layout from public domains and declared bounds only, never
-from data), and submits its own vetted FAB (``bulle_flower``) to its SuperLink over the
-fenced Control API. The ServerApp writes one record per round (``progress.jsonl``) and the
-aggregated weights; this module charges the project's **global** ledger for each round —
-the composition of every node's DP-SGD and evaluation events, since a learner may be at
-several nodes — before the researcher can see that round. A refused charge stops the run.
+from data), signs a *run authorisation* for it with its own Ed25519 key (run id, project,
+grant id, spec hash, nodes with their ε targets, expiry: ``privacy._runauth``; the nodes
+act on no message without it), and submits its own vetted FAB (``bulle_flower``) to its
+SuperLink over the fenced Control API. The ServerApp writes one record per round
+(``progress.jsonl``) and the aggregated weights; this module charges the project's
+**global** ledger for each round — the composition of every node's DP-SGD and evaluation
+events, since a learner may be at several nodes — before the researcher can see that
+round. A refused charge stops the run.
 
 Reported: ε per node (its own ledger's figure) and the composed ε of the run across nodes;
-never an average of ε over nodes.
+never an average of ε over nodes. The run's result is the noisy evaluation of the released
+(last) model, charged like the rounds (``evaluation``), apart from the per-round history.
 """
 
 from __future__ import annotations
@@ -23,13 +27,25 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dp_accounting as dpa
 
 from federation._errors import QueryError
-from privacy import RdpTotals, gaussian_event, opacus_event, rdp_epsilon
+from privacy import (
+    RdpTotals,
+    RunAuthorisation,
+    canonical_sha256,
+    coordinator_keys,
+    gaussian_event,
+    grant_id,
+    opacus_event,
+    rdp_epsilon,
+    sign_run_authorisation,
+    spec_json,
+)
 
 log = logging.getLogger("bulle.training")
 ZOO = ("logreg", "mlp", "gru")
@@ -40,6 +56,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {  # tuned on OULAD traces, 2-3 nodes, ε 
     "gru": {"lr": 0.3, "batch_size": 128, "hidden": 16, "epochs": 2},
 }
 _LABEL = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?))?\s*$")
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+AUTH_MARGIN_S = 600.0  # a run authorisation outlives the run's longest possible duration by
+AUTH_SKEW_S = 300.0  # … and is dated this much earlier (clocks of other hosts)
 FINAL = ("finished", "failed", "cancelled", "budget_exhausted")
 
 
@@ -50,12 +69,15 @@ class TrainingSettings:
     control_token_file: Path
     node_keys: dict[str, Path]  # node id -> its SuperNode public key (OpenSSH)
     work_dir: Path  # progress files written by the ServerApp (same host as the SuperLink)
+    # the coordinator's Ed25519 key that signs run authorisations (created with its public
+    # half, ``….pub.pem``, on first use; nodes hold the public half)
+    signing_key: Path
     round_timeout_s: float = 120.0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], state_dir: Path) -> TrainingSettings:
         allowed = {"superlink", "root_certificates", "control_token_file", "node_keys",
-                   "work_dir", "round_timeout_s"}
+                   "work_dir", "round_timeout_s", "signing_key"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ValueError(f"[training]: unknown key {unknown[0]!r}")
@@ -63,6 +85,7 @@ class TrainingSettings:
                    Path(raw["control_token_file"]),
                    {str(k): Path(v) for k, v in raw.get("node_keys", {}).items()},
                    Path(raw.get("work_dir", state_dir / "training")),
+                   Path(raw.get("signing_key", state_dir / "coordinator_ed25519.pem")),
                    float(raw.get("round_timeout_s", 120.0)))
 
 
@@ -72,8 +95,12 @@ class TrainingJob:
     researcher: str
     project: str
     request: dict[str, Any]
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # what the nodes receive (its hash is signed in ``auth``)
     nodes: list[str]
+    out_dir: Path = Path()  # where the ServerApp writes progress and models
+    flower: dict[str, int] = field(default_factory=dict)  # node id -> Flower node id
+    auth: str = ""  # the run authorisation (signed token)
+    evaluation: dict[str, Any] | None = None  # the final model's noisy evaluation
     status: str = "starting"  # starting | running | finished | failed | cancelled |
     #                          budget_exhausted
     run_id: int | None = None
@@ -106,6 +133,8 @@ class TrainingJob:
             "max_len": s["max_len"],
             "submitted": self.submitted, "finished": self.finished,
             "has_model": self.model_path is not None,
+            # the run's result: the released model's noisy evaluation (None until done)
+            "evaluation": self.evaluation,
         }
 
 
@@ -127,12 +156,36 @@ def per_node_target(total: float, k: int, delta: float) -> float:
 
 
 def parse_label(text: str) -> list[Any]:
+    """``col`` (non-zero), ``col OP number``, ``col = 'value'``, ``col != 'value'``,
+    ``col IN ('a', 'b')``, ``col NOT IN (…)`` → the spec's ``[column, op, value]`` (a
+    categorical label as ``[column, "in" | "not in", [values…]]``)."""
     m = _LABEL.match(text or "")
-    if not m:
-        raise QueryError("bad_request", "label must be a column, or 'column OP number' with OP "
-                         "one of >=, >, <=, <, =, != (e.g. 'score >= 40')")
-    col, op, value = m.groups()
-    return [col, op, float(value)] if op else [col, "!=", 0.0]
+    if m:
+        col, op, value = m.groups()
+        return [col, op, float(value)] if op else [col, "!=", 0.0]
+    bad = QueryError("bad_request", "label must be a column, 'column OP number' with OP one "
+                     "of >=, >, <=, <, =, != (e.g. 'score >= 40'), or compare a column with a "
+                     "public domain to values: \"higher = 'yes'\", \"col IN ('a', 'b')\"")
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(text, dialect="duckdb")
+    except sqlglot.errors.ParseError:
+        raise bad from None
+    negate = isinstance(tree, exp.Not)
+    node = tree.this if negate else tree
+    if isinstance(node, exp.In) and not node.args.get("query") and not node.args.get("unnest"):
+        values, op = node.expressions, "not in" if negate else "in"
+    elif isinstance(node, (exp.EQ, exp.NEQ)) and not negate:
+        values, op = [node.expression], "in" if isinstance(node, exp.EQ) else "not in"
+    else:
+        raise bad
+    col = node.this
+    if not isinstance(col, exp.Column) or col.table or not _NAME.match(col.name) \
+            or not values or not all(isinstance(v, exp.Literal) for v in values):
+        raise bad
+    return [col.name, op, [str(v.this) for v in values]]
 
 
 class Trainer:
@@ -142,8 +195,10 @@ class Trainer:
         self.coordinator = coordinator
         self.settings = settings
         self.jobs: dict[str, TrainingJob] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the jobs
+        self._flower_lock = threading.Lock()  # node registration at the SuperLink
         self._token: str | None = None  # the Control API secret, read once
+        self._signing_key = coordinator_keys(settings.signing_key)[0].read_bytes()
         # SuperNodes whose key is not registered are refused (exit 305): register now, in
         # the background (the SuperLink may still be starting); submit() retries if needed.
         threading.Thread(target=self._register_quietly, daemon=True).start()
@@ -151,8 +206,7 @@ class Trainer:
     def _register_quietly(self) -> None:
         for _ in range(30):
             try:
-                with self._lock:
-                    self.flower_ids()
+                self.flower_ids()
                 return
             except Exception as e:
                 log.info("SuperLink not reachable yet (%s); retrying", type(e).__name__)
@@ -172,28 +226,49 @@ class Trainer:
         an in-memory SuperLink forgets them when it restarts."""
         from federation._superlink import register_nodes
 
-        client = self._control()
-        try:
-            return register_nodes(client, self.settings.node_keys)
-        finally:
-            client.close()
+        with self._flower_lock:
+            client = self._control()
+            try:
+                return register_nodes(client, self.settings.node_keys)
+            finally:
+                client.close()
 
     # -- requests -----------------------------------------------------------------------
     def submit(self, researcher: Any, request: dict[str, Any]) -> TrainingJob:
         project = self.coordinator.project_of(researcher, request.get("project"))
-        spec, nodes = self._spec(researcher, project, request)
-        job = TrainingJob(uuid.uuid4().hex, researcher.name, project, request, spec, nodes)
-        spec["job"] = job.id
-        spec["out_dir"] = str(self.settings.work_dir / job.id)
+        spec, flower = self._spec(researcher, project, request)
+        job_id = uuid.uuid4().hex
+        spec["job"] = job_id
+        job = TrainingJob(job_id, researcher.name, project, request, spec, sorted(flower),
+                          self.settings.work_dir / job_id, flower, self.authorise(spec))
         with self._lock:
             self.jobs[job.id] = job
         self._audit(job, "train_submitted", {"model": spec["model"], "table": spec["table"],
-                                             "rounds": spec["rounds"], "nodes": nodes,
-                                             "epsilon": spec["epsilon"]})
+                                             "rounds": spec["rounds"], "nodes": job.nodes,
+                                             "epsilon": spec["epsilon"],
+                                             "spec_sha256": canonical_sha256(spec)})
         self._start(job)
         threading.Thread(target=self._watch, args=(job,), name=f"train-{job.id[:8]}",
                          daemon=True).start()
         return job
+
+    def authorise(self, spec: dict[str, Any], now: datetime | None = None) -> str:
+        """The run authorisation of ``spec`` (its ``job`` is the run id), signed with the
+        coordinator's key: valid for the run's longest possible duration."""
+        now = now or datetime.now(UTC)
+        last = (int(spec["rounds"]) + 1) * float(spec["round_timeout_s"]) + AUTH_MARGIN_S
+        auth = RunAuthorisation(
+            run=str(spec["job"]), project=str(spec["project"]), grant=grant_id(spec["grant"]),
+            spec_sha256=canonical_sha256(spec),
+            nodes=tuple((n, float(spec["epsilon"])) for n in sorted(spec["nodes"])),
+            expires=now + timedelta(seconds=last), issued=now - timedelta(seconds=AUTH_SKEW_S))
+        return sign_run_authorisation(auth, self._signing_key)
+
+    def run_config(self, job: TrainingJob) -> dict[str, str]:
+        """The ServerApp's run config: the nodes' spec (passed on byte for byte), the run
+        authorisation, and what only the ServerApp needs."""
+        return {"spec": spec_json(job.spec), "auth": job.auth,
+                "server": json.dumps({"out_dir": str(job.out_dir), "nodes": job.flower})}
 
     def get(self, job_id: str, researcher: Any) -> TrainingJob | None:
         with self._lock:
@@ -207,7 +282,8 @@ class Trainer:
         self._finish(job, "cancelled", "cancelled by the researcher")
 
     def _spec(self, researcher: Any, project: str, req: dict[str, Any]
-              ) -> tuple[dict[str, Any], list[str]]:
+              ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The spec the nodes receive (without its ``job``), and node id → Flower id."""
         model = req.get("model")
         if model not in ZOO:
             raise QueryError("bad_request", f"model must be one of {', '.join(ZOO)}")
@@ -218,7 +294,8 @@ class Trainer:
                              "catalogue", status=404)
         if table.tier == "open" or not table.privacy_unit:
             raise QueryError("not_allowed", "DP training runs on sensitive or restricted "
-                             "tables with a privacy unit (one learner = one example)")
+                             "tables with a privacy unit (one learner = one example); a "
+                             "table whose rows are persons declares privacy_unit = \"row\"")
         grant, token = self.coordinator.projects.grant(project)
         self.coordinator.projects.check(grant, researcher, [table.name])
         delta = float(req.get("delta") or grant.delta)
@@ -238,7 +315,6 @@ class Trainer:
             joins.append([jt_name, col])
             for c in jt.columns:
                 columns.setdefault(c, jt_name)
-        bounds = self._bounds([table.name, *(j[0] for j in joins)])
         label = parse_label(str(req.get("label", "")))
         order_by = str(req.get("order_by") or "")
         features = []
@@ -254,8 +330,8 @@ class Trainer:
                                  "hi": float(given[1])})
             elif domain:
                 features.append({"name": f, "kind": "cat", "values": [str(v) for v in domain]})
-            elif (holder, f) in bounds:
-                lo, hi = bounds[(holder, f)]
+            elif f in catalog[holder].bounds:  # declared at every node that publishes it
+                lo, hi = catalog[holder].bounds[f]
                 features.append({"name": f, "kind": "num", "lo": lo, "hi": hi})
             else:
                 raise QueryError("bad_request", f"feature {f!r} has no declared bounds or "
@@ -263,8 +339,17 @@ class Trainer:
         if not features:
             raise QueryError("bad_request", "name at least one feature")
         for c in [label[0], *([order_by] if order_by else [])]:
-            if c not in columns:
+            if c not in columns or c == table.privacy_unit:
                 raise QueryError("unknown_column", f"column {c!r} is not in the training view")
+        if label[1] in ("in", "not in"):
+            domain = [str(v) for v in catalog[columns[label[0]]].public_domains.get(label[0], ())]
+            if not domain:
+                raise QueryError("not_allowed", f"a label comparing {label[0]!r} to values "
+                                 "needs a public domain for it (declared by its nodes)")
+            unknown = sorted(set(label[2]) - set(domain))
+            if unknown:
+                raise QueryError("bad_request", f"{unknown[0]!r} is not in the public domain "
+                                 f"of {label[0]!r} ({', '.join(domain)})")
         if model == "gru" and not order_by:
             raise QueryError("bad_request", "the sequence model needs order_by (e.g. a date)")
         holders = set(table.nodes)
@@ -287,8 +372,7 @@ class Trainer:
         total = min(epsilon, left)
         d = {**DEFAULTS[model], **{k: req[k] for k in ("lr", "batch_size", "hidden", "epochs")
                                    if req.get(k) is not None}}
-        with self._lock:
-            flower = self.flower_ids()
+        flower = self.flower_ids()  # outside the jobs lock: a SuperLink call
         spec = {
             "project": project, "researcher": researcher.name, "grant": token, "model": model,
             "hidden": int(d["hidden"]), "table": table.name, "joins": joins,
@@ -301,30 +385,13 @@ class Trainer:
             "delta": delta, "noise_multiplier": req.get("noise_multiplier"),
             "eval_fraction": float(req.get("eval_fraction") or 0.2),
             "eval_share": float(req.get("eval_share") or 0.2), "bins": int(req.get("bins") or 4),
-            "nodes": {n: flower[n] for n in nodes},
+            "nodes": nodes,
             "min_nodes": int(req.get("min_nodes") or 1),
             "round_timeout_s": float(req.get("round_timeout_s") or
                                      self.settings.round_timeout_s),
             "seed": int(req.get("seed") or 0),
         }
-        return spec, nodes
-
-    def _bounds(self, tables: list[str]) -> dict[tuple[str, str], tuple[float, float]]:
-        """Declared bounds per (table, column), widest over the nodes that publish it."""
-        out: dict[tuple[str, str], tuple[float, float]] = {}
-        timeout = min(self.coordinator.config.node_timeout_s, 10.0)
-        for nid, client in self.coordinator.clients.items():
-            try:
-                cat = client.catalog(timeout)
-            except Exception:  # a node that does not answer does not train either
-                log.warning("catalogue of node %s unavailable for training bounds", nid)
-                continue
-            for t in cat.tables:
-                if t.name in tables:
-                    for col, b in t.bounds.items():
-                        lo, hi = out.get((t.name, col), (b.lower, b.upper))
-                        out[(t.name, col)] = (min(lo, b.lower), max(hi, b.upper))
-        return out
+        return spec, {n: flower[n] for n in nodes}
 
     # -- the run ------------------------------------------------------------------------
     def _start(self, job: TrainingJob) -> None:
@@ -334,13 +401,12 @@ class Trainer:
 
         from bulle_flower._fab import build_fab, fab_sha256
 
-        Path(job.spec["out_dir"]).mkdir(parents=True, exist_ok=True)
+        job.out_dir.mkdir(parents=True, exist_ok=True)
         client = self._control()
         try:
             res = client.StartRun(StartRunRequest(
                 fab=fab_to_proto(Fab(fab_sha256(), build_fab(), {})),
-                override_config=user_config_to_proto({"spec": json.dumps(job.spec)}),
-                federation=""))
+                override_config=user_config_to_proto(self.run_config(job)), federation=""))
         except Exception as e:
             self._finish(job, "failed", f"the SuperLink did not start the run ({type(e).__name__})")
             raise QueryError("training_unavailable", "the training service (SuperLink) is "
@@ -364,7 +430,7 @@ class Trainer:
             client.close()
 
     def _watch(self, job: TrainingJob) -> None:
-        progress = Path(job.spec["out_dir"]) / "progress.jsonl"
+        progress = job.out_dir / "progress.jsonl"
         offset, buf, last_check = 0, "", time.monotonic()
         while job.status not in FINAL:
             if progress.exists():
@@ -403,7 +469,7 @@ class Trainer:
                              f"without a result: {run.status.details[:200]}")
 
     def _drain_done(self, job: TrainingJob) -> bool:
-        progress = Path(job.spec["out_dir"]) / "progress.jsonl"
+        progress = job.out_dir / "progress.jsonl"
         return progress.exists() and '"type": "done"' in progress.read_text()
 
     def _on_record(self, job: TrainingJob, rec: dict[str, Any]) -> None:
@@ -447,8 +513,14 @@ class Trainer:
                                     for k, v in nodes.items()}}
         if job.rounds and rec["evaluates"] == job.rounds[-1]["round"]:
             job.rounds[-1].update(evaluated)
+        if rec["type"] == "eval":  # the released model's own evaluation: the run's result
+            job.evaluation = {"round": rec["evaluates"], **evaluated,
+                              # its own ε (composed over the nodes), and what it added to
+                              # the project's composed spend
+                              "epsilon": rdp_epsilon([event], job.spec["delta"]),
+                              "epsilon_growth": charged.needed_epsilon}
         if rec["type"] == "round":
-            job.model_path = Path(job.spec["out_dir"]) / rec["model_file"]
+            job.model_path = job.out_dir / rec["model_file"]
             job.rounds.append({
                 "round": rec["round"], "accuracy": None, "auc": None, "n_eval": None,
                 "nodes": nodes, "failed": rec.get("failed", {}),

@@ -18,7 +18,17 @@ from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from federation.proto.ops import ExprError, to_sql
+from federation.proto.ops import column as typed_column
+from nodes._config import ROW_UNIT
 from nodes._dp import DpPartial, DpRefused, DpSpec, clamp, key_domain, partial_bounds, value_bounds
+from nodes._restricted import (
+    MAX_GROUPS,
+    RECORD_KEY,
+    RestrictedAgg,
+    RestrictedRelease,
+    restricted_sql,
+)
+from privacy import CkmParams
 
 TIER_RANK = {"open": 0, "restricted": 1, "sensitive": 2}
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -41,13 +51,13 @@ class TableMeta:
     public_domains: dict[str, tuple[object, ...]]
     min_count: int
     round_to: int
-    dominance: float
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     max_rows_per_unit: int = 1
     max_unit_rows: int = 0  # the most rows any unit has in the loaded data (0: unknown)
-    # numeric columns with no negative value in the loaded data (restricted tier): there
-    # |v| = v, so the dominance rule reads MAX(v) and the SUM itself
-    nonnegative: frozenset[str] = frozenset()
+    # restricted tier: "person" (no order statistics) or "institution" (a school is the unit)
+    unit_level: str = "person"
+    ckm: CkmParams = field(default_factory=CkmParams)
+    perturb: bool = True  # False only where the node allows exact releases (tests)
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,10 @@ class CompiledPlan:
     # per group key: the declared public domain when the key is a plain column that has one
     key_domains: tuple[tuple[object, ...] | None, ...]
     aggregates: tuple[tuple[str, int], ...]  # (name, AggKind)
-    dominance_pairs: tuple[tuple[str, str, str], ...]  # (aggregate, max-abs col, sum-abs col)
     min_count: int
-    dominance: float
     round_to: int
     dp: DpSpec | None = None  # set for plans on sensitive data
+    restricted: RestrictedRelease | None = None  # set for aggregates of restricted data
 
 
 def _ident(name: str) -> exp.Identifier:
@@ -96,11 +105,12 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
             raise ExprError("column refers to an unknown table alias")
         if column not in meta.columns:
             raise ExprError(f"column {column[:64]!r} is not in table {meta.name!r}")
-        return exp.Column(this=_ident(column), table=_ident(table))
+        # typed: comparisons of same-typed operands then compile without TRY (ops.py)
+        return typed_column(table, column, meta.columns[column])
 
-    def compile_expr(e: pb.Expr) -> exp.Expression:
+    def compile_expr(e: pb.Expr, condition: bool = False) -> exp.Expression:
         try:
-            return to_sql(e, resolve)
+            return to_sql(e, resolve, condition=condition)
         except ExprError as err:
             raise PlanRefused(str(err)) from None
 
@@ -120,7 +130,7 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
                            copy=False)
     tier = max((m.tier for m in aliases.values()), key=TIER_RANK.__getitem__)
     if plan.HasField("where"):
-        query = query.where(compile_expr(plan.where), copy=False)
+        query = query.where(compile_expr(plan.where, condition=True), copy=False)
     if tier == "sensitive":
         try:
             return _compile_dp(plan, query, aliases, source_alias, compile_expr, resolve)
@@ -130,7 +140,6 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
     restricted = [m for m in aliases.values() if m.tier == "restricted"]
     min_count = max((m.min_count for m in restricted), default=0)
     round_to = max((m.round_to for m in restricted), default=1)
-    dominance = min((m.dominance for m in restricted), default=1.0)
 
     if plan.HasField("rows"):
         if tier != "open":
@@ -152,50 +161,90 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
                                                desc=key.descending), copy=False)
         limit = plan.rows.limit if 0 < plan.rows.limit <= max_rows else max_rows + 1
         query = query.limit(limit, copy=False)
-        return CompiledPlan(query.sql("duckdb"), tier, tables, True, tuple(names), (), (), (),
-                            0, 1.0, 1)
+        return CompiledPlan(query.sql("duckdb"), tier, tables, True, tuple(names), (), (),
+                            0, 1)
 
     if len(plan.group_by) > MAX_GROUP_KEYS or len(plan.aggregates) > MAX_AGGREGATES:
         raise PlanRefused(f"at most {MAX_GROUP_KEYS} group keys and {MAX_AGGREGATES} aggregates")
-    group_names, domains = [], []
-    for i, key in enumerate(plan.group_by):
+    keys: list[tuple[str, exp.Expression]] = []
+    domains = []
+    for key in plan.group_by:
         _check_name("group key", key.name)
-        group_names.append(key.name)
-        query = query.select(exp.alias_(compile_expr(key.expr), _ident(key.name)), copy=False)
+        keys.append((key.name, compile_expr(key.expr)))
         domains.append(_public_domain(key.expr, aliases))
-        query = query.group_by(exp.Literal.number(i + 1), copy=False)
-    aggs, dominance_pairs = [], []
+    aggs: list[tuple[str, int, exp.Expression | None]] = []
     for agg in plan.aggregates:
         _check_name("aggregate", agg.name)
         if agg.kind == pb.COUNT_ROWS:
-            value: exp.Expression = exp.Count(this=exp.Star())
+            aggs.append((agg.name, agg.kind, None))
+        elif not agg.HasField("arg"):
+            raise PlanRefused("aggregate without argument")
         else:
-            if not agg.HasField("arg"):
-                raise PlanRefused("aggregate without argument")
-            arg = compile_expr(agg.arg)
-            value = _aggregate_sql(agg.kind, arg)
-            if agg.kind == pb.SUM and tier == "restricted" and dominance < 1.0:
-                mx = f"__max_abs_{agg.name}"
-                if _nonnegative(agg.arg, aliases):
-                    query = query.select(exp.alias_(exp.Max(this=arg.copy()), _ident(mx)),
-                                         copy=False)
-                    dominance_pairs.append((agg.name, mx, agg.name))
-                else:
-                    sm = f"__sum_abs_{agg.name}"
-                    abs_arg = exp.Anonymous(this="abs", expressions=[arg.copy()])
-                    query = query.select(exp.alias_(exp.Max(this=abs_arg), _ident(mx)),
-                                         copy=False)
-                    query = query.select(exp.alias_(exp.Sum(this=abs_arg.copy()), _ident(sm)),
-                                         copy=False)
-                    dominance_pairs.append((agg.name, mx, sm))
-        aggs.append((agg.name, agg.kind))
-        query = query.select(exp.alias_(value, _ident(agg.name)), copy=False)
+            aggs.append((agg.name, agg.kind, compile_expr(agg.arg)))
+    group_names = tuple(name for name, _ in keys)
+    kinds = tuple((name, kind) for name, kind, _ in aggs)
     if tier == "restricted":
-        query = query.select(exp.alias_(_units(aliases, bool(plan.joins), resolve),
-                                        _ident("__units")), copy=False)
-    return CompiledPlan(query.sql("duckdb"), tier, tables, False, tuple(group_names),
-                        tuple(domains), tuple(aggs), tuple(dominance_pairs), min_count,
-                        dominance, round_to)
+        release = _restricted_release(plan, aliases, group_names, tuple(domains), kinds)
+        sql = _restricted_sql(plan, query, aliases, source_alias, keys, aggs, resolve)
+        return CompiledPlan(sql, tier, tables, False, group_names, tuple(domains), kinds,
+                            release.params.threshold, round_to, restricted=release)
+    for i, (name, value) in enumerate(keys):
+        query = query.select(exp.alias_(value, _ident(name)), copy=False)
+        query = query.group_by(exp.Literal.number(i + 1), copy=False)
+    for name, kind, arg in aggs:
+        value = exp.Count(this=exp.Star()) if arg is None else _aggregate_sql(kind, arg)
+        query = query.select(exp.alias_(value, _ident(name)), copy=False)
+    return CompiledPlan(query.sql("duckdb"), tier, tables, False, group_names,
+                        tuple(domains), kinds, min_count, round_to)
+
+
+def _restricted_release(plan: pb.Plan, aliases: dict[str, TableMeta],
+                        group_names: tuple[str, ...],
+                        domains: tuple[tuple[object, ...] | None, ...],
+                        kinds: tuple[tuple[str, int], ...]) -> RestrictedRelease:
+    """The cell key method's parameters for a plan on restricted data."""
+    restricted = [m for m in aliases.values() if m.tier == "restricted"]
+    persons = sorted(m.name for m in restricted if m.unit_level != "institution")
+    if persons and any(kind in (pb.MIN, pb.MAX) for _, kind in kinds):
+        raise PlanRefused(
+            f"MIN and MAX are not released on {', '.join(repr(p) for p in persons)}: its unit "
+            "is a person, and an order statistic is one person's value (DP quantiles are "
+            "in the sensitive tier)")
+    if domains and all(d is not None for d in domains):
+        cells = math.prod(len(d) for d in domains)  # type: ignore[arg-type]
+        if cells > MAX_GROUPS:
+            raise PlanRefused(f"the public domains of the group keys make {cells} cells "
+                              f"(at most {MAX_GROUPS} per release)")
+    unit_meta = restricted[0]  # the first restricted table in the plan gives the unit
+    params = CkmParams(
+        threshold=max(m.min_count for m in restricted),
+        max_perturbation=unit_meta.ckm.max_perturbation, variance=unit_meta.ckm.variance,
+        magnitude=max(m.ckm.magnitude for m in restricted), ptable=unit_meta.ckm.ptable)
+    return RestrictedRelease(group_names, domains, kinds, params,
+                             perturb=any(m.perturb for m in restricted))
+
+
+def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
+                    source_alias: str, keys: list[tuple[str, exp.Expression]],
+                    aggs: list[tuple[str, int, exp.Expression | None]],
+                    resolve: Callable[[str, str], exp.Expression]) -> str:
+    unit_alias = next(a for a, m in aliases.items() if m.tier == "restricted")
+    meta = aliases[unit_alias]
+    unit = _unit(unit_alias, meta, resolve)
+    record_key = exp.Column(this=_ident(RECORD_KEY), table=_ident(unit_alias))
+    # one row per unit and nothing joined: the per-unit step is the identity
+    one_row_each = not plan.joins and (not meta.privacy_unit or meta.max_unit_rows == 1)
+    source = query.select(exp.Literal.number(1), copy=True).sql("duckdb")
+    if not source.startswith("SELECT 1 FROM "):
+        raise PlanRefused("plan could not be compiled")
+    compiled = []
+    for name, kind, arg in aggs:
+        if arg is not None and kind == pb.SUM_SQUARES:
+            arg = _square(arg)
+        compiled.append(RestrictedAgg(name, kind, None if arg is None else arg.sql("duckdb")))
+    return restricted_sql(source[len("SELECT 1"):], [(n, e.sql("duckdb")) for n, e in keys],
+                          unit.sql("duckdb"), record_key.sql("duckdb"), compiled,
+                          per_unit=not one_row_each)
 
 
 def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
@@ -255,7 +304,7 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
     # time that no unit has more rows than that and no join can multiply them (a WHERE
     # only removes rows).
     if plan.joins or not 0 < source.max_unit_rows <= source.max_rows_per_unit:
-        unit = resolve(source_alias, source.privacy_unit)
+        unit = _unit(source_alias, source, resolve)
         # DuckDB refuses volatile window orders: rank by a hash of row id and a fresh salt
         salt = exp.Literal.number(secrets.randbits(62))
         rank = exp.Anonymous(this="hash", expressions=[
@@ -276,7 +325,22 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
                   tuple(partials), tuple(domains), source.name)
     return CompiledPlan(outer.sql("duckdb"), "sensitive", tuple(sorted(m.name for m in
                         aliases.values())), False, tuple(group_names), tuple(domains),
-                        tuple((p.name, p.kind) for p in partials), (), 0, 1.0, 1, spec)
+                        tuple((p.name, p.kind) for p in partials), 0, 1, dp=spec)
+
+
+def _unit(alias: str, meta: TableMeta, resolve: Callable[[str, str], exp.Expression]
+          ) -> exp.Expression:
+    """The unit of a row of ``alias``: its privacy unit column, or the row itself (DuckDB's
+    rowid) when the table declares none or declares ``privacy_unit = "row"``."""
+    if meta.privacy_unit and meta.privacy_unit != ROW_UNIT:
+        return resolve(alias, meta.privacy_unit)
+    return exp.Column(this=exp.to_identifier("rowid"), table=_ident(alias))
+
+
+def _square(arg: exp.Expression) -> exp.Expression:
+    """x·x, total: an overflowing square is NULL (TRY), never an error that data decides."""
+    return exp.Anonymous(this="TRY", expressions=[
+        exp.Mul(this=exp.paren(arg), expression=exp.paren(arg.copy()))])
 
 
 def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
@@ -285,45 +349,15 @@ def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
     if kind == pb.SUM:
         return exp.Sum(this=arg)
     if kind == pb.SUM_SQUARES:
-        return exp.Sum(this=exp.Mul(this=exp.paren(arg), expression=exp.paren(arg.copy())))
+        # x·x in DOUBLE, which cannot raise (on BIGINT it overflows beyond 3e9: an error
+        # one row's value would decide); the merge computes variances in DOUBLE anyway
+        x = exp.TryCast(this=exp.paren(arg), to=exp.DataType.build("DOUBLE"))
+        return exp.Sum(this=exp.Mul(this=x, expression=x.copy()))
     if kind == pb.MIN:
         return exp.Min(this=arg)
     if kind == pb.MAX:
         return exp.Max(this=arg)
     raise PlanRefused("unknown aggregate kind")
-
-
-def _units(aliases: dict[str, TableMeta], joined: bool,
-           resolve: Callable[[str, str], exp.Expression]) -> exp.Expression:
-    """The units a cell draws on: for every restricted table, its distinct privacy units
-    (its distinct rows when it declares none), and the smallest of these counts.
-
-    Joined rows are not units: a join may repeat a unit's rows (a reference table with
-    several rows per key, the restricted table on either side), and a LEFT JOIN adds
-    null-extended rows that belong to nobody; COUNT(DISTINCT …) ignores both.
-    """
-    counts: list[exp.Expression] = []
-    for alias, meta in aliases.items():
-        if meta.tier != "restricted":
-            continue
-        if meta.privacy_unit:
-            key = resolve(alias, meta.privacy_unit)
-        elif not joined:
-            counts.append(exp.Count(this=exp.Star()))  # one table: each row is its own unit
-            continue
-        else:
-            key = exp.Column(this=exp.to_identifier("rowid"), table=_ident(alias))
-        counts.append(exp.Count(this=exp.Distinct(expressions=[key])))
-    return counts[0] if len(counts) == 1 else exp.Least(this=counts[0],
-                                                        expressions=counts[1:])
-
-
-def _nonnegative(e: pb.Expr, aliases: dict[str, TableMeta]) -> bool:
-    """A plain column known to hold no negative value (a WHERE or join only drops rows)."""
-    if e.WhichOneof("kind") != "column":
-        return False
-    meta = aliases.get(e.column.table)
-    return meta is not None and e.column.name in meta.nonnegative
 
 
 def _public_domain(e: pb.Expr, aliases: dict[str, TableMeta]) -> tuple[object, ...] | None:

@@ -12,8 +12,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from privacy import CkmParams, ptable_for
+
 if TYPE_CHECKING:
     from nodes._onboard import Onboarding
+
+EXACT_RELEASE_ENV = "BULLE_ALLOW_EXACT_RELEASE"  # tests only: restricted tier unperturbed
+UNIT_LEVELS = ("person", "institution")
+# privacy_unit = "row": each row is one person (a table without an id column); queries and
+# training then bound contributions to one row (DuckDB's rowid stands for the unit).
+ROW_UNIT = "row"
+_CELL_KEY_KEYS = {"max_perturbation", "variance", "magnitude", "ptable", "perturb"}
 
 TIERS = ("open", "restricted", "sensitive")
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -38,6 +47,9 @@ class TlsConfig:
 class EngineConfig:
     threads: int = 1
     memory_limit: str = "1GB"
+    # a plan's DuckDB query is interrupted after this long, or sooner when the caller's
+    # own deadline (the coordinator's node_timeout_s) comes first
+    max_query_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,16 @@ class DatasetConfig:
     # how a node publishes only its own part of a shared extract.
     filter: str = ""
     privacy_unit: str = ""
-    min_count: int = 10
+    min_count: int = 10  # restricted tier: the threshold k of the cell key method
     round_to: int = 1
-    dominance: float = 0.9  # a SUM cell is suppressed when one row holds this share of it
+    # restricted tier: "person" (MIN/MAX/quantiles refused) or "institution" (a school is
+    # the unit: order statistics allowed)
+    unit_level: str = "person"
+    # restricted tier: the cell key method's parameters (privacy/_ckm.py), from the
+    # optional inline table `cell_key = { max_perturbation = 4, variance = 3.0,
+    # magnitude = 0.2, ptable = "ons.csv", perturb = true }`
+    cell_key: CkmParams = field(default_factory=CkmParams)
+    perturb: bool = True  # false only with BULLE_ALLOW_EXACT_RELEASE=1 (tests)
     # Source column (normalised name) -> name it is published under, e.g. a UAI column
     # renamed ``uai`` so that joins can say USING (uai); the other keys use the new names.
     rename: dict[str, str] = field(default_factory=dict)
@@ -73,7 +92,7 @@ class DatasetConfig:
 
 
 # `onboarding` is built from these keys, never given as such
-_DATASET_KEYS = ({f.name for f in fields(DatasetConfig)} - {"onboarding"}
+_DATASET_KEYS = ({f.name for f in fields(DatasetConfig)} - {"onboarding", "perturb"}
                  | {"ingest", "pseudonymise", "classify", "pivots"})
 
 
@@ -102,6 +121,9 @@ class NodeConfig:
     state_dir: Path | None = None
     # the ethics board's Ed25519 public key (PEM): grants are verified against it
     board_public_key: Path | None = None
+    # the coordinator's Ed25519 public key (PEM): training run authorisations are verified
+    # against it (no key: this node trains nothing)
+    coordinator_public_key: Path | None = None
     path: Path | None = None
     training: TrainingConfig | None = None
     # keep copies of other nodes' shared open tables for joins (nodes/_references.py)
@@ -164,7 +186,11 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
     max_rows = int(raw.get("max_rows_per_unit", 1))
     privacy_unit = str(raw.get("privacy_unit", ""))
     if tier == "sensitive" and not privacy_unit:
-        raise ConfigError(f"{where}: a sensitive dataset needs a privacy_unit")
+        raise ConfigError(f"{where}: a sensitive dataset needs a privacy_unit (a column, or "
+                          f'"{ROW_UNIT}" when each row is one person)')
+    if privacy_unit == ROW_UNIT and int(raw.get("max_rows_per_unit", 1)) != 1:
+        raise ConfigError(f'{where}: privacy_unit = "{ROW_UNIT}" makes each row one person: '
+                          "max_rows_per_unit is 1")
     if max_rows < 1:
         raise ConfigError(f"{where}: max_rows_per_unit must be >= 1")
     rename = raw.get("rename", {})
@@ -175,6 +201,10 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
                           "lowercase snake_case (e.g. rename = { numero_du_college = \"uai\" })")
     if len(set(rename.values())) != len(rename):
         raise ConfigError(f"{where}: rename gives two columns the same name")
+    unit_level = raw.get("unit_level", "person")
+    if unit_level not in UNIT_LEVELS:
+        raise ConfigError(f"{where}: unit_level must be one of {', '.join(UNIT_LEVELS)}")
+    cell_key, perturb = _cell_key(raw.get("cell_key", {}), min_count, base, where)
     shared = raw.get("shared", False)
     if not isinstance(shared, bool):
         raise ConfigError(f"{where}: shared must be true or false")
@@ -189,7 +219,9 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         privacy_unit=privacy_unit,
         min_count=min_count,
         round_to=round_to,
-        dominance=float(raw.get("dominance", 0.9)),
+        unit_level=unit_level,
+        cell_key=cell_key,
+        perturb=perturb,
         schema={k: str(v).upper() for k, v in raw.get("schema", {}).items()},
         columns={k: str(v) for k, v in raw.get("columns", {}).items()},
         public_domains=domains,
@@ -199,6 +231,37 @@ def _dataset(raw: dict[str, Any], base: Path, where: str) -> DatasetConfig:
         shared=shared,
         onboarding=_onboarding(raw, base, where),
     )
+
+
+def _cell_key(raw: Any, threshold: int, base: Path, where: str) -> tuple[CkmParams, bool]:
+    """The cell key method's parameters of a dataset; checked by building its ptable."""
+    where = f"{where} cell_key"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: an inline table, e.g. {{ max_perturbation = 4 }}")
+    _check_keys(where, raw, _CELL_KEY_KEYS)
+    perturb = raw.get("perturb", True)
+    if not isinstance(perturb, bool):
+        raise ConfigError(f"{where}: perturb must be true or false")
+    if not perturb and os.environ.get(EXACT_RELEASE_ENV) != "1":
+        raise ConfigError(f"{where}: perturb = false releases exact restricted aggregates; "
+                          f"it is for tests only ({EXACT_RELEASE_ENV}=1) and a node refuses "
+                          "it otherwise")
+    default = CkmParams()
+    try:
+        params = CkmParams(
+            threshold=threshold,
+            max_perturbation=int(raw.get("max_perturbation", default.max_perturbation)),
+            variance=float(raw.get("variance", default.variance)),
+            magnitude=float(raw.get("magnitude", default.magnitude)),
+            ptable=_expand(raw["ptable"], base, where) if "ptable" in raw else None)
+        if not 0.05 <= params.magnitude <= 2:
+            raise ConfigError(f"{where}: magnitude must be in [0.05, 2]")
+        ptable_for(params)  # a bad table or parameters fail at start, not at query time
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+    return params, perturb
 
 
 def _onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding | None:
@@ -219,7 +282,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     where = str(path)
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
                              "state_dir", "board_public_key", "data_dir", "training",
-                             "accept_references"})
+                             "accept_references", "coordinator_public_key"})
     accept_references = raw.get("accept_references", True)
     if not isinstance(accept_references, bool):
         raise ConfigError(f"{where}: accept_references must be true or false")
@@ -235,6 +298,10 @@ def load_node_config(path: str | Path) -> NodeConfig:
         )
     engine_raw = raw.get("engine", {})
     _check_keys(f"{where} [engine]", engine_raw, EngineConfig)
+    limit = engine_raw.get("max_query_seconds", EngineConfig.max_query_seconds)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit <= 86400:
+        raise ConfigError(f"{where} [engine]: max_query_seconds must be a number of seconds "
+                          "in (0, 86400]")
     datasets = tuple(
         _dataset(d, base, f"{where} [[dataset]] #{i + 1}")
         for i, d in enumerate(raw.get("dataset", []))
@@ -256,6 +323,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
         state_dir=_expand(raw["state_dir"], base, where) if "state_dir" in raw else None,
         board_public_key=(_expand(raw["board_public_key"], base, where)
                           if "board_public_key" in raw else None),
+        coordinator_public_key=(_expand(raw["coordinator_public_key"], base, where)
+                                if "coordinator_public_key" in raw else None),
         path=path,
         training=_training(raw["training"], base, f"{where} [training]")
         if "training" in raw else None,

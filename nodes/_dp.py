@@ -148,7 +148,13 @@ def clamp(arg: exp.Expression, lo: float, hi: float) -> exp.Expression:
 
 def release(table: pa.Table, group_names: tuple[str, ...], spec: DpSpec
             ) -> tuple[pa.Table, dict[str, float]]:
-    """Zero-fill the public domains, add Laplace noise to each partial vector."""
+    """Zero-fill the public domains, add Laplace noise to each partial vector.
+
+    Noisy counts are rounded to whole numbers (post-processing: free under DP). They are
+    not clamped at 0 here: a partial is summed with other nodes' at the coordinator, and
+    clamping each one first would bias a federated total upwards by about b/2 per node for
+    small cells; the coordinator clamps the merged value instead (federation/_dp_rules.py).
+    """
     rows = {tuple(r[g] for g in group_names): r for r in table.to_pylist()}
     cells = list(itertools.product(*spec.domains)) if group_names else [()]
     keys_out = [[c[i] for c in cells] for i in range(len(group_names))]
@@ -158,9 +164,10 @@ def release(table: pa.Table, group_names: tuple[str, ...], spec: DpSpec
         exact = [float((rows.get(c) or {}).get(p.name) or 0.0) for c in cells]
         if p.kind in (pb.COUNT_ROWS, pb.COUNT):
             released = dp_count(exact, spec.epsilon_each, spec.max_rows_per_unit)
+            columns[p.name] = [float(round(r.value)) for r in released]
         else:
             released = dp_sum(exact, spec.epsilon_each, p.lower, p.upper, spec.max_rows_per_unit)
-        columns[p.name] = [r.value for r in released]
+            columns[p.name] = [r.value for r in released]
         scales[p.name] = released[0].noise_scale if released else 0.0
     columns["__suppressed"] = [False] * len(cells)
     fields = [table.schema.field(g) for g in group_names]

@@ -6,14 +6,14 @@ configuration locked, so no query can read files, load extensions or change sett
 
 from __future__ import annotations
 
-import itertools
 import logging
+import math
 import os
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
-from nodes._config import ConfigError, DatasetConfig, NodeConfig
+from nodes._config import ROW_UNIT, ConfigError, DatasetConfig, NodeConfig
 from nodes._dp import release
 from nodes._guard import PrivacyGuard
 from nodes._ingest import _quote, load_dataset, row_count_bucket, table_columns, type_family
@@ -38,10 +38,10 @@ from nodes._references import (
     sha256,
     to_ipc,
 )
-from privacy import suppression_mask
+from nodes._restricted import add_record_keys, release_restricted
+from privacy import describe_ptable, ptable_for
 
 log = logging.getLogger("bulle.node")
-MAX_DOMAIN_CELLS = 100_000
 ROW_BATCH = 65_536  # rows per chunk of ExecuteRows
 
 
@@ -52,13 +52,71 @@ class Execution:
     seconds: float
 
 
-class PlanFailed(RuntimeError):
-    """A plan that passed the checks failed in the engine. ``public`` is safe to send."""
+# The one public outcome of any failure after a node accepted a plan: whether evaluation
+# fails, and how, may depend on one person's data (DESIGN.md, "Total evaluation").
+FAILED = "the plan could not be evaluated"
 
-    def __init__(self, public: str, incident: str) -> None:
-        super().__init__(public)
+
+class PlanFailed(RuntimeError):
+    """A plan the node accepted did not complete. The caller always gets :data:`FAILED`
+    (``public`` is what a replay of a charged plan repeats, never more); ``cause`` (the
+    exception, which may quote data) and ``incident`` go to this node's log and audit."""
+
+    def __init__(self, public: str = FAILED, incident: str = "", *, cause: str = "",
+                 interrupted: str = "") -> None:
+        super().__init__(FAILED)
         self.public = public
-        self.incident = incident
+        self.incident = incident or uuid.uuid4().hex[:12]
+        self.cause = cause
+        self.interrupted = interrupted  # "deadline" or "cancelled": DuckDB was interrupted
+
+
+class Deadline:
+    """One plan's time limit and its caller's cancellation.
+
+    When either comes, the DuckDB cursor running this plan's query is interrupted, so the
+    worker is free at once. A plan runs on a cursor of its own, attached here only while
+    its query runs: an interrupt can never reach another plan's query.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = max(0.0, seconds)
+        self.cause = ""  # "deadline" or "cancelled", once fired
+        self._expires = time.monotonic() + self.seconds
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(self.seconds, self.fire, ("deadline",))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self._expires - 0.05
+
+    def fire(self, cause: str) -> None:
+        with self._lock:
+            self.cause = self.cause or cause
+            if self._cursor is not None:
+                self._cursor.interrupt()
+
+    def attach(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            if self.cause:
+                raise PlanFailed(cause=f"{self.cause} before the query ran",
+                                 interrupted=self.cause)
+            self._cursor = cursor
+
+    def detach(self) -> None:
+        with self._lock:
+            self._cursor = None
+
+    def check(self) -> None:
+        """After the query: a limit reached meanwhile (in the release) still fails it."""
+        if self.cause:
+            raise PlanFailed(cause=f"{self.cause} during the release", interrupted=self.cause)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self.detach()
 
 
 def _typed_domain(values: tuple[object, ...], duck_type: str, where: str) -> tuple[object, ...]:
@@ -82,7 +140,13 @@ class NodeEngine:
             "memory_limit": config.engine.memory_limit,
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
+            # DuckDB 2.0's common-subexpression pass hoists a subexpression used twice
+            # out of the TRY(...) around it (TRY((b*2)+(b*2)) then raises): plans rely on
+            # TRY for total evaluation (federation/proto/ops.py)
+            "disabled_optimizers": "common_subexpressions",
         })
+        self.max_query_seconds = config.engine.max_query_seconds
+        self._local = threading.local()  # the deadline of the plan this thread executes
         self.meta: dict[str, TableMeta] = {}
         self._compiled: dict[bytes, CompiledPlan] = {}
         self._generation = 0  # bumped when tables change: older compilations are not kept
@@ -92,6 +156,9 @@ class NodeEngine:
         self._shared: dict[str, tuple[bytes, str]] = {}  # own shared tables: IPC, SHA-256
         self.copies: dict[str, pb.ReferenceTable] = {}  # entries of the copies held here
         self._copies_lock = threading.Lock()
+        state_dir = config.state_dir or (
+            config.path.parent / f"{config.node_id}-state" if config.path
+            else Path(tempfile.gettempdir()) / f"bulle-{config.node_id}-state")
         for ds in config.datasets:
             started = time.perf_counter()
             n = load_dataset(self._con, ds)
@@ -101,13 +168,15 @@ class NodeEngine:
             for col in ds.bounds:
                 if type_family(columns[col]) not in ("integer", "number"):
                     raise ConfigError(f"dataset {ds.table!r}: bounds on non-numeric {col!r}")
-            self.meta[ds.table] = TableMeta(ds.table, ds.tier, columns, ds.privacy_unit, domains,
-                                            ds.min_count, ds.round_to, ds.dominance,
-                                            dict(ds.bounds), ds.max_rows_per_unit,
-                                            _max_unit_rows(self._con, ds),
-                                            _nonnegative_columns(self._con, ds, columns))
             self._buckets[ds.table] = row_count_bucket(n)
             self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
+            if ds.tier == "restricted":  # a hidden column, never in the catalogue
+                add_record_keys(self._con, ds.table, "" if ds.privacy_unit == ROW_UNIT
+                                else ds.privacy_unit, state_dir)
+            self.meta[ds.table] = TableMeta(
+                ds.table, ds.tier, columns, ds.privacy_unit, domains, ds.min_count,
+                ds.round_to, dict(ds.bounds), ds.max_rows_per_unit,
+                _max_unit_rows(self._con, ds), ds.unit_level, ds.cell_key, ds.perturb)
             if ds.shared:
                 ipc = _shared_ipc(self._con, ds.table)
                 self._shared[ds.table] = ipc, sha256(ipc)
@@ -115,9 +184,6 @@ class NodeEngine:
                      row_count_bucket(n), time.perf_counter() - started)
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
-        state_dir = config.state_dir or (
-            config.path.parent / f"{config.node_id}-state" if config.path
-            else Path(tempfile.gettempdir()) / f"bulle-{config.node_id}-state")
         self.guard = PrivacyGuard(config.node_id, state_dir, config.board_public_key)
         self._reference_files = ReferenceFiles(state_dir)
         if config.accept_references:  # copies received before a restart serve at once
@@ -152,6 +218,13 @@ class NodeEngine:
         )
         for col, (lo, hi) in ds.bounds.items():
             info.bounds[col].lower, info.bounds[col].upper = lo, hi
+        if ds.tier == "restricted":
+            info.unit_level = ds.unit_level
+            table = ptable_for(ds.cell_key)
+            info.cell_key.perturbed = ds.perturb
+            info.cell_key.max_perturbation = float(abs(table).max())
+            info.cell_key.variance = describe_ptable(table)["variance"]
+            info.cell_key.magnitude = ds.cell_key.magnitude
         for name, typ in meta.columns.items():
             info.columns.add(name=name, type=typ, description=ds.columns.get(name, ""))
         for col, values in meta.public_domains.items():
@@ -240,16 +313,40 @@ class NodeEngine:
         finally:
             cur.unregister(view)
             cur.close()
-        meta = TableMeta(name, "open", columns, "", domains, 0, 1, 1.0)
+        meta = TableMeta(name, "open", columns, "", domains, 0, 1)
         self.meta = {**self.meta, name: meta}  # swapped whole: compiles read one version
         self.copies = {**self.copies, name: light(copy.ref)}
         self._forget_compiled()
 
-    def _run(self, plan: pb.Plan, sql: str) -> pa.Table:
+    def deadline(self, seconds: float | None = None) -> Deadline:
+        """A plan's limit: the caller's remaining time, at most max_query_seconds."""
+        return Deadline(min(seconds if seconds is not None else math.inf,
+                            self.max_query_seconds))
+
+    def _bind(self, cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation:
+        """Parse and bind the plan's SQL, reading no data: its errors are static refusals."""
         try:
-            return self._con.cursor().sql(sql).to_arrow_table()
+            return cursor.sql(sql)
+        except (duckdb.BinderException, duckdb.ParserException, duckdb.CatalogException):
+            raise PlanRefused("the plan does not type-check against this node's tables") \
+                from None
+
+    def _run(self, plan: pb.Plan, sql: str) -> pa.Table:
+        limit = getattr(self._local, "deadline", None) or self.deadline()
+        cursor = self._con.cursor()
+        try:
+            relation = self._bind(cursor, sql)
+            limit.attach(cursor)
+            try:
+                return relation.to_arrow_table()
+            finally:
+                limit.detach()
         except duckdb.Error as e:
-            raise self._failed(plan, e) from None
+            raise self._failed(plan, e, limit) from None
+        finally:
+            cursor.close()
+            if limit is not getattr(self._local, "deadline", None):
+                limit.close()
 
     def _compile(self, plan: pb.Plan) -> CompiledPlan:
         """compile_plan, memoised for exact plans (a dashboard repeats its queries).
@@ -275,7 +372,20 @@ class NodeEngine:
                 self._compiled[key] = hit
         return hit
 
-    def execute(self, plan: pb.Plan) -> Execution:
+    def execute(self, plan: pb.Plan, deadline: Deadline | None = None) -> Execution:
+        """Run a plan within ``deadline`` (by default the node's own max_query_seconds)."""
+        limit = deadline or self.deadline()
+        self._local.deadline = limit
+        try:
+            done = self._execute(plan)
+            limit.check()
+            return done
+        finally:
+            self._local.deadline = None
+            if deadline is None:
+                limit.close()
+
+    def _execute(self, plan: pb.Plan) -> Execution:
         started = time.perf_counter()
         compiled = self._compile(plan)
         if compiled.dp is not None:
@@ -285,37 +395,52 @@ class NodeEngine:
             if table.num_rows > self.max_rows:
                 raise PlanRefused(f"more than {self.max_rows} rows: add a filter or a LIMIT")
             out, suppressed, hidden = table, 0, 0
-        else:
-            out, suppressed, hidden = _disclosure_control(table, compiled)
+        elif compiled.restricted is not None:
+            release = compiled.restricted
+            out, suppressed = release_restricted(table, release, ptable_for(release.params))
+            hidden = 0
+        else:  # open data: released as computed
+            out = table.append_column("__suppressed", pa.array([False] * table.num_rows))
+            suppressed = hidden = 0
         result = pb.PartialResult(
             node_id=self.config.node_id, arrow_ipc=to_ipc(out),
             suppressed_cells=suppressed, hidden_cells=hidden, tier=compiled.tier,
             min_count=compiled.min_count, round_to=compiled.round_to,
+            perturbed=compiled.restricted is not None and compiled.restricted.perturb,
         )
         return Execution(result, out.num_rows, time.perf_counter() - started)
 
 
-    def execute_rows(self, plan: pb.Plan) -> tuple[pb.PartialResult, Iterator[tuple[bytes, int]]]:
+    def execute_rows(self, plan: pb.Plan, deadline: Deadline | None = None
+                     ) -> tuple[pb.PartialResult, Generator[tuple[bytes, int], None, None]]:
         """A row plan as (header, pieces of one Arrow IPC stream with their row counts).
 
         Rows only ever leave from `open` tables: ``compile_plan`` refuses anything else, and
-        a plan with aggregates is refused here (it goes through ``execute``).
+        a plan with aggregates is refused here (it goes through ``execute``). The query
+        stays interruptible by ``deadline`` until the stream ends.
         """
         compiled = self._compile(plan)
         if not compiled.is_rows:
             raise PlanRefused("ExecuteRows takes row plans only")
         header = pb.PartialResult(node_id=self.config.node_id, tier=compiled.tier,
                                   round_to=1)
+        limit = deadline or self.deadline()
         cursor = self._con.cursor()
         try:
-            reader = cursor.sql(compiled.sql).to_arrow_reader(ROW_BATCH)
-        except duckdb.Error as e:
+            relation = self._bind(cursor, compiled.sql)
+            limit.attach(cursor)
+            reader = relation.to_arrow_reader(ROW_BATCH)
+        except BaseException as e:
+            limit.close()
             cursor.close()
-            raise self._failed(plan, e) from None
-        return header, self._ipc_pieces(plan, cursor, reader)
+            if isinstance(e, duckdb.Error):
+                raise self._failed(plan, e, limit) from None
+            raise
+        return header, self._ipc_pieces(plan, cursor, reader, limit)
 
     def _ipc_pieces(self, plan: pb.Plan, cursor: duckdb.DuckDBPyConnection,
-                    reader: pa.RecordBatchReader) -> Iterator[tuple[bytes, int]]:
+                    reader: pa.RecordBatchReader, limit: Deadline
+                    ) -> Generator[tuple[bytes, int], None, None]:
         sink = _Pieces()
         rows = 0
         try:
@@ -326,8 +451,8 @@ class NodeEngine:
                         batch = reader.read_next_batch()
                     except StopIteration:
                         break
-                    except (duckdb.Error, pa.ArrowException) as e:
-                        raise self._failed(plan, e) from None
+                    except Exception as e:  # an interrupt arrives as an Arrow OSError
+                        raise self._failed(plan, e, limit) from None
                     rows += batch.num_rows
                     if rows > self.max_rows:
                         raise PlanRefused(f"more than {self.max_rows} rows: add a filter or "
@@ -336,16 +461,20 @@ class NodeEngine:
                     yield sink.take(), batch.num_rows
             yield sink.take(), 0  # the end-of-stream marker
         finally:
+            limit.close()  # detaches the cursor before it closes
             reader.close()
             cursor.close()
 
-    def _failed(self, plan: pb.Plan, e: Exception) -> PlanFailed:
-        incident = uuid.uuid4().hex[:12]
-        # The detail may quote data values: it stays in this node's own log.
-        log.warning("plan %s failed (incident %s): %s", plan.request_id, incident, e)
-        public = (_public_engine_error(e) if isinstance(e, duckdb.Error)
-                  else "the node could not execute the plan")
-        return PlanFailed(public, incident)
+    def _failed(self, plan: pb.Plan, e: BaseException,
+                deadline: Deadline | None = None) -> PlanFailed:
+        """Any failure of an accepted plan, as the one public outcome. The cause may quote
+        data values: it goes to this node's log and audit chain only."""
+        limit = deadline or getattr(self._local, "deadline", None)
+        failure = PlanFailed(cause=f"{type(e).__name__}: {e}"[:1000],
+                             interrupted=limit.cause if limit is not None else "")
+        log.warning("plan %s failed (incident %s%s): %s", plan.request_id, failure.incident,
+                    f", {failure.interrupted}" if failure.interrupted else "", failure.cause)
+        return failure
 
     def _execute_dp(self, plan: pb.Plan, compiled: CompiledPlan, started: float) -> Execution:
         spec = compiled.dp
@@ -357,19 +486,32 @@ class NodeEngine:
             cached = self.guard.cached(plan.request_id)
             if cached is not None:
                 return Execution(cached, 0, time.perf_counter() - started)
-            table = self._run(plan, compiled.sql)
-            out, scales = release(table, compiled.group_names, spec)
+            failed = self.guard.failure(plan.request_id)
+            if failed is not None:  # the same failure again: no second evaluation
+                raise PlanFailed(*failed)
+            # Charge before running: whatever happens next, the charge stands (a failure
+            # that cost nothing would be a free oracle on the data).
+            self.guard.charge(plan, spec)
+            if os.environ.get("BULLE_FAILPOINT") == "after-charge":  # crash test hook:
+                os._exit(86)  # charged, nothing run or released; a replay runs it once
+            try:
+                table = self._run(plan, compiled.sql)
+                out, scales = release(table, compiled.group_names, spec)
+            except Exception as e:  # the outcome of this charge, kept for its replays
+                failure = self._charged_failure(plan, e)
+                self.guard.store_failure(plan.request_id, failure.public, failure.incident)
+                raise failure from None
             result = pb.PartialResult(
                 node_id=self.config.node_id, arrow_ipc=to_ipc(out),
                 tier="sensitive", epsilon_spent=spec.epsilon, delta_spent=spec.delta,
                 noise_scales=scales)
-            # Charge before release: once charged, the result may leave; if the process
-            # dies before it does, the charge stands (it is never refunded).
-            self.guard.charge(plan, spec)
-            if os.environ.get("BULLE_FAILPOINT") == "after-charge":  # crash test hook
-                os._exit(86)
-            self.guard.store(plan.request_id, result)
+            self.guard.store(plan.request_id, result)  # before it leaves: replays get it
         return Execution(result, out.num_rows, time.perf_counter() - started)
+
+    def _charged_failure(self, plan: pb.Plan, e: Exception) -> PlanFailed:
+        """What a charged plan that did not release becomes: a failure, even if it was a
+        refusal (a limit met while running) — a refusal says "nothing was charged"."""
+        return e if isinstance(e, PlanFailed) else self._failed(plan, e)
 
 
 class _Pieces:
@@ -405,91 +547,13 @@ def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
     return ipc
 
 
-def _nonnegative_columns(con: duckdb.DuckDBPyConnection, ds,
-                         columns: dict[str, str]) -> frozenset[str]:
-    """Numeric columns of a restricted table without a negative value (the tables never
-    change once loaded): SUM cells then need no ABS columns for the dominance rule."""
-    numeric = [c for c, t in columns.items() if type_family(t) in ("integer", "number")]
-    if ds.tier != "restricted" or not numeric:
-        return frozenset()
-    mins = con.sql("SELECT " + ", ".join(f"coalesce(min({_quote(c)}) >= 0, true)"
-                                         for c in numeric)
-                   + f" FROM {_quote(ds.table)}").fetchall()[0]
-    return frozenset(c for c, ok in zip(numeric, mins, strict=True) if ok)
-
-
 def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:
-    """The most rows one unit has (sensitive tables): lets DP plans skip the per-unit rank."""
-    if ds.tier != "sensitive" or not ds.privacy_unit:
+    """The most rows one unit has: lets DP plans skip the per-unit rank, and restricted
+    plans the per-unit aggregation."""
+    if ds.tier == "open" or not ds.privacy_unit:
         return 0
+    if ds.privacy_unit == ROW_UNIT:  # each row is its own unit
+        return 1
     return int(con.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM "
                        f"{_quote(ds.table)} GROUP BY {_quote(ds.privacy_unit)})"
                        ).fetchall()[0][0])
-
-
-def _public_engine_error(e: duckdb.Error) -> str:
-    # Class names only: DuckDB's messages can quote the offending values.
-    if isinstance(e, duckdb.ConversionException):
-        return "a value could not be converted: check the types in the query"
-    if isinstance(e, duckdb.BinderException):
-        return "the query does not type-check against this node's tables"
-    if isinstance(e, duckdb.OutOfMemoryException):
-        return "the node ran out of memory for this query"
-    if isinstance(e, duckdb.OutOfRangeException):
-        return "a value is out of range in an expression"
-    if isinstance(e, duckdb.InvalidInputException):
-        return "invalid input in an expression"
-    return "the node could not execute the plan"
-
-
-def _disclosure_control(table: pa.Table, c: CompiledPlan) -> tuple[pa.Table, int, int]:
-    """Zero-fill public domains, apply the restricted tier's SDC, drop helper columns."""
-    keys = list(c.group_names)
-    aggs = [name for name, _ in c.aggregates]
-    counts = {name for name, kind in c.aggregates if kind in (pb.COUNT_ROWS, pb.COUNT)}
-    rows = table.to_pylist()
-    all_public = c.tier == "open" or (keys and all(d is not None for d in c.key_domains))
-    if keys and all(d is not None for d in c.key_domains):
-        cells = 1
-        for d in c.key_domains:
-            cells *= len(d)
-        if cells > MAX_DOMAIN_CELLS:
-            raise PlanRefused(f"the public domains of the group keys make {cells} cells "
-                              f"(at most {MAX_DOMAIN_CELLS})")
-        present = {tuple(r[k] for k in keys) for r in rows}
-        filler = {name: (0 if name in counts or name == "__units" else None)
-                  for name in table.column_names if name not in keys}
-        for combo in itertools.product(*c.key_domains):
-            if combo not in present:
-                rows.append({**dict(zip(keys, combo, strict=True)), **filler})
-
-    def public(key: tuple[object, ...]) -> bool:
-        if c.tier == "open":
-            return True
-        return all(d is not None and v in d for v, d in zip(key, c.key_domains, strict=True))
-
-    # Key order, not "present first, zero-filled after": the position of a suppressed cell
-    # must not tell whether it holds anyone.
-    rows.sort(key=lambda r: tuple((r[k] is None, r[k]) for k in keys))
-    key_tuples = [tuple(r[k] for k in keys) for r in rows]
-    if c.tier == "restricted":
-        dominated = [
-            any(float(r[sm] or 0) > 0 and float(r[mx] or 0) > c.dominance * float(r[sm])
-                for _, mx, sm in c.dominance_pairs)
-            for r in rows
-        ]
-        mask = suppression_mask(key_tuples, [r["__units"] for r in rows], c.min_count, dominated)
-    else:
-        mask = [False] * len(rows)
-    out_rows, hidden = [], 0
-    for r, key, suppressed in zip(rows, key_tuples, mask, strict=True):
-        if suppressed and not (all_public or public(key)):
-            hidden += 1
-            continue
-        row = {k: r[k] for k in keys}
-        row.update({a: (None if suppressed else r[a]) for a in aggs})
-        row["__suppressed"] = suppressed
-        out_rows.append(row)
-    fields = [table.schema.field(n) for n in keys + aggs]
-    schema = pa.schema([*fields, pa.field("__suppressed", pa.bool_())])
-    return pa.Table.from_pylist(out_rows, schema=schema), sum(mask) - hidden, hidden

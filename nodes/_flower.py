@@ -15,6 +15,12 @@ local Runtime API, and for each one:
   Same isolation as one process per task, without ~3 s of imports and ~1 s of first-call
   initialisation per message.
 
+The SuperNode's local app I/O API answers only its executor: the agent draws a secret
+for each start of the pair and gives it to both in the environment; the SuperNode's API is
+fenced (``bulle_flower/_fence.py``: loopback and the secret, else 403) and the executor and
+its task processes send it. Another process on the host cannot take the node's tasks (the
+incoming model, the run's spec and authorisation) nor push a reply in the node's name.
+
 Speed (TRAPS.md): the stock SuperNode sleeps a hard-coded 3 s after every empty pull and
 0.5 s while it waits for a reply, and object pulls back off from 1 s. The SuperNode and the
 executor cap these at ``BULLE_FLOWER_POLL_S`` (``bulle_flower/_patches.py``: private
@@ -69,10 +75,22 @@ def make_flower_key(private_path: Path) -> Path:
 
 def supernode_main(argv: list[str]) -> int:
     """``flower-supernode`` with the poll cap (``python -m nodes._flower supernode …``)."""
+    from bulle_flower._fence import APPIO_SECRET_ENV, AppIoFence, take_secret
     from bulle_flower._patches import cap_pull_backoff, cap_supernode_sleep
 
     poll = float(os.environ.get(POLL_ENV, "0.2"))
     cap_supernode_sleep(poll)
+    secret = take_secret(APPIO_SECRET_ENV)
+    import flwr.supernode.main as supernode_app
+
+    create_app = supernode_app.create_app
+
+    def fenced_create_app(*a: Any, **kw: Any) -> Any:
+        app = create_app(*a, **kw)
+        app.add_middleware(AppIoFence, secret=secret)  # outermost
+        return app
+
+    supernode_app.create_app = fenced_create_app  # looked up when the API starts
     cap_pull_backoff(cap=max(poll, 0.05))
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
@@ -96,13 +114,23 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
     from flwr.supercore.runtime import RuntimeHttpClient
 
     from bulle_flower._fab import fab_sha256
+    from bulle_flower._fence import APPIO_SECRET_ENV, SecretHeader, take_secret
     from nodes import _training
     from nodes._config import load_node_config
     from nodes._engine import NodeEngine
 
+    secret = take_secret(APPIO_SECRET_ENV)  # the SuperNode's app I/O answers only to it
     config = load_node_config(config_path)
     if config.training is None:
         raise SystemExit(f"node {config.node_id}: no [training] section in its config")
+    coordinator_key = None
+    if config.coordinator_public_key is not None:
+        from privacy._grants import load_public_key
+
+        coordinator_key = load_public_key(config.coordinator_public_key)
+    else:
+        log.error("node %s: no coordinator_public_key in its config: every training message "
+                  "will be refused", config.node_id)
     engine = NodeEngine(config)  # loads the data and locks DuckDB, before any fork
     from bulle_flower._patches import cap_pull_backoff
     from bulle_flower.client_app import app as client_app
@@ -111,11 +139,13 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
     _task_imports(engine)  # a child must not spend its time importing or warming up
 
     state_dir = Path(engine.guard.audit.path).parent  # the node's ledger, audit, releases
-    _training.bind(_training.NodeRuntime(config, engine, config.training.models, state_dir))
+    _training.bind(_training.NodeRuntime(config, engine, config.training.models, state_dir,
+                                         coordinator_key))
     allowed = fab_sha256()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SecretHeader(secret)],
         retry_invoker=make_simple_http_retry_invoker())
     stop = threading.Event()
     children: set[int] = set()
@@ -150,7 +180,8 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
             if pid == 0:  # the task process
                 code = 1
                 try:
-                    code = _run_task(runtime_address, res.token, allowed, client_app)
+                    code = _run_task(runtime_address, res.token, allowed, client_app,
+                                     secret)
                 finally:
                     os._exit(code)
             children.add(pid)
@@ -232,6 +263,7 @@ def _task_imports(engine: Any) -> None:
                 torch.nn.functional.binary_cross_entropy_with_logits(model(xb), yb).backward()
                 opt.step()
     gaussian_noise([0.0], 1.0)  # OpenDP's first measurement
+    _warm_authorisation()  # a task checks one before anything else
     # DuckDB's and Arrow's first join and column conversions (~0.5 s cold): the shape of
     # a training view, for each table a node may train on and each open table it may join.
     meta = engine.meta
@@ -247,7 +279,22 @@ def _task_imports(engine: Any) -> None:
                 column.to_numpy(zero_copy_only=False)
 
 
-def _run_task(address: str, token: str, allowed: str, client_app: Any) -> int:
+def _warm_authorisation() -> None:
+    """One run authorisation signed and verified with a throwaway key: a forked task then
+    finds Ed25519 and the token's parsing initialised (its check: ~2 ms instead of ~3)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy import RunAuthorisation, sign_run_authorisation, verify_run_authorisation
+
+    key, now = Ed25519PrivateKey.generate(), datetime.now(UTC)
+    auth = RunAuthorisation("warm-up", "warm-up", "0" * 64, "0" * 64, (("node", 1.0),),
+                            now + timedelta(minutes=1), now - timedelta(minutes=1))
+    verify_run_authorisation(sign_run_authorisation(auth, key), key.public_key(), now)
+
+
+def _run_task(address: str, token: str, allowed: str, client_app: Any, secret: str) -> int:
     """One task: pull its input, check the FAB, run the installed ClientApp, push."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
@@ -264,13 +311,14 @@ def _run_task(address: str, token: str, allowed: str, client_app: Any) -> int:
         push_task_output,
     )
 
+    from bulle_flower._fence import SecretHeader
     from nodes import _training
 
     _training.TIMES["forked"] = time.time()
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(token)],
+                      RuntimeTokenHttpInterceptor(token), SecretHeader(secret)],
         retry_invoker=make_simple_http_retry_invoker())
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
@@ -347,13 +395,18 @@ class NodeFlower:
 
     def start(self) -> None:
         t = self.training
-        state = (self.config.state_dir or self.config_path.parent / "state") / "flower"
+        # the engine's state folder (nodes/_engine.py), where the ledger and audit are
+        state = (self.config.state_dir
+                 or self.config_path.parent / f"{self.config.node_id}-state") / "flower"
         state.mkdir(parents=True, exist_ok=True)
         port = t.runtime_port or free_port()
         runtime = f"127.0.0.1:{port}"
         bindir = str(Path(sys.executable).parent)
+        from bulle_flower._fence import APPIO_SECRET_ENV, new_secret
+
         env = {**os.environ, "FLWR_HOME": str(state), POLL_ENV: str(t.poll_interval_s),
-               "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+               "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+               APPIO_SECRET_ENV: new_secret()}  # the pair's app I/O secret
         supernode = [sys.executable, "-m", "nodes._flower", "supernode",
                      "--superlink", self.superlink, "--root-certificates",
                      str(t.root_certificates), "--auth-supernode-private-key", str(t.auth_key),

@@ -3,8 +3,9 @@
 The node never trusts the coordinator: a plan on sensitive data runs only with a grant
 signed by the ethics board for this project, researcher and dataset, and its charge is
 written to this node's ledger (atomically, idempotently on the request id) *before* the
-result leaves. A replayed request id gets the very same release back — never a fresh
-noise draw, which would let averaging undo the noise.
+plan runs, so a failure is never free. A replayed request id gets the very same outcome
+back — the release, or the failure — never a fresh noise draw (averaging would undo the
+noise) nor a second evaluation for one charge.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class PrivacyGuard:
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS releases (request_id TEXT PRIMARY KEY, "
                        "result BLOB NOT NULL, created_at TEXT NOT NULL)")
+            # Charged plans that failed while running: a replay gets the same failure.
+            db.execute("CREATE TABLE IF NOT EXISTS failures (request_id TEXT PRIMARY KEY, "
+                       "public TEXT NOT NULL, incident TEXT NOT NULL, "
+                       "created_at TEXT NOT NULL)")
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._budgets: dict[tuple[str, str], tuple[float, float]] = {}
@@ -89,8 +94,16 @@ class PrivacyGuard:
         result.replayed = True
         return result
 
+    def failure(self, request_id: str) -> tuple[str, str] | None:
+        """(public message, incident) of a charged plan that failed while running."""
+        row = self._db().execute("SELECT public, incident FROM failures WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
     def charge(self, plan: pb.Plan, spec: DpSpec) -> Any:
-        """Charge this node's ledger; refuses (PlanRefused) when the budget would overflow."""
+        """Charge this node's ledger before the plan runs; refuses (PlanRefused, nothing
+        charged) when the budget would overflow. A replay of an accepted charge (the node
+        stopped after charging, before storing an outcome) charges nothing more."""
         outcome = self.ledger.charge(plan.request_id, plan.project, spec.table, spec.event(),
                                      epsilon_claim=spec.epsilon)
         if not outcome.accepted and not outcome.replay:
@@ -100,12 +113,21 @@ class PrivacyGuard:
                 f"{outcome.remaining_epsilon:.4g} is left")
         if not outcome.accepted:
             raise PlanRefused("this request id was refused before")
+        self.record(plan, "charged", {
+            "dataset": spec.table, "epsilon": spec.epsilon, "delta": spec.delta,
+            "replay": outcome.replay, "composed_epsilon_spent": outcome.spent_epsilon,
+            "composed_epsilon_growth": outcome.needed_epsilon})
         return outcome
 
     def store(self, request_id: str, result: pb.PartialResult) -> None:
         self._db().execute(
             "INSERT OR IGNORE INTO releases VALUES (?, ?, ?)",
             (request_id, result.SerializeToString(), datetime.now(UTC).isoformat()))
+
+    def store_failure(self, request_id: str, public: str, incident: str) -> None:
+        self._db().execute(
+            "INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
+            (request_id, public, incident, datetime.now(UTC).isoformat()))
 
     def record(self, plan: pb.Plan, action: str, detail: dict[str, Any]) -> None:
         self.audit.append(plan.researcher[:128] or "?", plan.project[:128], action, {

@@ -18,7 +18,7 @@ import duckdb
 import sqlglot
 from sqlglot import exp
 
-from nodes._config import ConfigError, DatasetConfig
+from nodes._config import ROW_UNIT, ConfigError, DatasetConfig
 
 _INT = r"^-?(0|[1-9][0-9]{0,17})$"
 _NUM = r"^-?(0|[1-9][0-9]*)([.,][0-9]+)?([eE][-+]?[0-9]+)?$"
@@ -200,9 +200,13 @@ def _check_schema(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> None:
             problems.append(f"column {col!r} is missing")
         elif type_family(actual[col]) != type_family(want):
             problems.append(f"column {col!r} is {actual[col]}, expected {want}")
-    for col in (ds.privacy_unit, *ds.public_domains, *ds.columns, *ds.bounds):
+    unit = "" if ds.privacy_unit == ROW_UNIT else ds.privacy_unit
+    for col in (unit, *ds.public_domains, *ds.columns, *ds.bounds):
         if col and col not in actual:
             problems.append(f"declared column {col!r} does not exist")
+    if ds.privacy_unit == ROW_UNIT and ROW_UNIT in actual:
+        problems.append(f'privacy_unit = "{ROW_UNIT}" (one person per row) is ambiguous: the '
+                        f'table has a column named {ROW_UNIT!r} (rename it)')
     if problems:
         raise ConfigError(f"dataset {ds.table!r}: wrong schema: " + "; ".join(problems))
 

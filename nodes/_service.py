@@ -1,8 +1,9 @@
 """The node's gRPC service: thin, it authenticates the caller and delegates to the engine.
 
 Every answer that crosses the wire is either a disclosure-controlled result or a message
-built without data. Unexpected errors are logged here with an incident id; only the id
-leaves.
+built without data. A plan that fails once accepted, whatever the cause (engine error,
+memory, deadline, cancellation, a bug), gets one status and one message, the same at every
+node: the cause and an incident id go to this node's log and audit chain only.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from federation.proto import bulle_pb2 as pb
 from federation.proto import bulle_pb2_grpc as pb_grpc
 from nodes._compile import PlanRefused
 from nodes._config import ConfigError, NodeConfig
-from nodes._engine import NodeEngine, PlanFailed
+from nodes._engine import FAILED, Deadline, NodeEngine, PlanFailed
 from nodes._guard import PrivacyGuard
 from nodes._references import ReferenceRefused
 
 log = logging.getLogger("bulle.node")
 MAX_MESSAGE = 512 * 1024 * 1024
 VERSION = "0.1.0"
+FAILED_STATUS = grpc.StatusCode.INTERNAL  # every failure of an accepted plan
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -79,11 +81,26 @@ class NodeServicer(pb_grpc.NodeServicer):
         with _references(context, "drop", request.table):
             return pb.ReferenceAck(info=self.engine.drop_reference(request.table))
 
+    def _deadline(self, context: grpc.ServicerContext) -> Deadline:
+        """The caller's deadline (capped by the node's own), and its cancellation."""
+        deadline = self.engine.deadline(context.time_remaining())
+
+        def ended() -> None:  # runs when the RPC ends, also after a normal answer
+            deadline.fire("deadline" if deadline.expired() else "cancelled")
+
+        if not context.add_callback(ended):  # already over
+            ended()
+        return deadline
+
     def Execute(self, plan: pb.Plan, context: grpc.ServicerContext) -> pb.PartialResult:
         self._authorize(context)
         guard = self.engine.guard
-        with _plan_errors(guard, plan, context):
-            done = self.engine.execute(plan)
+        deadline = self._deadline(context)
+        try:
+            with _plan_errors(guard, plan, context, deadline):
+                done = self.engine.execute(plan, deadline)
+        finally:
+            deadline.close()
         r = done.result
         guard.record(plan, "replayed" if r.replayed else "released", {
             "tier": r.tier, "tables": _tables(plan),
@@ -96,20 +113,26 @@ class NodeServicer(pb_grpc.NodeServicer):
         self._authorize(context)
         guard = self.engine.guard
         started, rows, sent = time.perf_counter(), 0, None
-        with _plan_errors(guard, plan, context):
-            header, pieces = self.engine.execute_rows(plan)
-            try:
-                yield pb.RowChunk(header=header)
-                sent = False
-                for data, n in pieces:
-                    yield pb.RowChunk(arrow_ipc=data)
-                    rows += n
-                sent = True
-            finally:  # what left is on the record, even when the caller went away
-                if sent is not None:
-                    guard.record(plan, "released" if sent else "released_partly", {
-                        "tier": header.tier, "tables": _tables(plan), "rows": rows,
-                        "streamed": True, "ms": round((time.perf_counter() - started) * 1000, 2)})
+        deadline = self._deadline(context)
+        try:
+            with _plan_errors(guard, plan, context, deadline):
+                header, pieces = self.engine.execute_rows(plan, deadline)
+                try:
+                    yield pb.RowChunk(header=header)
+                    sent = False
+                    for data, n in pieces:
+                        yield pb.RowChunk(arrow_ipc=data)
+                        rows += n
+                    sent = True
+                finally:  # what left is on the record, even when the caller went away
+                    pieces.close()  # its query, cursor and reader end now
+                    if sent is not None:
+                        guard.record(plan, "released" if sent else "released_partly", {
+                            "tier": header.tier, "tables": _tables(plan), "rows": rows,
+                            "streamed": True,
+                            "ms": round((time.perf_counter() - started) * 1000, 2)})
+        finally:
+            deadline.close()
 
 
 def _tables(plan: pb.Plan) -> list[str]:
@@ -117,23 +140,28 @@ def _tables(plan: pb.Plan) -> list[str]:
 
 
 @contextmanager
-def _plan_errors(guard: PrivacyGuard, plan: pb.Plan,
-                 context: grpc.ServicerContext) -> Iterator[None]:
-    """Refusals and failures as gRPC statuses with data-free messages, each audited."""
+def _plan_errors(guard: PrivacyGuard, plan: pb.Plan, context: grpc.ServicerContext,
+                 deadline: Deadline) -> Iterator[None]:
+    """Static refusals (data-free, before any data is read) keep their message; every
+    other failure is the one outcome FAILED_STATUS / FAILED, its cause on the audit chain
+    (the board sees it, the caller never does)."""
     try:
         yield
     except PlanRefused as e:
         guard.record(plan, "refused", {"reason": str(e)})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except PlanFailed as e:
-        guard.record(plan, "failed", {"incident": e.incident})
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"{e.public} (node incident {e.incident})")
-    except Exception:
-        incident = uuid.uuid4().hex[:12]
-        log.exception("unexpected error on plan %s (incident %s)", plan.request_id, incident)
-        guard.record(plan, "error", {"incident": incident})
-        context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
+    except Exception as e:
+        if isinstance(e, PlanFailed):
+            failure = e
+        else:  # a bug or a limit met in Python (release, Arrow): the same outcome
+            failure = PlanFailed(cause=f"{type(e).__name__}: {e}"[:1000],
+                                 interrupted=deadline.cause)
+            log.exception("plan %s failed (incident %s)", plan.request_id, failure.incident)
+        detail = {"incident": failure.incident, "cause": failure.cause}
+        if failure.interrupted:
+            detail.update(by=failure.interrupted, limit_s=round(deadline.seconds, 3))
+        guard.record(plan, "interrupted" if failure.interrupted else "failed", detail)
+        context.abort(FAILED_STATUS, FAILED)
 
 
 @contextmanager

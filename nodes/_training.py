@@ -1,19 +1,26 @@
 """DP-SGD training at the node: what the vetted ClientApp does for one round.
 
-The node trusts nothing it receives: the run spec is parsed and checked against this
-node's own catalogue (model allowed by the operator, table and columns published here,
-joins only with open tables), the board-signed grant is verified (``PrivacyGuard.admit``),
-and every round is charged to this node's ledger *before* anything leaves:
+The node trusts nothing it receives. Before anything else, the message's run authorisation
+(signed by the coordinator, ``privacy._runauth``) is verified: signature, validity window,
+this node listed, the spec's hash, project and grant, the round within the run; a message
+without a valid one is refused (audited), nothing is read, trained or charged. Then the run
+spec is checked against this node's own catalogue (model allowed by the operator, table
+and columns published here, joins only with open tables), the board-signed grant is
+verified (``PrivacyGuard.admit``), and every round is charged to this node's ledger
+*before* anything leaves:
 
 1. build the training view on the locked DuckDB: one row (tabular models) or one sequence
    (GRU) per privacy unit, so one learner is one example (bounded contribution);
 2. plan the noise once per run: σ of DP-SGD calibrated so the whole run fits within
    min(what the researcher asked, what the grant leaves at this node), given this node's
-   ledger history for the project and dataset; evaluation counts get their own σ;
+   ledger history for the project and dataset; evaluation counts get their own σ, and the
+   final model's evaluation (the run's result) one √rounds smaller: it costs as much as
+   all the rounds' evaluations together, so that the result is the least noisy figure;
 3. train with Opacus (Poisson sampling, per-sample clipping, Gaussian noise), evaluate on
    held-out learners and noise the evaluation histogram (plus the training-set size);
 4. charge ``opacus_event(history)`` + the evaluation's Gaussian event with request id
-   ``<run>:<round>:<node>``; refused → an error reply, nothing released;
+   ``<run>:<round>:<node>`` (``run`` from the signed authorisation: a replayed message is
+   the same request); refused → an error reply, nothing released;
 5. keep the release (a replayed round gets the same weights back, never new noise) and
    write the audit entry; return weights (``_module.`` stripped) and DP metrics.
 """
@@ -50,9 +57,20 @@ from nodes._trainview import (
     check_spec,
     fetch_rows,
 )
-from privacy import RdpTotals, event_from_dict, gaussian_event, gaussian_noise, opacus_event
+from privacy import (
+    GrantError,
+    RdpTotals,
+    RunAuthorisation,
+    canonical_sha256,
+    event_from_dict,
+    gaussian_event,
+    gaussian_noise,
+    grant_id,
+    opacus_event,
+    verify_run_authorisation,
+)
 
-__all__ = ["SIGMA_RANGE", "NodeRuntime", "TrainSpec", "TrainingRefused", "bind",
+__all__ = ["SIGMA_RANGE", "NodeRuntime", "TrainSpec", "TrainingRefused", "authorise", "bind",
            "build_view", "calibrate", "check_spec", "fetch_rows", "round_event",
            "sigma_for_eval", "train_round"]
 
@@ -68,6 +86,7 @@ class NodeRuntime:
     engine: Any  # nodes._engine.NodeEngine (locked DuckDB + catalogue meta)
     models: tuple[str, ...]
     state_dir: Path
+    coordinator_key: Any = None  # Ed25519 public key of the run authorisations (None: none)
 
     @property
     def node_id(self) -> str:
@@ -114,15 +133,17 @@ def sigma_for_eval(rounds: int, epsilon: float, delta: float) -> float:
 
 
 def calibrate(prior: RdpTotals, cap: float, target: float, delta: float, sample_rate: float,
-              steps: int, rounds: int, sigma_eval: float) -> float | None:
+              steps: int, rounds: int, sigma_eval: float,
+              sigma_final: float | None = None) -> float | None:
     """Smallest σ (within ``SIGMA_RANGE``) such that the run of ``rounds`` rounds costs at
     most ``target`` ε on its own and ``prior`` plus the run stays within ``cap`` (both at
     δ); None if even the largest σ does not fit. (RDP composition is sublinear: the run's
-    own ε is larger than what it adds to a prior spend, so both are checked.)"""
+    own ε is larger than what it adds to a prior spend, so both are checked.) The final
+    model's evaluation has σ ``sigma_final`` (default: ``sigma_eval``)."""
     def fits(sigma: float) -> bool:
         run = dpa.ComposedDpEvent([  # the rounds, then the final model's evaluation
             dpa.SelfComposedDpEvent(round_event(sigma, sample_rate, steps, sigma_eval), rounds),
-            gaussian_event(sigma_eval)])
+            gaussian_event(sigma_final or sigma_eval)])
         return (RdpTotals().plus(run).epsilon(delta) <= target
                 and prior.plus(run).epsilon(delta) <= cap)
 
@@ -185,6 +206,54 @@ def node_salt(state_dir: Path) -> bytes:
     return path.read_bytes()
 
 
+# ------------------------------------------------------------------ run authorisations
+
+
+def authorise(cfg: Any, node_id: str, coordinator_key: Any, now: datetime | None = None
+              ) -> tuple[RunAuthorisation, TrainSpec, int]:
+    """Verify a training message's run authorisation before anything is read or trained:
+    the coordinator's signature and validity window, this node listed, the spec being the
+    one signed (hash), its run, project and grant the signed ones, its ε at most this
+    node's target, the round within the run. Returns (authorisation, spec, round);
+    ``TrainingRefused("unauthorised", …)`` otherwise."""
+    def refuse(why: str) -> TrainingRefused:
+        return TrainingRefused("unauthorised", why)
+
+    if coordinator_key is None:
+        raise refuse(f"node {node_id} has no coordinator key configured: it trains nothing")
+    if "auth" not in cfg or "spec" not in cfg:
+        raise refuse("the message carries no run authorisation")
+    try:
+        auth = verify_run_authorisation(str(cfg["auth"]), coordinator_key,
+                                        now or datetime.now(UTC))
+    except GrantError as e:
+        raise refuse(f"run authorisation refused ({e.code})") from None
+    target = auth.epsilon_for(node_id)
+    if target is None:
+        raise refuse(f"the run authorisation does not name node {node_id}")
+    try:
+        raw = json.loads(str(cfg["spec"]))
+        digest = canonical_sha256(raw)
+    except (TypeError, ValueError):
+        raise refuse("the spec is not canonical JSON") from None
+    if digest != auth.spec_sha256:
+        raise refuse("the spec is not the one the run authorisation signs")
+    spec = TrainSpec.parse(raw)
+    if spec.job != auth.run or spec.project != auth.project:
+        raise refuse("the spec's run or project is not the authorised one")
+    if grant_id(spec.grant) != auth.grant:
+        raise refuse("the spec's grant is not the authorised one")
+    if spec.epsilon > target * (1 + 1e-9):
+        raise refuse("the spec's ε exceeds this node's authorised target")
+    try:
+        rnd = int(cfg["round"])
+    except (KeyError, TypeError, ValueError):
+        raise refuse("the message has no round") from None
+    if not 1 <= rnd <= spec.rounds + 1:  # rounds + 1: the final model's evaluation
+        raise refuse(f"round {rnd} is not a round of this run")
+    return auth, spec, rnd
+
+
 # ----------------------------------------------------------------------------- the round
 
 
@@ -211,10 +280,9 @@ def train_round(msg: Any, context: Any) -> Any:
 
     rt = _runtime()
     cfg = msg.content["config"]
-    rnd, run_id = int(cfg["round"]), str(cfg["run_id"])
-    request_id = f"{run_id}:{rnd}:{rt.node_id}"
     guard = PrivacyGuard(rt.node_id, rt.state_dir, rt.config.board_public_key)
     spec: TrainSpec | None = None
+    rnd, request_id = 0, ""
 
     def audit(action: str, **detail: Any) -> None:
         who = spec.researcher[:128] if spec else "?"
@@ -223,7 +291,17 @@ def train_round(msg: Any, context: Any) -> Any:
             "job": spec.job if spec else "", "table": spec.table if spec else "", **detail})
 
     try:
-        spec = TrainSpec.parse(json.loads(str(cfg["spec"])))
+        t0 = time.perf_counter()
+        try:  # before anything is read: the run must be authorised by the coordinator
+            auth, spec, rnd = authorise(cfg, rt.node_id, rt.coordinator_key)
+        except TrainingRefused as e:
+            spec = None  # what the message claims is not trusted, nor audited as its own
+            audit("train_refused", reason=str(e)[:300], unauthorised=e.code == "unauthorised",
+                  flower_run=str(msg.metadata.run_id))
+            return Message(Error(code=0, reason=str(e)[:500]), reply_to=msg)
+        TIMES["auth_s"] = time.perf_counter() - t0
+        request_id = f"{auth.run}:{rnd}:{rt.node_id}"
+        run_id = auth.run
         where = check_spec(spec, rt.engine.meta, rt.models)
         try:
             grant = guard.admit(_admit_plan(spec), spec.table)
@@ -239,7 +317,7 @@ def train_round(msg: Any, context: Any) -> Any:
         if any(h.request_id == request_id for h in history):
             raise TrainingRefused("refused", "this round was charged before but its release "
                                   "never left the node: it is not trained again")
-        train = bool(int(cfg.get("train", 1)))  # 0: the final model's evaluation only
+        train = rnd <= spec.rounds  # the round after the last: the final model's evaluation
         event, metrics, dp, arrays = _train(spec, rt, where, run_id, history, grant.epsilon,
                                             context, msg, train)
         _failpoint("before-charge", rnd, spec.project)
@@ -273,6 +351,8 @@ def _reply(msg: Any, arrays: dict[str, np.ndarray], metrics: dict, dp: dict) -> 
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+    # the run authorisation's check at this node, this message (≤ 10 ms: benchmarks)
+    metrics = {**metrics, "auth_s": TIMES.get("auth_s", 0.0)}
     if "forked" in TIMES:  # where a round's time goes (benchmarks/bench_training.py)
         now = time.time()
         metrics = {**metrics, "queue_s": TIMES["forked"] - float(msg.metadata.created_at),
@@ -315,7 +395,8 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     if n < 2 * spec.batch_size and n < 100:
         raise TrainingRefused("too_small", "too few learners at this node for DP training")
     plan, prior = _noise_plan(spec, rt, context, history, cap)
-    sigma_eval = float(plan["sigma_eval"])
+    sigma_eval = float(plan["sigma_eval"] if train else plan.get("sigma_final",
+                                                                  plan["sigma_eval"]))
 
     model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
     try:
@@ -387,9 +468,10 @@ def _noise_plan(spec: TrainSpec, rt: NodeRuntime, context: Any, history: list[An
     if available <= 0:
         raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
                               f"project {spec.project!r} on {spec.table!r}")
-    plan = {"job": spec.job, "epsilon_available": float(available),
-            "sigma_eval": sigma_for_eval(spec.rounds + 1, spec.eval_share * available,
-                                         spec.delta)}
+    # the rounds' evaluations and the final one, which weighs as much as all of them
+    sigma_eval = sigma_for_eval(2 * spec.rounds, spec.eval_share * available, spec.delta)
+    plan = {"job": spec.job, "epsilon_available": float(available), "sigma_eval": sigma_eval,
+            "sigma_final": sigma_eval / math.sqrt(spec.rounds)}
     return plan, prior
 
 
@@ -403,7 +485,8 @@ def _sampling_plan(spec: TrainSpec, rt: NodeRuntime, plan: dict[str, Any], prior
     steps_epoch = max(1, round(max(n_noisy, spec.batch_size) / spec.batch_size))
     sigma = spec.noise_multiplier or calibrate(
         prior, cap, float(plan["epsilon_available"]), spec.delta, 1.0 / steps_epoch,
-        steps_epoch * spec.epochs, spec.rounds, float(plan["sigma_eval"]))
+        steps_epoch * spec.epochs, spec.rounds, float(plan["sigma_eval"]),
+        float(plan["sigma_final"]))
     if sigma is None:
         raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
                               f"(ε={plan['epsilon_available']:.4g}) cannot pay for "

@@ -4,6 +4,11 @@ one example per privacy unit, built on the locked DuckDB.
 Names in the spec are checked against this node's own catalogue before any SQL is built;
 values never enter SQL (they are compared in numpy). Features are scaled with the layout's
 public bounds (from declared bounds or public domains, never from data).
+
+The label is binary: ``(column, op, number)`` with op one of ``>= > <= < = !=``, or
+``(column, "in" | "not in", (value, …))`` on a column with a declared public domain here
+(the values must be in it). A table whose rows are persons (``privacy_unit = "row"``) has
+one example per row.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ LIMITS = {"rounds": 200, "epochs": 20, "batch_size": 4096, "hidden": 256, "max_l
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less,
         "=": np.equal, "!=": np.not_equal}
+SET_OPS = ("in", "not in")  # a categorical label: the column's value in a set of values
+ROW_UNIT = "row"  # = nodes._config.ROW_UNIT: each row is one person
 SIGMA_RANGE = (0.5, 200.0)
 
 
@@ -57,7 +64,7 @@ class TrainSpec:
     table: str
     joins: tuple[tuple[str, str], ...]  # (open table, join column)
     features: tuple[Feature, ...]
-    label: tuple[str, str, float]  # (column, operator, threshold)
+    label: tuple[str, str, Any]  # (column, operator, number) or (column, "in", (values…))
     order_by: str
     max_len: int
     rounds: int
@@ -113,8 +120,15 @@ class TrainSpec:
                 else:
                     raise ValueError("feature kind must be num or cat")
             col, op, value = raw["label"]
-            if op not in _OPS:
-                raise ValueError(f"label operator must be one of {', '.join(_OPS)}")
+            if op in SET_OPS:
+                if not isinstance(value, list) or not 1 <= len(value) <= LIMITS["features"] \
+                        or not all(isinstance(v, str) for v in value):
+                    raise ValueError("a categorical label needs 1 to 256 string values")
+                value = tuple(v[:200] for v in value)
+            elif op in _OPS:
+                value = float(value)
+            else:
+                raise ValueError(f"label operator must be one of {', '.join([*_OPS, *SET_OPS])}")
             nm = raw.get("noise_multiplier")
             spec = cls(
                 job=str(raw["job"])[:64], project=str(raw["project"]),
@@ -122,7 +136,7 @@ class TrainSpec:
                 model=str(raw["model"]), hidden=int(bounded("hidden", 1, LIMITS["hidden"])),
                 table=name(raw["table"]),
                 joins=tuple((name(t), name(c)) for t, c in raw.get("joins", [])),
-                features=tuple(feats), label=(name(col), op, float(value)),
+                features=tuple(feats), label=(name(col), op, value),
                 order_by=name(raw["order_by"]) if raw.get("order_by") else "",
                 max_len=int(bounded("max_len", 2, LIMITS["max_len"])),
                 rounds=int(bounded("rounds", 1, LIMITS["rounds"])),
@@ -171,7 +185,7 @@ def check_spec(spec: TrainSpec, meta: dict[str, Any], models: tuple[str, ...]) -
         raise TrainingRefused("not_allowed", f"table {spec.table!r} is not published here")
     if t.tier == "open" or not t.privacy_unit:
         raise TrainingRefused("not_allowed", "DP training runs on sensitive or restricted "
-                              "tables with a privacy unit")
+                              "tables with a privacy unit (a column, or \"row\")")
     where: dict[str, str] = {c: "t" for c in t.columns}
     for i, (jt, col) in enumerate(spec.joins):
         j = meta.get(jt)
@@ -188,6 +202,16 @@ def check_spec(spec: TrainSpec, meta: dict[str, Any], models: tuple[str, ...]) -
             raise TrainingRefused("not_allowed", f"column {c!r} is not in the training view")
         if c == t.privacy_unit:
             raise TrainingRefused("not_allowed", "the privacy unit cannot be a feature or label")
+    col, op, values = spec.label
+    if op in SET_OPS:
+        holder = t if where[col] == "t" else meta[spec.joins[int(where[col][1:])][0]]
+        domain = {str(v) for v in holder.public_domains.get(col, ())}
+        if not domain:
+            raise TrainingRefused("not_allowed", f"a label comparing {col!r} to values needs "
+                                  "a declared public domain for it")
+        if not set(values) <= domain:
+            raise TrainingRefused("not_allowed", f"label values must be in the public domain "
+                                  f"of {col!r}")
     return where
 
 
@@ -199,7 +223,8 @@ def fetch_rows(cursor: Any, spec: TrainSpec, unit: str, where: dict[str, str]) -
     """The raw columns of the view, one row per source row (names come from the catalogue)."""
     cols = dict.fromkeys([f.name for f in spec.features] + [spec.label[0]]
                          + ([spec.order_by] if spec.order_by else []))
-    select = [f"t.{_quote(unit)} AS __unit"] + [f"{where[c]}.{_quote(c)} AS {_quote(c)}"
+    unit_sql = "t.rowid" if unit == ROW_UNIT else f"t.{_quote(unit)}"
+    select = [f"{unit_sql} AS __unit"] + [f"{where[c]}.{_quote(c)} AS {_quote(c)}"
                                                 for c in cols]
     sql = f"SELECT {', '.join(select)} FROM {_quote(spec.table)} AS t"
     for i, (jt, col) in enumerate(spec.joins):
@@ -235,8 +260,17 @@ def encode(rows: dict[str, Any], features: tuple[Feature, ...]) -> np.ndarray:
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
-def label_of(rows: dict[str, Any], label: tuple[str, str, float]) -> np.ndarray:
+def label_of(rows: dict[str, Any], label: tuple[str, str, Any]) -> np.ndarray:
     col, op, value = label
+    if op in SET_OPS:  # compared as text, as the public domain's values are
+        import pandas as pd
+
+        s = pd.Series(rows[col], dtype=object)
+        missing = s.isna().to_numpy()
+        hit = s.where(~missing, "").astype(str).isin(value).to_numpy()
+        out = (hit if op == "in" else ~hit).astype(np.float32)
+        out[missing] = np.nan  # no label: the row cannot be used
+        return out
     raw = _floats(rows[col])
     out = _OPS[op](raw, value).astype(np.float32)
     out[np.isnan(raw)] = np.nan  # no label: the row cannot be used

@@ -1,7 +1,9 @@
 """Bulle's privacy library: pure functions and the stores of the privacy ledger and audit.
 
 Map of the public API:
-- Restricted tier (statistical disclosure control): ``suppression_mask``, ``round_count``.
+- Restricted tier (the cell key method, ``_ckm``): ``CkmParams``, ``generate_ptable``,
+  ``load_ptable``, ``ptable_for``, ``describe_ptable``, ``count_perturbation``,
+  ``magnitude_draw``, ``magnitude_sd``, ``PtableError``.
 - DP releases (``_mechanisms``, noise from OpenDP only): ``dp_count``, ``dp_sum``,
   ``dp_mean``, ``dp_variance``, ``dp_quantile`` → ``Release``; raw vector noise
   ``laplace_noise``, ``gaussian_noise``; calibration ``laplace_scale``, ``gaussian_sigma``,
@@ -17,6 +19,9 @@ Map of the public API:
   migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
   ``verify_grant``, ``GrantError``.
+- Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
+  ``sign_run_authorisation``, ``verify_run_authorisation``, ``coordinator_keys``,
+  ``canonical_sha256``, ``grant_id``, ``spec_json``.
 - Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
   ``AuditEntry``, ``AuditReport``.
 """
@@ -30,6 +35,17 @@ from privacy._accounting import (
     report_epsilon,
 )
 from privacy._audit import AuditEntry, AuditLog, AuditReport
+from privacy._ckm import (
+    CkmParams,
+    PtableError,
+    count_perturbation,
+    describe_ptable,
+    generate_ptable,
+    load_ptable,
+    magnitude_draw,
+    magnitude_sd,
+    ptable_for,
+)
 from privacy._grants import Grant, GrantError, generate_board_keys, sign_grant, verify_grant
 from privacy._ledger import PROJECT_WIDE, ChargeRecord, ChargeResult, Ledger, LedgerError
 from privacy._ledger import metadata as ledger_metadata
@@ -52,9 +68,36 @@ from privacy._mechanisms import (
     opacus_event,
     quantile_rank_error,
 )
-from privacy._sdc import round_count, suppression_mask
+from privacy._runauth import (
+    RunAuthorisation,
+    canonical_sha256,
+    coordinator_keys,
+    grant_id,
+    sign_run_authorisation,
+    spec_json,
+    verify_run_authorisation,
+)
 
-__all__ = ["round_count", "suppression_mask"]
+__all__ = [
+    "CkmParams",
+    "PtableError",
+    "count_perturbation",
+    "describe_ptable",
+    "generate_ptable",
+    "load_ptable",
+    "magnitude_draw",
+    "magnitude_sd",
+    "ptable_for",
+]
+__all__ += [
+    "RunAuthorisation",
+    "canonical_sha256",
+    "coordinator_keys",
+    "grant_id",
+    "sign_run_authorisation",
+    "spec_json",
+    "verify_run_authorisation",
+]
 __all__ += [
     "PROJECT_WIDE",
     "AuditEntry",

@@ -91,9 +91,14 @@ def generate_board_keys(directory: str | os.PathLike[str]) -> tuple[Path, Path]:
 
     Refuses to overwrite existing files (a lost board key cannot be re-made).
     """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    priv_path, pub_path = d / PRIVATE_KEY_FILE, d / PUBLIC_KEY_FILE
+    return generate_signing_keys(Path(directory) / PRIVATE_KEY_FILE,
+                                 Path(directory) / PUBLIC_KEY_FILE)
+
+
+def generate_signing_keys(priv_path: Path, pub_path: Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair at these paths (private 0600, created atomically); refuses
+    to overwrite either file."""
+    priv_path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     priv_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -150,7 +155,15 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 def sign_grant(grant: Grant, private_key: PrivateKeyLike) -> str:
     """Compact signed token for ``grant``."""
     key = load_private_key(private_key)
-    payload = _canonical(_to_payload(grant, key_id(key.public_key())))
+    return sign_payload(_to_payload(grant, key_id(key.public_key())), key)
+
+
+def sign_payload(data: dict[str, Any], private_key: PrivateKeyLike) -> str:
+    """``base64url(canonical JSON) + "." + base64url(Ed25519 signature)``; ``data`` should
+    carry ``kid`` (``key_id`` of the signing key) so that a verifier can tell a token of
+    another key from a forged one."""
+    key = load_private_key(private_key)
+    payload = _canonical(data)
     return f"{_b64e(payload)}.{_b64e(key.sign(payload))}"
 
 
@@ -165,6 +178,21 @@ def verify_grant(
     signature, payload fields, validity window; nothing of the payload is trusted before
     the signature is checked.
     """
+    grant = _from_payload(open_payload(token, public_key, "grant"))
+    t = now or datetime.now(UTC)
+    if t.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    if t >= grant.expires:
+        raise GrantError("expired", f"grant expired at {grant.expires.isoformat()}")
+    if t < grant.issued:
+        raise GrantError("not_yet_valid", f"grant issued in the future ({grant.issued})")
+    return grant
+
+
+def open_payload(token: str, public_key: PublicKeyLike, what: str = "token") -> dict[str, Any]:
+    """The payload of a token made by ``sign_payload``, once its shape, key id, signature
+    and canonical form are checked (``GrantError`` otherwise: malformed, wrong_key,
+    bad_signature). Nothing of the payload is trusted before the signature is checked."""
     key = load_public_key(public_key)
     if not isinstance(token, str) or token.count(".") != 1:
         raise GrantError("malformed", "token must be two base64url parts joined by '.'")
@@ -182,7 +210,7 @@ def verify_grant(
     if data.get("kid") != expected_kid:
         raise GrantError(
             "wrong_key",
-            f"grant names signing key {data.get('kid')!r}, this node trusts {expected_kid!r}",
+            f"{what} names signing key {data.get('kid')!r}, this node trusts {expected_kid!r}",
         )
     try:
         key.verify(sig, payload)
@@ -192,15 +220,7 @@ def verify_grant(
         ) from None
     if _canonical(data) != payload:
         raise GrantError("malformed", "payload is not canonical JSON")
-    grant = _from_payload(data)
-    t = now or datetime.now(UTC)
-    if t.utcoffset() is None:
-        raise ValueError("now must be timezone-aware")
-    if t >= grant.expires:
-        raise GrantError("expired", f"grant expired at {grant.expires.isoformat()}")
-    if t < grant.issued:
-        raise GrantError("not_yet_valid", f"grant issued in the future ({grant.issued})")
-    return grant
+    return data
 
 
 # ---------------------------------------------------------------------------- internals

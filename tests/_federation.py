@@ -38,15 +38,15 @@ class CountingEngine(NodeEngine):
         self.executed = 0
         self._count_lock = threading.Lock()
 
-    def execute(self, plan):
+    def execute(self, plan, *args, **kw):
         with self._count_lock:
             self.executed += 1
-        return super().execute(plan)
+        return super().execute(plan, *args, **kw)  # with the servicer's deadline
 
-    def execute_rows(self, plan):
+    def execute_rows(self, plan, *args, **kw):
         with self._count_lock:
             self.executed += 1
-        return super().execute_rows(plan)
+        return super().execute_rows(plan, *args, **kw)
 
 
 def _toml_value(v: Any) -> str:

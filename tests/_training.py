@@ -30,7 +30,7 @@ from federation._config import (
 from federation._coordinator import Coordinator
 from federation._superlink import control_client, control_token, register_nodes
 from nodes._flower import free_port, make_flower_key
-from privacy import AuditLog, Grant, Ledger, sign_grant
+from privacy import AuditLog, Grant, Ledger, coordinator_keys, sign_grant
 from tests._federation import DATA, TOKEN, node_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,22 @@ def vendor_datasets(modules: tuple[str, ...]) -> list[dict[str, Any]]:
     ]
 
 
+def lycee_datasets(school: str) -> list[dict[str, Any]]:
+    """UCI student performance, one row per pupil (no id column): ``privacy_unit = "row"``."""
+    return [{"table": "lycee_students", "tier": "sensitive", "privacy_unit": "row",
+             "source": str(DATA / "uci-student-performance" / "student-por.csv"),
+             "filter": f"school = '{school}'",
+             "public_domains": {"sex": ["F", "M"], "studytime": [1, 2, 3, 4],
+                                "failures": [0, 1, 2, 3], "higher": ["no", "yes"],
+                                "internet": ["no", "yes"]},
+             "bounds": {"age": [15, 22], "absences": [0, 40], "g1": [0, 20], "g2": [0, 20],
+                        "g3": [0, 20]}}]
+
+
 def grant_token(board: Path, project: str, epsilon: float, researchers: tuple[str, ...] =
                 ("alice",)) -> str:
     now = datetime.now(UTC)
-    grant = Grant(project, researchers, ("student_assessment",), epsilon, 1e-6,
+    grant = Grant(project, researchers, ("student_assessment", "lycee_students"), epsilon, 1e-6,
                   now + timedelta(days=30), "testing DP training", now)
     return sign_grant(grant, (board / "board_ed25519.pem").read_bytes())
 
@@ -141,15 +153,20 @@ def _stop_groups(procs: list[subprocess.Popen]) -> None:
 def start_training_federation(tmp: Path, certs: Path, board: Path,
                               nodes: dict[str, tuple[str, ...]],
                               grants: dict[str, float], *, poll_s: float = 0.05,
+                              lycee: dict[str, str] | None = None,
                               node_env: dict[str, dict[str, str]] | None = None,
                               round_timeout_s: float = 60.0, http: bool = True) -> TrainingFed:
-    """SuperLink + one node agent per entry of ``nodes`` (OULAD modules) + coordinator."""
+    """SuperLink + one node agent per entry of ``nodes`` (OULAD modules; ``lycee``: node →
+    the school whose pupils it also holds) + coordinator, which signs run authorisations
+    with a key the nodes' configs name."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BULLE_FLOWER_POLL_S": str(poll_s),
            "BULLE_SERVERAPP_POLL_S": str(poll_s)}
     sl_port = free_port()
     token_file = tmp / "coordinator" / "superlink-control.token"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
+    signing_key, coordinator_public = coordinator_keys(
+        tmp / "coordinator" / "coordinator_ed25519.pem")
 
     def spawn(name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
         logs[name] = tmp / f"{name}.log"
@@ -184,10 +201,13 @@ def start_training_federation(tmp: Path, certs: Path, board: Path,
             cfg = tmp / f"{name}.toml"
             extra = (f'state_dir = "{tmp}/state/{name}"\n'
                      f'board_public_key = "{board}/board_ed25519.pub.pem"\n'
+                     f'coordinator_public_key = "{coordinator_public}"\n'
                      f'[training]\nsuperlink = "127.0.0.1:{sl_port}"\n'
                      f'root_certificates = "{certs}/ca.pem"\n'
                      f'auth_key = "{tmp}/keys/{name}.key"\npoll_interval_s = {poll_s}\n')
-            text = node_toml(name, certs, vendor_datasets(modules), extra)
+            datasets = vendor_datasets(modules) + (
+                lycee_datasets(lycee[name]) if name in (lycee or {}) else [])
+            text = node_toml(name, certs, datasets, extra)
             cfg.write_text(text.replace('listen = "127.0.0.1:0"',
                                         f'listen = "127.0.0.1:{ports[name]}"'))
             spawn(name, [sys.executable, "-m", "bulle_cli", "node", "serve", "--config",
@@ -211,6 +231,7 @@ def start_training_federation(tmp: Path, certs: Path, board: Path,
                       "root_certificates": str(certs / "ca.pem"),
                       "control_token_file": str(token_file),
                       "node_keys": {n: str(k) for n, k in keys.items()},
+                      "signing_key": str(signing_key),
                       "round_timeout_s": round_timeout_s})
         coordinator = Coordinator(config)
     except BaseException:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from nodes._config import DatasetConfig
 from nodes._ingest import load_dataset
 from tests._federation import DATA, Federation, start_federation
 
+# The exact federation releases the restricted tier unperturbed (the rewrite corpus checks
+# every answer against one DuckDB): a setting nodes refuse without this variable.
+os.environ["BULLE_ALLOW_EXACT_RELEASE"] = "1"
 NODE_NAMES = ["gp", "ms", "v1", "v2", "v3", "depp", "solo", "slow"]
 MODULES = {"v1": ("AAA", "BBB", "CCC"), "v2": ("DDD", "EEE"), "v3": ("FFF", "GGG")}
 
@@ -31,21 +35,22 @@ def foreign_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_certs(tmp_path_factory.mktemp("foreign"), ["gp"])
 
 
-def uci(school: str, min_count: int = 0, round_to: int = 1) -> list[dict]:
+def uci(school: str, min_count: int = 0, round_to: int = 1, perturb: bool = False
+        ) -> list[dict]:
     out = []
     for table, file in (("lycee_students", "student-por.csv"),
                         ("lycee_students_math", "student-mat.csv")):
         out.append({
             "table": table, "source": str(DATA / "uci-student-performance" / file),
             "filter": f"school = '{school}'", "tier": "restricted",
-            "min_count": min_count, "round_to": round_to,
+            "min_count": min_count, "round_to": round_to, "cell_key": {"perturb": perturb},
             "public_domains": {"school": ["GP", "MS"], "sex": ["F", "M"],
                                "studytime": [1, 2, 3, 4], "age": list(range(15, 23))},
         })
     return out
 
 
-def oulad(modules: tuple[str, ...], min_count: int = 0) -> list[dict]:
+def oulad(modules: tuple[str, ...], min_count: int = 0, perturb: bool = False) -> list[dict]:
     mods = ", ".join(f"'{m}'" for m in modules)
     o = DATA / "oulad"
     return [
@@ -55,14 +60,16 @@ def oulad(modules: tuple[str, ...], min_count: int = 0) -> list[dict]:
          "filter": f"code_module IN ({mods})"},
         {"table": "student_info", "source": str(o / "studentInfo.csv"), "tier": "restricted",
          "filter": f"code_module IN ({mods})", "privacy_unit": "id_student",
-         "min_count": min_count,
+         "min_count": min_count, "cell_key": {"perturb": perturb},
          "public_domains": {"final_result": ["Distinction", "Fail", "Pass", "Withdrawn"],
                             "gender": ["F", "M"]}},
         {"table": "student_registration", "source": str(o / "studentRegistration.csv"),
          "tier": "restricted", "filter": f"code_module IN ({mods})",
-         "privacy_unit": "id_student", "min_count": min_count},
+         "privacy_unit": "id_student", "min_count": min_count,
+         "cell_key": {"perturb": perturb}},
         {"table": "student_assessment", "source": str(o / "studentAssessment.csv"),
          "tier": "restricted", "privacy_unit": "id_student", "min_count": min_count,
+         "cell_key": {"perturb": perturb},
          "filter": "id_assessment IN (SELECT id_assessment FROM assessments)"},
     ]
 
@@ -88,9 +95,11 @@ def exact_fed(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator
 
 @pytest.fixture(scope="session")
 def sdc_fed(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Federation]:
-    """The same split with the restricted tier's disclosure control on (as in the demo)."""
-    nodes = {"gp": uci("GP", 8, 5), "ms": uci("MS", 8, 5), "depp": depp(),
-             "v1": oulad(MODULES["v1"], 8), "v2": oulad(MODULES["v2"], 8)}
+    """The same split with the restricted tier perturbed by the cell key method (as in the
+    demo)."""
+    nodes = {"gp": uci("GP", 8, perturb=True), "ms": uci("MS", 8, perturb=True),
+             "depp": depp(), "v1": oulad(MODULES["v1"], 8, perturb=True),
+             "v2": oulad(MODULES["v2"], 8, perturb=True)}
     fed = start_federation(tmp_path_factory.mktemp("sdc"), certs, nodes)
     yield fed
     fed.close()

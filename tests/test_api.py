@@ -109,16 +109,14 @@ def test_errors_are_json_with_codes(url) -> None:
     assert err.value.code == "syntax_error" and err.value.detail.get("line") == 1
 
 
-def test_engine_errors_carry_no_data_values(url, exact_fed, caplog, union_db) -> None:
+def test_casts_are_total_and_carry_no_data_values(url, exact_fed, caplog, union_db) -> None:
     jobs = {r[0] for r in union_db.execute("SELECT DISTINCT mjob FROM lycee_students").fetchall()}
     hub = connect(url, TOKEN)
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(BulleError) as err:
-        hub.sql("SELECT COUNT(*) FROM lycee_students WHERE CAST(mjob AS BIGINT) > 0")
-    message = str(err.value)
-    assert "could not be converted" in message and "incident" in message
-    for value in jobs:
-        assert value not in message
+    # CAST compiles to TRY_CAST: a value that does not convert is NULL, never an error
+    # (which would say that such a value exists, and quote it)
+    df = hub.sql("SELECT COUNT(*) AS n FROM lycee_students WHERE CAST(mjob AS BIGINT) IS NULL")
+    assert df["n"].tolist() == [649]  # every pupil: no job is a number
     coordinator_logs = " ".join(r.getMessage() for r in caplog.records
                                 if r.name.startswith("bulle.coordinator"))
     for value in jobs:
@@ -156,7 +154,9 @@ class _SlowNode(pb_grpc.NodeServicer):
         return pb.PartialResult()
 
 
-def test_a_slow_node_times_out_with_a_clear_message(tmp_path, certs) -> None:
+def test_a_slow_node_times_out_as_the_one_evaluation_failure(tmp_path, certs) -> None:
+    """A deadline may depend on the data (a filter that makes a join explode): it is the
+    same outcome as any failure of an accepted plan, naming neither node nor cause."""
     from federation._config import NodeEndpoint
     from tests.conftest import uci
 
@@ -184,7 +184,8 @@ def test_a_slow_node_times_out_with_a_clear_message(tmp_path, certs) -> None:
         with pytest.raises(QueryError) as err:
             coordinator.run("SELECT COUNT(*) FROM lycee_students", fed.researcher)
         assert time.monotonic() - started < 2.9
-        assert err.value.nodes == {"slow": "no answer within 1 s"}
+        assert err.value.code == "evaluation_failed" and err.value.nodes == {}
+        assert "slow" not in err.value.message
         coordinator.close()
     finally:
         server.stop(None).wait()

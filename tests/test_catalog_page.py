@@ -88,7 +88,8 @@ def test_page_lists_tables_nodes_and_their_data_dictionary(url: str) -> None:
     lycee = section(html, "lycee_students")
     assert "<span class='tier tier-restricted'>restricted</span>" in lycee
     assert re.search(r"<b>gp</b> <span class='muted'>\([^)]+ rows\)</span>, <b>ms</b>", lycee)
-    assert "cells under 8 units suppressed · counts rounded to 5" in lycee
+    assert ("values resting on fewer than 8 units shown as &lt; 8 · perturbed by the cell key "
+            "method · no MIN/MAX (the unit is a person) · counts rounded to 5") in lycee
     assert re.search(r"<span class='quality'>\d+/100</span>", lycee)
     g3 = re.search(r"<tr data-column='g3'>.*?</tr>", lycee).group(0)
     assert "<td>final grade (0-20)</td>" in g3

@@ -472,7 +472,7 @@ def test_node_example_config_documents_every_key(monkeypatch: pytest.MonkeyPatch
                           or above.lstrip().startswith("#"))
             keys[m.group(1)] = keys.get(m.group(1), False) or documented
     expected = (_key_names(NodeConfig, TlsConfig, EngineConfig, DatasetConfig)
-                - {"path", "datasets", "onboarding"}) | {"dataset"}
+                - {"path", "datasets", "onboarding", "perturb"}) | {"dataset"}
     expected |= {"ingest", "inputs", "encoding", "delimiter", "pseudonymise", "key_file",
                  "key_env", "length", "classify", "identifiers", "quasi_identifiers",
                  "attributes", "drop", "pivots"}  # nodes/_onboard.py

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 from enclave import BulleError, connect
 from enclave._demo import NODES
 from tests._federation import DATA
-from tests._hub import HubSession
+from tests._hub import HubSession, run_in_kernel, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -87,8 +90,10 @@ class Enclave:
 
 
 @pytest.fixture(scope="module")
-def enclave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Enclave]:
-    state = tmp_path_factory.mktemp("enclave") / "demo"
+def enclave() -> Iterator[Enclave]:
+    # Not under pytest's 0700 temporary root: as root, the demo's service users must be
+    # able to enter the state folder.
+    state = Path(tempfile.mkdtemp(prefix="bulle-enclave-"))
     started = time.monotonic()
     up = subprocess.run([sys.executable, "-m", "bulle_cli", "demo", "up", "--state", str(state),
                          "--data", str(DATA)], capture_output=True, text=True, timeout=300,
@@ -110,8 +115,9 @@ def enclave(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Enclave]:
         if env is not None:
             env.close()
         down = bulle("demo", "down", "--state", str(state), state=state)
-        assert down.returncode == 0, down.stderr
         left = [p for p in {*pids.values(), *below} if _alive(p)]
+        shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
         assert not left, f"processes left running: {left}"
 
 
@@ -293,7 +299,7 @@ def test_example_notebooks_run_headless(enclave: Enclave) -> None:
                                                     # at the regional node alone
                                                     "pupils_6e", "['region-35']"],
                 "02_success_rates.ipynb": ["success_rate", "ci_low", "ci_high", "half_width"],
-                "03_privacy_budget.ipynb": ["noise_sd", "epsilon_remaining", "node_refused"]}
+                "03_privacy_budget.ipynb": ["noise_sd", "epsilon_remaining", "budget_exhausted"]}
     out_dir = ARTIFACTS / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -315,6 +321,82 @@ def test_example_notebooks_run_headless(enclave: Enclave) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+_PROBE = """
+import json, os, pwd
+def opened(path, folder):
+    try:
+        os.listdir(path) if folder else open(path, "rb").close()
+        return "ok"
+    except Exception as e:
+        return type(e).__name__
+files, folders, public = json.loads({args!r})
+print(json.dumps({{"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name,
+                  "groups": os.getgroups(), "home": os.environ["HOME"],
+                  "opened": {{**{{p: opened(p, False) for p in files}},
+                             **{{p: opened(p, True) for p in folders}}}},
+                  "public": opened(public, False)}}))
+"""
+
+
+def test_processes_run_as_least_privileged_users_and_notebooks_read_no_secret(
+        enclave: Enclave) -> None:
+    """Issue 12: nodes as bulle-node, coordinator, SuperLink and proxy as bulle-coord, each
+    notebook as its person's own system user; from a kernel, every file of the demo's state
+    (node data copies, node state and ledgers, the coordinator's ledger, every key, token and
+    log) and the open-data source refuse to open, with a permission error."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: the demo runs every process as one user (and says so)")
+    state = enclave.state
+    pids = json.loads((state / "pids.json").read_text())
+    node, coord = pwd.getpwnam("bulle-node"), pwd.getpwnam("bulle-coord")
+    assert {_uid(pids[n]) for n in NODES} == {node.pw_uid}
+    assert _uid(pids["coordinator"]) == _uid(pids["superlink"]) == coord.pw_uid
+    assert _uid(int((state / "hub" / "proxy.pid").read_text())) == coord.pw_uid
+    assert _uid(pids["hub"]) == 0  # it creates accounts and starts servers as them
+    assert "as bulle-node" in enclave.info["processes"]
+
+    user = "other-researcher"
+    token = enclave.token(user)
+    start_server(enclave.hub_url, user, token)
+    person = pwd.getpwnam(f"jupyter-{user}")  # created at this first start
+    servers = [p for p in _descendants(pids["hub"]) if _alive(p) and "jupyterhub-singleuser"
+               in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert servers and {_uid(p) for p in servers} == {person.pw_uid}
+
+    def public(p: Path) -> bool:
+        return p.name.endswith((".pub", ".pub.pem")) or (p.parent.name == "certs"
+                                                         and p.suffix == ".pem")
+    files = sorted(str(p) for p in state.rglob("*") if p.is_file() and not public(p))
+    for must in ("board/board_ed25519.pem", "certs/bulle-coordinator.key",
+                 "certs/bulle-superlink.key", "certs/ca.key", "certs/vendor-a.key",
+                 "flower/vendor-a.key", "coordinator/ledger.sqlite",
+                 "coordinator/hub-service.token", "nodes/region-gp/ledger.sqlite",
+                 "nodes/vendor-a/audit.sqlite", "node-data/oulad/studentInfo.csv",
+                 "node-data/uci-student-performance/student-por.csv", "superlink/control.token",
+                 "hub/users.json", "hub/jupyterhub_cookie_secret", "researcher.token"):
+        assert str(state / must) in files, must
+    files += [str(DATA / "uci-student-performance" / "student-por.csv"),
+              str(DATA / "oulad" / "studentInfo.csv"),
+              *(f"/proc/{pid}/environ" for pid in pids.values())]
+    folders = [str(state / d) for d in ("", "nodes", "node-data", "coordinator", "superlink",
+                                        "hub", "logs")] + [str(DATA)]
+    args = json.dumps([files, folders, str(state / "certs" / "ca.pem")])
+    out = json.loads(run_in_kernel(enclave.hub_url, user, token,
+                                   _PROBE.format(args=args)).strip().splitlines()[-1])
+    assert out["uid"] == person.pw_uid != 0 and out["user"] == f"jupyter-{user}"
+    assert out["home"] == person.pw_dir
+    assert not set(out["groups"]) & {0, node.pw_gid, coord.pw_gid}
+    assert out["public"] == "ok"  # the probe itself opens what it may
+    readable = {p: r for p, r in out["opened"].items() if r != "PermissionError"}
+    assert not readable, readable
+    assert len(out["opened"]) == len(files) + len(folders)
 
 
 def _browser(p: Any) -> Any:
@@ -487,8 +569,9 @@ def test_researcher_starts_a_server_and_queries_from_a_notebook(enclave: Enclave
             assert "GP" in text and "MS" in text and "mean_g3" in text
             print(f"login → server → notebook query: {elapsed:.1f} s "
                   f"(demo up took {enclave.info['up_s']} s)")
-            # The examples were copied into the new home.
-            assert (enclave.state / "hub" / "home" / user / "examples" /
-                    "03_privacy_budget.ipynb").exists()
+            # The examples were copied into the new home (as root: the person's own).
+            home = (Path(pwd.getpwnam(f"jupyter-{user}").pw_dir) if os.geteuid() == 0
+                    else enclave.state / "hub" / "home" / user)
+            assert (home / "examples" / "03_privacy_budget.ipynb").exists()
         finally:
             browser.close()

@@ -34,13 +34,14 @@ def _ips(shared: bool = True, **kw: object) -> dict:
 def _headcounts(secteur: str) -> dict:
     return {"table": "college_headcounts", "source": str(HEADCOUNTS), "tier": "restricted",
             "filter": f"secteur = '{secteur}'", "privacy_unit": "uai",
-            "rename": {"numero_du_college": "uai"},
-            "min_count": 0}
+            "rename": {"numero_du_college": "uai"}, "unit_level": "institution",
+            "min_count": 0, "cell_key": {"perturb": False}}  # exact: checked against a union
 
 
 def _pupils() -> dict:
     return {"table": "pupils", "source": str(DATA / "uci-student-performance/student-por.csv"),
-            "tier": "restricted", "filter": "school = 'GP'", "min_count": 0}
+            "tier": "restricted", "filter": "school = 'GP'", "min_count": 0,
+            "cell_key": {"perturb": False}}
 
 
 @pytest.fixture(scope="module")

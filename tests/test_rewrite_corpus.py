@@ -13,14 +13,14 @@ CORPUS = [
     # counts and sums over one table published by two regional nodes
     "SELECT COUNT(*) FROM lycee_students",
     "SELECT COUNT(*), SUM(g3), AVG(g3) FROM lycee_students",
-    "SELECT COUNT(g1), MIN(g1), MAX(g1) FROM lycee_students_math",
+    "SELECT COUNT(g1), SUM(g1) FROM lycee_students_math",
     "SELECT VAR_SAMP(g3), STDDEV(g3), VAR_POP(g3), STDDEV_POP(g3) FROM lycee_students",
     "SELECT school, COUNT(*) FROM lycee_students GROUP BY school ORDER BY school",
     "SELECT sex, AVG(g3) AS m, STDDEV(g3) AS s FROM lycee_students GROUP BY sex ORDER BY sex",
     "SELECT school, sex, COUNT(*), AVG(g1 + g2 + g3) FROM lycee_students "
     "GROUP BY school, sex ORDER BY school, sex",
     "SELECT age, COUNT(*) FROM lycee_students GROUP BY age ORDER BY age",
-    "SELECT studytime, AVG(g3), MIN(g3), MAX(g3) FROM lycee_students_math "
+    "SELECT studytime, AVG(g3), SUM(g3), VAR_POP(g3) FROM lycee_students_math "
     "GROUP BY studytime ORDER BY studytime",
     "SELECT bucket(absences, 5) AS b, COUNT(*) FROM lycee_students GROUP BY b ORDER BY b",
     "SELECT FLOOR(g3 / 5) * 5 AS band, COUNT(*) FROM lycee_students GROUP BY 1 ORDER BY 1",
@@ -41,7 +41,7 @@ CORPUS = [
     "SELECT UPPER(sex) AS s, COUNT(*) FROM lycee_students GROUP BY UPPER(sex) ORDER BY s",
     "SELECT COUNT(*) - SUM(CASE WHEN paid = 'yes' THEN 1 ELSE 0 END) FROM lycee_students_math",
     "SELECT AVG(g3) - AVG(g1) AS progress FROM lycee_students_math",
-    "SELECT guardian, MAX(absences) FROM lycee_students GROUP BY ALL ORDER BY guardian",
+    "SELECT guardian, SUM(absences) FROM lycee_students GROUP BY ALL ORDER BY guardian",
     "SELECT COALESCE(NULLIF(reason, 'other'), 'misc') AS r, COUNT(*) FROM lycee_students "
     "GROUP BY r ORDER BY r",
     "SELECT CAST(g3 AS DOUBLE) / 20 AS frac, COUNT(*) FROM lycee_students GROUP BY frac "
@@ -152,7 +152,7 @@ SDC_EXTRA = [
     "ORDER BY age DESC",
     "SELECT sex, studytime, COUNT(*) AS n, SUM(absences) FROM lycee_students "
     "GROUP BY sex, studytime ORDER BY n DESC, sex, studytime LIMIT 5",
-    "SELECT mjob, COUNT(*), MIN(g1), MAX(g3) FROM lycee_students GROUP BY mjob",
+    "SELECT mjob, COUNT(*), AVG(g1), SUM(g3) FROM lycee_students GROUP BY mjob",
     "SELECT COUNT(*), VAR_POP(g2) FROM lycee_students WHERE age > 30",
     "SELECT age, COUNT(*) FROM lycee_students WHERE age > 30 GROUP BY age",
     "SELECT final_result, COUNT(*), SUM(studied_credits) FROM student_info "

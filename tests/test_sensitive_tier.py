@@ -113,10 +113,29 @@ def test_dp_sum_does_not_count_missing_values(dp_fed) -> None:
     ("SELECT SUM(date_submitted) FROM student_assessment", "declared bounds"),
     ("SELECT SUM(score * 2) FROM student_assessment", "declared bounds"),
 ])
-def test_dp_plans_refused_at_the_node(dp_fed, sql: str, fragment: str) -> None:
+def test_dp_plans_refused_at_the_node(dp_fed, certs, board, sql: str, fragment: str) -> None:
+    """Refused by the coordinator before its charge (free), and by the node itself when the
+    plan is sent to it directly (before its own charge: free too)."""
+    spent, executed = dp_fed.coordinator.projects.budget("demo").spent, dp_fed.executed
     with pytest.raises(QueryError) as err:
         dp_fed.coordinator.run(sql, dp_fed.researcher)
-    assert err.value.code == "node_refused" and fragment in err.value.message
+    assert err.value.code == "not_allowed" and fragment in err.value.message
+    assert dp_fed.coordinator.projects.budget("demo").spent == spent
+    assert dp_fed.executed == executed
+    plan = plan_query(parse(sql, dp_fed.coordinator.schema())).plan
+    plan.request_id, plan.project, plan.researcher = f"static-{hash(sql)}", "demo", "alice"
+    plan.privacy.epsilon, plan.privacy.grant = 0.5, make_grant(board, 1000.0)
+    ledger = dp_fed.engines["v1"].guard.ledger
+    before = len(ledger.history("demo", "student_assessment"))
+    stub, channel = _node_stub(dp_fed, "v1", certs)
+    try:
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.Execute(plan, timeout=10)
+        assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in rpc.value.details()
+    finally:
+        channel.close()
+    assert len(ledger.history("demo", "student_assessment")) == before  # not even a refusal
 
 
 def test_no_rows_and_no_grant_no_data(dp_fed, tmp_path, certs, board) -> None:
@@ -230,9 +249,11 @@ def test_budget_exhaustion_says_what_was_needed(tmp_path, certs, board) -> None:
     try:
         for _ in range(3):
             fed.coordinator.run("SELECT COUNT(*) FROM student_assessment", fed.researcher)
+        executed = fed.executed
         with pytest.raises(QueryError) as err:
             fed.coordinator.run("SELECT COUNT(*) FROM student_assessment", fed.researcher)
-        assert err.value.code == "node_refused"
+        # refused by the coordinator's ledger, before any node received the plan
+        assert err.value.code == "budget_exhausted" and fed.executed == executed
         assert "exhausted: this query needs ε=" in err.value.message and "is left" in \
             err.value.message
         budget = fed.coordinator.projects.budget("demo")

@@ -81,6 +81,22 @@ def test_flwr_private_names_are_still_there() -> None:
     )
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"flwr==1.42.0"' in pyproject
+    # the fences of the local APIs (bulle_flower/_fence.py, federation/_superlink.py): the
+    # processes flwr starts by name, the app factory of the SuperNode, the clients' keyword
+    import importlib
+    import inspect
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.protobuf.client import ProtobufClient
+    fsl = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    fsn = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    from flwr.supernode.main import create_app as supernode_app  # noqa: F401
+
+    assert TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP] == "flwr-serverapp"
+    assert '["flower-superexec"]' in inspect.getsource(fsl._get_superexec_command)
+    assert "interceptors" in inspect.signature(ProtobufClient.__init__).parameters
+    assert "from flwr.supernode.main import" in inspect.getsource(
+        fsn._start_supernode_http_api)  # looked up at start: our fenced factory is seen
 
 
 def test_fab_is_deterministic_and_holds_only_the_app() -> None:
@@ -170,6 +186,7 @@ def test_metrics_from_the_released_histogram() -> None:
 def test_fence_admits_fleet_and_keeps_control_and_runtime_to_the_coordinator() -> None:
     import asyncio
 
+    from bulle_flower._fence import RUNTIME_HEADER
     from federation._superlink import CONTROL_HEADER, Fence
 
     seen = []
@@ -182,11 +199,13 @@ def test_fence_admits_fleet_and_keeps_control_and_runtime_to_the_coordinator() -
     async def send(message) -> None:
         sent.append(message)
 
-    fence = Fence(app, "s3cret")
+    fence = Fence(app, "s3cret", runtime_secret="rt-secret")
 
-    def call(path: str, host: str = "127.0.0.1", token: str | None = None) -> int:
+    def call(path: str, host: str = "127.0.0.1", token: str | None = None,
+             runtime: str | None = None) -> int:
         sent.clear()
         headers = [(CONTROL_HEADER.encode(), token.encode())] if token else []
+        headers += [(RUNTIME_HEADER.encode(), runtime.encode())] if runtime else []
         scope = {"type": "http", "path": path, "client": (host, 5000), "headers": headers}
         asyncio.run(fence(scope, None, send))
         return sent[0]["status"] if sent else 200
@@ -197,7 +216,12 @@ def test_fence_admits_fleet_and_keeps_control_and_runtime_to_the_coordinator() -
     assert call("/v1/control/start-run", host="10.1.2.3", token="s3cret") == 403
     assert call("/v1/control/start-run", token="s3cret") == 200
     assert call("/v1/runtime/pull-messages", host="10.1.2.3") == 403
-    assert call("/v1/runtime/pull-messages") == 200
+    # the runtime API: only the processes the SuperLink spawned hold its secret
+    assert call("/v1/runtime/pull-messages") == 403
+    assert call("/v1/runtime/acquire-task", runtime="wrong") == 403
+    assert call("/v1/runtime/acquire-task", runtime="s3cret") == 403  # not the control one
+    assert call("/v1/runtime/pull-messages", host="10.1.2.3", runtime="rt-secret") == 403
+    assert call("/v1/runtime/pull-messages", runtime="rt-secret") == 200
     assert call("/docs") == 404
     assert seen == ["/v1/fleet/pull-messages", "/v1/control/start-run",
                     "/v1/runtime/pull-messages"]
@@ -215,9 +239,10 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingFed]:
     nodes = {"t1": ("AAA", "CCC"), "t2": ("EEE", "GGG"), "t3": ("DDD",)}
     fed = start_training_federation(
         tmp, certs, board, nodes,
-        # demo: the main runs; carry: two runs at one node; tight: exhaustion; tamper, death
-        {"demo": 8.0, "carry": 3.0, "tight": 1.5, "death": 8.0, "tamper": 8.0},
-        poll_s=0.1, round_timeout_s=60,
+        # demo: the main runs; carry: two runs at one node; tight: exhaustion; tamper, death;
+        # rows: a table whose rows are pupils
+        {"demo": 8.0, "carry": 3.0, "tight": 1.5, "death": 8.0, "tamper": 8.0, "rows": 4.0},
+        poll_s=0.1, round_timeout_s=60, lycee={"t1": "GP", "t2": "MS"},
         # t3 dies in round 2 of project "death" only (its agent restarts it 2 s later)
         node_env={"t3": {"BULLE_TRAIN_FAILPOINT": "die-before-charge:2:death"}})
     yield fed
@@ -407,12 +432,43 @@ def test_a_node_that_dies_mid_round(fed: TrainingFed) -> None:
     fed.wait_ready(["t3"], timeout=120, times=2)
 
 
-@pytest.mark.slow
-def test_a_tampered_app_is_refused_and_never_imported(fed: TrainingFed) -> None:
-    from flwr.cli.build import build_fab_from_files
+def start_raw_run(fed: TrainingFed, name: str, fab: bytes,
+                  auth: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Start a run of ``fab`` on t1 and t2 through the Control API (as the coordinator does,
+    with its token), its authorisation made by ``auth(spec)`` (default: the coordinator's);
+    wait for its end; returns its progress records and its nodes."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
+
+    from federation._training import TrainingJob
+
+    trainer = fed.trainer
+    spec, flower = trainer._spec(fed.researcher, "tamper", {
+        "model": "logreg", "table": "student_assessment", "features": FEATURES,
+        "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "nodes": ["t1", "t2"],
+        "round_timeout_s": 30, **TABULAR})
+    spec["job"] = name
+    job = TrainingJob(name, "alice", "tamper", {}, spec, sorted(flower), fed.tmp / name,
+                      flower, (auth or trainer.authorise)(spec))
+    client = trainer._control()
+    try:
+        client.StartRun(StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto(trainer.run_config(job)), federation=""))
+    finally:
+        client.close()
+    progress = fed.tmp / name / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and '"done"' in progress.read_text()):
+        assert time.monotonic() < deadline, f"the run {name} did not end"
+        time.sleep(0.2)
+    return [json.loads(line) for line in progress.read_text().splitlines()], sorted(flower)
+
+
+@pytest.mark.slow
+def test_a_tampered_app_is_refused_and_never_imported(fed: TrainingFed) -> None:
+    from flwr.cli.build import build_fab_from_files
 
     marker = fed.tmp / "tampered-code-ran"
     files = dict(fab_files())
@@ -420,25 +476,7 @@ def test_a_tampered_app_is_refused_and_never_imported(fed: TrainingFed) -> None:
         f"open({str(marker)!r}, 'w').write('imported')\n".encode()
         + files["bulle_flower/client_app.py"])
     fab, _ = build_fab_from_files(files)
-    trainer = fed.trainer
-    spec, nodes = trainer._spec(fed.researcher, "tamper", {
-        "model": "logreg", "table": "student_assessment", "features": FEATURES,
-        "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "nodes": ["t1", "t2"],
-        "round_timeout_s": 30, **TABULAR})
-    spec.update(job="tampered", out_dir=str(fed.tmp / "tampered"))
-    client = trainer._control()
-    try:
-        client.StartRun(StartRunRequest(
-            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-            override_config=user_config_to_proto({"spec": json.dumps(spec)}), federation=""))
-    finally:
-        client.close()
-    progress = fed.tmp / "tampered" / "progress.jsonl"
-    deadline = time.monotonic() + 120
-    while not (progress.exists() and '"done"' in progress.read_text()):
-        assert time.monotonic() < deadline, "the tampered run did not end"
-        time.sleep(0.2)
-    records = [json.loads(line) for line in progress.read_text().splitlines()]
+    records, nodes = start_raw_run(fed, "tampered", fab)
     failed = records[1]["failed"]
     assert sorted(failed) == ["t1", "t2"] and records[-1]["status"] == "failed"
     assert all("refused: this node runs only the training app" in why
@@ -501,3 +539,122 @@ def test_training_refuses_what_the_grant_does_not_allow(fed: TrainingFed) -> Non
     r = httpx.post(f"https://127.0.0.1:{fed.superlink_port}/v1/control/list-runs",
                    verify=str(fed.certs / "ca.pem"), content=b"")
     assert r.status_code == 403
+
+
+# ----------------------------------------------------- issue 12: training you can trust
+
+
+def _foreign_acquire(address: str, ca: Path | None, path: str = "acquire-task") -> str:
+    """Call a Runtime API from a process of its own (no secret): the HTTP status."""
+    script = """
+import sys
+import httpx
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
+address, ca, path = sys.argv[1], sys.argv[2], sys.argv[3]
+client = RuntimeHttpClient.from_server_address(
+    server_address=address, insecure=not ca, root_certificates=open(ca, "rb").read() if ca
+    else None, interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+try:
+    if path == "acquire-task":
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[
+            TaskType.SERVER_APP, TaskType.CLIENT_APP]))
+        print("200", res.HasField("task"))
+    else:
+        client.PullMessages(PullAppMessagesRequest(message_ids=[]))
+        print("200")
+except httpx.HTTPStatusError as e:
+    print(e.response.status_code)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script, address, str(ca or ""), path],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.split()[0]
+
+
+@pytest.mark.slow
+def test_a_foreign_process_cannot_use_flowers_local_apis(fed: TrainingFed) -> None:
+    """The SuperLink's Runtime API (take a pending ServerApp task, pull or push messages)
+    and each SuperNode's app I/O answer only the processes started for them."""
+    import re
+
+    superlink = f"127.0.0.1:{fed.superlink_port}"
+    assert _foreign_acquire(superlink, fed.certs / "ca.pem") == "403"
+    assert _foreign_acquire(superlink, fed.certs / "ca.pem", "pull-messages") == "403"
+    log = fed.logs["t1"].read_text(errors="replace")
+    port = re.findall(r"SuperNode \(runtime 127\.0\.0\.1:(\d+)\)", log)[-1]
+    assert _foreign_acquire(f"127.0.0.1:{port}", None) == "403"
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # it is there
+    # and training still works for the processes that hold the secrets (the tests above)
+
+
+def _coordinator_public_key(fed: TrainingFed) -> Path:
+    return fed.tmp / "coordinator" / "coordinator_ed25519.pub.pem"
+
+
+@pytest.mark.slow
+def test_a_forged_run_authorisation_trains_nothing(fed: TrainingFed) -> None:
+    """The coordinator's own FAB and spec, the authorisation re-signed with another key:
+    both nodes refuse before reading data; nothing charged, nothing kept, audited."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privacy import sign_run_authorisation, verify_run_authorisation
+
+    other = Ed25519PrivateKey.generate()
+
+    def forged(spec: dict[str, Any]) -> str:
+        genuine = verify_run_authorisation(fed.trainer.authorise(spec),
+                                           _coordinator_public_key(fed))
+        return sign_run_authorisation(genuine, other)
+
+    records, nodes = start_raw_run(fed, "forged", build_fab(), forged)
+    failed = records[1]["failed"]
+    assert sorted(failed) == ["t1", "t2"] and records[-1]["status"] == "failed"
+    assert all(why.startswith("unauthorised: run authorisation refused (wrong_key)")
+               for why in failed.values()), failed
+    run = str(records[0]["run_id"])
+    for node in nodes:
+        refused = [e for e in fed.audit(node).entries() if e.action == "train_refused"
+                   and e.detail.get("flower_run") == run]
+        assert refused and all(e.detail["unauthorised"] for e in refused)
+        assert not any(h.request_id.startswith("forged:")
+                       for h in fed.ledger(node).history("tamper", "student_assessment"))
+        db = sqlite3.connect(fed.state(node) / "training.sqlite")
+        kept = [r[0] for r in db.execute("SELECT request_id FROM training_releases")]
+        db.close()
+        assert not any(k.startswith("forged:") for k in kept)
+
+
+@pytest.mark.slow
+def test_training_on_a_table_whose_rows_are_pupils(fed: TrainingFed) -> None:
+    """UCI student performance, one row per pupil, no id column (privacy_unit = "row"),
+    with a categorical label: finishes, ε per node and composed, a final noisy evaluation
+    of the released model, charged like the rounds."""
+    hub = connect(fed.url, TOKEN)
+    for label, code in (("higher = 'maybe'", "bad_request"), ("school = 'GP'", "not_allowed")):
+        with pytest.raises(BulleError) as err:  # not in the domain; no domain declared
+            hub.train("logreg", "lycee_students", ["age"], label, project="rows", epsilon=1.0)
+        assert err.value.code == code
+    job = hub.train("logreg", "lycee_students", ["age", "studytime", "failures", "absences",
+                                                 "g1", "sex", "internet"],
+                    "higher = 'yes'", rounds=2, epsilon=2.0, project="rows", nodes=["t1", "t2"])
+    res = job.result(timeout=240, progress=False)
+    assert res.status == "finished" and len(res.metrics) == 2, res.reason
+    assert sorted(res.epsilon_per_node) == ["t1", "t2"]
+    assert max(res.epsilon_per_node.values()) < res.epsilon <= 2.0
+    ev = res.evaluation
+    print(f"lycee_students, higher = 'yes', ε={res.epsilon:.3g}: final noisy evaluation "
+          f"{ev}")
+    assert ev is not None and ev["round"] == 2 and sorted(ev["nodes_eval"]) == ["t1", "t2"]
+    assert ev["n_eval"] > 0 and 0 <= ev["accuracy"] <= 1 and ev["epsilon"] > 0
+    assert res.info["label"] == ["higher", "in", ["yes"]]
+    coord = [h for h in fed.coordinator.projects.ledger.history("rows", "*")
+             if h.request_id.startswith(f"train:{job.id}:")]
+    assert len(coord) == 3 and all(h.accepted for h in coord)  # 2 rounds + the evaluation
+    for node in ("t1", "t2"):  # request ids from the signed run id, one charge per round
+        ids = sorted(h.request_id for h in fed.ledger(node).history("rows", "lycee_students"))
+        assert ids == [f"{job.id}:{r}:{node}" for r in (1, 2, 3)]

@@ -45,7 +45,7 @@ class Domain(_message.Message):
     def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to", "bounds", "max_rows_per_unit", "quality", "pivots", "shared", "copy_of", "content_sha256")
+    __slots__ = ("name", "tier", "columns", "row_count_bucket", "privacy_unit", "public_domains", "description", "min_count", "round_to", "bounds", "max_rows_per_unit", "quality", "pivots", "shared", "copy_of", "content_sha256", "unit_level", "cell_key")
     class PublicDomainsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,8 @@ class TableInfo(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     COPY_OF_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    UNIT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    CELL_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     tier: str
     columns: _containers.RepeatedCompositeFieldContainer[Column]
@@ -99,7 +101,21 @@ class TableInfo(_message.Message):
     shared: bool
     copy_of: str
     content_sha256: str
-    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., bounds: _Optional[_Mapping[str, Bounds]] = ..., max_rows_per_unit: _Optional[int] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., pivots: _Optional[_Mapping[str, str]] = ..., shared: bool = ..., copy_of: _Optional[str] = ..., content_sha256: _Optional[str] = ...) -> None: ...
+    unit_level: str
+    cell_key: CellKey
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., row_count_bucket: _Optional[str] = ..., privacy_unit: _Optional[str] = ..., public_domains: _Optional[_Mapping[str, Domain]] = ..., description: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., bounds: _Optional[_Mapping[str, Bounds]] = ..., max_rows_per_unit: _Optional[int] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., pivots: _Optional[_Mapping[str, str]] = ..., shared: bool = ..., copy_of: _Optional[str] = ..., content_sha256: _Optional[str] = ..., unit_level: _Optional[str] = ..., cell_key: _Optional[_Union[CellKey, _Mapping]] = ...) -> None: ...
+
+class CellKey(_message.Message):
+    __slots__ = ("perturbed", "max_perturbation", "variance", "magnitude")
+    PERTURBED_FIELD_NUMBER: _ClassVar[int]
+    MAX_PERTURBATION_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    MAGNITUDE_FIELD_NUMBER: _ClassVar[int]
+    perturbed: bool
+    max_perturbation: float
+    variance: float
+    magnitude: float
+    def __init__(self, perturbed: bool = ..., max_perturbation: _Optional[float] = ..., variance: _Optional[float] = ..., magnitude: _Optional[float] = ...) -> None: ...
 
 class Quality(_message.Message):
     __slots__ = ("score", "completeness_pct", "validity_pct", "uniqueness_pct", "uniqueness_in_score", "column_completeness_pct", "checks", "units_bucket", "source_modified_at", "ingested_at", "coarsened")
@@ -317,7 +333,7 @@ class Plan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., project: _Optional[str] = ..., researcher: _Optional[str] = ..., query_sha256: _Optional[str] = ..., source: _Optional[_Union[TableRef, _Mapping]] = ..., joins: _Optional[_Iterable[_Union[Join, _Mapping]]] = ..., where: _Optional[_Union[Expr, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., rows: _Optional[_Union[RowsSpec, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyRequest, _Mapping]] = ...) -> None: ...
 
 class PartialResult(_message.Message):
-    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to", "epsilon_spent", "delta_spent", "noise_scales", "replayed")
+    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to", "epsilon_spent", "delta_spent", "noise_scales", "replayed", "perturbed")
     class NoiseScalesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +352,7 @@ class PartialResult(_message.Message):
     DELTA_SPENT_FIELD_NUMBER: _ClassVar[int]
     NOISE_SCALES_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    PERTURBED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     arrow_ipc: bytes
     suppressed_cells: int
@@ -347,7 +364,8 @@ class PartialResult(_message.Message):
     delta_spent: float
     noise_scales: _containers.ScalarMap[str, float]
     replayed: bool
-    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ...) -> None: ...
+    perturbed: bool
+    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ..., perturbed: bool = ...) -> None: ...
 
 class AuditRequest(_message.Message):
     __slots__ = ("checkpoint_seq", "checkpoint_hash")

@@ -1,0 +1,89 @@
+"""The node's compile steps (nodes/_compile.py: checks, then the restricted or sensitive
+step) on plain data: table metadata in, SQL or a refusal out; no servers."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from federation._planner import plan_query
+from federation._sql import parse
+from federation._tree import Col, to_proto
+from federation.proto import bulle_pb2 as pb
+from nodes._compile import PlanRefused, TableMeta, compile_plan
+from nodes._restricted import MAX_GROUPS, RECORD_KEY
+
+COLUMNS = {"pid": "VARCHAR", "uai": "VARCHAR", "sex": "VARCHAR", "g3": "BIGINT"}
+
+
+def _meta(name: str, **kw: object) -> TableMeta:
+    defaults: dict[str, object] = {
+        "tier": "restricted", "columns": COLUMNS, "privacy_unit": "pid",
+        "public_domains": {"sex": ("F", "M")}, "min_count": 5, "round_to": 1,
+        "max_unit_rows": 1}
+    return TableMeta(name, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+CATALOG = {
+    "pupils": _meta("pupils"),
+    "marks": _meta("marks", max_unit_rows=3),
+    "schools": _meta("schools", unit_level="institution", privacy_unit="uai"),
+    "ref": _meta("ref", tier="open", privacy_unit="", public_domains={}),
+}
+
+
+def _plan(sql: str) -> pb.Plan:
+    schema = {n: m.columns for n, m in CATALOG.items()}
+    return plan_query(parse(sql, schema)).plan
+
+
+def test_order_statistics_refused_on_persons_allowed_on_institutions() -> None:
+    with pytest.raises(PlanRefused, match="MIN and MAX are not released on 'pupils'"):
+        compile_plan(_plan("SELECT MAX(g3) FROM pupils"), CATALOG, 100)
+    compiled = compile_plan(_plan("SELECT MIN(g3), MAX(g3) FROM schools"), CATALOG, 100)
+    assert compiled.restricted is not None and compiled.tier == "restricted"
+
+
+def test_one_row_per_unit_skips_the_per_unit_step() -> None:
+    one = compile_plan(_plan("SELECT sex, SUM(g3) FROM pupils GROUP BY sex"), CATALOG, 100)
+    many = compile_plan(_plan("SELECT sex, SUM(g3) FROM marks GROUP BY sex"), CATALOG, 100)
+    per_unit = "GROUP BY \"g0\", __unit"
+    assert per_unit not in one.sql and "GROUP BY \"g0\"" in one.sql
+    assert per_unit in many.sql  # several rows per unit: summed per unit first
+    joined = compile_plan(_plan("SELECT COUNT(*) FROM pupils p JOIN ref r ON p.uai = r.uai"),
+                          CATALOG, 100)
+    assert "GROUP BY __unit" in joined.sql  # a join may repeat a unit's rows
+
+
+def test_the_per_unit_sql_runs_and_counts_units_not_rows() -> None:
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE marks (pid VARCHAR, uai VARCHAR, sex VARCHAR, g3 BIGINT, "
+                f"{RECORD_KEY} UINTEGER)")
+    con.execute("INSERT INTO marks VALUES ('p1', 'u', 'F', 10, 7), ('p1', 'u', 'F', 12, 7), "
+                "('p2', 'u', 'F', 15, 9), ('p3', 'u', 'M', 8, 11)")
+    compiled = compile_plan(_plan("SELECT sex, COUNT(*) AS n, SUM(g3) AS s FROM marks "
+                                  "GROUP BY sex"), CATALOG, 100)
+    rows = {r["g0"]: r for r in con.sql(compiled.sql).to_arrow_table().to_pylist()}
+    assert compiled.aggregates == (("p0", pb.COUNT_ROWS), ("p1", pb.SUM))
+    assert rows["F"]["__n"] == 2 and rows["F"]["p0"] == 3 and rows["F"]["p1"] == 37
+    assert rows["F"]["__k"] == (7 + 9) % (1 << 32)  # the cell key: units, not rows
+    assert rows["F"]["__y0"] == 2 and rows["F"]["__y1"] == 22  # p1's two rows, summed
+    assert rows["F"]["__t1"] == 7 and not rows["F"]["__b0"]  # p1 contributes 2 rows
+    assert rows["M"]["__n"] == 1 and rows["M"]["__b0"]
+
+
+def test_the_record_key_column_cannot_be_named() -> None:
+    plan = _plan("SELECT COUNT(*) FROM pupils")
+    plan.where.CopyFrom(to_proto(Col("pupils", RECORD_KEY)))
+    with pytest.raises(PlanRefused, match="not in table"):
+        compile_plan(plan, CATALOG, 100)
+
+
+def test_public_domains_too_large_for_one_release_are_refused() -> None:
+    big = {"sex": tuple(f"s{i}" for i in range(400)), "uai": tuple(f"u{i}" for i in range(400))}
+    catalog = {"pupils": _meta("pupils", public_domains=big)}
+    plan = plan_query(parse("SELECT sex, uai, COUNT(*) FROM pupils GROUP BY sex, uai",
+                            {"pupils": COLUMNS})).plan
+    assert MAX_GROUPS < 400 * 400
+    with pytest.raises(PlanRefused, match="cells"):
+        compile_plan(plan, catalog, 100)
