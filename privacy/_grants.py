@@ -75,12 +75,16 @@ class Grant:
             raise ValueError(f"epsilon must be positive and finite, got {self.epsilon!r}")
         if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < 1):
             raise ValueError(f"delta must be in [0, 1), got {self.delta!r}")
-        for name in ("expires", "issued"):
-            t = getattr(self, name)
-            if not isinstance(t, datetime) or t.utcoffset() is None:
-                raise ValueError(f"{name} must be a timezone-aware datetime")
-        if self.expires <= self.issued:
-            raise ValueError("expires must be after issued")
+        check_window(self.issued, self.expires)
+
+
+def check_window(issued: object, expires: object) -> None:
+    """A signed document's validity window: two timezone-aware datetimes, in order."""
+    for name, t in (("expires", expires), ("issued", issued)):
+        if not isinstance(t, datetime) or t.utcoffset() is None:
+            raise ValueError(f"{name} must be a timezone-aware datetime")
+    if expires <= issued:  # type: ignore[operator]
+        raise ValueError("expires must be after issued")
 
 
 # ------------------------------------------------------------------------------- keys

@@ -31,6 +31,7 @@ from privacy._grants import (
     _canonical,
     _iso,
     _parse_time,
+    check_window,
     generate_signing_keys,
     key_id,
     load_private_key,
@@ -75,12 +76,7 @@ class RunAuthorisation:
             if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
                     or not 0 < eps < math.inf:
                 raise ValueError(f"ε target of {node!r} must be positive and finite")
-        for name in ("expires", "issued"):
-            t = getattr(self, name)
-            if not isinstance(t, datetime) or t.utcoffset() is None:
-                raise ValueError(f"{name} must be a timezone-aware datetime")
-        if self.expires <= self.issued:
-            raise ValueError("expires must be after issued")
+        check_window(self.issued, self.expires)
 
     def epsilon_for(self, node: str) -> float | None:
         """The run's ε target at ``node``; None if the node is not part of the run."""
