@@ -26,6 +26,8 @@ from nodes._restricted import (
     RECORD_KEY,
     RestrictedAgg,
     RestrictedRelease,
+    contribution_bounds,
+    is_indicator,
     restricted_sql,
 )
 from privacy import CkmParams
@@ -184,8 +186,8 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
     group_names = tuple(name for name, _ in keys)
     kinds = tuple((name, kind) for name, kind, _ in aggs)
     if tier == "restricted":
-        release = _restricted_release(plan, aliases, group_names, tuple(domains), kinds)
-        sql = _restricted_sql(plan, query, aliases, source_alias, keys, aggs, resolve)
+        sql, noise = _restricted_sql(plan, query, aliases, keys, aggs, resolve)
+        release = _restricted_release(plan, aliases, group_names, tuple(domains), kinds, noise)
         return CompiledPlan(sql, tier, tables, False, group_names, tuple(domains), kinds,
                             release.params.threshold, round_to, restricted=release)
     for i, (name, value) in enumerate(keys):
@@ -201,7 +203,8 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
 def _restricted_release(plan: pb.Plan, aliases: dict[str, TableMeta],
                         group_names: tuple[str, ...],
                         domains: tuple[tuple[object, ...] | None, ...],
-                        kinds: tuple[tuple[str, int], ...]) -> RestrictedRelease:
+                        kinds: tuple[tuple[str, int], ...],
+                        noise: tuple[tuple[float, bool], ...]) -> RestrictedRelease:
     """The cell key method's parameters for a plan on restricted data."""
     restricted = [m for m in aliases.values() if m.tier == "restricted"]
     persons = sorted(m.name for m in restricted if m.unit_level != "institution")
@@ -221,13 +224,15 @@ def _restricted_release(plan: pb.Plan, aliases: dict[str, TableMeta],
         max_perturbation=unit_meta.ckm.max_perturbation, variance=unit_meta.ckm.variance,
         magnitude=max(m.ckm.magnitude for m in restricted), ptable=unit_meta.ckm.ptable)
     return RestrictedRelease(group_names, domains, kinds, params,
-                             perturb=any(m.perturb for m in restricted))
+                             perturb=any(m.perturb for m in restricted), noise=noise)
 
 
 def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
-                    source_alias: str, keys: list[tuple[str, exp.Expression]],
+                    keys: list[tuple[str, exp.Expression]],
                     aggs: list[tuple[str, int, exp.Expression | None]],
-                    resolve: Callable[[str, str], exp.Expression]) -> str:
+                    resolve: Callable[[str, str], exp.Expression]
+                    ) -> tuple[str, tuple[tuple[float, bool], ...]]:
+    """The cell-level SQL, and per aggregate its static noise scale and whether it counts."""
     unit_alias = next(a for a, m in aliases.items() if m.tier == "restricted")
     meta = aliases[unit_alias]
     unit = _unit(unit_alias, meta, resolve)
@@ -237,14 +242,46 @@ def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMe
     source = query.select(exp.Literal.number(1), copy=True).sql("duckdb")
     if not source.startswith("SELECT 1 FROM "):
         raise PlanRefused("plan could not be compiled")
-    compiled = []
-    for name, kind, arg in aggs:
-        if arg is not None and kind == pb.SUM_SQUARES:
+    perturb = any(m.perturb for m in aliases.values() if m.tier == "restricted")
+    rows = 1 if one_row_each else max(meta.max_unit_rows, 1)  # rows one unit adds at most
+    bounds = {(a, c): b for a, m in aliases.items() for c, b in m.bounds.items()}
+    compiled = [_restricted_agg(name, kind, arg, pb_agg, bounds, rows, perturb)
+                for (name, kind, arg), pb_agg in zip(aggs, plan.aggregates, strict=True)]
+    sql = restricted_sql(source[len("SELECT 1"):], [(n, e.sql("duckdb")) for n, e in keys],
+                         unit.sql("duckdb"), record_key.sql("duckdb"), compiled,
+                         per_unit=not one_row_each)
+    return sql, tuple((a.scale, a.count_like) for a in compiled)
+
+
+def _restricted_agg(name: str, kind: int, arg: exp.Expression | None, agg: pb.Aggregate,
+                    bounds: dict[tuple[str, str], tuple[float, float]], rows: int,
+                    perturb: bool) -> RestrictedAgg:
+    """One aggregate of a restricted plan, contribution-bounded: each row's value clamped
+    to the argument's static bounds, each unit's total to ``rows`` times them."""
+    if kind in (pb.COUNT_ROWS, pb.COUNT):
+        return RestrictedAgg(name, kind, None if arg is None else arg.sql("duckdb"),
+                             float(rows), True, (0.0, float(rows)) if perturb else None)
+    assert arg is not None
+    if kind in (pb.MIN, pb.MAX) or not perturb:  # institutions' order statistics; exact tests
+        if kind == pb.SUM_SQUARES:
             arg = _square(arg)
-        compiled.append(RestrictedAgg(name, kind, None if arg is None else arg.sql("duckdb")))
-    return restricted_sql(source[len("SELECT 1"):], [(n, e.sql("duckdb")) for n, e in keys],
-                          unit.sql("duckdb"), record_key.sql("duckdb"), compiled,
-                          per_unit=not one_row_each)
+        return RestrictedAgg(name, kind, arg.sql("duckdb"), 1.0,
+                             kind == pb.SUM and is_indicator(agg.arg))
+    b = contribution_bounds(agg.arg, bounds)
+    if b is None:
+        raise PlanRefused(
+            f"{name!r}: SUM, AVG and VAR on restricted data take numeric columns, numbers, "
+            "CASE/COALESCE, + − × and abs of these (each needs a static bound: declared "
+            "`bounds`, or the envelope the node derives)")
+    lo, hi = b
+    clamped = clamp(arg, lo, hi, keep_type=True)
+    if kind == pb.SUM_SQUARES:
+        clamped = _square(clamped)
+        lo, hi = (0.0 if lo <= 0 <= hi else min(lo * lo, hi * hi)), max(lo * lo, hi * hi)
+    count_like = kind == pb.SUM and is_indicator(agg.arg)
+    return RestrictedAgg(name, kind, clamped.sql("duckdb"),
+                         max(abs(lo), abs(hi), 1.0 if count_like else 0.0) * rows, count_like,
+                         (min(lo, 0.0) * rows, max(hi, 0.0) * rows))
 
 
 def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
@@ -338,9 +375,10 @@ def _unit(alias: str, meta: TableMeta, resolve: Callable[[str, str], exp.Express
 
 
 def _square(arg: exp.Expression) -> exp.Expression:
-    """x·x, total: an overflowing square is NULL (TRY), never an error that data decides."""
-    return exp.Anonymous(this="TRY", expressions=[
-        exp.Mul(this=exp.paren(arg), expression=exp.paren(arg.copy()))])
+    """x·x in DOUBLE, which cannot raise (on BIGINT it overflows beyond 3e9: an error one
+    row's value would decide); the merge computes variances in DOUBLE anyway."""
+    x = exp.TryCast(this=exp.paren(arg), to=exp.DataType.build("DOUBLE"))
+    return exp.Mul(this=x, expression=x.copy())
 
 
 def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
@@ -349,10 +387,7 @@ def _aggregate_sql(kind: int, arg: exp.Expression) -> exp.Expression:
     if kind == pb.SUM:
         return exp.Sum(this=arg)
     if kind == pb.SUM_SQUARES:
-        # x·x in DOUBLE, which cannot raise (on BIGINT it overflows beyond 3e9: an error
-        # one row's value would decide); the merge computes variances in DOUBLE anyway
-        x = exp.TryCast(this=exp.paren(arg), to=exp.DataType.build("DOUBLE"))
-        return exp.Sum(this=exp.Mul(this=x, expression=x.copy()))
+        return exp.Sum(this=_square(arg))
     if kind == pb.MIN:
         return exp.Min(this=arg)
     if kind == pb.MAX:

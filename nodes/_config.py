@@ -69,7 +69,7 @@ class DatasetConfig:
     unit_level: str = "person"
     # restricted tier: the cell key method's parameters (privacy/_ckm.py), from the
     # optional inline table `cell_key = { max_perturbation = 4, variance = 3.0,
-    # magnitude = 0.2, ptable = "ons.csv", perturb = true }`
+    # magnitude = 0.5, ptable = "ons.csv", perturb = true }`
     cell_key: CkmParams = field(default_factory=CkmParams)
     perturb: bool = True  # false only with BULLE_ALLOW_EXACT_RELEASE=1 (tests)
     # Source column (normalised name) -> name it is published under, e.g. a UAI column
@@ -79,8 +79,9 @@ class DatasetConfig:
     schema: dict[str, str] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)  # column -> description
     public_domains: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    # sensitive tier (DP): each unit keeps at most this many rows, values are clamped to
-    # the declared bounds; only bounded columns can be summed.
+    # sensitive tier (DP): each unit keeps at most this many rows. Values are clamped to the
+    # declared bounds (sensitive: only bounded columns can be summed; restricted: the bound
+    # sets the noise of a SUM, else the node derives a power-of-two envelope at load).
     max_rows_per_unit: int = 1
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
     # open tier only: a public reference table the coordinator copies to the other nodes,

@@ -130,16 +130,23 @@ def partial_bounds(kind: int, b: tuple[float, float] | None, name: str) -> tuple
                     "value")
 
 
-def clamp(arg: exp.Expression, lo: float, hi: float) -> exp.Expression:
-    """``arg`` clamped to [lo, hi] as a DOUBLE; NULL stays NULL (not counted in a SUM).
+def clamp(arg: exp.Expression, lo: float, hi: float, keep_type: bool = False
+          ) -> exp.Expression:
+    """``arg`` clamped to [lo, hi], as a DOUBLE unless ``keep_type`` (integral bounds then
+    keep an integer column integer); NULL stays NULL (not counted in a SUM).
 
     A CASE, not GREATEST/LEAST: those skip NULLs (LEAST(hi, NULL) = hi, so a missing value
     would be summed as the upper bound), and with decimal literals they are 4-5× slower in
     DuckDB (benchmarks/RESULTS.md, R3).
     """
-    low, high = (exp.Cast(this=exp.Literal.number(repr(float(v))), to=exp.DataType.build("DOUBLE"))
-                 for v in (lo, hi))
-    value = exp.Cast(this=arg, to=exp.DataType.build("DOUBLE"))
+    def bound(v: float) -> exp.Expression:
+        if keep_type and float(v).is_integer() and abs(v) < 2**62:
+            return exp.Literal.number(int(v))
+        return exp.Cast(this=exp.Literal.number(repr(float(v))),
+                        to=exp.DataType.build("DOUBLE"))
+
+    low, high = bound(lo), bound(hi)
+    value = exp.paren(arg) if keep_type else exp.Cast(this=arg, to=exp.DataType.build("DOUBLE"))
     return exp.Case(ifs=[exp.If(this=exp.LT(this=value, expression=low), true=low.copy()),
                          exp.If(this=exp.GT(this=value.copy(), expression=high),
                                 true=high.copy())],

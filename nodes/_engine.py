@@ -38,7 +38,7 @@ from nodes._references import (
     sha256,
     to_ipc,
 )
-from nodes._restricted import add_record_keys, release_restricted
+from nodes._restricted import add_record_keys, envelope, release_restricted
 from privacy import describe_ptable, ptable_for
 
 log = logging.getLogger("bulle.node")
@@ -173,9 +173,12 @@ class NodeEngine:
             if ds.tier == "restricted":  # a hidden column, never in the catalogue
                 add_record_keys(self._con, ds.table, "" if ds.privacy_unit == ROW_UNIT
                                 else ds.privacy_unit, state_dir)
+            bounds = dict(ds.bounds)
+            if ds.tier != "sensitive":  # DP bounds must never come from the data
+                bounds = {**_envelopes(self._con, ds.table, columns), **bounds}
             self.meta[ds.table] = TableMeta(
                 ds.table, ds.tier, columns, ds.privacy_unit, domains, ds.min_count,
-                ds.round_to, dict(ds.bounds), ds.max_rows_per_unit,
+                ds.round_to, bounds, ds.max_rows_per_unit,
                 _max_unit_rows(self._con, ds), ds.unit_level, ds.cell_key, ds.perturb)
             if ds.shared:
                 ipc = _shared_ipc(self._con, ds.table)
@@ -545,6 +548,24 @@ def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
                           f"{MAX_REFERENCE_BYTES >> 20} MiB as Arrow IPC "
                           f"({len(ipc) >> 20} MiB): drop columns or share a smaller table")
     return ipc
+
+
+def _envelopes(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]
+               ) -> dict[str, tuple[float, float]]:
+    """Static bounds for the numeric columns of a restricted or open table that declare
+    none (nodes/_restricted.py ``envelope``), computed once at load."""
+    numeric = [c for c, t in columns.items() if type_family(t) in ("integer", "number")]
+    if not numeric:
+        return {}
+    items = ", ".join(f"min({_quote(c)}), max({_quote(c)})" for c in numeric)
+    found = con.execute(f"SELECT {items} FROM {_quote(table)}").fetchall()[0]
+    return {c: envelope(_finite(found[2 * i]), _finite(found[2 * i + 1]))
+            for i, c in enumerate(numeric)}
+
+
+def _finite(v: object) -> float | None:
+    x = None if v is None else float(v)  # type: ignore[arg-type]
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:

@@ -5,8 +5,13 @@ node knows, per cell and per aggregate, what each *unit* contributed — not eac
 
     rows   → keys, unit, record key, the aggregates' arguments   (FROM/JOIN/WHERE)
     units  → per (keys, unit): the unit's contribution to each aggregate
-    cells  → per keys: value, contributing units, cell key, largest contribution and
-             the record key of its unit, whether every row adds 0 or 1 (a count)
+    cells  → per keys: value, contributing units, cell key and, for magnitudes, the
+             value key (what each contributing unit adds, keyed by its record key)
+
+Every argument is clamped to static bounds (``contribution_bounds``: declared bounds, or
+the power-of-two envelope the node computes at load), so the noise scale is a function of
+the plan and the config, never of the data: an offset or a weight added to one pupil's
+row makes the noise larger for every cell, not that pupil visible.
 
 When each unit has one row and nothing is joined, the middle step is the identity and is
 skipped (one aggregation, as for an open table). Release (``release``): the cells get the
@@ -19,6 +24,7 @@ no count of dropped cells leaves, and 0 and small look the same.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -47,7 +53,13 @@ class GroupCapExceeded(RuntimeError):
 class RestrictedAgg:
     name: str
     kind: int
-    arg_sql: str | None  # the argument, compiled (None for COUNT(*))
+    arg_sql: str | None  # the argument, compiled and clamped (None for COUNT(*))
+    # the most one unit can add to the cell (static: declared bounds × rows per unit), and
+    # whether every row adds 0 or 1 (a count however written) — both decided from the plan
+    # and the config, never from the data, so that no unit moves its cell's noise scale
+    scale: float = 1.0
+    count_like: bool = True
+    unit_bounds: tuple[float, float] | None = None  # clamp of a unit's summed contribution
 
 
 def record_key_secret(state_dir: Path) -> str:
@@ -101,9 +113,7 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
         for i, a in enumerate(aggs):
             if a.arg_sql is not None:
                 row_items.append(f"{a.arg_sql} AS __a{i}")
-            unit_items.append(f"{_per_unit(a.kind, f'__a{i}')} AS __c{i}")
-            if a.kind in (pb.SUM, pb.SUM_SQUARES):  # whether it counts rows: see __b below
-                unit_items.append(f"bool_and(__a{i} = 0 OR __a{i} = 1) AS __r{i}")
+            unit_items.append(f"{_bounded(_per_unit(a.kind, f'__a{i}'), a.unit_bounds)} AS __c{i}")
         inner = (f"SELECT {', '.join(unit_items)} FROM (SELECT {', '.join(row_items)} "
                  f"{source_sql}) AS __rows GROUP BY {', '.join([*key_names, '__unit'])}")
     else:  # one row per unit: a row's contribution is its own value
@@ -119,21 +129,37 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
             cell_items.append(f"{fn}({c}) AS {_q(a.name)}")
             continue
         nonzero = f"FILTER (WHERE {c} <> 0)"
-        # count-like: every *row* adds 0 or 1 (a SUM of 0/1 counts rows, as COUNT does, even
-        # where a unit has several of them): the same release however the count is written
-        is_01 = (f"bool_and(__r{i})" if per_unit and a.kind in (pb.SUM, pb.SUM_SQUARES)
-                 else f"bool_and({c} = 0 OR {c} = 1)")
+        # a count's records are the units it counts (however the count is written); a
+        # magnitude's are every unit with a value, 0 included: a pupil who adds 0 is still
+        # a different set of records, so leaving one out is never an exact difference
+        members = nonzero if a.count_like else f"FILTER (WHERE {c} IS NOT NULL)"
         cell_items += [
             f"sum({c}) AS {_q(a.name)}",
             f"count(*) {nonzero} AS __n{i}",
-            f"coalesce(sum(__rk) {nonzero} % {_KEY_MOD}, 0) AS __k{i}",
-            f"max(abs({c})) AS __y{i}",
-            f"arg_max(__rk, (abs({c}), __rk)) {nonzero} AS __t{i}",
-            f"coalesce({is_01}, true) AS __b{i}",
+            f"coalesce(sum(__rk) {members} % {_KEY_MOD}, 0) AS __k{i}",
         ]
+        if not a.count_like:
+            # the value key: what each of them adds, keyed by its record key. The same
+            # units with other contributions (an offset, a reweighted row) get an
+            # independent draw, so the difference of two such sums is never exact
+            cell_items.append(f"coalesce(sum(hash(__rk, CAST({c} AS DOUBLE))) {members} "
+                              f"% {_KEY_MOD}, 0) AS __v{i}")
     group = f" GROUP BY {', '.join(key_names)}" if key_names else ""
     return (f"SELECT {', '.join(cell_items)} FROM ({inner}) AS __units{group} "
             f"LIMIT {MAX_GROUPS + 1}")
+
+
+def _bounded(sql: str, bounds: tuple[float, float] | None) -> str:
+    """A unit's contribution kept within its static bounds (a join can multiply its rows)."""
+    if bounds is None:
+        return sql
+    lo, hi = (_number(b) for b in bounds)
+    return f"CASE WHEN {sql} < {lo} THEN {lo} WHEN {sql} > {hi} THEN {hi} ELSE {sql} END"
+
+
+def _number(v: float) -> str:
+    """A SQL literal that keeps an integer column integer."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**62 else repr(float(v))
 
 
 def _per_unit(kind: int, arg: str) -> str:
@@ -155,6 +181,96 @@ def _per_row(kind: int, arg: str | None) -> str:
     return arg
 
 
+Bounds = dict[tuple[str, str], tuple[float, float]]
+_BOOLEAN_OPS = frozenset({"eq", "neq", "lt", "lte", "gt", "gte", "and", "or", "not",
+                          "is_null", "in", "between", "like", "ilike"})
+
+
+def contribution_bounds(e: pb.Expr, bounds: Bounds) -> tuple[float, float] | None:
+    """Interval bounds of a row's value of ``e``: columns from ``bounds``, numbers, casts,
+    CASE/COALESCE, + − × and negation, abs, rounding, conditions (0 or 1). None when the
+    expression has no static bound (it is then refused on restricted data)."""
+    kind = e.WhichOneof("kind")
+    if kind == "column":
+        return bounds.get((e.column.table, e.column.name))
+    if kind == "literal":
+        lit = e.literal.WhichOneof("value")
+        if lit in (None, "is_null"):
+            return 0.0, 0.0  # NULL adds nothing
+        if lit in ("int_value", "float_value"):
+            v = float(getattr(e.literal, lit))
+            return v, v
+        return (0.0, 1.0) if lit == "bool_value" else None
+    if kind != "call":
+        return None
+    op, args = e.call.op, list(e.call.args)
+    if op in _BOOLEAN_OPS:
+        return 0.0, 1.0
+    if op in ("cast", "round", "floor", "ceil") and args:
+        inner = contribution_bounds(args[0], bounds)
+        # rounding moves a value by less than 1; a cast to an integer type rounds
+        return None if inner is None else (inner[0] - 1, inner[1] + 1) if op != "cast" \
+            else (math.floor(inner[0]), math.ceil(inner[1]))
+    if op in ("case", "coalesce"):
+        results = args if op == "coalesce" else (
+            args[1::2] if len(args) % 2 == 0 else [*args[1:-1:2], args[-1]])
+        found = [contribution_bounds(r, bounds) for r in results]
+        if not found or any(b is None for b in found):
+            return None
+        lo = min(b[0] for b in found)  # type: ignore[index]
+        hi = max(b[1] for b in found)  # type: ignore[index]
+        return min(lo, 0.0), max(hi, 0.0)  # no ELSE / all NULL: adds nothing
+    parts = [contribution_bounds(a, bounds) for a in args]
+    if not parts or any(b is None for b in parts):
+        return None
+    if op == "neg" and len(parts) == 1:
+        return -parts[0][1], -parts[0][0]  # type: ignore[index]
+    if op == "abs" and len(parts) == 1:
+        lo, hi = parts[0]  # type: ignore[misc]
+        return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+    if op in ("add", "sub", "mul") and len(parts) == 2:
+        (a, b), (c, d) = parts  # type: ignore[misc]
+        if op == "add":
+            return a + c, b + d
+        if op == "sub":
+            return a - d, b - c
+        products = (a * c, a * d, b * c, b * d)
+        return min(products), max(products)
+    return None
+
+
+def is_indicator(e: pb.Expr) -> bool:
+    """Whether every row's value of ``e`` is 0, 1 or NULL whatever the data: a count
+    however it is written (SUM(CASE WHEN c THEN 1 ELSE 0 END), SUM(CAST(c AS INTEGER)))."""
+    kind = e.WhichOneof("kind")
+    if kind == "literal":
+        lit = e.literal.WhichOneof("value")
+        return lit in (None, "is_null", "bool_value") or (
+            lit in ("int_value", "float_value") and getattr(e.literal, lit) in (0, 1))
+    if kind != "call":
+        return False
+    op, args = e.call.op, list(e.call.args)
+    if op in _BOOLEAN_OPS:
+        return True
+    if op == "cast":
+        return bool(args) and is_indicator(args[0])
+    if op == "case":
+        results = args[1::2] if len(args) % 2 == 0 else [*args[1:-1:2], args[-1]]
+        return all(is_indicator(r) for r in results)
+    if op == "coalesce":
+        return all(is_indicator(a) for a in args)
+    return False
+
+
+def envelope(low: float | None, high: float | None) -> tuple[float, float]:
+    """Bounds for a column the operator declared none for: the smallest power of two
+    above its largest absolute value (so the data reveal only that power through the
+    noise scale), symmetric when the column has negative values."""
+    m = max(abs(low or 0), abs(high or 0))
+    top = float(2 ** math.ceil(math.log2(m))) if m >= 1 else 1.0
+    return (-top if (low or 0) < 0 else 0.0), top
+
+
 # -- release ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -166,6 +282,12 @@ class RestrictedRelease:
     aggregates: tuple[tuple[str, int], ...]  # (name, AggKind)
     params: CkmParams
     perturb: bool  # False only on nodes allowed exact releases (tests)
+    # per aggregate: (scale, count_like) as compiled (RestrictedAgg); default: a count of
+    # units with one row each
+    noise: tuple[tuple[float, bool], ...] = ()
+
+    def noise_of(self, i: int) -> tuple[float, bool]:
+        return self.noise[i] if self.noise else (1.0, True)
 
 
 def release_restricted(table: pa.Table, r: RestrictedRelease, ptable: np.ndarray
@@ -189,10 +311,10 @@ def release_restricted(table: pa.Table, r: RestrictedRelease, ptable: np.ndarray
             values[name] = column
             continue
         contributors = _ints(table, f"__n{i}")
-        draw = count_perturbation(ptable, contributors, _ints(table, f"__k{i}"))
         if r.perturb:
-            ok &= contributors + draw >= k
-            values[name] = _perturbed(column, kind, table, i, draw, r.params)
+            ok &= contributors + count_perturbation(
+                ptable, contributors, _ints(table, f"__k{i}")) >= k
+            values[name] = _perturbed(table, name, kind, i, r, ptable)
         else:
             if k > 0:
                 ok &= contributors >= k
@@ -210,36 +332,42 @@ def release_restricted(table: pa.Table, r: RestrictedRelease, ptable: np.ndarray
     return released, int((~ok & keep).sum())
 
 
-def _perturbed(column: pa.ChunkedArray, kind: int, table: pa.Table, i: int,
-               draw: np.ndarray, params: CkmParams) -> pa.Array:
+def _perturbed(table: pa.Table, name: str, kind: int, i: int, r: RestrictedRelease,
+               ptable: np.ndarray) -> pa.Array:
+    """Counts (and 0/1 sums): the ptable's draw for (contributing units, cell key), times
+    the most one unit can add. Magnitudes: μ × that bound × v, v keyed on the cell key
+    and the value key. The scale is static, so an empty cell of a public domain, a cell
+    of zeros and a cell holding the target are perturbed alike."""
+    column = table.column(name)
     value = _floats(column)
-    top = _floats(table.column(f"__y{i}"))
-    count_like = table.column(f"__b{i}").to_numpy(zero_copy_only=False).astype(bool)
+    scale, count_like = r.noise_of(i)
+    key = _ints(table, f"__k{i}")
+    if count_like or kind in COUNT_KINDS:
+        out = value + scale * count_perturbation(ptable, _ints(table, f"__n{i}"), key)
+    else:
+        v = magnitude_draw(key, _ints(table, f"__v{i}"))
+        out = value + r.params.magnitude * scale * v  # a SUM of nothing stays NULL
     whole = kind in COUNT_KINDS or pa.types.is_integer(column.type) or (
         pa.types.is_decimal(column.type) and column.type.scale == 0)
-    # counts (and 0/1 sums): the ptable's draw, times the largest contribution of a unit
-    # (fmax: an empty cell of a public domain has no largest contribution, and no draw)
-    as_count = value + np.fmax(top, 1.0) * draw
-    v = magnitude_draw(_ints(table, f"__k{i}"), _ints(table, f"__t{i}"))
-    as_magnitude = value + params.magnitude * top * v
-    out = np.where(count_like | (kind in COUNT_KINDS), as_count, as_magnitude)
-    out = np.where(np.isnan(value), np.nan, out)
     if whole:
         out = np.round(out)
         if kind in COUNT_KINDS:
             out = np.maximum(out, 0)
-        # NaN (a SUM with nothing to add) is NULL, never cast to an integer
         return pa.array(out, pa.float64(), from_pandas=True).cast(pa.int64(), safe=False)
-    return pa.array(out, pa.float64(), from_pandas=True)
+    return pa.array(out, pa.float64(), from_pandas=True)  # NaN: a SUM of nothing, NULL
 
 
 def _ints(table: pa.Table, name: str) -> np.ndarray:
-    col = table.column(name)
-    return pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    col = pc.fill_null(table.column(name), 0)
+    if not pa.types.is_integer(col.type):  # DuckDB's HUGEINT sums arrive as decimal128
+        col = pc.cast(col, pa.int64(), safe=False)
+    return col.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _floats(col: pa.ChunkedArray) -> np.ndarray:
-    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    """As doubles, never raising (a BIGINT beyond 2^53 is rounded, not an error)."""
+    return pc.cast(col, pa.float64(), safe=False).to_numpy(
+        zero_copy_only=False).astype(np.float64)
 
 
 def _public_keys(table: pa.Table, r: RestrictedRelease) -> np.ndarray:
@@ -278,10 +406,8 @@ def _zero_filled(table: pa.Table, r: RestrictedRelease) -> pa.Table:
         if name in filler:
             continue
         empty: object = None
-        if name.startswith(("__n", "__k")) or name in counts:
+        if name.startswith(("__n", "__k", "__v")) or name in counts:
             empty = 0
-        elif name.startswith("__b"):
-            empty = True
         filler[name] = [empty] * len(missing)
     extra = pa.table({name: pa.array(filler[name], type=table.schema.field(name).type)
                       for name in table.column_names})

@@ -56,7 +56,8 @@ class CkmParams:
     threshold: int = 10  # k: fewer perturbed units than this and the value is "< k"
     max_perturbation: int = 4  # D: counts move by at most ±D (times the largest contribution)
     variance: float = 3.0  # V: variance of a count's perturbation
-    magnitude: float = 0.2  # μ: magnitude noise is μ·y₁·v, |v| ∈ [0.5, 1.5]
+    # μ: a magnitude's noise is μ·B·v, |v| ∈ [0.5, 1.5], B the most one unit can add (static)
+    magnitude: float = 0.5
     ptable: Path | None = None  # an ONS-layout CSV instead of the generated table
 
 
@@ -205,10 +206,11 @@ def count_perturbation(table: np.ndarray, count: np.ndarray, key: np.ndarray) ->
     return np.where(count > 0, out, 0)
 
 
-def magnitude_draw(key: np.ndarray, top_key: np.ndarray) -> np.ndarray:
-    """``v`` for each cell: symmetric, |v| uniform on [0.5, 1.5], from (cell key, record key
-    of the largest contributor) through a 64-bit mixer (splitmix64's finaliser)."""
-    x = (np.asarray(key, dtype=np.uint64) << np.uint64(32)) ^ np.asarray(top_key, np.uint64)
+def magnitude_draw(key: np.ndarray, value_key: np.ndarray) -> np.ndarray:
+    """``v`` for each cell: symmetric, |v| uniform on [0.5, 1.5], from (cell key, value key:
+    what each contributing unit adds, keyed by its record key) through a 64-bit mixer
+    (splitmix64's finaliser)."""
+    x = (np.asarray(key, dtype=np.uint64) << np.uint64(32)) ^ np.asarray(value_key, np.uint64)
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -219,6 +221,6 @@ def magnitude_draw(key: np.ndarray, top_key: np.ndarray) -> np.ndarray:
     return sign * (MAGNITUDE_LOW + (MAGNITUDE_HIGH - MAGNITUDE_LOW) * u)
 
 
-def magnitude_sd(params: CkmParams, top: float) -> float:
-    """Standard deviation of a magnitude's perturbation whose largest contribution is ``top``."""
-    return params.magnitude * abs(top) * math.sqrt(MAGNITUDE_VARIANCE)
+def magnitude_sd(params: CkmParams, scale: float) -> float:
+    """Standard deviation of a magnitude's perturbation when one unit adds at most ``scale``."""
+    return params.magnitude * abs(scale) * math.sqrt(MAGNITUDE_VARIANCE)

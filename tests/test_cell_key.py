@@ -322,7 +322,7 @@ def test_counts_match_ons_create_perturbed_table(
 
 # -- the release in DuckDB, without servers -------------------------------------------------
 
-D, V, MU, K = 4, 3.0, 0.2, 10
+D, V, MU, K = 4, 3.0, 0.5, 10
 PARAMS = CkmParams(threshold=K, max_perturbation=D, variance=V, magnitude=MU)
 
 
@@ -354,7 +354,8 @@ def _release(con: duckdb.DuckDBPyConnection, aggs: list[RestrictedAgg], *, where
     sql = restricted_sql(source, [(k, f'"{k}"') for k in keys], '"unit"', RECORD_KEY,
                          aggs, per_unit)
     release = RestrictedRelease(keys, domains or (None,) * len(keys),
-                                tuple((a.name, a.kind) for a in aggs), params, perturb=True)
+                                tuple((a.name, a.kind) for a in aggs), params, perturb=True,
+                                noise=tuple((a.scale, a.count_like) for a in aggs))
     ptable = generate_ptable(params.max_perturbation, params.variance)
     return release_restricted(con.sql(sql).to_arrow_table(), release, ptable)
 
@@ -409,21 +410,53 @@ def test_cells_differing_by_one_unit_get_independent_perturbations(
     assert q < 0.5
 
 
-@pytest.mark.parametrize("arg", ["x", "x + 1000", "-x"])
-def test_magnitudes_are_perturbed_by_their_largest_contributor(
-        groups: duckdb.DuckDBPyConnection, arg: str) -> None:
-    """SUM gets μ·y₁·v, y₁ the largest |contribution| of one unit: an offset added to
-    every row scales the noise up with it."""
-    out, _ = _release(groups, [RestrictedAgg("s", pb.SUM, arg)])
+def _sum(name: str, arg: str, scale: float) -> RestrictedAgg:
+    return RestrictedAgg(name, pb.SUM, arg, scale, count_like=False)
+
+
+@pytest.mark.parametrize(("arg", "scale"), [("x", 128), ("x + 1000", 1128), ("-x", 128)])
+def test_magnitudes_are_perturbed_by_the_static_bound_of_one_unit(
+        groups: duckdb.DuckDBPyConnection, arg: str, scale: float) -> None:
+    """SUM gets μ·B·v, B the most one unit can add (from the bounds, not the data): an
+    offset added to every row scales the noise up with it."""
+    out, _ = _release(groups, [_sum("s", arg, scale)])
     released = _by_key(out, "s")
     truth = _truth(groups, f"sum({arg})")
-    top = _truth(groups, f"max(abs({arg}))")
-    v = np.array([(released[g] - truth[g]) / (MU * top[g]) for g in truth])
+    v = np.array([(released[g] - truth[g]) / (MU * scale) for g in truth])
     m = len(v)
     assert np.abs(v).min() >= 0.5 - 1e-9 and np.abs(v).max() <= 1.5 + 1e-9
     assert abs(v.mean()) <= Z * math.sqrt(V_MAG / m)
     assert abs(v.var() - V_MAG) <= Z * math.sqrt(
         (MAGNITUDE_M4 - V_MAG**2) / m)
+
+
+def test_other_contributions_from_the_same_units_get_independent_draws(
+        groups: duckdb.DuckDBPyConnection) -> None:
+    """The value key: SUM(x) and SUM(x + [one unit]) over the same units — an offset on
+    one row — are perturbed independently, so their difference is not that offset; the
+    same contributions written otherwise get the same draw."""
+    scale = 128.0
+    base = _by_key(_release(groups, [_sum("s", "x", scale)])[0], "s")
+    same = _by_key(_release(groups, [_sum("s", "CASE WHEN true THEN x ELSE 0 END",
+                                          scale)])[0], "s")
+    moved = _by_key(_release(groups, [_sum("s", "x + CASE WHEN j = 0 THEN 1 ELSE 0 END",
+                                           scale)])[0], "s")
+    assert same == base
+    truth = _truth(groups, "sum(x)")
+    va = np.array([(base[g] - truth[g]) / (MU * scale) for g in truth])
+    vb = np.array([(moved[g] - truth[g] - 1) / (MU * scale) for g in truth])
+    assert abs(np.corrcoef(va, vb)[0, 1]) <= Z / math.sqrt(len(va))
+    # the offset of 1 is never read exactly from the difference
+    assert np.mean(np.abs(np.array([moved[g] - base[g] for g in truth]) - 1) < 1e-6) == 0
+
+
+def test_cells_of_zeros_are_perturbed_like_others(groups: duckdb.DuckDBPyConnection) -> None:
+    """SUM(0 × x + [a known unit]): one non-zero unit in cells of zeros is not exact."""
+    out, _ = _release(groups, [_sum("s", "CASE WHEN j < 12 THEN x * 0 + 0.001 ELSE 0 END",
+                                    128.0)])
+    released = _by_key(out, "s")
+    assert released and all(abs(s - 0.012) >= 0.5 * MU * 128.0 - 1e-6
+                            for s in released.values())
 
 
 def test_released_counts_are_whole_and_never_negative(tmp_path: Path) -> None:
@@ -443,7 +476,7 @@ def test_released_counts_are_whole_and_never_negative(tmp_path: Path) -> None:
     add_record_keys(con, "t", "unit", tmp_path)
     params = CkmParams(threshold=0, max_perturbation=D, variance=V, magnitude=MU)
     aggs = [RestrictedAgg("n", pb.COUNT_ROWS, None), RestrictedAgg("c", pb.COUNT, "xi"),
-            RestrictedAgg("s", pb.SUM, "xi"), RestrictedAgg("sn", pb.SUM, "xn")]
+            _sum("s", "xi", 2.0), _sum("sn", "xn", 2.0)]
     out, below = _release(con, aggs, domains=(tuple(range(m)),), params=params)
     assert below == 0 and out.num_rows == m
     for name in ("n", "c", "s", "sn"):

@@ -20,7 +20,7 @@ def _meta(name: str, **kw: object) -> TableMeta:
     defaults: dict[str, object] = {
         "tier": "restricted", "columns": COLUMNS, "privacy_unit": "pid",
         "public_domains": {"sex": ("F", "M")}, "min_count": 5, "round_to": 1,
-        "max_unit_rows": 1}
+        "max_unit_rows": 1, "bounds": {"g3": (0.0, 20.0)}}
     return TableMeta(name, **{**defaults, **kw})  # type: ignore[arg-type]
 
 
@@ -67,9 +67,47 @@ def test_the_per_unit_sql_runs_and_counts_units_not_rows() -> None:
     assert compiled.aggregates == (("p0", pb.COUNT_ROWS), ("p1", pb.SUM))
     assert rows["F"]["__n"] == 2 and rows["F"]["p0"] == 3 and rows["F"]["p1"] == 37
     assert rows["F"]["__k"] == (7 + 9) % (1 << 32)  # the cell key: units, not rows
-    assert rows["F"]["__y0"] == 2 and rows["F"]["__y1"] == 22  # p1's two rows, summed
-    assert rows["F"]["__t1"] == 7 and not rows["F"]["__b0"]  # p1 contributes 2 rows
-    assert rows["M"]["__n"] == 1 and rows["M"]["__b0"]
+    # static noise scales: a unit adds at most 3 rows (max_unit_rows), each g3 ≤ 20
+    assert compiled.restricted is not None
+    assert compiled.restricted.noise == ((3.0, True), (60.0, False))
+    assert {"__v1"} <= set(rows["F"]) and "__v0" not in rows["F"]  # value key: magnitudes
+
+
+def test_arguments_are_clamped_to_their_bounds_per_row_and_per_unit() -> None:
+    """A value outside the declared bounds, or a unit with more rows than any unit had at
+    load (as a join can make), adds no more than the bounds allow."""
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE marks (pid VARCHAR, uai VARCHAR, sex VARCHAR, g3 BIGINT, "
+                f"{RECORD_KEY} UINTEGER)")
+    con.execute("INSERT INTO marks VALUES ('p1', 'u', 'F', 500, 7), ('p2', 'u', 'F', 20, 9), "
+                "('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9)")
+    compiled = compile_plan(_plan("SELECT sex, COUNT(*) AS n, SUM(g3) AS s FROM marks "
+                                  "GROUP BY sex"), CATALOG, 100)
+    row = con.sql(compiled.sql).to_arrow_table().to_pylist()[0]
+    assert (row["p0"], row["p1"]) == (1 + 3, 20 + 60)
+
+
+@pytest.mark.parametrize(("agg", "noise"), [
+    ("SUM(g3)", {(20.0, False)}),
+    ("SUM(g3 + 1000)", {(1020.0, False)}),  # an offset makes the noise larger
+    ("SUM(CASE WHEN pid = 'x' THEN g3 * 50 ELSE 0 END)", {(1000.0, False)}),
+    ("SUM(-g3)", {(20.0, False)}),
+    ("SUM(CASE WHEN g3 >= 10 THEN 1 ELSE 0 END)", {(1.0, True)}),  # a count however written
+    ("SUM(CAST(g3 >= 10 AS INTEGER))", {(1.0, True)}),
+    ("COUNT(g3)", {(1.0, True)}),
+    ("AVG(g3)", {(20.0, False), (1.0, True)}),  # SUM(g3) and COUNT(g3)
+])
+def test_noise_scales_come_from_the_plan_and_the_bounds(agg: str, noise: set) -> None:
+    compiled = compile_plan(_plan(f"SELECT {agg} FROM pupils"), CATALOG, 100)
+    assert compiled.restricted is not None
+    assert set(compiled.restricted.noise) == noise
+
+
+@pytest.mark.parametrize("agg", ["SUM(length(pid))", "SUM(g3 / 2)", "AVG(ln(g3))",
+                                 "SUM(CASE WHEN g3 > 1 THEN length(uai) ELSE 0 END)"])
+def test_arguments_without_a_static_bound_are_refused(agg: str) -> None:
+    with pytest.raises(PlanRefused, match="static bound"):
+        compile_plan(_plan(f"SELECT {agg} FROM pupils"), CATALOG, 100)
 
 
 def test_the_record_key_column_cannot_be_named() -> None:
