@@ -6,26 +6,31 @@
 
 A  Through a real federation (3 ``bulle node serve`` subprocesses, in-process
    ``Coordinator.run``), every table published three times from the same data: perturbed
-   (``restricted``, the node's cell key method), exact (``restricted`` with
-   ``cell_key = { perturb = false }``: same per-unit SQL, no noise step) and ``open`` (a
-   plain one-level aggregation). Tables: UCI ``lycee_students`` split by school over n0/n1
-   and OULAD ``student_info`` split by module over n0/n1/n2 (as tests/conftest.py splits
-   them; threshold 8 as in the demo), and synthetic rows (a person id with 2–3 rows each,
+   (``restricted``, the node's cell key method: arguments clamped to static bounds, noise
+   scaled by them), exact (``restricted`` with ``cell_key = { perturb = false }``: the same
+   per-unit SQL without the clamps, no noise step) and ``open`` (a plain one-level
+   aggregation). Tables: UCI ``lycee_students`` split by school over n0/n1 and OULAD
+   ``student_info`` split by module over n0/n1/n2 (as tests/conftest.py splits them;
+   threshold 8, and the lycée's declared bounds, as in the demo; other numeric columns get
+   the node's load-time envelopes), and synthetic rows (a person id with 2–3 rows each,
    categorical keys, numeric values; 2 nodes with half each; default parameters, k = 10).
    A1 relative error of every released value against the exact answer (the open table's,
    itself checked against one DuckDB over the union for the demo tables), median and 95th
    percentile per aggregate kind, and the share of cells suppressed ("< k").
    A2 time of the same query, interleaved (perturbed, exact, open, perturbed, …): ratio
-   perturbed ÷ open (target ≤ 1.1) and perturbed ÷ exact (the noise step alone), end to
-   end and at the slowest node (its own engine time, from its audit chain).
+   perturbed ÷ open (target ≤ 1.1) and perturbed ÷ exact (the clamps and the noise step),
+   end to end and at the slowest node (its own engine time, from its audit chain).
 B  In-process profile on one node's part of the synthetic data (DuckDB threads = 1, as a
-   node): the restricted SQL as compiled vs open, the per-unit GROUP BY alone, scratch
-   variants of the cell-level SQL that release the same values (checked), EXPLAIN ANALYZE
-   operator times, and cProfile of the release step (``release_restricted``).
+   node; tables described as the node's engine describes them: load-time envelopes, most
+   rows of a unit): the restricted SQL as compiled vs open, the per-unit GROUP BY alone,
+   the same SQL without the static clamps, scratch variants of the cell-level SQL that
+   release the same values (checked), EXPLAIN ANALYZE operator times, and cProfile of the
+   release step (``release_restricted``), whose noise is checked against its static bounds.
 
 Timing misses are reported, never asserted; exit status 1 only on a wrong answer (the open
-tier differing from DuckDB on the demo tables, an unperturbed count above the open one, or a
-scratch variant releasing something else than the product code).
+tier differing from DuckDB on the demo tables, an unperturbed count above the open one, a
+scratch variant releasing something else than the product code, or a released value moved
+further than its static noise scale allows).
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (
@@ -73,6 +77,9 @@ VARIANTS = {"perturbed": "", "exact": "_exact", "open": "_open"}
 LYCEE_DOMAINS = {"school": ["GP", "MS"], "sex": ["F", "M"], "address": ["R", "U"],
                  "age": list(range(15, 23)), "studytime": [1, 2, 3, 4],
                  "failures": [0, 1, 2, 3], "higher": ["no", "yes"]}
+# as the demo declares them (deploy/demo/nodes/region-*.toml): a SUM's noise scale; the
+# other numeric columns get the power-of-two envelope the node derives at load
+LYCEE_BOUNDS = {"g1": [0, 20], "g2": [0, 20], "g3": [0, 20]}  # as the demo declares them
 OULAD_DOMAINS = {"final_result": ["Distinction", "Fail", "Pass", "Withdrawn"],
                  "gender": ["F", "M"], "age_band": ["0-35", "35-55", "55<="]}
 
@@ -187,16 +194,21 @@ def gen_synthetic(rows: int) -> list[Path]:
 
 
 def datasets(synth: list[Path]) -> list[Dataset]:
+    from privacy import CkmParams
+
     por = SHARED / "uci-student-performance" / "student-por.csv"
     info = SHARED / "oulad" / "studentInfo.csv"
     families = [
         ("lycee_students", [por, por], ["school = 'GP'", "school = 'MS'"],
-         {"min_count": 8, "public_domains": LYCEE_DOMAINS}, {}),
+         {"min_count": 8, "public_domains": LYCEE_DOMAINS, "bounds": LYCEE_BOUNDS}, {}),
         ("student_info", [info] * 3,
          ["code_module IN (" + ", ".join(f"'{m}'" for m in mods) + ")" for mods in MODULES],
          {"min_count": 8, "public_domains": OULAD_DOMAINS}, {"privacy_unit": "id_student"}),
         ("synth", synth, ["", ""], {"min_count": 10}, {"privacy_unit": "pid"}),
     ]
+    d = CkmParams()  # the node's defaults (magnitude 0.5 since static bounds), as the demo
+    perturbed = {"max_perturbation": d.max_perturbation, "variance": d.variance,
+                 "magnitude": d.magnitude}
     out = []
     for table, sources, filters, restricted, common in families:
         for variant, suffix in VARIANTS.items():
@@ -205,8 +217,7 @@ def datasets(synth: list[Path]) -> list[Dataset]:
                 kw["tier"] = "open"
             else:
                 kw.update(restricted)
-                kw["cell_key"] = ({"perturb": False} if variant == "exact" else
-                                  {"max_perturbation": 4, "variance": 3.0, "magnitude": 0.2})
+                kw["cell_key"] = {"perturb": False} if variant == "exact" else perturbed
             out.append(Dataset(table + suffix, sources, filters=filters, **kw))
     return out
 
@@ -460,21 +471,15 @@ def _released(table: pa.Table, release: Any) -> pa.Table:
     return release_restricted(table, release, ptable_for(release.params))[0]
 
 
+def _rows(table: pa.Table) -> list[str]:
+    """A release's rows in a fixed order (cells come in the hash aggregate's order)."""
+    return sorted(repr(row) for row in table.to_pylist())
+
+
 def _inner(sql: str) -> str:
     """The units (or rows) subquery of a restricted cell SQL: its ``__c{i}`` columns are
     each unit's contributions."""
     return sql[sql.index(" FROM (") + len(" FROM ("):sql.rindex(") AS __units")]
-
-
-def _int_contributions(con: duckdb.DuckDBPyConnection, inner: str, n: int,
-                       huge: bool = False) -> frozenset[int]:
-    """Aggregates whose contributions are integers of at most 64 bits (packable), and with
-    ``huge`` also HUGEINT ones: a unit's sum of BIGINTs, |c| ≤ rows·2⁶³ < 2⁹⁵ as long as a
-    unit has fewer than 2³² rows, so abs(c)·2³² + rk still fits a HUGEINT."""
-    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE {inner}").fetchall()}
-    small = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT",
-             "UINTEGER", "BOOLEAN"} | ({"HUGEINT"} if huge else set())
-    return frozenset(i for i in range(n) if types.get(f"__c{i}") in small)
 
 
 def _sub(sql: str, pattern: str, repl: str, applied: list[str]) -> str:
@@ -484,24 +489,20 @@ def _sub(sql: str, pattern: str, repl: str, applied: list[str]) -> str:
     return out
 
 
-def what_if(sql: str, aggs: list[Any], per_unit: bool, ints: frozenset[int], *,
-            packed: bool = False, struct_max: bool = False, static_counts: bool = False,
-            bigint_rk: bool = False) -> str | None:
+def what_if(sql: str, aggs: list[Any], *, static_counts: bool = False,
+            bigint_rk: bool = False, value_key_residues: bool = False) -> str | None:
     """The product's cell SQL with cheaper, equivalent cell columns (None: nothing applies).
 
-    ``packed``: the largest contributor's record key ``arg_max(__rk, (abs(c), __rk))``,
-    for contributions that are integers of ≤ 64 bits, ordered by the scalar
-    ``abs(c)·2³² + rk`` in HUGEINT (abs taken after the cast, so total even for
-    c = −2⁶³, and < 2⁹⁵) instead of a struct: the same order.
-    ``struct_max``: the same record key as the second field of ``max((abs(c), rk))`` (one
-    struct compared, no separate argument carried): the same order, for any type of c.
-    ``static_counts``: columns a COUNT's contributions fix in advance. COUNT(*) gives every
-    unit ≥ 1, so its contributors and key are the cell's (``__n``, ``__k``), and with one row
-    per unit every contribution is 1 (largest 1, contributor max(rk), count-like). With one
-    row per unit, COUNT(x) gives 0/1 (largest max(c), contributor max(rk) among c ≠ 0,
-    count-like).
+    ``static_counts``: columns a COUNT(*)'s contributions fix in advance: every unit adds
+    ≥ 1 (clamped to [0, most rows of a unit] ≥ 1), so its contributors and key are the
+    cell's (``count(*)``, ``sum(__rk)``) without the ``FILTER (WHERE c <> 0)``.
     ``bigint_rk``: the record key read as BIGINT (``CAST(__bulle_rk AS BIGINT)``): its sums
-    stay below 2⁶³ for < 2³¹ units and DuckDB sums them on int64 instead of HUGEINT.
+    stay below 2⁶³ for < 2³¹ units and DuckDB may sum them on int64 instead of HUGEINT;
+    ``hash`` of a non-negative BIGINT equals that of the same UINTEGER, so the value keys
+    do not move.
+    ``value_key_residues``: a magnitude's value key ``sum(hash(rk, c)) % 2³²`` as the sum
+    of each hash's low 32 bits (a UINTEGER), the same residue: (Σ h) mod 2³² =
+    (Σ (h mod 2³²)) mod 2³², exact since both sums are exact integers.
     Every what-if is checked to release exactly what the product releases.
     """
     from federation.proto import bulle_pb2 as pb
@@ -512,27 +513,15 @@ def what_if(sql: str, aggs: list[Any], per_unit: bool, ints: frozenset[int], *,
                    applied)
     for i, a in enumerate(aggs):
         c, nz = f"__c{i}", rf"FILTER \(WHERE __c{i} <> 0\)"
-        t_struct = rf"arg_max\(__rk, \(abs\({c}\), __rk\)\) {nz} AS __t{i}\b"
         if static_counts and a.kind == pb.COUNT_ROWS:
             sql = _sub(sql, rf"count\(\*\) {nz} AS __n{i}\b", f"count(*) AS __n{i}", applied)
             sql = _sub(sql, rf"coalesce\(sum\(__rk\) {nz} % {_MOD}, 0\) AS __k{i}\b",
                        f"sum(__rk) % {_MOD} AS __k{i}", applied)
-            if not per_unit:
-                sql = _sub(sql, rf"max\(abs\({c}\)\) AS __y{i}\b", f"1 AS __y{i}", applied)
-                sql = _sub(sql, t_struct, f"max(__rk) AS __t{i}", applied)
-                sql = _sub(sql, rf"coalesce\(bool_and\([^()]*\), true\) AS __b{i}\b",
-                           f"true AS __b{i}", applied)
-        elif static_counts and a.kind == pb.COUNT and not per_unit:
-            sql = _sub(sql, rf"max\(abs\({c}\)\) AS __y{i}\b", f"max({c}) AS __y{i}", applied)
-            sql = _sub(sql, t_struct, f"max(__rk) FILTER (WHERE {c} <> 0) AS __t{i}", applied)
-            sql = _sub(sql, rf"coalesce\(bool_and\([^()]*\), true\) AS __b{i}\b",
-                       f"true AS __b{i}", applied)
-        if packed and i in ints:
-            sql = _sub(sql, t_struct, f"arg_max(__rk, abs(CAST({c} AS HUGEINT)) * {_MOD} + "
-                       f"__rk) FILTER (WHERE {c} <> 0) AS __t{i}", applied)
-        if struct_max:
-            sql = _sub(sql, t_struct, f"struct_extract_at(max((abs({c}), __rk)) FILTER (WHERE "
-                       f"{c} <> 0), 2) AS __t{i}", applied)
+        if value_key_residues and not a.count_like:
+            sql = _sub(sql, rf"sum\(hash\(__rk, CAST\({c} AS DOUBLE\)\)\) (FILTER \(WHERE {c} "
+                       rf"IS NOT NULL\)) % {_MOD}, 0\) AS __v{i}\b",
+                       f"sum(CAST(hash(__rk, CAST({c} AS DOUBLE)) & {_MOD - 1} AS UINTEGER)) "
+                       rf"\1 % {_MOD}, 0) AS __v{i}", applied)
     return sql if applied else None
 
 
@@ -553,10 +542,8 @@ def _select_items(sql: str) -> tuple[str, list[str], str]:
 
 CELL_CLASSES = {
     "__n{i}": "contributing units: count(*) FILTER (c <> 0)",
-    "__k{i}": "their cell key: sum(rk) FILTER (c <> 0) % 2^32",
-    "__y{i}": "largest contribution: max(abs(c))",
-    "__t{i}": "its record key: arg_max(rk, (abs(c), rk)) FILTER",
-    "__b{i}": "count-like: bool_and(c = 0 OR c = 1)",
+    "__k{i}": "their cell key: sum(rk) FILTER (c <> 0 | NOT NULL) % 2^32",
+    "__v{i}": "value key: sum(hash(rk, c)) FILTER (c NOT NULL) % 2^32",
 }
 
 
@@ -622,13 +609,23 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
     columns = {r[0]: r[1] for r in con.execute("DESCRIBE synth").fetchall()
                if r[0] != "__bulle_rk"}
     ckm = CkmParams(threshold=10)
+    # as the node's engine builds them at load (nodes/_engine.py): no declared bounds, so
+    # every numeric column gets its power-of-two envelope (the noise scale of a SUM), and
+    # the most rows one unit has (the per-unit clamp and the count's scale)
+    from nodes._config import DatasetConfig
+    from nodes._engine import _envelopes, _max_unit_rows
+
+    bounds = _envelopes(con, "synth", columns)
+    most = _max_unit_rows(con, DatasetConfig(table="synth", source=(synth[0],),
+                                             tier="restricted", privacy_unit="pid"))
     meta = {
-        # as a node holds it: unit = pid, up to 3 rows per unit → per-unit GROUP BY
-        "synth": TableMeta("synth", "restricted", columns, "pid", {}, 10, 1,
-                           max_unit_rows=3, ckm=ckm),
+        # as a node holds it: unit = pid, 2-3 rows per unit → per-unit GROUP BY
+        "synth": TableMeta("synth", "restricted", columns, "pid", {}, 10, 1, dict(bounds),
+                           max_unit_rows=most, ckm=ckm),
         # the same rows, each row its own unit → one aggregation level
-        "synth_rows": TableMeta("synth_rows", "restricted", columns, "", {}, 10, 1, ckm=ckm),
-        "synth_open": TableMeta("synth_open", "open", columns, "", {}, 0, 1),
+        "synth_rows": TableMeta("synth_rows", "restricted", columns, "", {}, 10, 1,
+                                dict(bounds), ckm=ckm),
+        "synth_open": TableMeta("synth_open", "open", columns, "", {}, 0, 1, dict(bounds)),
     }
     schema = {name: dict(m.columns) for name, m in meta.items()}
     captured: list[dict[str, Any]] = []
@@ -639,8 +636,11 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
         captured.append(dict(signature.bind(*a, **kw).arguments))
         return product_sql(*a, **kw)
 
-    def plan_of(sql: str, table: str) -> Any:
-        return compile_plan(plan_query(parse(sql.format(t=table), schema)).plan, meta, 10**6)
+    exact = {name: dataclasses.replace(m, perturb=False) for name, m in meta.items()}
+
+    def plan_of(sql: str, table: str, exact_release: bool = False) -> Any:
+        return compile_plan(plan_query(parse(sql.format(t=table), schema)).plan,
+                            exact if exact_release else meta, 10**6)
 
     nc.restricted_sql = capture  # read-only: records the arguments, returns the product's SQL
     try:
@@ -658,30 +658,29 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
                 c = plan_of(query.sql, table)
                 a = captured[-1]
                 inner = _inner(c.sql)
-                ints = _int_contributions(con, inner, len(a["aggs"]))
                 variants[f"restricted, {label} (as compiled)"] = c.sql
                 if a["per_unit"]:
                     variants[f"  {label}: per-unit GROUP BY alone"] = (
                         f"SELECT count(*) FROM ({inner})")
-                    if qid in args.attribute.split(","):
-                        for pattern, what in CELL_CLASSES.items():
-                            variants[f"  {label}: without {pattern.format(i='i')} ({what})"] = (
-                                without_class(c.sql, pattern, len(a["aggs"])))
-                alone = [("packed arg_max key (ints)", {"packed": True}),
-                         ("max of the struct", {"struct_max": True}),
-                         ("static COUNT columns", {"static_counts": True}),
-                         ("record key as BIGINT", {"bigint_rk": True})]
-                both = ("packed + static + BIGINT key",
-                        {"packed": True, "static_counts": True, "bigint_rk": True})
-                huge = ("packed key incl. per-unit HUGEINT sums + static + BIGINT key",
-                        {"packed": True, "static_counts": True, "bigint_rk": True,
-                         "huge": True})
+                # attribution only (exact values, not checked): the same SQL without the
+                # static clamps, as a node compiles it with perturb = false (the exact tier)
+                unclamped = plan_of(query.sql, table, exact_release=True).sql
+                if unclamped != c.sql:
+                    variants[f"  {label}: without the clamps (as perturb = false)"] = unclamped
+                if a["per_unit"] and qid in args.attribute.split(","):
+                    for pattern, what in CELL_CLASSES.items():
+                        variants[f"  {label}: without {pattern.format(i='i')} ({what})"] = (
+                            without_class(c.sql, pattern, len(a["aggs"])))
+                alone = [("static COUNT(*) columns", {"static_counts": True}),
+                         ("record key as BIGINT", {"bigint_rk": True}),
+                         ("value key as 32-bit residues", {"value_key_residues": True})]
+                every = ("static + BIGINT key + residues", {"static_counts": True,
+                                                            "bigint_rk": True,
+                                                            "value_key_residues": True})
                 # each what-if alone on the one-level SQL, all together on both shapes
-                for name, kw in ([huge] if a["per_unit"] else alone) + [both]:
-                    packable = (_int_contributions(con, inner, len(a["aggs"]), True)
-                                if kw.pop("huge", False) else ints)
-                    sql = what_if(c.sql, a["aggs"], a["per_unit"], packable, **kw)
-                    if sql is not None:
+                for name, kw in ([] if a["per_unit"] else alone) + [every]:
+                    sql = what_if(c.sql, a["aggs"], **kw)
+                    if sql is not None and sql not in variants.values():
                         variants[f"  {label}: {name}"] = sql
                         checks[f"  {label}: {name}"] = c
             times, results = time_interleaved(
@@ -698,9 +697,8 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
                 print(f"   {k:<48.100} {m * 1000:8.1f} ({median(ts) * 1000:.1f}) ms "
                       f"×{m / base:5.2f} open")
             for k, c in checks.items():  # a what-if must release exactly the same values
-                same = _released(results[k], c.restricted).to_pylist() == _released(
-                    con.sql(c.sql).to_arrow_table(), c.restricted).to_pylist()
-                if not same:
+                product = _rows(_released(con.sql(c.sql).to_arrow_table(), c.restricted))
+                if _rows(_released(results[k], c.restricted)) != product:
                     failures.append(f"B {qid} {k.strip()}: releases different values")
             prof[qid] = out
             print(f"\n B2 {qid}: EXPLAIN ANALYZE of the restricted SQL, 2-3 rows/unit:")
@@ -717,10 +715,8 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
 
 def release_profile(con: duckdb.DuckDBPyConnection, plan_of: Any, details: dict[str, Any],
                     failures: list[str]) -> None:
-    """cProfile of release_restricted on the cells of S5 (many) and S3 (few); and the same
-    release with the decimal columns cast to int64 in Arrow before numpy (scratch)."""
-    import nodes._restricted as nr
-
+    """cProfile of release_restricted on the cells of S5 (many) and S3 (few), and a check
+    that each released value moved by no more than its static noise scale allows."""
     print("\n B3 release step (release_restricted), cells as the node's SQL returns them:")
     out = {}
     for qid in ("S3", "S5"):
@@ -730,22 +726,11 @@ def release_profile(con: duckdb.DuckDBPyConnection, plan_of: Any, details: dict[
         decimals = [f.name for f in cells_t.schema if pa.types.is_decimal(f.type)]
         runs = 5
         as_is, released = median_time(lambda t=cells_t, c=c: _released(t, c.restricted), runs)
-        product_ints = nr._ints
-
-        def fast_ints(table: pa.Table, name: str) -> Any:
-            col = pc.fill_null(table.column(name), 0)
-            return pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False)
-
-        nr._ints = fast_ints
-        try:
-            fast, released_fast = median_time(
-                lambda t=cells_t, c=c: _released(t, c.restricted), runs)
-        finally:
-            nr._ints = product_ints
-        if released.to_pylist() != released_fast.to_pylist():
-            failures.append(f"B3 {qid}: int64 cast releases different values")
         unperturbed = dataclasses.replace(c.restricted, perturb=False)
-        exact_ms, _ = median_time(lambda t=cells_t, r=unperturbed: _released(t, r), runs)
+        exact_ms, exact = median_time(lambda t=cells_t, r=unperturbed: _released(t, r), runs)
+        why, worst = noise_within_scale(released, exact, c.restricted)
+        if why:
+            failures.append(f"B3 {qid}: {why}")
         pr = cProfile.Profile()
         pr.enable()
         _released(cells_t, c.restricted)
@@ -755,15 +740,53 @@ def release_profile(con: duckdb.DuckDBPyConnection, plan_of: Any, details: dict[
         top = [ln for ln in buf.getvalue().splitlines() if re.match(r"\s+\d", ln)][:6]
         print(f"   {qid}: {cells_t.num_rows:,} cells, {len(decimals)} DECIMAL(38,0) columns "
               f"from DuckDB HUGEINT ({', '.join(decimals[:6])}{'…' if len(decimals) > 6 else ''}"
-              f"): release {as_is * 1000:.2f} ms as is ({exact_ms * 1000:.2f} ms with "
-              f"perturb = false), {fast * 1000:.2f} ms with _ints casting to int64 in Arrow "
-              "(same release); cProfile, by own time:")
+              f", cast to int64 in Arrow by _ints): release {as_is * 1000:.2f} ms "
+              f"({exact_ms * 1000:.2f} ms with perturb = false); largest |noise| ÷ its "
+              f"bound (μ·B·1.5, D·B) per part: "
+              f"{', '.join(f'{k} {v:.2f}' for k, v in worst.items()) or '—'}; "
+              "cProfile, by own time:")
         for ln in top:
             print("     " + ln.strip())
         out[qid] = {"cells": cells_t.num_rows, "release_ms": as_is * 1000,
                     "release_ms_unperturbed": exact_ms * 1000,
-                    "release_ms_int64_cast": fast * 1000, "top": top}
+                    "noise_over_bound_max": worst, "top": top}
     details["release_profile"] = out
+
+
+def noise_within_scale(perturbed: pa.Table, exact: pa.Table, release: Any
+                       ) -> tuple[str | None, dict[str, float]]:
+    """Whether every value released by both moved within its static bound: a count by at
+    most D × B (the ptable's largest draw), a magnitude by μ × B × [0.5, 1.5] (B the most
+    one unit adds, ``release.noise``), ±0.5 where the value is rounded to an integer.
+    Also the largest |noise| ÷ bound per aggregate."""
+    from nodes._restricted import COUNT_KINDS, ORDER_KINDS
+    from privacy._ckm import MAGNITUDE_HIGH, MAGNITUDE_LOW
+
+    keys = list(release.group_names)
+    exact_cells = {tuple(r[g] for g in keys): r for r in exact.to_pylist()}
+    params, worst = release.params, {}
+    for i, (name, kind) in enumerate(release.aggregates):
+        if kind in ORDER_KINDS:  # min/max of institutions: released as they are
+            continue
+        scale, count_like = release.noise_of(i)
+        integral = pa.types.is_integer(perturbed.schema.field(name).type)
+        slack = 0.5 if integral else 1e-9 * scale
+        if count_like or kind in COUNT_KINDS:
+            low, high = 0.0, params.max_perturbation * scale
+        else:
+            low, high = (params.magnitude * scale * MAGNITUDE_LOW,
+                         params.magnitude * scale * MAGNITUDE_HIGH)
+        worst[name] = 0.0
+        for row in perturbed.to_pylist():
+            e = exact_cells.get(tuple(row[g] for g in keys))
+            if e is None or row[name] is None or e[name] is None:
+                continue
+            noise = abs(float(row[name]) - float(e[name]))
+            worst[name] = max(worst[name], noise / high if high else 0.0)
+            if not low - slack <= noise <= high + slack:
+                return (f"cell {row} {name}: moved {noise:g}, bound [{low:g}, {high:g}]",
+                        worst)
+    return None, worst
 
 
 def median_time(fn: Any, runs: int) -> tuple[float, Any]:
@@ -817,7 +840,7 @@ def main() -> int:
           f"{details['load_avg_start']}, end {details['load_avg_end']}")
     return finish(details, failures, args.json,
                   "open tier = DuckDB on the demo tables, unperturbed counts ≤ open ones; "
-                  "what-ifs release the same values")
+                  "what-ifs release the same values; noise within its static bounds")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ NODE_CONFIGS = REPO / "deploy" / "demo" / "nodes"
 NODES = ("region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp")
 RESEARCHER = "demo-researcher"
 PROJECT = "demo"
-SENSITIVE_TABLES = ("student_assessment",)
+# what the demo grant covers: DP queries on student_assessment, DP training on the lycée tables
+GRANT_DATASETS = ("student_assessment", "lycee_students", "lycee_students_math")
 GRANT_EPSILON = 10.0
 # Hub accounts (name → role); passwords are generated and printed once by `up`.
 HUB_ACCOUNTS = {"demo-researcher": "researcher", "other-researcher": "researcher",
@@ -322,7 +323,7 @@ class Demo:
         grant_file = board / f"{PROJECT}.grant"
         if not grant_file.exists():
             now = datetime.now(UTC)
-            grant = Grant(PROJECT, (RESEARCHER,), SENSITIVE_TABLES, GRANT_EPSILON, 1e-6,
+            grant = Grant(PROJECT, (RESEARCHER,), GRANT_DATASETS, GRANT_EPSILON, 1e-6,
                           now + timedelta(days=90), "Demo: learning traces and success "
                           "(research only, no decision about a pupil)", now)
             grant_file.write_text(sign_grant(grant, (board / "board_ed25519.pem").read_bytes()))

@@ -9,8 +9,9 @@ act on no message without it), and submits its own vetted FAB (``bulle_flower``)
 SuperLink over the fenced Control API. The ServerApp writes one record per round
 (``progress.jsonl``) and the aggregated weights; this module charges the project's
 **global** ledger for each round — the composition of every node's DP-SGD and evaluation
-events, since a learner may be at several nodes — before the researcher can see that
-round. A refused charge stops the run.
+events (and, in a node's first round, the noisy count its run's plan drew), since a learner
+may be at several nodes — before the researcher can see that round. A refused charge stops
+the run.
 
 Reported: ε per node (its own ledger's figure) and the composed ε of the run across nodes;
 never an average of ε over nodes. The run's result is the noisy evaluation of the released
@@ -488,14 +489,19 @@ class Trainer:
         the noisy evaluation of round r-1's model (an "eval" record: of the last one)."""
         events, nodes = [], {}
         for name, n in sorted(rec["nodes"].items()):
-            events.append(dpa.ComposedDpEvent([opacus_event(json.loads(n["history"])),
-                                               gaussian_event(float(n["sigma_eval"]))]))
+            parts = [opacus_event(json.loads(n["history"])),
+                     gaussian_event(float(n["sigma_eval"]))]
+            if float(n.get("sigma_count") or 0) > 0:  # the node's count for its run's plan
+                parts.append(gaussian_event(float(n["sigma_count"])))
+            events.append(dpa.ComposedDpEvent(parts))
             nodes[name] = {k: n.get(k) for k in (
-                "epsilon_round", "epsilon_run", "epsilon_spent", "epsilon_remaining", "sigma",
-                "sample_rate", "steps", "sigma_eval", "accuracy", "auc", "n_eval")}
+                "epsilon_round", "epsilon_count", "epsilon_run", "epsilon_spent",
+                "epsilon_remaining", "sigma", "sample_rate", "steps", "sigma_eval",
+                "sigma_count", "accuracy", "auc", "n_eval")}
         # A learner may be at several nodes: the round costs the composition of them all.
         event = dpa.ComposedDpEvent(events)
-        claim = sum(float(n["epsilon_round"]) for n in nodes.values())
+        claim = sum(float(n["epsilon_round"]) + float(n.get("epsilon_count") or 0)
+                    for n in nodes.values())
         try:
             charged = self.coordinator.projects.charge(
                 f"train:{job.id}:{rec['round']}", job.project, event, claim)

@@ -313,10 +313,11 @@ class NodeEngine:
             except ConfigError as e:
                 raise ReferenceRefused(str(e)) from None
             cur.execute(f"CREATE OR REPLACE TABLE {_quote(name)} AS SELECT * FROM {_quote(view)}")
+            bounds = _envelopes(cur, name, columns)  # public data: a SUM over it is bounded too
         finally:
             cur.unregister(view)
             cur.close()
-        meta = TableMeta(name, "open", columns, "", domains, 0, 1)
+        meta = TableMeta(name, "open", columns, "", domains, 0, 1, bounds)
         self.meta = {**self.meta, name: meta}  # swapped whole: compiles read one version
         self.copies = {**self.copies, name: light(copy.ref)}
         self._forget_compiled()

@@ -6,22 +6,29 @@ this node listed, the spec's hash, project and grant, the round within the run; 
 without a valid one is refused (audited), nothing is read, trained or charged. Then the run
 spec is checked against this node's own catalogue (model allowed by the operator, table
 and columns published here, joins only with open tables), the board-signed grant is
-verified (``PrivacyGuard.admit``), and every round is charged to this node's ledger
-*before* anything leaves:
+verified (``PrivacyGuard.admit``) and the incoming weights must fit the model. These
+checks cost nothing. Then, as for a DP query (``nodes/_guard.py``), every round is charged
+to this node's ledger *before* its data is read, atomically and idempotently:
 
-1. build the training view on the locked DuckDB: one row (tabular models) or one sequence
-   (GRU) per privacy unit, so one learner is one example (bounded contribution);
-2. plan the noise once per run: σ of DP-SGD calibrated so the whole run fits within
-   min(what the researcher asked, what the grant leaves at this node), given this node's
-   ledger history for the project and dataset; evaluation counts get their own σ, and the
-   final model's evaluation (the run's result) one √rounds smaller: it costs as much as
-   all the rounds' evaluations together, so that the result is the least noisy figure;
-3. train with Opacus (Poisson sampling, per-sample clipping, Gaussian noise), evaluate on
-   held-out learners and noise the evaluation histogram (plus the training-set size);
-4. charge ``opacus_event(history)`` + the evaluation's Gaussian event with request id
-   ``<run>:<round>:<node>`` (``run`` from the signed authorisation: a replayed message is
-   the same request); refused → an error reply, nothing released;
-5. keep the release (a replayed round gets the same weights back, never new noise) and
+1. the run's plan at this node, drawn once and kept (``training_plans``: a retry or a
+   replay of any round reuses it, never draws it again). Its budget is min(what the
+   researcher asked, what the grant leaves here given the ledger). The evaluations get σ
+   from a share of it (the final model's evaluation one √rounds smaller: it costs as much
+   as all the rounds' evaluations together, so the result is the least noisy figure);
+   DP-SGD's sampling rate comes from a noisy training-set size — a count charged *before*
+   the data is read (request id ``<run>:0:<node>``, no message has round 0) — and its σ
+   is the smallest with which the whole run, count included, fits;
+2. charge the round's event, known from the plan alone — DP-SGD (σ, q, the planned steps)
+   and the evaluation's Gaussian — with request id ``<run>:<round>:<node>`` (``run`` from
+   the signed authorisation: a replayed message is the same request). Refused → an error
+   reply, nothing read, nothing trained. Accepted → audited (``train_charged``) and it
+   stands whatever happens next: a round that fails is charged, never free;
+3. build the training view on the locked DuckDB: one row (tabular models) or one sequence
+   (GRU) per privacy unit, so one learner is one example (bounded contribution); evaluate
+   the incoming model on held-out learners and noise the evaluation histogram (plus the
+   training-set size), then train with Opacus (Poisson sampling, per-sample clipping,
+   Gaussian noise);
+4. keep the release (a replayed round gets the same weights back, never new noise) and
    write the audit entry; return weights (``_module.`` stripped) and DP metrics.
 """
 
@@ -58,7 +65,9 @@ from nodes._trainview import (
     fetch_rows,
 )
 from privacy import (
+    ChargeResult,
     GrantError,
+    LedgerError,
     RdpTotals,
     RunAuthorisation,
     canonical_sha256,
@@ -96,6 +105,9 @@ class NodeRuntime:
 _RUNTIME: NodeRuntime | None = None
 # Wall-clock marks of the current task (set by the executor), reported for the benchmarks.
 TIMES: dict[str, float] = {}
+# One round's marks in TIMES, cleared when it starts (a process may run several rounds)
+_MARKS = ("plan_charged", "charged", "started", "fetched", "view", "evaluated", "trained")
+PLAN_ROUND = 0  # request id "<run>:0:<node>": the count behind the run's plan (no message)
 
 
 def bind(runtime: NodeRuntime) -> None:
@@ -134,17 +146,21 @@ def sigma_for_eval(rounds: int, epsilon: float, delta: float) -> float:
 
 def calibrate(prior: RdpTotals, cap: float, target: float, delta: float, sample_rate: float,
               steps: int, rounds: int, sigma_eval: float,
-              sigma_final: float | None = None) -> float | None:
+              sigma_final: float | None = None, charged: RdpTotals | None = None
+              ) -> float | None:
     """Smallest σ (within ``SIGMA_RANGE``) such that the run of ``rounds`` rounds costs at
     most ``target`` ε on its own and ``prior`` plus the run stays within ``cap`` (both at
     δ); None if even the largest σ does not fit. (RDP composition is sublinear: the run's
     own ε is larger than what it adds to a prior spend, so both are checked.) The final
-    model's evaluation has σ ``sigma_final`` (default: ``sigma_eval``)."""
+    model's evaluation has σ ``sigma_final`` (default: ``sigma_eval``); ``charged``: what
+    the run already spent here (its plan's count), also in ``prior``."""
+    own = charged or RdpTotals()
+
     def fits(sigma: float) -> bool:
         run = dpa.ComposedDpEvent([  # the rounds, then the final model's evaluation
             dpa.SelfComposedDpEvent(round_event(sigma, sample_rate, steps, sigma_eval), rounds),
             gaussian_event(sigma_final or sigma_eval)])
-        return (RdpTotals().plus(run).epsilon(delta) <= target
+        return (own.plus(run).epsilon(delta) <= target
                 and prior.plus(run).epsilon(delta) <= cap)
 
     lo, hi = SIGMA_RANGE
@@ -173,6 +189,9 @@ class Releases:
         self.db.execute("CREATE TABLE IF NOT EXISTS training_releases (request_id TEXT PRIMARY "
                         "KEY, arrays BLOB NOT NULL, metrics TEXT NOT NULL, dp TEXT NOT NULL, "
                         "created_at TEXT NOT NULL)")
+        # Each run's noise and sampling plan at this node, drawn once (its count is charged)
+        self.db.execute("CREATE TABLE IF NOT EXISTS training_plans (run TEXT PRIMARY KEY, "
+                        "plan TEXT NOT NULL, created_at TEXT NOT NULL)")
 
     def get(self, request_id: str) -> tuple[dict[str, np.ndarray], dict, dict] | None:
         row = self.db.execute("SELECT arrays, metrics, dp FROM training_releases WHERE "
@@ -194,6 +213,18 @@ class Releases:
         self.db.execute("INSERT OR IGNORE INTO training_releases VALUES (?, ?, ?, ?, ?)",
                         (request_id, buf.getvalue(), json.dumps(metrics), json.dumps(dp),
                          datetime.now(UTC).isoformat()))
+
+
+    def plan(self, run: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT plan FROM training_plans WHERE run = ?",
+                              (run,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def keep_plan(self, run: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Store ``plan`` unless the run has one; returns the run's plan."""
+        self.db.execute("INSERT OR IGNORE INTO training_plans VALUES (?, ?, ?)",
+                        (run, json.dumps(plan), datetime.now(UTC).isoformat()))
+        return self.plan(run) or plan
 
 
 def node_salt(state_dir: Path) -> bytes:
@@ -264,18 +295,30 @@ def _admit_plan(spec: TrainSpec) -> pb.Plan:
     return plan
 
 
+class _AuditedRefusal(TrainingRefused):
+    """A refusal already in the audit log, with the ledger's figures."""
+
+
 def _failpoint(stage: str, rnd: int, project: str) -> None:
     """Crash hooks for tests: BULLE_TRAIN_FAILPOINT="<stage>:<round>:<project>" ends this
-    task; "die-<stage>:…" kills the node's executor too (the node is gone mid-round)."""
+    task; "die-<stage>:…" kills the node's executor too (the node is gone mid-round);
+    "raise-<stage>:…" raises in the task (the round's code failing, in-process tests)."""
     point = os.environ.get("BULLE_TRAIN_FAILPOINT", "")
-    if point == f"die-{stage}:{rnd}:{project}":
+    where = f"{stage}:{rnd}:{project}"
+    if point == f"raise-{where}":
+        raise RuntimeError(f"failpoint {where}")
+    if point == f"die-{where}":
         os.kill(os.getppid(), 9)
-    if point in (f"{stage}:{rnd}:{project}", f"die-{stage}:{rnd}:{project}"):
+    if point in (where, f"die-{where}"):
         os._exit(87)
 
 
 def train_round(msg: Any, context: Any) -> Any:
-    """The ClientApp's train handler (runs in a forked task process of the executor)."""
+    """The ClientApp's train handler (runs in a forked task process of the executor).
+
+    Free checks first, then the round's charge, then its data (see the module docstring);
+    ``context`` is unused: the run's plan is kept in the node's own state, so that a replay
+    from another Flower run finds it too."""
     from flwr.app import Error, Message
 
     rt = _runtime()
@@ -283,12 +326,20 @@ def train_round(msg: Any, context: Any) -> Any:
     guard = PrivacyGuard(rt.node_id, rt.state_dir, rt.config.board_public_key)
     spec: TrainSpec | None = None
     rnd, request_id = 0, ""
+    charged: list[str] = []  # what this task charged: it stands, whatever happens next
+    for mark in _MARKS:
+        TIMES.pop(mark, None)
 
     def audit(action: str, **detail: Any) -> None:
         who = spec.researcher[:128] if spec else "?"
         guard.audit.append(who, spec.project[:128] if spec else "?", action, {
             "node": rt.node_id, "request_id": request_id, "round": rnd,
             "job": spec.job if spec else "", "table": spec.table if spec else "", **detail})
+
+    def replayed(release: tuple[dict[str, np.ndarray], dict, dict]) -> Any:
+        arrays, metrics, dp = release
+        audit("train_replayed", epsilon=dp["epsilon_round"])
+        return _reply(msg, arrays, metrics, dp)
 
     try:
         t0 = time.perf_counter()
@@ -310,39 +361,69 @@ def train_round(msg: Any, context: Any) -> Any:
         releases = Releases(rt.state_dir / "training.sqlite")
         cached = releases.get(request_id)
         if cached is not None:
-            arrays, metrics, dp = cached
-            audit("train_replayed", epsilon=dp["epsilon_round"])
-            return _reply(msg, arrays, metrics, dp)
+            return replayed(cached)
         history = guard.ledger.history(spec.project, spec.table)
         if any(h.request_id == request_id for h in history):
             raise TrainingRefused("refused", "this round was charged before but its release "
                                   "never left the node: it is not trained again")
         train = rnd <= spec.rounds  # the round after the last: the final model's evaluation
-        event, metrics, dp, arrays = _train(spec, rt, where, run_id, history, grant.epsilon,
-                                            context, msg, train)
+        model = _incoming_model(spec, msg)  # a static check: costs nothing
+        plan, view, count = _run_plan(spec, rt, guard, releases, run_id, history,
+                                      grant.epsilon, where, audit, charged)
+        # The round's event from the plan alone: known before any of its data is read
+        sigma_eval = float(plan["sigma_eval"] if train else plan["sigma_final"])
+        dp_history = [(float(plan["sigma"]), 1.0 / int(plan["steps_epoch"]),
+                       int(plan["steps_epoch"]) * spec.epochs)] if train else []
+        event = dpa.ComposedDpEvent([opacus_event(dp_history), gaussian_event(sigma_eval)]
+                                    if train else [gaussian_event(sigma_eval)])
+        planned = RdpTotals().plus(event).epsilon(spec.delta)
         _failpoint("before-charge", rnd, spec.project)
-        outcome = guard.ledger.charge(request_id, spec.project, spec.table, event,
-                                      epsilon_claim=dp["epsilon_round_planned"])
-        if not outcome.accepted:
-            audit("train_refused", reason=outcome.reason[:300],
-                  needed=outcome.needed_epsilon, remaining=outcome.remaining_epsilon)
-            raise TrainingRefused(
-                "budget_exhausted",
-                f"node {rt.node_id}: the budget of project {spec.project!r} on "
-                f"{spec.table!r} cannot pay for round {rnd} (needs ε="
-                f"{outcome.needed_epsilon:.4g}, {outcome.remaining_epsilon:.4g} left)")
+        outcome = _pay(guard, request_id, spec, event, planned, audit, f"round {rnd}")
+        if outcome.replay:  # a twin task charged it first: its release, never a 2nd draw
+            cached = releases.get(request_id)
+            if cached is None:
+                raise TrainingRefused("refused", "this round is charged and trained by "
+                                      "another task: it is not trained twice")
+            return replayed(cached)
+        charged.append(request_id)
+        TIMES["charged"] = time.time()
+        audit("train_charged", charge=request_id, epsilon=outcome.needed_epsilon,
+              epsilon_spent=outcome.spent_epsilon, epsilon_remaining=outcome.remaining_epsilon)
         _failpoint("after-charge", rnd, spec.project)
-        dp.update(epsilon_round=outcome.needed_epsilon, epsilon_spent=outcome.spent_epsilon,
-                  epsilon_remaining=outcome.remaining_epsilon)
+        metrics, arrays = _train(spec, rt, where, run_id, plan, view, model, train, rnd)
+        run_eps = RdpTotals()  # this run's events at this node (all rounds alike: one RDP)
+        for h in history:
+            if h.accepted and h.request_id.startswith(f"{run_id}:"):
+                run_eps.add(event_from_dict(h.event))
+        if count is not None:
+            run_eps.add(gaussian_event(float(plan["sigma_count"])))
+        run_eps.add(event)
+        dp = {"node": rt.node_id, "sigma": float(plan["sigma"]) if train else 0.0,
+              "sample_rate": 1.0 / int(plan["steps_epoch"]),
+              "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
+              # the plan's count, charged by this round's task (the coordinator composes it)
+              "sigma_count": float(plan["sigma_count"]) if count is not None else 0.0,
+              "epsilon_count": count.needed_epsilon if count is not None else 0.0,
+              "delta": spec.delta, "epsilon_round_planned": planned,
+              "epsilon_run": run_eps.epsilon(spec.delta),
+              "epsilon_available": float(plan["epsilon_available"]),
+              "history": json.dumps(dp_history),
+              "epsilon_round": outcome.needed_epsilon,
+              "epsilon_spent": outcome.spent_epsilon,
+              "epsilon_remaining": outcome.remaining_epsilon}
         releases.put(request_id, arrays, metrics, dp)
         audit("train_released", epsilon=outcome.needed_epsilon,
               epsilon_spent=outcome.spent_epsilon, sigma=dp["sigma"],
               sample_rate=dp["sample_rate"], steps=dp["steps"], sigma_eval=dp["sigma_eval"])
         return _reply(msg, arrays, metrics, dp)
     except TrainingRefused as e:
-        if e.code != "budget_exhausted":  # that one was audited with the ledger's numbers
-            audit("train_refused", reason=str(e)[:300])
+        if not isinstance(e, _AuditedRefusal):
+            audit("train_refused", reason=str(e)[:300], charged=charged)
         return Message(Error(code=0, reason=str(e)[:500]), reply_to=msg)
+    except Exception:
+        if charged:  # the charge stands; the error's text may quote data: the node's log
+            audit("train_failed", charged=charged)
+        raise
     finally:
         guard.audit.close()
 
@@ -371,11 +452,118 @@ def _reply(msg: Any, arrays: dict[str, np.ndarray], metrics: dict, dp: dict) -> 
     return Message(content, reply_to=msg)
 
 
+def _pay(guard: PrivacyGuard, request_id: str, spec: TrainSpec, event: dpa.DpEvent,
+         claim: float, audit: Any, what: str) -> ChargeResult:
+    """Charge ``event`` to this node's ledger before what it pays for runs. Refused:
+    audited with the ledger's figures, and ``TrainingRefused("budget_exhausted")``."""
+    try:
+        outcome = guard.ledger.charge(request_id, spec.project, spec.table, event,
+                                      epsilon_claim=claim)
+    except LedgerError:  # the id was charged with another event (a twin planned otherwise)
+        raise TrainingRefused("refused", "this request was charged before: it is not run "
+                              "again") from None
+    if not outcome.accepted:
+        audit("train_refused", reason=outcome.reason[:300], charge=request_id,
+              needed=outcome.needed_epsilon, remaining=outcome.remaining_epsilon)
+        raise _AuditedRefusal(
+            "budget_exhausted",
+            f"node {guard.node_id}: the budget of project {spec.project!r} on {spec.table!r} "
+            f"cannot pay for {what} (needs ε={outcome.needed_epsilon:.4g}, "
+            f"{outcome.remaining_epsilon:.4g} left)")
+    return outcome
+
+
+def _incoming_model(spec: TrainSpec, msg: Any) -> Any:
+    """The model with the global weights the message carries (they must fit the spec's
+    model: checked before any charge, it depends on no data)."""
+    model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
+    try:
+        model.load_state_dict(unpack(msg.content["arrays"]["w"].numpy(), model.state_dict()))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise TrainingRefused("bad_spec", f"the global weights do not fit the model ({e})") \
+            from None
+    return model
+
+
+def _read_view(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str) -> View:
+    """The run's training view (read only once its round, or its plan, is charged)."""
+    salt = node_salt(rt.state_dir)
+    meta = rt.engine.meta[spec.table]
+    rows = fetch_rows(rt.engine.cursor(), spec, meta.privacy_unit, where)
+    TIMES["fetched"] = time.time()
+    view_seed = int.from_bytes(hashlib.sha256(salt + run_id.encode()).digest()[:8], "big")
+    view = build_view(rows, spec, salt, np.random.default_rng(view_seed))
+    TIMES["view"] = time.time()
+    return view
+
+
+def _run_plan(spec: TrainSpec, rt: NodeRuntime, guard: PrivacyGuard, releases: Releases,
+              run_id: str, history: list[Any], cap: float, where: dict[str, str], audit: Any,
+              charged: list[str]
+              ) -> tuple[dict[str, Any], View | None, ChargeResult | None]:
+    """The run's plan at this node: the kept one, or drawn now (module docstring, 1.).
+
+    Its budget: min(what the researcher asked, what the grant leaves here given the
+    ledger when the run starts). Then σ of the evaluations, and DP-SGD's sampling rate
+    from a *noisy* training-set size — so that q and the step count, which travel in
+    clear for the accounting, never reveal the exact count — charged before the data is
+    read, and σ of DP-SGD so that the whole run fits. Returns (plan, the view read for the
+    count or None, the count's charge or None)."""
+    plan = releases.plan(run_id)
+    if plan is not None:
+        return plan, None, None
+    count_id = f"{run_id}:{PLAN_ROUND}:{rt.node_id}"
+    if any(h.request_id == count_id for h in history):  # charged, never kept (a crash)
+        raise TrainingRefused("refused", "this run's plan was charged here but never kept: "
+                              "it is not drawn again")
+    prior = RdpTotals()
+    for h in history:
+        if h.accepted:
+            prior.add(event_from_dict(h.event))
+    spent = prior.epsilon(spec.delta) if history else 0.0
+    available = min(spec.epsilon, cap - spent)
+    if available <= 0:
+        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
+                              f"project {spec.project!r} on {spec.table!r}")
+    # the count, the rounds' evaluations and the final one (which weighs as much as all of
+    # them): 2 × rounds + 1 Gaussian releases of σ_eval within the evaluations' share
+    sigma_eval = sigma_for_eval(2 * spec.rounds + 1, spec.eval_share * available, spec.delta)
+    count = gaussian_event(sigma_eval)
+    outcome = _pay(guard, count_id, spec, count, RdpTotals().plus(count).epsilon(spec.delta),
+                   audit, "this run's plan (its training-set count)")
+    if outcome.replay:  # a twin task drew it: its plan, never a second draw
+        plan = releases.plan(run_id)
+        if plan is None:
+            raise TrainingRefused("refused", "this run's plan is being drawn by another task")
+        return plan, None, None
+    charged.append(count_id)
+    TIMES["plan_charged"] = time.time()
+    audit("train_charged", charge=count_id, epsilon=outcome.needed_epsilon,
+          epsilon_spent=outcome.spent_epsilon, epsilon_remaining=outcome.remaining_epsilon)
+    view = _read_view(spec, rt, where, run_id)
+    n_noisy = float(gaussian_noise([float(len(view.y_train))], sigma_eval)[0])
+    if n_noisy < 2 * spec.batch_size and n_noisy < 100:  # decided on the noisy count
+        raise TrainingRefused("too_small", "too few learners at this node for DP training")
+    steps_epoch = max(1, round(max(n_noisy, spec.batch_size) / spec.batch_size))
+    sigma_final = sigma_eval / math.sqrt(spec.rounds)
+    sigma = spec.noise_multiplier or calibrate(
+        prior.plus(count), cap, available, spec.delta, 1.0 / steps_epoch,
+        steps_epoch * spec.epochs, spec.rounds, sigma_eval, sigma_final,
+        charged=RdpTotals().plus(count))
+    if sigma is None:
+        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
+                              f"(ε={available:.4g}) cannot pay for {spec.rounds} rounds")
+    plan = {"job": spec.job, "epsilon_available": float(available), "sigma_eval": sigma_eval,
+            "sigma_final": sigma_final, "sigma_count": sigma_eval, "sigma": float(sigma),
+            "steps_epoch": int(steps_epoch)}
+    return releases.keep_plan(run_id, plan), view, outcome
+
+
 def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
-           history: list[Any], cap: float, context: Any, msg: Any, train: bool
-           ) -> tuple[dpa.DpEvent, dict, dict, dict[str, np.ndarray]]:
-    """Evaluate the incoming global model on held-out learners and, if ``train``, run one
-    round of DP-SGD from it. Returns the event to charge and what to release after."""
+           plan: dict[str, Any], view: View | None, model: Any, train: bool, rnd: int
+           ) -> tuple[dict, dict[str, np.ndarray]]:
+    """After the round's charge: evaluate the incoming global model on held-out learners
+    and, if ``train``, run one round of DP-SGD from it. Returns (metrics, weights)."""
     import torch
 
     started = time.perf_counter()
@@ -384,26 +572,10 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     # would draw the same DP noise.
     torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
     torch.set_num_threads(1)
-    salt = node_salt(rt.state_dir)
-    meta = rt.engine.meta[spec.table]
-    rows = fetch_rows(rt.engine.cursor(), spec, meta.privacy_unit, where)
-    TIMES["fetched"] = time.time()
-    view_seed = int.from_bytes(hashlib.sha256(salt + run_id.encode()).digest()[:8], "big")
-    view = build_view(rows, spec, salt, np.random.default_rng(view_seed))
-    TIMES["view"] = time.time()
+    if view is None:
+        view = _read_view(spec, rt, where, run_id)
     n = len(view.y_train)
-    if n < 2 * spec.batch_size and n < 100:
-        raise TrainingRefused("too_small", "too few learners at this node for DP training")
-    plan, prior = _noise_plan(spec, rt, context, history, cap)
-    sigma_eval = float(plan["sigma_eval"] if train else plan.get("sigma_final",
-                                                                  plan["sigma_eval"]))
-
-    model = build_model(spec.model, spec.input_width, spec.hidden, dp=True)
-    try:
-        model.load_state_dict(unpack(msg.content["arrays"]["w"].numpy(), model.state_dict()))
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise TrainingRefused("bad_spec", f"the global weights do not fit the model ({e})") \
-            from None
+    sigma_eval = float(plan["sigma_eval"] if train else plan["sigma_final"])
     # Evaluation of the global model: a 2×bins histogram of its scores on held-out learners
     # (plus, in a training round, the training-set size for FedAvg's weights). One learner
     # changes one cell by one: L2 sensitivity 1, Gaussian noise σ_eval.
@@ -417,88 +589,30 @@ def _train(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: str,
     if train:
         exact[-1] = n
     noisy = gaussian_noise(exact.tolist(), sigma_eval)
-    events: list[dpa.DpEvent] = [gaussian_event(sigma_eval)]
     arrays: dict[str, np.ndarray] = {}
-    dp_history: list[tuple[float, float, int]] = []
     TIMES["evaluated"] = time.time()
     if train:
-        if "sigma" not in plan:  # the run's first round here: the sampling plan
-            _sampling_plan(spec, rt, plan, prior, cap, float(noisy[-1]), context)
-        dp_history, arrays = _dp_sgd(spec, model, view, float(plan["sigma"]),
-                                     int(plan["steps_epoch"]))
-        events.insert(0, opacus_event(dp_history))
+        _failpoint("train", rnd, spec.project)
+        sigma, steps_epoch = float(plan["sigma"]), int(plan["steps_epoch"])
+        ran, arrays = _dp_sgd(spec, model, view, sigma, steps_epoch)
+        # What ran must be within what was charged (σ, at most the planned steps), or
+        # nothing leaves: the charge stands, the round fails.
+        if sum(h[2] for h in ran) > steps_epoch * spec.epochs or any(
+                not math.isclose(h[0], sigma) for h in ran):
+            raise RuntimeError(f"DP-SGD ran {ran}, beyond its charge ({sigma}, "
+                               f"{steps_epoch * spec.epochs} steps)")
     TIMES["trained"] = time.time()
-    event = dpa.ComposedDpEvent(events)
-    run_eps = RdpTotals()  # this run's events at this node (all rounds alike: one RDP)
-    for h in history:
-        if h.accepted and h.request_id.startswith(f"{run_id}:"):
-            run_eps.add(event_from_dict(h.event))
-    run_eps.add(event)
     metrics = {"hist": [float(v) for v in noisy[:2 * spec.bins]],
                "train_s": round(time.perf_counter() - started, 4)}
     if train:
         metrics["n_train_noisy"] = float(noisy[-1])
-    dp = {"node": rt.node_id, "sigma": float(plan.get("sigma", 0.0)) if train else 0.0,
-          "sample_rate": 1.0 / float(plan.get("steps_epoch", 1)),
-          "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
-          "delta": spec.delta,
-          "epsilon_round_planned": RdpTotals().plus(event).epsilon(spec.delta),
-          "epsilon_run": run_eps.epsilon(spec.delta),
-          "epsilon_available": float(plan["epsilon_available"]),
-          "history": json.dumps(dp_history)}
-    return event, metrics, dp, arrays
-
-
-def _noise_plan(spec: TrainSpec, rt: NodeRuntime, context: Any, history: list[Any],
-                cap: float) -> tuple[dict[str, Any], RdpTotals]:
-    """The run's budget at this node (kept in the run's context: a second run starts from
-    what the ledger holds when it starts) and σ of the evaluations."""
-    state = context.state
-    plan = dict(state["bulle"]) if "bulle" in state else {}
-    prior = RdpTotals()
-    if plan.get("job") == spec.job and "sigma" in plan:
-        return plan, prior  # (prior is only needed to plan)
-    for h in history:
-        if h.accepted:
-            prior.add(event_from_dict(h.event))
-    if plan.get("job") == spec.job:
-        return plan, prior
-    spent = prior.epsilon(spec.delta) if history else 0.0
-    available = min(spec.epsilon, cap - spent)
-    if available <= 0:
-        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: no budget left for "
-                              f"project {spec.project!r} on {spec.table!r}")
-    # the rounds' evaluations and the final one, which weighs as much as all of them
-    sigma_eval = sigma_for_eval(2 * spec.rounds, spec.eval_share * available, spec.delta)
-    plan = {"job": spec.job, "epsilon_available": float(available), "sigma_eval": sigma_eval,
-            "sigma_final": sigma_eval / math.sqrt(spec.rounds)}
-    return plan, prior
-
-
-def _sampling_plan(spec: TrainSpec, rt: NodeRuntime, plan: dict[str, Any], prior: RdpTotals,
-                   cap: float, n_noisy: float, context: Any) -> None:
-    """Steps per epoch and σ of DP-SGD, fixed at the run's first round. The sampling rate
-    comes from the *noisy* training-set size released in that round, so that q and the
-    step count, which travel in clear for the accounting, never reveal the exact count."""
-    from flwr.app import ConfigRecord
-
-    steps_epoch = max(1, round(max(n_noisy, spec.batch_size) / spec.batch_size))
-    sigma = spec.noise_multiplier or calibrate(
-        prior, cap, float(plan["epsilon_available"]), spec.delta, 1.0 / steps_epoch,
-        steps_epoch * spec.epochs, spec.rounds, float(plan["sigma_eval"]),
-        float(plan["sigma_final"]))
-    if sigma is None:
-        raise TrainingRefused("budget_exhausted", f"node {rt.node_id}: the budget left "
-                              f"(ε={plan['epsilon_available']:.4g}) cannot pay for "
-                              f"{spec.rounds} rounds")
-    plan.update(sigma=float(sigma), steps_epoch=int(steps_epoch))
-    context.state["bulle"] = ConfigRecord(plan)
+    return metrics, arrays
 
 
 def _dp_sgd(spec: TrainSpec, model: Any, view: View, sigma: float, steps_epoch: int
             ) -> tuple[list[tuple[float, float, int]], dict[str, np.ndarray]]:
     """One round of DP-SGD (Opacus: Poisson sampling at q = 1/steps_epoch, per-sample
-    clipping, Gaussian noise)."""
+    clipping, Gaussian noise): at most ``steps_epoch × epochs`` steps, what was charged."""
     import torch
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader

@@ -262,11 +262,12 @@ def test_a_replayed_authorised_round_is_one_charge_and_the_same_release(node: Pa
     assert np.array_equal(first.content["arrays"]["w"].numpy(),
                           again.content["arrays"]["w"].numpy())
     assert list(first.content["metrics"]["hist"]) == list(again.content["metrics"]["hist"])
-    rows = charges(node)
-    assert [h.request_id for h in rows] == ["good-run:1:n1"] and rows[0].accepted
+    rows = charges(node)  # the run's plan (its noisy count) and the round, each once
+    assert [h.request_id for h in rows] == ["good-run:0:n1", "good-run:1:n1"]
+    assert all(h.accepted for h in rows)
     actions = [e.action for e in AuditLog(node / "audit.sqlite").entries()
                if e.detail.get("job") == "good-run"]
-    assert actions == ["train_released", "train_replayed"]
+    assert actions == ["train_charged", "train_charged", "train_released", "train_replayed"]
     m = first.content["metrics"]
     assert 0 <= m["auth_s"] < 0.01  # the check itself: well under 10 ms
     # 423 GP pupils, one example per row, 20 % held out
