@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODELS = ("logreg", "mlp", "gru")
-SEQUENCE_MODELS = ("gru",)
+from bulle_flower.spec import MODELS  # the zoo's names (no torch import there)
 
 
 class LogReg(nn.Module):
@@ -71,18 +70,6 @@ def build_model(kind: str, n_features: int, hidden: int = 32, dp: bool = True) -
 def strip_opacus_prefix(state: dict[str, Any]) -> dict[str, Any]:
     """Opacus wraps the model: its state_dict keys start with ``_module.`` (TRAPS.md)."""
     return {k.removeprefix("_module."): v for k, v in state.items()}
-
-
-def n_features(features: list[dict[str, Any]]) -> int:
-    """Width of the feature vector a layout produces (numbers: 1, categories: one-hot)."""
-    return sum(len(f["values"]) if f["kind"] == "cat" else 1 for f in features)
-
-
-def input_width(model: str, features: list[dict[str, Any]], order_by: str) -> int:
-    """Input width of the model: a tabular model over ordered traces sees the mean of the
-    learner's earlier rows next to the row to predict (twice the layout's width)."""
-    width = n_features(features)
-    return 2 * width if order_by and model not in SEQUENCE_MODELS else width
 
 
 def pack(state: dict[str, Any], template: dict[str, Any]) -> Any:

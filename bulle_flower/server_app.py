@@ -31,7 +31,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from bulle_flower.models import build_model, input_width, pack, unpack
+from bulle_flower.models import build_model, pack, unpack
+from bulle_flower.spec import TrainSpec
 
 app = ServerApp()
 POLL_S = float(os.environ.get("BULLE_SERVERAPP_POLL_S", "0.05"))
@@ -94,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
     server = json.loads(str(context.run_config["server"]))
     progress = _Progress(Path(server["out_dir"]))
     try:
-        _train(grid, json.loads(node_spec), node_spec, auth, server["nodes"], progress)
+        spec = TrainSpec.from_dict(json.loads(node_spec))  # the nodes check it again
+        _train(grid, spec, node_spec, auth, server["nodes"], progress)
     except Exception as e:  # the coordinator must always learn how the run ended
         progress.write({"type": "done", "status": "failed",
                         "reason": f"server app error: {type(e).__name__}: {e}"[:500],
@@ -151,25 +153,24 @@ def _node_records(ok: dict[str, RecordDict], delays: dict[str, float], bins: int
     return nodes, total
 
 
-def _train(grid: Grid, spec: dict[str, Any], node_spec: str, auth: str,
+def _train(grid: Grid, spec: TrainSpec, node_spec: str, auth: str,
            nodes: dict[str, int], progress: _Progress) -> None:
     started = time.monotonic()
-    torch.manual_seed(int(spec.get("seed", 0)))
-    width = input_width(spec["model"], spec["features"], spec["order_by"])
-    model = build_model(spec["model"], width, int(spec["hidden"]))
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, spec.input_width, spec.hidden)
     template = model.state_dict()
     arrays = ArrayRecord({"w": torch.from_numpy(pack(template, template))})
     active = {k: int(v) for k, v in nodes.items()}  # minus nodes that failed
     run_id = grid.run.run_id
-    bins, timeout = int(spec["bins"]), float(spec["round_timeout_s"])
+    bins, timeout = spec.bins, spec.round_timeout_s
     progress.write({"type": "start", "run_id": run_id, "nodes": sorted(active),
                     "setup_s": round(time.monotonic() - started, 3)})
     status, reason, done = "finished", "", 0
     # Round r: each node evaluates the incoming global model (of round r-1) and trains
     # from it; after the last round, one more exchange evaluates the final model (the
     # nodes know it from the round number: rounds + 1).
-    for rnd in range(1, int(spec["rounds"]) + 2):
-        train = rnd <= int(spec["rounds"])
+    for rnd in range(1, spec.rounds + 2):
+        train = rnd <= spec.rounds
         t0 = time.monotonic()
         config = ConfigRecord({"spec": node_spec, "auth": auth, "round": rnd,
                                "run_id": str(run_id)})
@@ -179,14 +180,14 @@ def _train(grid: Grid, spec: dict[str, Any], node_spec: str, auth: str,
         record: dict[str, Any] = {"type": "round" if train else "eval", "round": rnd,
                                   "evaluates": rnd - 1, "failed": failed, "refused": budget,
                                   "round_s": round(time.monotonic() - t0, 4)}
-        if budget or len(ok) < int(spec["min_nodes"]):
+        if budget or len(ok) < spec.min_nodes:
             # A node's ledger refused to pay, or too few answered: stop, release nothing.
             if budget:
                 status, reason = "budget_exhausted", "; ".join(
                     f"{n}: {w}" for n, w in sorted(budget.items()))
             elif train:
                 status = "failed"
-                reason = (f"round {rnd}: {len(ok)} node(s) answered, {spec['min_nodes']} "
+                reason = (f"round {rnd}: {len(ok)} node(s) answered, {spec.min_nodes} "
                           "needed; " + "; ".join(f"{n}: {w}" for n, w in sorted(failed.items())))
             record["released"] = False
             progress.write(record)

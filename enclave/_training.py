@@ -40,7 +40,8 @@ class TrainingResult:
 
     def model(self) -> Any:
         """The trained model (``bulle_flower.models``), ready for inference."""
-        from bulle_flower.models import build_model, input_width
+        from bulle_flower.models import build_model
+        from bulle_flower.spec import input_width
 
         i = self.info
         m = build_model(i["model"], input_width(i["model"], i["layout"], i["order_by"]),

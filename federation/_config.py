@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tomllib
@@ -63,6 +64,26 @@ class HubConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """[training]: DP training through the coordinator's Flower SuperLink
+    (``federation/_training.py``)."""
+
+    superlink: str  # the SuperLink (Control API behind the fence), host:port
+    root_certificates: Path  # CA of the SuperLink's TLS certificate
+    control_token_file: Path  # the Control API's secret (the fence lets only it through)
+    node_keys: dict[str, Path]  # node id -> its SuperNode public key (OpenSSH)
+    work_dir: Path  # progress files written by the ServerApp (same host as the SuperLink)
+    # the coordinator's Ed25519 key that signs run authorisations (created with its public
+    # half, ``….pub.pem``, on first use; nodes hold the public half)
+    signing_key: Path
+    round_timeout_s: float = 120.0  # a round's default timeout (a request may set its own)
+
+
+TRAINING_KEYS = {"superlink", "root_certificates", "control_token_file", "node_keys",
+                 "work_dir", "round_timeout_s", "signing_key"}
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     listen: str
     cert: Path
@@ -82,8 +103,8 @@ class CoordinatorConfig:
     # Demo only: the board's private key, so the dashboard can sign grants. In production
     # the key stays with the board (`bulle board grant`) and signed grants are uploaded.
     board_private_key: Path | None = None
-    # [training]: the SuperLink for DP training, parsed by federation/_training.py
-    training: dict[str, Any] | None = None
+    # [training]: the SuperLink for DP training (None: no training)
+    training: TrainingConfig | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -110,6 +131,38 @@ def _path(value: str, base: Path) -> Path:
 
     p = Path(_ENV.sub(sub, value)).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def parse_training(raw: dict[str, Any], base: Path, state_dir: Path | None,
+                   where: str = "[training]") -> TrainingConfig:
+    """The [training] section: unknown keys refused, paths relative to the config file,
+    ``work_dir`` and ``signing_key`` defaulting to the coordinator's state folder."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _check(where, raw, TRAINING_KEYS)
+    missing = sorted({"superlink", "root_certificates", "control_token_file"} - set(raw))
+    if missing:
+        raise ConfigError(f"{where}: {missing[0]} is required")
+    keys = raw.get("node_keys", {})
+    if not isinstance(keys, dict):
+        raise ConfigError(f"{where}: node_keys must be a table of node id = public key file")
+    try:
+        timeout = float(raw.get("round_timeout_s", 120.0))
+    except (TypeError, ValueError):
+        timeout = math.nan
+    if not timeout > 0 or math.isinf(timeout):
+        raise ConfigError(f"{where}: round_timeout_s must be a positive number of seconds")
+    state = state_dir or Path.cwd() / "coordinator-state"  # as federation/_projects.py
+    return TrainingConfig(
+        superlink=str(raw["superlink"]),
+        root_certificates=_path(str(raw["root_certificates"]), base),
+        control_token_file=_path(str(raw["control_token_file"]), base),
+        node_keys={str(k): _path(str(v), base) for k, v in keys.items()},
+        work_dir=(_path(str(raw["work_dir"]), base) if "work_dir" in raw
+                  else state / "training"),
+        signing_key=(_path(str(raw["signing_key"]), base) if "signing_key" in raw
+                     else state / "coordinator_ed25519.pem"),
+        round_timeout_s=timeout)
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
@@ -161,6 +214,9 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
                         str(h.get("service_name", "bulle")),
                         _path(h["api_token_file"], base) if "api_token_file" in h else None,
                         float(h.get("cache_s", 10.0)))
+    state_dir = _path(raw["state_dir"], base) if "state_dir" in raw else None
+    training = (parse_training(raw["training"], base, state_dir, f"{where} [training]")
+                if "training" in raw else None)
     try:
         return CoordinatorConfig(
             listen=str(raw.get("listen", "127.0.0.1:8700")),
@@ -169,7 +225,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             node_timeout_s=float(raw.get("node_timeout_s", 30.0)),
             catalog_ttl_s=float(raw.get("catalog_ttl_s", 30.0)),
             max_rows=int(raw.get("max_rows", 100_000)),
-            state_dir=_path(raw["state_dir"], base) if "state_dir" in raw else None,
+            state_dir=state_dir,
             projects=tuple(projects),
             board_public_key=(_path(raw["board_public_key"], base)
                               if "board_public_key" in raw else None),
@@ -177,7 +233,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             hub=hub,
             board_private_key=(_path(raw["board_private_key"], base)
                                if "board_private_key" in raw else None),
-            training=raw.get("training"),
+            training=training,
         )
     except KeyError as e:
         raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None

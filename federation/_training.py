@@ -2,16 +2,17 @@
 
 A request names a model of the zoo, a table, features, a binary label, rounds and a target
 (ε, δ). The coordinator checks it against the federated catalogue and the project's grant,
-turns it into a *spec* (feature layout from public domains and declared bounds only, never
-from data), signs a *run authorisation* for it with its own Ed25519 key (run id, project,
-grant id, spec hash, nodes with their ε targets, expiry: ``privacy._runauth``; the nodes
-act on no message without it), and submits its own vetted FAB (``bulle_flower``) to its
-SuperLink over the fenced Control API. The ServerApp writes one record per round
-(``progress.jsonl``) and the aggregated weights; this module charges the project's
-**global** ledger for each round — the composition of every node's DP-SGD and evaluation
-events (and, in a node's first round, the noisy count its run's plan drew), since a learner
-may be at several nodes — before the researcher can see that round. A refused charge stops
-the run.
+turns it into a *spec* (``federation/_trainspec.py``: a ``bulle_flower.spec.TrainSpec``,
+the type the ServerApp and the nodes rebuild; feature layout from public domains and
+declared bounds only, never from data), signs a *run authorisation* for it with its own
+Ed25519 key (run id, project, grant id, spec hash, nodes with their ε targets, expiry:
+``privacy._runauth``; the nodes act on no message without it), and submits its own vetted
+FAB (``bulle_flower``) to its SuperLink over the fenced Control API. The ServerApp writes
+one record per round (``progress.jsonl``) and the aggregated weights; this module charges
+the project's **global** ledger for each round — the composition of every node's DP-SGD
+and evaluation events (and, in a node's first round, the noisy count its run's plan drew),
+since a learner may be at several nodes — before the researcher can see that round. A
+refused charge stops the run.
 
 Reported: ε per node (its own ledger's figure) and the composed ε of the run across nodes;
 never an average of ε over nodes. The run's result is the noisy evaluation of the released
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import threading
 import time
 import uuid
@@ -34,9 +33,19 @@ from typing import Any
 
 import dp_accounting as dpa
 
+from bulle_flower.spec import TrainSpec
+from federation._config import TrainingConfig
 from federation._errors import QueryError
+from federation._trainspec import (
+    check_model,
+    make_spec,
+    request_delta,
+    run_budget,
+    training_nodes,
+    training_table,
+    training_view,
+)
 from privacy import (
-    RdpTotals,
     RunAuthorisation,
     canonical_sha256,
     coordinator_keys,
@@ -49,45 +58,9 @@ from privacy import (
 )
 
 log = logging.getLogger("bulle.training")
-ZOO = ("logreg", "mlp", "gru")
-# Per-model defaults (the researcher may override each).
-DEFAULTS: dict[str, dict[str, Any]] = {  # tuned on OULAD traces, 2-3 nodes, ε 1-2
-    "logreg": {"lr": 0.3, "batch_size": 128, "hidden": 1, "epochs": 2},
-    "mlp": {"lr": 0.3, "batch_size": 128, "hidden": 32, "epochs": 2},
-    "gru": {"lr": 0.3, "batch_size": 128, "hidden": 16, "epochs": 2},
-}
-_LABEL = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(?:(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?))?\s*$")
-_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 AUTH_MARGIN_S = 600.0  # a run authorisation outlives the run's longest possible duration by
 AUTH_SKEW_S = 300.0  # … and is dated this much earlier (clocks of other hosts)
 FINAL = ("finished", "failed", "cancelled", "budget_exhausted")
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    superlink: str  # the SuperLink (Control API behind the fence), host:port
-    root_certificates: Path
-    control_token_file: Path
-    node_keys: dict[str, Path]  # node id -> its SuperNode public key (OpenSSH)
-    work_dir: Path  # progress files written by the ServerApp (same host as the SuperLink)
-    # the coordinator's Ed25519 key that signs run authorisations (created with its public
-    # half, ``….pub.pem``, on first use; nodes hold the public half)
-    signing_key: Path
-    round_timeout_s: float = 120.0
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any], state_dir: Path) -> TrainingSettings:
-        allowed = {"superlink", "root_certificates", "control_token_file", "node_keys",
-                   "work_dir", "round_timeout_s", "signing_key"}
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise ValueError(f"[training]: unknown key {unknown[0]!r}")
-        return cls(str(raw["superlink"]), Path(raw["root_certificates"]),
-                   Path(raw["control_token_file"]),
-                   {str(k): Path(v) for k, v in raw.get("node_keys", {}).items()},
-                   Path(raw.get("work_dir", state_dir / "training")),
-                   Path(raw.get("signing_key", state_dir / "coordinator_ed25519.pem")),
-                   float(raw.get("round_timeout_s", 120.0)))
 
 
 @dataclass
@@ -96,7 +69,7 @@ class TrainingJob:
     researcher: str
     project: str
     request: dict[str, Any]
-    spec: dict[str, Any]  # what the nodes receive (its hash is signed in ``auth``)
+    spec: TrainSpec  # what the nodes receive (the hash of its wire form is in ``auth``)
     nodes: list[str]
     out_dir: Path = Path()  # where the ServerApp writes progress and models
     flower: dict[str, int] = field(default_factory=dict)  # node id -> Flower node id
@@ -117,21 +90,21 @@ class TrainingJob:
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def to_json(self) -> dict[str, Any]:
-        s = self.spec
+        s, wire = self.spec, self.spec.to_dict()
         return {
             "id": self.id, "status": self.status, "reason": self.reason,
-            "project": self.project, "model": s["model"], "table": s["table"],
-            "rounds_planned": s["rounds"], "rounds_done": len(self.rounds),
-            "nodes": self.nodes, "epsilon_target": s["epsilon_total"],
-            "epsilon_target_per_node": s["epsilon"], "delta": s["delta"],
+            "project": self.project, "model": s.model, "table": s.table,
+            "rounds_planned": s.rounds, "rounds_done": len(self.rounds),
+            "nodes": self.nodes, "epsilon_target": s.epsilon_total,
+            "epsilon_target_per_node": s.epsilon, "delta": s.delta,
             # the run's ε composed over nodes and rounds (RDP, as the global ledger)
-            "epsilon_spent": rdp_epsilon(self.events, s["delta"]),
+            "epsilon_spent": rdp_epsilon(self.events, s.delta),
             "epsilon_per_node": dict(self.node_epsilon),
             "rounds": self.rounds, "withheld": self.withheld,
-            "features": [f["name"] for f in s["features"]], "label": s["label"],
-            "layout": s["features"], "hidden": s["hidden"], "order_by": s["order_by"],
-            "joins": s["joins"],
-            "max_len": s["max_len"],
+            "features": [f.name for f in s.features], "label": wire["label"],
+            "layout": wire["features"], "hidden": s.hidden, "order_by": s.order_by,
+            "joins": wire["joins"],
+            "max_len": s.max_len,
             "submitted": self.submitted, "finished": self.finished,
             "has_model": self.model_path is not None,
             # the run's result: the released model's noisy evaluation (None until done)
@@ -139,60 +112,10 @@ class TrainingJob:
         }
 
 
-def per_node_target(total: float, k: int, delta: float) -> float:
-    """ε per node such that k nodes' runs compose to about ``total`` at δ.
-
-    Proxy: k Gaussian mechanisms of σ compose to one of σ/√k. Composing DP-SGD runs (sub-
-    sampled Gaussians) costs less than that proxy (measured: 87–98 % of ``total``), so the
-    run stays under ``total``; the global ledger checks the real events anyway.
-    """
-    if k <= 1:
-        return total
-    lo, hi = 0.01, 1e4
-    for _ in range(60):  # σ of one Gaussian release costing ``total``
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if RdpTotals().plus(gaussian_event(mid)).epsilon(delta) > total \
-            else (lo, mid)
-    return RdpTotals().plus(gaussian_event(hi * math.sqrt(k))).epsilon(delta)
-
-
-def parse_label(text: str) -> list[Any]:
-    """``col`` (non-zero), ``col OP number``, ``col = 'value'``, ``col != 'value'``,
-    ``col IN ('a', 'b')``, ``col NOT IN (…)`` → the spec's ``[column, op, value]`` (a
-    categorical label as ``[column, "in" | "not in", [values…]]``)."""
-    m = _LABEL.match(text or "")
-    if m:
-        col, op, value = m.groups()
-        return [col, op, float(value)] if op else [col, "!=", 0.0]
-    bad = QueryError("bad_request", "label must be a column, 'column OP number' with OP one "
-                     "of >=, >, <=, <, =, != (e.g. 'score >= 40'), or compare a column with a "
-                     "public domain to values: \"higher = 'yes'\", \"col IN ('a', 'b')\"")
-    import sqlglot
-    from sqlglot import exp
-
-    try:
-        tree = sqlglot.parse_one(text, dialect="duckdb")
-    except sqlglot.errors.ParseError:
-        raise bad from None
-    negate = isinstance(tree, exp.Not)
-    node = tree.this if negate else tree
-    if isinstance(node, exp.In) and not node.args.get("query") and not node.args.get("unnest"):
-        values, op = node.expressions, "not in" if negate else "in"
-    elif isinstance(node, (exp.EQ, exp.NEQ)) and not negate:
-        values, op = [node.expression], "in" if isinstance(node, exp.EQ) else "not in"
-    else:
-        raise bad
-    col = node.this
-    if not isinstance(col, exp.Column) or col.table or not _NAME.match(col.name) \
-            or not values or not all(isinstance(v, exp.Literal) for v in values):
-        raise bad
-    return [col.name, op, [str(v.this) for v in values]]
-
-
 class Trainer:
     """Training jobs of one coordinator (``federation/_api.py`` routes call it)."""
 
-    def __init__(self, coordinator: Any, settings: TrainingSettings) -> None:
+    def __init__(self, coordinator: Any, settings: TrainingConfig) -> None:
         self.coordinator = coordinator
         self.settings = settings
         self.jobs: dict[str, TrainingJob] = {}
@@ -237,38 +160,40 @@ class Trainer:
     # -- requests -----------------------------------------------------------------------
     def submit(self, researcher: Any, request: dict[str, Any]) -> TrainingJob:
         project = self.coordinator.project_of(researcher, request.get("project"))
-        spec, flower = self._spec(researcher, project, request)
         job_id = uuid.uuid4().hex
-        spec["job"] = job_id
+        spec, flower = self._spec(researcher, project, request, job_id)
         job = TrainingJob(job_id, researcher.name, project, request, spec, sorted(flower),
                           self.settings.work_dir / job_id, flower, self.authorise(spec))
         with self._lock:
             self.jobs[job.id] = job
-        self._audit(job, "train_submitted", {"model": spec["model"], "table": spec["table"],
-                                             "rounds": spec["rounds"], "nodes": job.nodes,
-                                             "epsilon": spec["epsilon"],
-                                             "spec_sha256": canonical_sha256(spec)})
+        self._audit(job, "train_submitted", {"model": spec.model, "table": spec.table,
+                                             "rounds": spec.rounds, "nodes": job.nodes,
+                                             "epsilon": spec.epsilon,
+                                             "spec_sha256": canonical_sha256(spec.to_dict())})
         self._start(job)
         threading.Thread(target=self._watch, args=(job,), name=f"train-{job.id[:8]}",
                          daemon=True).start()
         return job
 
-    def authorise(self, spec: dict[str, Any], now: datetime | None = None) -> str:
+    def authorise(self, spec: TrainSpec | dict[str, Any], now: datetime | None = None) -> str:
         """The run authorisation of ``spec`` (its ``job`` is the run id), signed with the
-        coordinator's key: valid for the run's longest possible duration."""
+        coordinator's key: valid for the run's longest possible duration. ``spec`` may be
+        its wire form (a dict, as the nodes will receive it: signed as given)."""
         now = now or datetime.now(UTC)
-        last = (int(spec["rounds"]) + 1) * float(spec["round_timeout_s"]) + AUTH_MARGIN_S
+        wire = spec if isinstance(spec, dict) else spec.to_dict()
+        typed = TrainSpec.from_dict(wire) if isinstance(spec, dict) else spec
+        last = (typed.rounds + 1) * typed.round_timeout_s + AUTH_MARGIN_S
         auth = RunAuthorisation(
-            run=str(spec["job"]), project=str(spec["project"]), grant=grant_id(spec["grant"]),
-            spec_sha256=canonical_sha256(spec),
-            nodes=tuple((n, float(spec["epsilon"])) for n in sorted(spec["nodes"])),
+            run=typed.job, project=typed.project, grant=grant_id(typed.grant),
+            spec_sha256=canonical_sha256(wire),
+            nodes=tuple((n, typed.epsilon) for n in sorted(typed.nodes)),
             expires=now + timedelta(seconds=last), issued=now - timedelta(seconds=AUTH_SKEW_S))
         return sign_run_authorisation(auth, self._signing_key)
 
     def run_config(self, job: TrainingJob) -> dict[str, str]:
         """The ServerApp's run config: the nodes' spec (passed on byte for byte), the run
         authorisation, and what only the ServerApp needs."""
-        return {"spec": spec_json(job.spec), "auth": job.auth,
+        return {"spec": spec_json(job.spec.to_dict()), "auth": job.auth,
                 "server": json.dumps({"out_dir": str(job.out_dir), "nodes": job.flower})}
 
     def get(self, job_id: str, researcher: Any) -> TrainingJob | None:
@@ -282,116 +207,24 @@ class Trainer:
         self._stop_run(job)
         self._finish(job, "cancelled", "cancelled by the researcher")
 
-    def _spec(self, researcher: Any, project: str, req: dict[str, Any]
-              ) -> tuple[dict[str, Any], dict[str, int]]:
-        """The spec the nodes receive (without its ``job``), and node id → Flower id."""
-        model = req.get("model")
-        if model not in ZOO:
-            raise QueryError("bad_request", f"model must be one of {', '.join(ZOO)}")
+    def _spec(self, researcher: Any, project: str, req: dict[str, Any], job: str = ""
+              ) -> tuple[TrainSpec, dict[str, int]]:
+        """The spec of run ``job`` (what the nodes receive), and node id → Flower id; the
+        request checked in the order of ``federation/_trainspec.py``."""
+        model = check_model(req)
         catalog = self.coordinator.catalog()
-        table = catalog.get(str(req.get("table")))
-        if table is None:
-            raise QueryError("unknown_table", f"table {req.get('table')!r} is not in the "
-                             "catalogue", status=404)
-        if table.tier == "open" or not table.privacy_unit:
-            raise QueryError("not_allowed", "DP training runs on sensitive or restricted "
-                             "tables with a privacy unit (one learner = one example); a "
-                             "table whose rows are persons declares privacy_unit = \"row\"")
+        table = training_table(catalog, req)
         grant, token = self.coordinator.projects.grant(project)
         self.coordinator.projects.check(grant, researcher, [table.name])
-        delta = float(req.get("delta") or grant.delta)
-        if not 0 < delta <= grant.delta:
-            raise QueryError("bad_request", f"delta must be in (0, {grant.delta:g}] (the grant)")
-        joins, columns = [], {c: table.name for c in table.columns}
-        for name in req.get("join") or []:
-            jt_name, _, col = str(name).partition(":")
-            jt = catalog.get(jt_name)
-            if jt is None or jt.tier != "open":
-                raise QueryError("not_allowed", f"joins are only with open tables ({name!r})")
-            shared = sorted(set(jt.columns) & set(table.columns) - {table.privacy_unit})
-            col = col or (shared[0] if len(shared) == 1 else "")
-            if col not in shared:
-                raise QueryError("bad_request", f"say which column joins {jt_name}: "
-                                 f"'{jt_name}:<column>' with one of {', '.join(shared)}")
-            joins.append([jt_name, col])
-            for c in jt.columns:
-                columns.setdefault(c, jt_name)
-        label = parse_label(str(req.get("label", "")))
-        order_by = str(req.get("order_by") or "")
-        features = []
-        for f in req.get("features") or []:
-            holder = columns.get(f)
-            if holder is None or f == table.privacy_unit:
-                raise QueryError("unknown_column", f"feature {f!r} is not a column of "
-                                 f"{table.name} or of the joined tables")
-            domain = catalog[holder].public_domains.get(f)
-            given = (req.get("bounds") or {}).get(f)
-            if given is not None:
-                features.append({"name": f, "kind": "num", "lo": float(given[0]),
-                                 "hi": float(given[1])})
-            elif domain:
-                features.append({"name": f, "kind": "cat", "values": [str(v) for v in domain]})
-            elif f in catalog[holder].bounds:  # declared at every node that publishes it
-                lo, hi = catalog[holder].bounds[f]
-                features.append({"name": f, "kind": "num", "lo": lo, "hi": hi})
-            else:
-                raise QueryError("bad_request", f"feature {f!r} has no declared bounds or "
-                                 f"public domain: pass bounds={{'{f}': [low, high]}}")
-        if not features:
-            raise QueryError("bad_request", "name at least one feature")
-        for c in [label[0], *([order_by] if order_by else [])]:
-            if c not in columns or c == table.privacy_unit:
-                raise QueryError("unknown_column", f"column {c!r} is not in the training view")
-        if label[1] in ("in", "not in"):
-            domain = [str(v) for v in catalog[columns[label[0]]].public_domains.get(label[0], ())]
-            if not domain:
-                raise QueryError("not_allowed", f"a label comparing {label[0]!r} to values "
-                                 "needs a public domain for it (declared by its nodes)")
-            unknown = sorted(set(label[2]) - set(domain))
-            if unknown:
-                raise QueryError("bad_request", f"{unknown[0]!r} is not in the public domain "
-                                 f"of {label[0]!r} ({', '.join(domain)})")
-        if model == "gru" and not order_by:
-            raise QueryError("bad_request", "the sequence model needs order_by (e.g. a date)")
-        holders = set(table.nodes)
-        for jt, _ in joins:
-            holders &= set(catalog[jt].nodes)
-        registered = set(self.settings.node_keys)
-        nodes = sorted(holders & registered & set(req.get("nodes") or holders))
-        if not nodes:
-            raise QueryError("not_allowed", f"no training node holds {table.name}"
-                             + (" and the joined tables" if joins else ""))
-        rounds = int(req.get("rounds", 5))
-        epsilon = float(req.get("epsilon", 0) or 0)
-        if not 1 <= rounds <= 200 or not 0 < epsilon <= grant.epsilon:
-            raise QueryError("bad_request", f"rounds in [1, 200] and epsilon in (0, "
-                             f"{grant.epsilon:g}] (the grant) are required")
-        left = self.coordinator.projects.budget(project).remaining
-        if left <= 0:
-            raise QueryError("budget_exhausted", f"the privacy budget of project {project!r} "
-                             "is spent", status=403)
-        total = min(epsilon, left)
-        d = {**DEFAULTS[model], **{k: req[k] for k in ("lr", "batch_size", "hidden", "epochs")
-                                   if req.get(k) is not None}}
+        delta = request_delta(req, grant)
+        view = training_view(req, catalog, table)
+        nodes = training_nodes(req, catalog, table, view.joins, set(self.settings.node_keys))
+        budget = run_budget(req, grant, delta,
+                            self.coordinator.projects.budget(project).remaining, project)
+        spec = make_spec(req, job=job, project=project, researcher=researcher.name,
+                         grant=token, model=model, table=table.name, view=view, nodes=nodes,
+                         budget=budget, round_timeout_s=self.settings.round_timeout_s)
         flower = self.flower_ids()  # outside the jobs lock: a SuperLink call
-        spec = {
-            "project": project, "researcher": researcher.name, "grant": token, "model": model,
-            "hidden": int(d["hidden"]), "table": table.name, "joins": joins,
-            "features": features, "label": label, "order_by": order_by,
-            "max_len": int(req.get("max_len") or 10), "rounds": rounds,
-            "epochs": int(d["epochs"]), "batch_size": int(d["batch_size"]), "lr": float(d["lr"]),
-            "max_grad_norm": float(req.get("max_grad_norm") or 1.0),
-            # each node's target, so that the run composed over the nodes stays within total
-            "epsilon": per_node_target(total, len(nodes), delta), "epsilon_total": total,
-            "delta": delta, "noise_multiplier": req.get("noise_multiplier"),
-            "eval_fraction": float(req.get("eval_fraction") or 0.2),
-            "eval_share": float(req.get("eval_share") or 0.2), "bins": int(req.get("bins") or 4),
-            "nodes": nodes,
-            "min_nodes": int(req.get("min_nodes") or 1),
-            "round_timeout_s": float(req.get("round_timeout_s") or
-                                     self.settings.round_timeout_s),
-            "seed": int(req.get("seed") or 0),
-        }
         return spec, {n: flower[n] for n in nodes}
 
     # -- the run ------------------------------------------------------------------------
@@ -523,7 +356,7 @@ class Trainer:
             job.evaluation = {"round": rec["evaluates"], **evaluated,
                               # its own ε (composed over the nodes), and what it added to
                               # the project's composed spend
-                              "epsilon": rdp_epsilon([event], job.spec["delta"]),
+                              "epsilon": rdp_epsilon([event], job.spec.delta),
                               "epsilon_growth": charged.needed_epsilon}
         if rec["type"] == "round":
             job.model_path = job.out_dir / rec["model_file"]
@@ -532,7 +365,7 @@ class Trainer:
                 "nodes": nodes, "failed": rec.get("failed", {}),
                 "round_s": rec.get("round_s"), "train_s": rec.get("train_s")})
         last = job.rounds[-1]
-        last.update(epsilon_spent=rdp_epsilon(job.events, job.spec["delta"]),
+        last.update(epsilon_spent=rdp_epsilon(job.events, job.spec.delta),
                     project_epsilon_spent=charged.spent_epsilon,
                     project_epsilon_remaining=charged.remaining_epsilon)
         for name, n in nodes.items():  # the node's ε after this exchange
@@ -589,9 +422,8 @@ def training_router(coordinator: Any, to_researcher: Any, who_dep: Any) -> Any:
     router = APIRouter()
     caller = get_args(who_dep)[1]  # the Depends(...) of Annotated[Caller, Depends(...)]
     body_default = Body()
-    raw = coordinator.config.training
-    state = coordinator.config.state_dir or Path.cwd() / "coordinator-state"
-    trainer = Trainer(coordinator, TrainingSettings.parse(raw, state)) if raw else None
+    settings = coordinator.config.training  # [training], parsed by federation/_config.py
+    trainer = Trainer(coordinator, settings) if settings is not None else None
     coordinator.trainer = trainer
 
     def need() -> Trainer:

@@ -21,6 +21,7 @@ from federation.proto.ops import ExprError, to_sql
 from federation.proto.ops import column as typed_column
 from nodes._config import ROW_UNIT
 from nodes._dp import DpPartial, DpRefused, DpSpec, clamp, key_domain, partial_bounds, value_bounds
+from nodes._ingest import type_family
 from nodes._restricted import (
     MAX_GROUPS,
     RECORD_KEY,
@@ -245,7 +246,9 @@ def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMe
     perturb = any(m.perturb for m in aliases.values() if m.tier == "restricted")
     rows = 1 if one_row_each else max(meta.max_unit_rows, 1)  # rows one unit adds at most
     bounds = {(a, c): b for a, m in aliases.items() for c, b in m.bounds.items()}
-    compiled = [_restricted_agg(name, kind, arg, pb_agg, bounds, rows, perturb)
+    zero_one = frozenset(k for k, (lo, hi) in bounds.items() if lo >= 0 and hi <= 1
+                         and type_family(aliases[k[0]].columns[k[1]]) in ("integer", "boolean"))
+    compiled = [_restricted_agg(name, kind, arg, pb_agg, bounds, zero_one, rows, perturb)
                 for (name, kind, arg), pb_agg in zip(aggs, plan.aggregates, strict=True)]
     sql = restricted_sql(source[len("SELECT 1"):], [(n, e.sql("duckdb")) for n, e in keys],
                          unit.sql("duckdb"), record_key.sql("duckdb"), compiled,
@@ -254,7 +257,8 @@ def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMe
 
 
 def _restricted_agg(name: str, kind: int, arg: exp.Expression | None, agg: pb.Aggregate,
-                    bounds: dict[tuple[str, str], tuple[float, float]], rows: int,
+                    bounds: dict[tuple[str, str], tuple[float, float]],
+                    zero_one: frozenset[tuple[str, str]], rows: int,
                     perturb: bool) -> RestrictedAgg:
     """One aggregate of a restricted plan, contribution-bounded: each row's value clamped
     to the argument's static bounds, each unit's total to ``rows`` times them."""
@@ -266,7 +270,7 @@ def _restricted_agg(name: str, kind: int, arg: exp.Expression | None, agg: pb.Ag
         if kind == pb.SUM_SQUARES:
             arg = _square(arg)
         return RestrictedAgg(name, kind, arg.sql("duckdb"), 1.0,
-                             kind == pb.SUM and is_indicator(agg.arg))
+                             kind == pb.SUM and is_indicator(agg.arg, zero_one))
     b = contribution_bounds(agg.arg, bounds)
     if b is None:
         raise PlanRefused(
@@ -278,7 +282,7 @@ def _restricted_agg(name: str, kind: int, arg: exp.Expression | None, agg: pb.Ag
     if kind == pb.SUM_SQUARES:
         clamped = _square(clamped)
         lo, hi = (0.0 if lo <= 0 <= hi else min(lo * lo, hi * hi)), max(lo * lo, hi * hi)
-    count_like = kind == pb.SUM and is_indicator(agg.arg)
+    count_like = kind == pb.SUM and is_indicator(agg.arg, zero_one)
     return RestrictedAgg(name, kind, clamped.sql("duckdb"),
                          max(abs(lo), abs(hi), 1.0 if count_like else 0.0) * rows, count_like,
                          (min(lo, 0.0) * rows, max(hi, 0.0) * rows))

@@ -138,7 +138,7 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
     cap_pull_backoff(cap=max(poll_s, 0.05))
     _task_imports(engine)  # a child must not spend its time importing or warming up
 
-    state_dir = Path(engine.guard.audit.path).parent  # the node's ledger, audit, releases
+    state_dir = state_dir_of(engine)  # the node's ledger, audit, releases
     _training.bind(_training.NodeRuntime(config, engine, config.training.models, state_dir,
                                          coordinator_key))
     allowed = fab_sha256()
@@ -382,22 +382,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class NodeFlower:
-    """The SuperNode and the executor, started by ``bulle node serve``, stopped by PID."""
+def state_dir_of(engine: Any) -> Path:
+    """The node's state folder, as its engine (``nodes/_engine.py``) chose it: the ledger
+    and audit are there, and so are the training releases and the SuperNode's home."""
+    return Path(engine.guard.audit.path).parent
 
-    def __init__(self, config: Any, config_path: Path, superlink: str | None = None) -> None:
+
+class NodeFlower:
+    """The SuperNode and the executor, started by ``bulle node serve``, stopped by PID.
+
+    ``state_dir``: the node engine's (``state_dir_of``); the SuperNode's Flower home is
+    its ``flower`` folder."""
+
+    def __init__(self, config: Any, config_path: Path, state_dir: Path,
+                 superlink: str | None = None) -> None:
         self.config = config
         self.training = config.training
         self.config_path = config_path
+        self.state_dir = state_dir
         self.superlink = superlink or self.training.superlink
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stopping = threading.Event()
 
     def start(self) -> None:
         t = self.training
-        # the engine's state folder (nodes/_engine.py), where the ledger and audit are
-        state = (self.config.state_dir
-                 or self.config_path.parent / f"{self.config.node_id}-state") / "flower"
+        state = self.state_dir / "flower"  # in the engine's state folder
         state.mkdir(parents=True, exist_ok=True)
         port = t.runtime_port or free_port()
         runtime = f"127.0.0.1:{port}"

@@ -239,10 +239,13 @@ def contribution_bounds(e: pb.Expr, bounds: Bounds) -> tuple[float, float] | Non
     return None
 
 
-def is_indicator(e: pb.Expr) -> bool:
+def is_indicator(e: pb.Expr, zero_one: frozenset[tuple[str, str]] = frozenset()) -> bool:
     """Whether every row's value of ``e`` is 0, 1 or NULL whatever the data: a count
-    however it is written (SUM(CASE WHEN c THEN 1 ELSE 0 END), SUM(CAST(c AS INTEGER)))."""
+    however it is written (SUM(CASE WHEN c THEN 1 ELSE 0 END), SUM(CAST(c AS INTEGER)),
+    SUM of a ``zero_one`` column: integer, bounded within [0, 1])."""
     kind = e.WhichOneof("kind")
+    if kind == "column":
+        return (e.column.table, e.column.name) in zero_one
     if kind == "literal":
         lit = e.literal.WhichOneof("value")
         return lit in (None, "is_null", "bool_value") or (
@@ -253,12 +256,12 @@ def is_indicator(e: pb.Expr) -> bool:
     if op in _BOOLEAN_OPS:
         return True
     if op == "cast":
-        return bool(args) and is_indicator(args[0])
+        return bool(args) and is_indicator(args[0], zero_one)
     if op == "case":
         results = args[1::2] if len(args) % 2 == 0 else [*args[1:-1:2], args[-1]]
-        return all(is_indicator(r) for r in results)
+        return all(is_indicator(r, zero_one) for r in results)
     if op == "coalesce":
-        return all(is_indicator(a) for a in args)
+        return all(is_indicator(a, zero_one) for a in args)
     return False
 
 

@@ -56,13 +56,13 @@ from nodes._compile import PlanRefused
 from nodes._config import NodeConfig
 from nodes._guard import PrivacyGuard
 from nodes._trainview import (
-    SIGMA_RANGE,
     TrainingRefused,
     TrainSpec,
     View,
     build_view,
     check_spec,
     fetch_rows,
+    parse_spec,
 )
 from privacy import (
     ChargeResult,
@@ -70,18 +70,19 @@ from privacy import (
     LedgerError,
     RdpTotals,
     RunAuthorisation,
+    calibrate,
     canonical_sha256,
     event_from_dict,
     gaussian_event,
     gaussian_noise,
     grant_id,
     opacus_event,
+    sigma_for_eval,
     verify_run_authorisation,
 )
 
-__all__ = ["SIGMA_RANGE", "NodeRuntime", "TrainSpec", "TrainingRefused", "authorise", "bind",
-           "build_view", "calibrate", "check_spec", "fetch_rows", "round_event",
-           "sigma_for_eval", "train_round"]
+__all__ = ["NodeRuntime", "TrainSpec", "TrainingRefused", "authorise", "bind", "build_view",
+           "check_spec", "fetch_rows", "train_round"]
 
 
 # ------------------------------------------------------------------------ the node side
@@ -126,54 +127,6 @@ def _runtime() -> NodeRuntime:
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
-
-
-def round_event(sigma: float, sample_rate: float, steps: int, sigma_eval: float) -> dpa.DpEvent:
-    return dpa.ComposedDpEvent([opacus_event([(sigma, sample_rate, steps)]),
-                                gaussian_event(sigma_eval)])
-
-
-def sigma_for_eval(rounds: int, epsilon: float, delta: float) -> float:
-    """σ of the per-round evaluation release (L2 sensitivity 1) so that ``rounds`` of them
-    cost ``epsilon`` at ``delta`` (RDP, by bisection)."""
-    lo, hi = 0.05, 1e4
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        eps = RdpTotals().plus(dpa.SelfComposedDpEvent(gaussian_event(mid), rounds)).epsilon(delta)
-        lo, hi = (mid, hi) if eps > epsilon else (lo, mid)
-    return hi
-
-
-def calibrate(prior: RdpTotals, cap: float, target: float, delta: float, sample_rate: float,
-              steps: int, rounds: int, sigma_eval: float,
-              sigma_final: float | None = None, charged: RdpTotals | None = None
-              ) -> float | None:
-    """Smallest σ (within ``SIGMA_RANGE``) such that the run of ``rounds`` rounds costs at
-    most ``target`` ε on its own and ``prior`` plus the run stays within ``cap`` (both at
-    δ); None if even the largest σ does not fit. (RDP composition is sublinear: the run's
-    own ε is larger than what it adds to a prior spend, so both are checked.) The final
-    model's evaluation has σ ``sigma_final`` (default: ``sigma_eval``); ``charged``: what
-    the run already spent here (its plan's count), also in ``prior``."""
-    own = charged or RdpTotals()
-
-    def fits(sigma: float) -> bool:
-        run = dpa.ComposedDpEvent([  # the rounds, then the final model's evaluation
-            dpa.SelfComposedDpEvent(round_event(sigma, sample_rate, steps, sigma_eval), rounds),
-            gaussian_event(sigma_final or sigma_eval)])
-        return (own.plus(run).epsilon(delta) <= target
-                and prior.plus(run).epsilon(delta) <= cap)
-
-    lo, hi = SIGMA_RANGE
-    if not fits(hi):
-        return None
-    if fits(lo):
-        return lo
-    for _ in range(30):  # σ within 0.1 % is plenty
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-        if hi / lo < 1.001:
-            break
-    return hi
 
 
 # ---------------------------------------------------------------------- releases (cache)
@@ -269,7 +222,7 @@ def authorise(cfg: Any, node_id: str, coordinator_key: Any, now: datetime | None
         raise refuse("the spec is not canonical JSON") from None
     if digest != auth.spec_sha256:
         raise refuse("the spec is not the one the run authorisation signs")
-    spec = TrainSpec.parse(raw)
+    spec = parse_spec(raw)
     if spec.job != auth.run or spec.project != auth.project:
         raise refuse("the spec's run or project is not the authorised one")
     if grant_id(spec.grant) != auth.grant:

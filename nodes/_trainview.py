@@ -14,23 +14,16 @@ one example per row.
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bulle_flower.models import MODELS, SEQUENCE_MODELS
+from bulle_flower.spec import SEQUENCE_MODELS, SET_OPS, Feature, SpecError, TrainSpec
 
-LIMITS = {"rounds": 200, "epochs": 20, "batch_size": 4096, "hidden": 256, "max_len": 64,
-          "features": 256, "bins": 50}
-_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _OPS = {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less,
         "=": np.equal, "!=": np.not_equal}
-SET_OPS = ("in", "not in")  # a categorical label: the column's value in a set of values
 ROW_UNIT = "row"  # = nodes._config.ROW_UNIT: each row is one person
-SIGMA_RANGE = (0.5, 200.0)
 
 
 class TrainingRefused(Exception):
@@ -41,131 +34,13 @@ class TrainingRefused(Exception):
         self.code = code
 
 
-# ------------------------------------------------------------------------------ the spec
-
-
-@dataclass(frozen=True)
-class Feature:
-    name: str
-    kind: str  # "num" (scaled to [0, 1] within lo..hi) or "cat" (one-hot over values)
-    lo: float = 0.0
-    hi: float = 1.0
-    values: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    job: str
-    project: str
-    researcher: str
-    grant: str
-    model: str
-    hidden: int
-    table: str
-    joins: tuple[tuple[str, str], ...]  # (open table, join column)
-    features: tuple[Feature, ...]
-    label: tuple[str, str, Any]  # (column, operator, number) or (column, "in", (values…))
-    order_by: str
-    max_len: int
-    rounds: int
-    epochs: int
-    batch_size: int
-    lr: float
-    max_grad_norm: float
-    epsilon: float
-    delta: float
-    noise_multiplier: float | None
-    eval_fraction: float
-    eval_share: float
-    bins: int
-
-    @property
-    def n_features(self) -> int:
-        """Width of one encoded row."""
-        return sum(len(f.values) if f.kind == "cat" else 1 for f in self.features)
-
-    @property
-    def input_width(self) -> int:
-        """Width of the model's input (``bulle_flower.models.input_width``)."""
-        ordered = self.order_by and self.model not in SEQUENCE_MODELS
-        return 2 * self.n_features if ordered else self.n_features
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> TrainSpec:
-        """Validate a spec received from the coordinator (limits, names, types)."""
-        try:
-            def name(v: Any) -> str:
-                if not isinstance(v, str) or not _NAME.match(v):
-                    raise ValueError(f"invalid name {str(v)[:40]!r}")
-                return v
-
-            def bounded(key: str, lo: float, hi: float) -> float:
-                v = float(raw[key])
-                if not (lo <= v <= hi) or math.isnan(v):
-                    raise ValueError(f"{key} must be in [{lo}, {hi}]")
-                return v
-
-            feats = []
-            for f in raw["features"]:
-                if f["kind"] == "num":
-                    lo, hi = float(f["lo"]), float(f["hi"])
-                    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                        raise ValueError(f"feature {f['name']!r}: bounds must be lo < hi")
-                    feats.append(Feature(name(f["name"]), "num", lo, hi))
-                elif f["kind"] == "cat":
-                    values = tuple(str(v)[:200] for v in f["values"])
-                    if not values or len(values) > LIMITS["features"]:
-                        raise ValueError(f"feature {f['name']!r}: bad category list")
-                    feats.append(Feature(name(f["name"]), "cat", values=values))
-                else:
-                    raise ValueError("feature kind must be num or cat")
-            col, op, value = raw["label"]
-            if op in SET_OPS:
-                if not isinstance(value, list) or not 1 <= len(value) <= LIMITS["features"] \
-                        or not all(isinstance(v, str) for v in value):
-                    raise ValueError("a categorical label needs 1 to 256 string values")
-                value = tuple(v[:200] for v in value)
-            elif op in _OPS:
-                value = float(value)
-            else:
-                raise ValueError(f"label operator must be one of {', '.join([*_OPS, *SET_OPS])}")
-            nm = raw.get("noise_multiplier")
-            spec = cls(
-                job=str(raw["job"])[:64], project=str(raw["project"]),
-                researcher=str(raw["researcher"]), grant=str(raw["grant"]),
-                model=str(raw["model"]), hidden=int(bounded("hidden", 1, LIMITS["hidden"])),
-                table=name(raw["table"]),
-                joins=tuple((name(t), name(c)) for t, c in raw.get("joins", [])),
-                features=tuple(feats), label=(name(col), op, value),
-                order_by=name(raw["order_by"]) if raw.get("order_by") else "",
-                max_len=int(bounded("max_len", 2, LIMITS["max_len"])),
-                rounds=int(bounded("rounds", 1, LIMITS["rounds"])),
-                epochs=int(bounded("epochs", 1, LIMITS["epochs"])),
-                batch_size=int(bounded("batch_size", 1, LIMITS["batch_size"])),
-                lr=bounded("lr", 1e-6, 10.0), max_grad_norm=bounded("max_grad_norm", 1e-3, 100),
-                epsilon=bounded("epsilon", 1e-3, 100.0), delta=bounded("delta", 1e-12, 0.1),
-                noise_multiplier=None if nm is None else float(nm),
-                eval_fraction=bounded("eval_fraction", 0.0, 0.5),
-                eval_share=bounded("eval_share", 0.01, 0.5),
-                bins=int(bounded("bins", 2, LIMITS["bins"])),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TrainingRefused("bad_spec", f"invalid training spec ({e})") from None
-        if spec.model not in MODELS:
-            raise TrainingRefused("bad_spec", f"model {spec.model!r} is not in the zoo")
-        if spec.bins % 2:
-            raise TrainingRefused("bad_spec", "bins must be even (threshold 0.5 on a bin edge)")
-        if spec.noise_multiplier is not None and not SIGMA_RANGE[0] <= spec.noise_multiplier:
-            raise TrainingRefused("bad_spec", f"noise_multiplier must be >= {SIGMA_RANGE[0]}")
-        if spec.n_features == 0 or spec.n_features > LIMITS["features"]:
-            raise TrainingRefused("bad_spec", "between 1 and 256 feature columns")
-        if spec.model in SEQUENCE_MODELS and not spec.order_by:
-            raise TrainingRefused("bad_spec", "a sequence model needs order_by")
-        if not spec.order_by and spec.label[0] in {f.name for f in spec.features}:
-            # with an order, only the learner's earlier values of it are features
-            raise TrainingRefused("bad_spec", "the label column cannot also be a feature of "
-                                  "the same row (give order_by to use its earlier values)")
-        return spec
+def parse_spec(raw: dict[str, Any]) -> TrainSpec:
+    """The run's spec (``bulle_flower.spec``: checked where it is built); a spec that does
+    not hold is a ``bad_spec`` refusal."""
+    try:
+        return TrainSpec.from_dict(raw)
+    except SpecError as e:
+        raise TrainingRefused("bad_spec", str(e)) from None
 
 
 @dataclass
@@ -333,8 +208,7 @@ def _columns_of(spec: TrainSpec, name: str) -> np.ndarray:
     """Positions, in an encoded row, of the feature(s) named ``name``."""
     out, at = [], 0
     for f in spec.features:
-        width = len(f.values) if f.kind == "cat" else 1
         if f.name == name:
-            out.extend(range(at, at + width))
-        at += width
+            out.extend(range(at, at + f.width))
+        at += f.width
     return np.array(out, dtype=int)

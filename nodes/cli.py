@@ -103,9 +103,9 @@ def _serve(config, superlink: str | None = None) -> int:
              len(config.datasets), config.listen, port)
     flower = None
     if config.training is not None:  # DP training: a SuperNode and its executor, by PID
-        from nodes._flower import NodeFlower
+        from nodes._flower import NodeFlower, state_dir_of
 
-        flower = NodeFlower(config, config.path, superlink)
+        flower = NodeFlower(config, config.path, state_dir_of(engine), superlink)
         flower.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,6 +13,8 @@ Map of the public API:
 - Accounting (``_accounting``): ``RdpTotals`` (running RDP sums, O(1) budget checks),
   ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
   ``event_from_dict``.
+- DP training's noise searches (``_calibrate``): ``calibrate`` (DP-SGD's σ for a run's
+  budget), ``sigma_for_eval``, ``per_node_target``, ``round_event``, ``SIGMA_RANGE``.
 - Ledger (``_ledger``, SQLAlchemy Core): ``Ledger`` (``set_budget``, ``charge``, ``spent``,
   ``history``), ``ChargeResult``, ``ChargeRecord``, ``LedgerError``; ``PROJECT_WIDE`` (the
   scope of a project's budget across datasets), ``ledger_metadata`` (its tables, for the
@@ -35,6 +37,13 @@ from privacy._accounting import (
     report_epsilon,
 )
 from privacy._audit import AuditEntry, AuditLog, AuditReport
+from privacy._calibrate import (
+    SIGMA_RANGE,
+    calibrate,
+    per_node_target,
+    round_event,
+    sigma_for_eval,
+)
 from privacy._ckm import (
     CkmParams,
     PtableError,
@@ -97,6 +106,13 @@ __all__ += [
     "sign_run_authorisation",
     "spec_json",
     "verify_run_authorisation",
+]
+__all__ += [
+    "SIGMA_RANGE",
+    "calibrate",
+    "per_node_target",
+    "round_event",
+    "sigma_for_eval",
 ]
 __all__ += [
     "PROJECT_WIDE",

@@ -25,6 +25,7 @@ from federation._config import (
     NodeEndpoint,
     ProjectConfig,
     Researcher,
+    TrainingConfig,
     hash_token,
 )
 from federation._coordinator import Coordinator
@@ -227,12 +228,11 @@ def start_training_federation(tmp: Path, certs: Path, board: Path,
             researchers=(researcher,), node_timeout_s=20, catalog_ttl_s=3600,
             state_dir=tmp / "coordinator", projects=tuple(projects),
             board_public_key=board / "board_ed25519.pub.pem",
-            training={"superlink": f"127.0.0.1:{sl_port}",
-                      "root_certificates": str(certs / "ca.pem"),
-                      "control_token_file": str(token_file),
-                      "node_keys": {n: str(k) for n, k in keys.items()},
-                      "signing_key": str(signing_key),
-                      "round_timeout_s": round_timeout_s})
+            training=TrainingConfig(
+                superlink=f"127.0.0.1:{sl_port}", root_certificates=certs / "ca.pem",
+                control_token_file=token_file, node_keys={n: Path(k) for n, k in keys.items()},
+                work_dir=tmp / "coordinator" / "training", signing_key=Path(signing_key),
+                round_timeout_s=round_timeout_s))
         coordinator = Coordinator(config)
     except BaseException:
         for p in procs.values():

@@ -231,10 +231,9 @@ def test_training_work_dir_is_shared_by_the_coordinator_and_the_superlink(
         tmp_path: Path) -> None:
     """The ServerApp (in the SuperLink pod) writes rounds and weights where the coordinator
     reads them: one ReadWriteMany claim, at the configured work_dir, in both pods."""
-    from federation._training import TrainingSettings
-
     config = _coordinator_config(tmp_path)
-    settings = TrainingSettings.parse(config.training, config.state_dir)
+    settings = config.training  # [training], parsed by the coordinator's config loader
+    assert settings is not None
     work = str(settings.work_dir)
     coordinator = _mounts("bulle-coordinator", "coordinator")
     superlink = _mounts("bulle-superlink", "superlink")

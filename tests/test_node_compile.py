@@ -13,14 +13,15 @@ from federation.proto import bulle_pb2 as pb
 from nodes._compile import PlanRefused, TableMeta, compile_plan
 from nodes._restricted import MAX_GROUPS, RECORD_KEY
 
-COLUMNS = {"pid": "VARCHAR", "uai": "VARCHAR", "sex": "VARCHAR", "g3": "BIGINT"}
+COLUMNS = {"pid": "VARCHAR", "uai": "VARCHAR", "sex": "VARCHAR", "g3": "BIGINT",
+           "passed": "INTEGER"}
 
 
 def _meta(name: str, **kw: object) -> TableMeta:
     defaults: dict[str, object] = {
         "tier": "restricted", "columns": COLUMNS, "privacy_unit": "pid",
         "public_domains": {"sex": ("F", "M")}, "min_count": 5, "round_to": 1,
-        "max_unit_rows": 1, "bounds": {"g3": (0.0, 20.0)}}
+        "max_unit_rows": 1, "bounds": {"g3": (0.0, 20.0), "passed": (0.0, 1.0)}}
     return TableMeta(name, **{**defaults, **kw})  # type: ignore[arg-type]
 
 
@@ -95,6 +96,8 @@ def test_arguments_are_clamped_to_their_bounds_per_row_and_per_unit() -> None:
     ("SUM(CASE WHEN g3 >= 10 THEN 1 ELSE 0 END)", {(1.0, True)}),  # a count however written
     ("SUM(CAST(g3 >= 10 AS INTEGER))", {(1.0, True)}),
     ("COUNT(g3)", {(1.0, True)}),
+    ("SUM(passed)", {(1.0, True)}),  # an integer column bounded within [0, 1] counts
+    ("AVG(passed)", {(1.0, True)}),
     ("AVG(g3)", {(20.0, False), (1.0, True)}),  # SUM(g3) and COUNT(g3)
 ])
 def test_noise_scales_come_from_the_plan_and_the_bounds(agg: str, noise: set) -> None:

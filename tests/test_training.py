@@ -23,18 +23,11 @@ import pytest
 
 from bulle_flower._fab import build_fab, fab_files, fab_sha256, released_sha256
 from bulle_flower.server_app import fedavg, hist_metrics
+from bulle_flower.spec import SpecError, TrainSpec
 from enclave import BulleError, connect
 from federation._certs import make_certs
-from nodes._training import (
-    SIGMA_RANGE,
-    TrainingRefused,
-    TrainSpec,
-    build_view,
-    calibrate,
-    round_event,
-    sigma_for_eval,
-)
-from privacy import RdpTotals, event_from_dict, generate_board_keys
+from nodes._training import TrainingRefused, build_view
+from privacy import SIGMA_RANGE, event_from_dict, generate_board_keys
 from tests._federation import TOKEN
 from tests._training import TrainingFed, start_training_federation
 
@@ -120,14 +113,18 @@ def test_fab_is_deterministic_and_holds_only_the_app() -> None:
 
 
 def test_spec_from_the_coordinator_is_checked_at_the_node() -> None:
+    from nodes._trainview import parse_spec
+
     assert TrainSpec.parse(spec_dict()).n_features == 3
     bad = [spec_dict(model="resnet"), spec_dict(table="x; DROP"), spec_dict(rounds=10_000),
            spec_dict(label=["y", "~", 1]), spec_dict(features=[]), spec_dict(bins=5),
            spec_dict(order_by="", features=[{"name": "y", "kind": "num", "lo": 0, "hi": 1}]),
            spec_dict(model="gru", order_by=""), spec_dict(noise_multiplier=0.01)]
     for raw in bad:
-        with pytest.raises(TrainingRefused):
+        with pytest.raises(SpecError):
             TrainSpec.parse(raw)
+        with pytest.raises(TrainingRefused, match=r"^bad_spec: "):  # as the node sees it
+            parse_spec(raw)
 
 
 def test_view_has_one_example_per_learner() -> None:
@@ -151,23 +148,7 @@ def test_view_has_one_example_per_learner() -> None:
     assert summary.x_train[0].tolist() == pytest.approx([0.25, 1.0, 0.1, 0.0])
 
 
-def test_noise_is_calibrated_to_the_budget_left() -> None:
-    delta, q, steps, rounds = 1e-6, 0.05, 20, 3
-    sigma_eval = sigma_for_eval(rounds, 0.2, delta)
-    fresh = calibrate(RdpTotals(), 5.0, 1.0, delta, q, steps, rounds, sigma_eval)
-    run = RdpTotals().plus(round_event(fresh, q, steps, sigma_eval))
-    for _ in range(rounds - 1):
-        run = run.plus(round_event(fresh, q, steps, sigma_eval))
-    assert 0.97 < run.epsilon(delta) <= 1.0
-    prior = RdpTotals().plus(round_event(2.0, q, steps, sigma_eval))  # ε ≈ 0.72 spent
-    later = calibrate(prior, 1.0, 1.0, delta, q, steps, rounds, sigma_eval)
-    assert later > fresh  # what was spent before leaves less: more noise
-    after = prior
-    for _ in range(rounds):
-        after = after.plus(round_event(later, q, steps, sigma_eval))
-    assert 0.97 < after.epsilon(delta) <= 1.0  # the cap, over both
-    assert calibrate(RdpTotals(), 5.0, 1e-4, delta, q, steps, rounds, sigma_eval) is None
-    assert SIGMA_RANGE[0] <= fresh <= SIGMA_RANGE[1]
+# σ's search (calibrate, sigma_for_eval): tests/privacy/test_calibrate.py
 
 
 def test_metrics_from_the_released_histogram() -> None:
@@ -450,8 +431,7 @@ def start_raw_run(fed: TrainingFed, name: str, fab: bytes,
     spec, flower = trainer._spec(fed.researcher, "tamper", {
         "model": "logreg", "table": "student_assessment", "features": FEATURES,
         "label": "score >= 80", "rounds": 1, "epsilon": 1.0, "nodes": ["t1", "t2"],
-        "round_timeout_s": 30, **TABULAR})
-    spec["job"] = name
+        "round_timeout_s": 30, **TABULAR}, job=name)
     job = TrainingJob(name, "alice", "tamper", {}, spec, sorted(flower), fed.tmp / name,
                       flower, (auth or trainer.authorise)(spec))
     client = trainer._control()
@@ -609,7 +589,7 @@ def test_a_forged_run_authorisation_trains_nothing(fed: TrainingFed) -> None:
 
     other = Ed25519PrivateKey.generate()
 
-    def forged(spec: dict[str, Any]) -> str:
+    def forged(spec: TrainSpec) -> str:
         genuine = verify_run_authorisation(fed.trainer.authorise(spec),
                                            _coordinator_public_key(fed))
         return sign_run_authorisation(genuine, other)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from federation._config import ProjectConfig, Researcher, hash_token
 from federation._errors import QueryError
-from federation._training import parse_label
+from federation._trainspec import parse_label
 from nodes._config import ConfigError, load_node_config
 from nodes._training import TrainingRefused, TrainSpec, authorise
 from nodes._trainview import label_of
