@@ -133,11 +133,10 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
         # magnitude's are every unit with a value, 0 included: a pupil who adds 0 is still
         # a different set of records, so leaving one out is never an exact difference
         members = nonzero if a.count_like else f"FILTER (WHERE {c} IS NOT NULL)"
-        cell_items += [
-            f"sum({c}) AS {_q(a.name)}",
-            f"count(*) {nonzero} AS __n{i}",
-            f"coalesce(sum(__rk) {members} % {_KEY_MOD}, 0) AS __k{i}",
-        ]
+        cell_items.append(f"sum({c}) AS {_q(a.name)}")
+        if a.kind != pb.COUNT_ROWS:  # COUNT(*): every unit of the cell, its __n and __k
+            cell_items += [f"count(*) {nonzero} AS __n{i}",
+                           f"coalesce(sum(__rk) {members} % {_KEY_MOD}, 0) AS __k{i}"]
         if not a.count_like:
             # the value key: what each of them adds, keyed by its record key. The same
             # units with other contributions (an offset, a reweighted row) get an
@@ -313,10 +312,11 @@ def release_restricted(table: pa.Table, r: RestrictedRelease, ptable: np.ndarray
         if kind in ORDER_KINDS:
             values[name] = column
             continue
-        contributors = _ints(table, f"__n{i}")
+        units_of, key_of = _members(i, kind)
+        contributors = _ints(table, units_of)
         if r.perturb:
             ok &= contributors + count_perturbation(
-                ptable, contributors, _ints(table, f"__k{i}")) >= k
+                ptable, contributors, _ints(table, key_of)) >= k
             values[name] = _perturbed(table, name, kind, i, r, ptable)
         else:
             if k > 0:
@@ -344,9 +344,10 @@ def _perturbed(table: pa.Table, name: str, kind: int, i: int, r: RestrictedRelea
     column = table.column(name)
     value = _floats(column)
     scale, count_like = r.noise_of(i)
-    key = _ints(table, f"__k{i}")
+    units_of, key_of = _members(i, kind)
+    key = _ints(table, key_of)
     if count_like or kind in COUNT_KINDS:
-        out = value + scale * count_perturbation(ptable, _ints(table, f"__n{i}"), key)
+        out = value + scale * count_perturbation(ptable, _ints(table, units_of), key)
     else:
         v = magnitude_draw(key, _ints(table, f"__v{i}"))
         out = value + r.params.magnitude * scale * v  # a SUM of nothing stays NULL
@@ -358,6 +359,11 @@ def _perturbed(table: pa.Table, name: str, kind: int, i: int, r: RestrictedRelea
             out = np.maximum(out, 0)
         return pa.array(out, pa.float64(), from_pandas=True).cast(pa.int64(), safe=False)
     return pa.array(out, pa.float64(), from_pandas=True)  # NaN: a SUM of nothing, NULL
+
+
+def _members(i: int, kind: int) -> tuple[str, str]:
+    """The columns holding aggregate i's contributing units and their cell key."""
+    return ("__n", "__k") if kind == pb.COUNT_ROWS else (f"__n{i}", f"__k{i}")
 
 
 def _ints(table: pa.Table, name: str) -> np.ndarray:
