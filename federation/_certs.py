@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -93,3 +94,81 @@ def make_certs(out: str | Path, names: list[str], hosts: list[str] | None = None
         _write_key(key_path, key)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return out
+
+
+# ------------------------------------------------------------------ signing a node's CSR
+
+_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+RESERVED_CNS = frozenset({COORDINATOR_CN, "bulle-superlink", "Bulle demo CA"})
+
+
+class SigningRefused(ValueError):
+    """The request is not one this CA signs; the message says which rule."""
+
+
+def sign_request(csr_pem: bytes, ca_dir: str | Path, days: int = 365) -> bytes:
+    """A node's certificate for its certificate signing request (``bulle node keygen``),
+    issued by the CA in ``ca_dir`` (``ca.pem``, ``ca.key``). Only what a node may be: a
+    server (no CA, no client use: it cannot pose as the coordinator), its node id as CN,
+    DNS/IP names from the request, each within the CA's name constraints if it has any."""
+    ca_dir = Path(ca_dir)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise SigningRefused(f"not a PEM certificate signing request ({e})") from None
+    if not csr.is_signature_valid:
+        raise SigningRefused("the request's signature does not verify")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if len(cns) == 1 else ""
+    if cn in RESERVED_CNS:
+        raise SigningRefused(f"CN {cn!r} is reserved: a node certificate cannot carry it")
+    if not _NODE_ID.match(cn):
+        raise SigningRefused(f"CN {cn!r} is not a node id (lowercase letters, digits, - and _)")
+    try:
+        sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        sans = []
+    if not sans:
+        raise SigningRefused("the request names no host (subjectAltName): the coordinator "
+                             "must be able to check the name it dials")
+    for name in sans:
+        if not isinstance(name, x509.DNSName | x509.IPAddress):
+            raise SigningRefused(f"only DNS names and IP addresses are signed, not {name}")
+        _check_constraints(name, ca_cert)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn)).issuer_name(ca_cert.subject)
+        .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _check_constraints(name: x509.GeneralName, ca_cert: x509.Certificate) -> None:
+    try:
+        nc = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return
+
+    def within(subtree: x509.GeneralName) -> bool:
+        if isinstance(name, x509.DNSName) and isinstance(subtree, x509.DNSName):
+            base = subtree.value.lstrip(".").lower()
+            host = name.value.lower()
+            return host == base or host.endswith("." + base)
+        if isinstance(name, x509.IPAddress) and isinstance(subtree, x509.IPAddress):
+            return name.value in subtree.value  # type: ignore[operator]
+        return False
+
+    same_kind = [s for s in (nc.permitted_subtrees or []) if type(s) is type(name)]
+    if same_kind and not any(within(s) for s in same_kind):
+        raise SigningRefused(f"{name.value} is outside the CA's permitted names")
+    if any(within(s) for s in (nc.excluded_subtrees or [])):
+        raise SigningRefused(f"{name.value} is in the CA's excluded names")

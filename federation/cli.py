@@ -48,6 +48,8 @@ def main(argv: list[str]) -> int:
 def _certs(argv: list[str]) -> int:
     from federation._certs import make_certs
 
+    if argv[:1] == ["sign"]:
+        return _sign(argv[1:])
     parser = argparse.ArgumentParser(prog="bulle certs",
                                      description="create a local CA, node and coordinator certs")
     parser.add_argument("--out", required=True, type=Path)
@@ -57,4 +59,25 @@ def _certs(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     out = make_certs(args.out, args.node, args.host or None)
     print(f"certificates in {out}")
+    return 0
+
+
+def _sign(argv: list[str]) -> int:
+    from federation._certs import SigningRefused, sign_request
+
+    parser = argparse.ArgumentParser(
+        prog="bulle certs sign",
+        description="sign a node's certificate request (from bulle node keygen) with the CA")
+    parser.add_argument("--ca", required=True, type=Path, help="folder with ca.pem and ca.key")
+    parser.add_argument("--csr", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="the certificate to write")
+    parser.add_argument("--days", type=int, default=365)
+    args = parser.parse_args(argv)
+    try:
+        pem = sign_request(args.csr.read_bytes(), args.ca, args.days)
+    except (SigningRefused, OSError) as e:
+        print(f"bulle certs sign: refused: {e}", file=sys.stderr)
+        return 2
+    args.out.write_bytes(pem)
+    print(f"certificate in {args.out}: return it to the node (with {args.ca / 'ca.pem'})")
     return 0

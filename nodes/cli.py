@@ -18,6 +18,18 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _keygen(node_id: str, hosts: list[str], out: Path) -> int:
+    from nodes._keygen import make_node_keys
+
+    made = make_node_keys(node_id, hosts, out)
+    print(f"TLS key        {made['key']} (stays here)\n"
+          f"request        {made['csr']} (send it to the federation's admin: "
+          "bulle certs sign)\n"
+          f"SuperNode key  {made['supernode_key']} (stays here)\n"
+          f"public key     {made['supernode_public_key']} (send it too: [training] node_keys)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bulle node")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -42,7 +54,15 @@ def main(argv: list[str]) -> int:
                                        "(default: the listen host)")
     doctor.add_argument("--listen", help="check this address instead of the config's "
                                          "(as serve --listen)")
+    keygen = sub.add_parser("keygen", help="make this node's TLS key and certificate request, "
+                                           "and its SuperNode key for training")
+    keygen.add_argument("--node-id", required=True)
+    keygen.add_argument("--host", action="append", default=[], required=True,
+                        help="DNS name or IP the coordinator dials (repeatable)")
+    keygen.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv[1:])
+    if args.cmd == "keygen":
+        return _keygen(args.node_id, args.host, args.out)
     if args.cmd == "doctor":  # a config that does not parse is one of its checks
         from nodes._doctor import doctor as run_doctor
 
