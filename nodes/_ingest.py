@@ -10,6 +10,7 @@ other runs → ``_``); names that then collide get ``_2``, ``_3`` in header orde
 from __future__ import annotations
 
 import csv
+import difflib
 import re
 import unicodedata
 from pathlib import Path
@@ -201,9 +202,16 @@ def _check_schema(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> None:
         elif type_family(actual[col]) != type_family(want):
             problems.append(f"column {col!r} is {actual[col]}, expected {want}")
     unit = "" if ds.privacy_unit == ROW_UNIT else ds.privacy_unit
-    for col in (unit, *ds.public_domains, *ds.columns, *ds.bounds):
+    declared = [("privacy_unit", unit), *(("public_domains", c) for c in ds.public_domains),
+                *(("columns", c) for c in ds.columns), *(("bounds", c) for c in ds.bounds)]
+    for key, col in declared:
         if col and col not in actual:
-            problems.append(f"declared column {col!r} does not exist")
+            hint = (difflib.get_close_matches(col, list(actual), n=1, cutoff=0.6)
+                    or [c for c in sorted(actual) if col.lower() in c.lower()][:1])
+            problems.append(f"{key} names column {col!r}, which the table does not have"
+                            + (f" (did you mean {hint[0]!r}?)" if hint else
+                               f" (its columns: {', '.join(sorted(actual)[:12])}"
+                               f"{', …' if len(actual) > 12 else ''})"))
     if ds.privacy_unit == ROW_UNIT and ROW_UNIT in actual:
         problems.append(f'privacy_unit = "{ROW_UNIT}" (one person per row) is ambiguous: the '
                         f'table has a column named {ROW_UNIT!r} (rename it)')

@@ -618,20 +618,27 @@ def _locked(data_dir: Path, table: str) -> Iterator[None]:
 
 _ID_TOKENS = {"ine", "nir", "email", "mail", "courriel", "prenom", "firstname", "surname",
               "lastname", "telephone", "phone", "tel", "nom", "name"}
-_QI_NAMES = {"date_naissance": "year", "date_de_naissance": "year", "birth_date": "year",
-             "birthdate": "year", "dob": "year", "naissance": "year",
-             "code_postal": "departement", "postcode": "departement", "zip": "departement",
-             "cp": "departement", "age": "band:5", "sexe": "keep", "sex": "keep",
-             "gender": "keep"}
+# Quasi-identifiers by a token of the column's name (``age_at_enrollment`` has ``age``),
+# with the generalisation proposed: the usual ones of pupil records (birth dates, age,
+# sex, nationality, postcode, school), a starting point the operator confirms.
+_QI_TOKENS = {
+    "year": {"naissance", "birth", "birthdate", "birthday", "dob"},
+    "departement": {"postal", "postcode", "zip", "cp", "zipcode"},
+    "band:5": {"age"},
+    "keep": {"sex", "sexe", "gender", "genre", "nationality", "nacionality", "nationalite",
+             "citizenship", "nation", "school", "ecole", "etablissement", "college", "lycee",
+             "uai"},
+}
 
 
 def _suggest(col: str) -> tuple[str, str]:
     """A classification suggested by the name only: a starting point for the operator."""
-    if col in _QI_NAMES:
-        return "quasi-identifier", _QI_NAMES[col]
     tokens = set(col.split("_"))
     if col in _ID_TOKENS or tokens & (_ID_TOKENS - {"nom", "name", "tel"}):
         return "identifier", ""
+    for rule, names in _QI_TOKENS.items():
+        if tokens & names:
+            return "quasi-identifier", rule
     return "attribute", ""
 
 

@@ -117,6 +117,22 @@ def test_missing_file_and_wrong_schema_refuse_to_start(tmp_path: Path, certs: Pa
     assert "code_module" in str(err.value) and "missing_col" in str(err.value)
 
 
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("public_domains", {"code_modul": ["AAA"]}, "public_domains names column 'code_modul', "
+     "which the table does not have (did you mean 'code_module'?)"),
+    ("bounds", {"length": [0, 300]}, "bounds names column 'length', which the table does not "
+     "have (did you mean 'module_presentation_length'?)"),
+    ("privacy_unit", "zzz", "privacy_unit names column 'zzz', which the table does not have "
+     "(its columns: code_module, code_presentation, module_presentation_length)"),
+])
+def test_a_declared_column_that_does_not_exist_is_named_with_its_key(
+        tmp_path: Path, certs: Path, key: str, value: object, expected: str) -> None:
+    ds = {"table": "t", "source": str(FILES["courses.csv"]), "tier": "restricted", key: value}
+    with pytest.raises(ConfigError) as err:
+        NodeEngine(load_node_config(_write(tmp_path, certs, [ds])))
+    assert str(err.value) == f"dataset 't': wrong schema: {expected}"
+
+
 def test_the_cli_reports_config_errors(tmp_path: Path) -> None:
     import subprocess
     import sys

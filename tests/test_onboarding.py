@@ -450,3 +450,24 @@ def test_catalogue_search_quality_and_pivots(tmp_path: Path, certs: Path,
             assert 90 < cols.loc["ips", "completeness_pct"] <= 100
     finally:
         fed.close()
+
+
+@pytest.mark.parametrize(("column", "expected"), [
+    ("age_at_enrollment", ("quasi-identifier", "band:5")),
+    ("nacionality", ("quasi-identifier", "keep")),
+    ("nationality", ("quasi-identifier", "keep")),
+    ("date_de_naissance", ("quasi-identifier", "year")),
+    ("birth_date", ("quasi-identifier", "year")),
+    ("code_postal", ("quasi-identifier", "departement")),
+    ("school", ("quasi-identifier", "keep")),
+    ("gender", ("quasi-identifier", "keep")),
+    ("ine", ("identifier", "")),
+    ("student_email", ("identifier", "")),
+    ("curricular_units_1st_sem_grade", ("attribute", "")),
+    ("marital_status", ("attribute", "")),
+])
+def test_the_proposal_flags_the_usual_quasi_identifiers_by_name(column: str,
+                                                                 expected: tuple) -> None:
+    from nodes._onboard import _suggest
+
+    assert _suggest(column) == expected
