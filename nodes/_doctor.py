@@ -25,6 +25,7 @@ import duckdb
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -51,10 +52,12 @@ class Check:
 
 
 def run_checks(config_path: Path, coordinator_ca: Path | None = None,
-               host: str | None = None, listen: str | None = None) -> list[Check]:
+               host: str | None = None, listen: str | None = None,
+               superlink: str | None = None) -> list[Check]:
     """All checks, in order; a config that does not parse stops the rest.
 
-    ``listen`` overrides the config's address, as ``bulle node serve --listen`` does.
+    ``listen`` and ``superlink`` override the config's addresses, as ``bulle node serve
+    --listen/--superlink`` do.
     """
     try:
         config = load_node_config(config_path)
@@ -62,6 +65,8 @@ def run_checks(config_path: Path, coordinator_ca: Path | None = None,
         return [Check(FAIL, f"config: {e}")]
     if listen:
         config = replace(config, listen=listen)
+    if superlink and config.training is not None:
+        config = replace(config, training=replace(config.training, superlink=superlink))
     out = [Check(OK, f"config {config.path}: node {config.node_id!r}, "
                      f"{len(config.datasets)} dataset(s)")]
     out += _datasets(config)
@@ -69,6 +74,7 @@ def run_checks(config_path: Path, coordinator_ca: Path | None = None,
     out.append(_board_key(config.board_public_key,
                           [d.table for d in config.datasets if d.tier == "sensitive"]))
     out += [_writable("state_dir", config.state_dir), _writable("data_dir", config.data_dir)]
+    out += _training(config)
     out.append(_port(config))
     return out
 
@@ -84,8 +90,8 @@ def report(checks: list[Check]) -> str:
 
 def doctor(config_path: Path, coordinator_ca: Path | None = None,
            host: str | None = None, listen: str | None = None,
-           out: Callable[[str], None] = print) -> int:
-    checks = run_checks(config_path, coordinator_ca, host, listen)
+           out: Callable[[str], None] = print, superlink: str | None = None) -> int:
+    checks = run_checks(config_path, coordinator_ca, host, listen, superlink)
     out(report(checks))
     return 1 if any(c.failed for c in checks) else 0
 
@@ -357,6 +363,79 @@ def _board_key(path: Path | None, sensitive: list[str]) -> Check:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return Check(OK, f"board public key loaded (Ed25519, kid "
                      f"{hashlib.sha256(raw).hexdigest()[:16]})")
+
+
+def _training(config: NodeConfig) -> list[Check]:
+    """[training]: the SuperNode key, the SuperLink's CA and the SuperLink itself (TLS
+    handshake), and whether the installed training code is the released one."""
+    t = config.training
+    if t is None:
+        return [Check(SKIP, "training: no [training] section (this node serves SQL only)")]
+    out = [_supernode_key(t.auth_key)]
+    cas, problem = _load_certs(t.root_certificates, "training root_certificates")
+    if problem:
+        out.append(Check(FAIL, f"training: {problem}"))
+    else:
+        now = dt.datetime.now(dt.UTC)
+        out += [_validity(c, f"training root_certificates {_cn(c)}", now) for c in cas]
+        out.append(_superlink(t.superlink, t.root_certificates))
+    out.append(_fab())
+    return out
+
+
+def _supernode_key(path: Path) -> Check:
+    if not path.is_file():
+        return Check(FAIL, f"training: SuperNode key not found: {path} (bulle node keygen "
+                           "makes one; its .pub goes in the coordinator's node_keys)")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        return Check(FAIL, f"training: SuperNode key {path} is readable by others "
+                           f"(mode {stat.S_IMODE(path.stat().st_mode):o}); chmod 600 it")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError):
+        return Check(FAIL, f"training: SuperNode key {path} is not an OpenSSH private key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        return Check(FAIL, f"training: SuperNode key {path} is not EC P-384 (the SuperLink "
+                           "accepts only those)")
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH)
+    return Check(OK, f"training: SuperNode key EC P-384 (public key sha256 "
+                     f"{hashlib.sha256(public).hexdigest()[:16]}: the coordinator's "
+                     "node_keys must hold this one)")
+
+
+def _superlink(address: str, ca: Path) -> Check:
+    try:
+        host, port = _split_listen(address)
+    except ValueError:
+        return Check(FAIL, f"training: superlink {address!r} is not host:port")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, port), timeout=3) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as e:
+        return Check(FAIL, f"training: the SuperLink at {address} answers, but its certificate "
+                           f"does not verify against root_certificates ({e.verify_message})")
+    except OSError as e:
+        return Check(FAIL, f"training: cannot reach the SuperLink at {address} ({e}); check "
+                           "the address and the firewall")
+    return Check(OK, f"training: SuperLink {address} reachable, its TLS certificate verifies")
+
+
+def _fab() -> Check:
+    try:
+        from bulle_flower._fab import fab_sha256, released_sha256
+
+        installed, released = fab_sha256(), released_sha256()
+    except (ImportError, OSError) as e:
+        return Check(FAIL, f"training: cannot build the training app's FAB ({e})")
+    if installed != released:
+        return Check(FAIL, f"training: the installed training code (FAB sha256 "
+                           f"{installed[:16]}…) is not the released one ({released[:16]}…): "
+                           "runs from the coordinator would be refused; reinstall Bulle")
+    return Check(OK, f"training: installed training code is the released FAB "
+                     f"(sha256 {installed[:16]}…)")
 
 
 def _writable(name: str, path: Path | None) -> Check:

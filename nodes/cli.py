@@ -52,6 +52,8 @@ def main(argv: list[str]) -> int:
                         help="CA bundle the coordinator trusts (default: the node's client_ca)")
     doctor.add_argument("--host", help="name the coordinator dials, for the certificate check "
                                        "(default: the listen host)")
+    doctor.add_argument("--superlink", help="check this SuperLink address instead of "
+                                            "[training] superlink (as serve --superlink)")
     doctor.add_argument("--listen", help="check this address instead of the config's "
                                          "(as serve --listen)")
     keygen = sub.add_parser("keygen", help="make this node's TLS key and certificate request, "
@@ -66,7 +68,8 @@ def main(argv: list[str]) -> int:
     if args.cmd == "doctor":  # a config that does not parse is one of its checks
         from nodes._doctor import doctor as run_doctor
 
-        return run_doctor(args.config, args.coordinator_ca, args.host, args.listen)
+        return run_doctor(args.config, args.coordinator_ca, args.host, args.listen,
+                          superlink=args.superlink)
     try:
         config = load_node_config(args.config)
         if getattr(args, "listen", None):

@@ -8,6 +8,7 @@ policies on concrete pods and addresses, the Dockerfiles with hadolint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -15,8 +16,10 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -484,12 +487,46 @@ def test_node_example_config_documents_every_key(monkeypatch: pytest.MonkeyPatch
 
 @pytest.fixture(scope="module")
 def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nodes._flower import make_flower_key
     from privacy import generate_board_keys
 
     state = tmp_path_factory.mktemp("demo-state")
-    make_certs(state / "certs", list(DEMO_NODES))
+    make_certs(state / "certs", [*DEMO_NODES, "superlink"])
     generate_board_keys(state / "board")
+    for n in DEMO_NODES:  # the SuperNode keys `bulle demo up` makes
+        make_flower_key(state / "flower" / f"{n}.key")
     return state
+
+
+@contextlib.contextmanager
+def tls_listener(cert: Path, key: Path) -> Iterator[int]:
+    """A TLS server on a free loopback port that completes handshakes (a SuperLink's
+    transport, for the doctor's reachability check), stopped on exit."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
 
 
 @pytest.fixture
@@ -503,10 +540,61 @@ def demo_env(monkeypatch: pytest.MonkeyPatch, demo_state: Path) -> Path:
 def test_doctor_all_green_on_the_demo_configs(demo_env: Path, node: str) -> None:
     # `bulle demo up` serves each node on a free port (serve --listen); so does this check
     listen = f"127.0.0.1:{free_port()}"
-    checks = run_checks(DEPLOY / "demo" / "nodes" / f"{node}.toml", listen=listen)
+    certs = demo_env / "certs"
+    with tls_listener(certs / "superlink.pem", certs / "superlink.key") as port:
+        checks = run_checks(DEPLOY / "demo" / "nodes" / f"{node}.toml", listen=listen,
+                            superlink=f"127.0.0.1:{port}")
     assert [c.text for c in checks if c.failed] == []
     assert sum(c.status == OK for c in checks) >= 8
     assert checks[-1].text == f"listen address {listen} is free"
+    training = [c.text for c in checks if c.text.startswith("training")]
+    if node in ("vendor-a", "vendor-b"):  # the demo's training nodes
+        assert any("SuperLink 127.0.0.1:" in t and "verifies" in t for t in training)
+        assert any("released FAB" in t for t in training), training
+        assert any("SuperNode key EC P-384" in t for t in training), training
+    else:
+        assert training == ["training: no [training] section (this node serves SQL only)"]
+
+
+def test_doctor_reports_each_training_problem(tmp_path: Path, demo_env: Path) -> None:
+    """A key others can read, a key of the wrong curve, a SuperLink that is not there, a
+    SuperLink whose certificate another CA issued."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    certs = demo_env / "certs"
+    foreign = make_certs(tmp_path / "foreign", ["superlink"])
+    config = (DEPLOY / "demo" / "nodes" / "vendor-a.toml")
+    open_key = tmp_path / "open.key"
+    open_key.write_bytes((demo_env / "flower" / "vendor-a.key").read_bytes())
+    open_key.chmod(0o644)
+    p256 = tmp_path / "p256.key"
+    p256.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    p256.chmod(0o600)
+
+    def training_failures(key: Path, superlink: str) -> list[str]:
+        text = config.read_text().replace('"${BULLE_DEMO_STATE}/flower/vendor-a.key"',
+                                          f'"{key}"')
+        path = tmp_path / "vendor-a.toml"
+        path.write_text(text)
+        checks = run_checks(path, listen=f"127.0.0.1:{free_port()}", superlink=superlink)
+        return [c.text for c in checks if c.failed and c.text.startswith("training")]
+
+    with tls_listener(certs / "superlink.pem", certs / "superlink.key") as port:
+        good = f"127.0.0.1:{port}"
+        assert training_failures(demo_env / "flower" / "vendor-a.key", good) == []
+        (failed,) = training_failures(open_key, good)
+        assert "readable by others (mode 644)" in failed
+        (failed,) = training_failures(p256, good)
+        assert "is not EC P-384" in failed
+    (failed,) = training_failures(demo_env / "flower" / "vendor-a.key",
+                                  f"127.0.0.1:{free_port()}")
+    assert "cannot reach the SuperLink" in failed
+    with tls_listener(foreign / "superlink.pem", foreign / "superlink.key") as port:
+        (failed,) = training_failures(demo_env / "flower" / "vendor-a.key", f"127.0.0.1:{port}")
+    assert "does not verify against root_certificates" in failed
 
 
 def test_doctor_cli_exit_code(demo_env: Path) -> None:
