@@ -84,7 +84,8 @@ def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
     df.attrs["bulle"] = {k: payload.get(k) for k in
                          ("suppressed", "notes", "nodes", "tier", "elapsed_ms",
                           "suppressed_cells", "hidden_cells", "query_id", "noise_sd",
-                          "ci_low", "ci_high", "epsilon_spent", "budget", "budget_split")}
+                          "ci_low", "ci_high", "epsilon_spent", "budget", "budget_split",
+                          "precision", "dummy")}
     return df
 
 
@@ -190,17 +191,56 @@ class Hub:
             "epsilon": epsilon, "delta": delta, "duration_days": duration_days,
             "team": list(team)}))
 
+    def price(self, query: str, precision: float, project: str | None = None
+              ) -> dict[str, Any]:
+        """The ε a query on sensitive data would cost so that every released count and sum
+        has a 95% noise interval no wider than ±``precision``; free: nothing is charged and
+        nothing is sent to the nodes.
+
+        Returns ``epsilon`` (per node, what ``sql(..., epsilon=)`` takes),
+        ``epsilon_charged`` (what the project's ledger would be charged: ε × nodes unless
+        they are disjoint), ``partials`` (each partial aggregate, its sensitivity and the ε it
+        alone would need), ``notes`` (the assumption for averages and ratios) and
+        ``epsilon_remaining``.
+        """
+        return self._check(self._http.post("/v1/price", json={
+            "sql": query, "project": project, "precision": precision}))
+
+    def dummy(self, table: str, rows: int = 1000, *, seed: int = 0) -> pd.DataFrame:
+        """A dummy ``table``: its columns and declared types, ``rows`` rows of values drawn
+        from public metadata only (public domains, declared bounds, types, null rates from
+        the quality report), never from the data. The same seed gives the same table.
+        Columns without a domain or bounds hold placeholders (numbers 0–100,
+        ``<column>_<k>`` texts). For developing code; ``sql(..., dummy=True)`` runs a query
+        on such data."""
+        body = self._check(self._http.get(f"/v1/dummy/{table}",
+                                          params={"rows": rows, "seed": seed}))
+        df = result_frame(body)
+        for c in body["columns"]:
+            if c["sql_type"].upper().startswith(("DATE", "TIMESTAMP")):
+                df[c["name"]] = pd.to_datetime(df[c["name"]])
+        df.attrs["bulle"].update(dummy=True, sql_types={c["name"]: c["sql_type"]
+                                                        for c in body["columns"]})
+        return df
+
     def sql(self, query: str, project: str | None = None, *, epsilon: float | None = None,
-            progress: bool = True) -> pd.DataFrame:
+            precision: float | None = None, dummy: bool = False, progress: bool = True
+            ) -> pd.DataFrame:
         """Run a federated aggregate query; returns the released table.
 
         ``epsilon`` is the privacy cost of this query on sensitive data (default: the
-        project's); the result says what was spent and what is left.
+        project's); the result says what was spent and what is left. ``precision=h``
+        instead runs it at the ε :meth:`price` gives for ±h (the two are exclusive).
+        ``dummy=True`` runs it on dummy partitions (see :meth:`dummy`): the same checks and
+        the same shape of answer (columns, notes), no ε spent, nothing sent to the nodes.
         """
+        if epsilon is not None and precision is not None:
+            raise BulleError("bad_request", "give epsilon or precision, not both: the "
+                             "precision decides the ε")
         started = time.monotonic()
         body = self._check(self._http.post(
             "/v1/queries", json={"sql": query, "project": project, "epsilon": epsilon,
-                                 "wait_s": 5.0}))
+                                 "precision": precision, "dummy": dummy, "wait_s": 5.0}))
         while body.get("status") == "running":
             if time.monotonic() - started > self.timeout:
                 raise BulleError("timeout", f"query {body['id']} still running after "

@@ -5,6 +5,8 @@ Where things are:
 - ``_planner``: tree → per-node partial-aggregate plan + merge recipe;
 - ``_coordinator``: fan-out to nodes (``_nodes``, gRPC + mTLS) and release;
 - ``_merge``: partials → released table (DuckDB over Arrow);
+- ``_precision``: the ε a DP query needs for a precision (and the exact noise intervals of
+  counts and sums); ``_dummy``: dummy tables and answers from public metadata;
 - ``_api``: the HTTP JSON API; ``proto/``: the wire contract.
 
 This module is kept light: nodes import ``federation.proto`` and must not load

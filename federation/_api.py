@@ -6,10 +6,10 @@ token; every endpoint names the scopes that may call it (:data:`ENDPOINT_SCOPES`
 of them is enough. No token → 401; a token without the scope → 403.
 """
 
-
+import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -17,6 +17,9 @@ from federation._catalog_page import add_catalog_page
 from federation._config import Researcher
 from federation._coordinator import Coordinator
 from federation._dashboard import add_dashboard, export, summary
+from federation._dummy import DEFAULT_ROWS as DUMMY_ROWS
+from federation._dummy import MAX_ROWS as DUMMY_MAX_ROWS
+from federation._dummy import dummy_json, run_dummy
 from federation._errors import QueryError
 from federation._hubauth import (
     SCOPE_APPROVE,
@@ -34,6 +37,8 @@ _V = f"/{API_VERSION}"
 ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "GET /v1/catalog": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
     "POST /v1/queries": (SCOPE_QUERY,),
+    "POST /v1/price": (SCOPE_QUERY,),
+    "GET /v1/dummy/{table}": (SCOPE_QUERY,),
     "GET /v1/queries/{id}": (SCOPE_QUERY,),
     "GET /v1/budget": (SCOPE_QUERY,),
     "GET /v1/projects": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
@@ -56,8 +61,22 @@ class QueryIn(BaseModel):
     project: str | None = None
     epsilon: float | None = Field(default=None, gt=0, le=10,
                                   description="ε for sensitive data (default: the project's)")
+    precision: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="instead of epsilon: ±h, the widest 95% noise interval wanted on each "
+                    "released count and sum (sensitive data; POST /v1/price gives its ε)")
+    dummy: bool = Field(default=False,
+                        description="run on dummy partitions drawn from public metadata: "
+                                    "the answer's shape, no ε spent, nothing sent to nodes")
     wait_s: float = Field(default=60.0, ge=0, le=600,
                           description="how long to wait for the result before answering 202")
+
+
+class PriceIn(BaseModel):
+    sql: str = Field(min_length=1, max_length=20_000)
+    project: str | None = None
+    precision: float = Field(gt=0, allow_inf_nan=False,
+                             description="±h: the widest 95% noise interval wanted")
 
 
 class ProjectIn(BaseModel):
@@ -150,12 +169,39 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     @app.post(f"{_V}/queries")
     def submit(body: QueryIn, who: Who) -> JSONResponse:
         researcher = as_researcher(who, "POST /v1/queries")
-        record = coordinator.submit(body.sql, researcher, body.project, body.epsilon)
+        if body.dummy:  # synchronous: no node, no ledger, no record
+            result = run_dummy(coordinator, body.sql, researcher, body.project)
+            return JSONResponse({"id": f"dummy-{uuid.uuid4().hex}", "status": "done",
+                                 "result": result})
+        record = coordinator.submit(body.sql, researcher, body.project, body.epsilon,
+                                    body.precision)
         finished = record.done.wait(body.wait_s)
         if finished and record.error:
             return JSONResponse({"id": record.id, "status": "failed", "error": record.error},
                                 status_code=int(record.error.get("status", 400)))
         return JSONResponse(record.to_json(), status_code=200 if finished else 202)
+
+    @app.get(f"{_V}/dummy/{{table}}")
+    def dummy(table: str, who: Who,
+              rows: Annotated[int, Query(ge=0, le=DUMMY_MAX_ROWS)] = DUMMY_ROWS,
+              seed: int = 0) -> dict[str, Any]:
+        """A dummy table drawn from the catalogue's public metadata (federation/_dummy.py)."""
+        require(who, "GET /v1/dummy/{table}")
+        visible = {t["name"]: t for t in catalog_json(coordinator, who)["tables"]}
+        if table not in visible:
+            raise QueryError("unknown_table", f"table {table!r} is not in the catalogue",
+                             status=404)
+        if visible[table].get("granted") is False:
+            raise QueryError("forbidden", f"{table!r} is sensitive: its columns, and so its "
+                             "dummy data, are shown to the researchers of a project whose "
+                             "grant covers it", status=403)
+        return dummy_json(coordinator.catalog()[table], rows, seed)
+
+    @app.post(f"{_V}/price")
+    def price(body: PriceIn, who: Who) -> dict[str, Any]:
+        """The ε a sensitive query needs for ±precision at 95%: free, nothing sent to nodes."""
+        researcher = as_researcher(who, "POST /v1/price")
+        return coordinator.price(body.sql, researcher, body.project, body.precision)
 
     @app.get(f"{_V}/budget")
     def budget(who: Who, project: str | None = None, report: bool = False) -> dict[str, Any]:
@@ -273,7 +319,8 @@ def catalog_json(coordinator: Coordinator, who: Caller, refresh: bool = False
         if covered is not None and t.tier == "sensitive" and t.name not in covered:
             # Listed so it can be requested in a project; its details need a grant.
             body.update(columns=[], row_count_buckets={}, public_domains={},
-                        quality=None, quality_score=None, pivots={}, granted=False)
+                        quality=None, quality_score=None, pivots={}, bounds={},
+                        granted=False)
         out.append(body)
     return {"tables": out, "nodes": coordinator.node_status()}
 

@@ -38,6 +38,8 @@ class FederatedTable:
     # restricted tier: "person" unless every publishing node declares "institution"
     unit_level: str = "person"
     cell_key: dict[str, Any] = field(default_factory=dict)  # the perturbation's parameters
+    # sensitive tier: the most rows one unit keeps, per publishing node (the DP sensitivity)
+    max_rows_per_unit: dict[str, int] = field(default_factory=dict)
 
     @property
     def available_at(self) -> set[str]:
@@ -62,6 +64,8 @@ class FederatedTable:
             "quality_score": self.quality_score(), "quality": self.quality,
             "pivots": self.pivots, "shared": self.shared, "copies": list(self.copies),
             "unit_level": self.unit_level, "cell_key": self.cell_key,
+            "bounds": {c: list(b) for c, b in self.bounds.items()},
+            "max_rows_per_unit": self.max_rows_per_unit,
         }
 
 
@@ -138,6 +142,8 @@ def federate(catalogs: dict[str, pb.Catalog]) -> dict[str, FederatedTable]:
             unit_level=("institution" if all(t.unit_level == "institution" for _, t in entries)
                         else "person"),
             cell_key=_cell_key(entries),
+            max_rows_per_unit={n: t.max_rows_per_unit for n, t in entries
+                               if t.max_rows_per_unit},
         )
     return out
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from federation import _checks as checks
 from federation import _dp_rules as dp_rules
+from federation import _precision as precision_first
 from federation._catalog import FederatedTable, federate
 from federation._config import CoordinatorConfig, Researcher, hash_token
 from federation._errors import QueryError, evaluation_failed
@@ -46,6 +47,7 @@ class QueryRecord:
     project: str
     sql_sha256: str
     epsilon: float | None = None  # requested ε for sensitive data (None: project default)
+    precision: float | None = None  # asked ±h at 95% instead of an ε (federation/_precision)
     datasets: tuple[str, ...] = ()  # sensitive tables charged (per-dataset spend, audit)
     epsilon_charged: float = 0.0  # ε reserved on the project's ledger before the fan-out
     status: str = "running"  # running | done | failed
@@ -254,13 +256,22 @@ class Coordinator:
         return project
 
     def submit(self, sql: str, researcher: Researcher, project: str | None = None,
-               epsilon: float | None = None) -> QueryRecord:
-        """Start a query; the returned record's ``done`` event is set when it ends."""
+               epsilon: float | None = None, precision: float | None = None) -> QueryRecord:
+        """Start a query; the returned record's ``done`` event is set when it ends.
+
+        ``precision`` (±h at 95%, sensitive tier) replaces ``epsilon``: the query runs at
+        the ε :meth:`price` gives for it."""
         project = self.project_of(researcher, project)
         if epsilon is not None and not 0 < epsilon <= 10:
             raise QueryError("bad_request", "epsilon must be in (0, 10]")
+        if precision is not None:
+            if epsilon is not None:
+                raise QueryError("bad_request", "give epsilon or precision, not both: the "
+                                 "precision decides the ε")
+            if not 0 < precision < float("inf"):
+                raise QueryError("bad_request", "precision must be a positive number")
         record = QueryRecord(uuid.uuid4().hex, researcher.name, project,
-                             hashlib.sha256(sql.encode()).hexdigest(), epsilon)
+                             hashlib.sha256(sql.encode()).hexdigest(), epsilon, precision)
         with self._queries_lock:
             self._queries[record.id] = record
             while len(self._queries) > KEEP_QUERIES:
@@ -275,9 +286,9 @@ class Coordinator:
         return record if record and record.researcher == researcher.name else None
 
     def run(self, sql: str, researcher: Researcher, project: str | None = None,
-            epsilon: float | None = None) -> dict[str, Any]:
+            epsilon: float | None = None, precision: float | None = None) -> dict[str, Any]:
         """Synchronous helper: the result JSON, or raises QueryError."""
-        record = self.submit(sql, researcher, project, epsilon)
+        record = self.submit(sql, researcher, project, epsilon, precision)
         record.done.wait()
         if record.exception is not None:
             raise record.exception
@@ -288,7 +299,9 @@ class Coordinator:
 
     def _run(self, record: QueryRecord, sql: str) -> None:
         started = time.perf_counter()
-        entry = {"query": record.id, "sql_sha256": record.sql_sha256}
+        entry: dict[str, Any] = {"query": record.id, "sql_sha256": record.sql_sha256}
+        if record.precision is not None:  # the board sees what precision was asked for
+            entry["precision"] = record.precision
         decision, detail = "error", {}
         try:
             record.result = self.execute(sql, record)
@@ -326,6 +339,41 @@ class Coordinator:
                      (time.perf_counter() - started) * 1000)
             record.done.set()
 
+    def price(self, sql: str, researcher: Researcher, project: str | None,
+              precision: float) -> dict[str, Any]:
+        """The ε a sensitive query needs for ±``precision`` at 95% on every released count
+        and sum (federation/_precision.py): the query's static checks and its grant, then
+        arithmetic on public figures. Nothing is charged, no node is sent anything."""
+        project = self.project_of(researcher, project)
+        catalog = self.catalog()
+        query = parse(sql, {n: t.columns for n, t in catalog.items()})
+        checked = checks.check(query, catalog)
+        fp = plan_query(query)
+        self._check_sensitive(query, checked.tables, checked.tier, catalog, project,
+                              researcher.name)
+        priced = precision_first.price(fp, catalog, checked.participants[0], precision,
+                                       self.projects.config(project).nodes_disjoint)
+        out = priced.to_json()
+        budget = self.projects.budget(project)
+        # what is left before composition (the charge's growth of the total is not ε)
+        out.update(project=project, epsilon_remaining=budget.remaining)
+        return out
+
+    def _check_sensitive(self, query: Any, tables: list[FederatedTable], tier: str,
+                         catalog: dict[str, FederatedTable], project: str,
+                         researcher: str) -> tuple[Any, str]:
+        """The grant covering a sensitive query, and the DP shape rules (free refusals)."""
+        if tier != "sensitive":
+            raise QueryError("not_allowed", "precision is chosen for differentially private "
+                             "queries (sensitive tables); this query reads "
+                             f"{tier} tables, whose noise does not depend on an ε")
+        grant, token = self.projects.grant(project)
+        # The caller may be a hub user absent from the config: the grant decides.
+        self.projects.check(grant, Researcher(researcher, "", ()),
+                            [t.name for t in tables if t.tier == "sensitive"])
+        dp_rules.check(query, catalog)  # shape refusals the nodes would make, for free
+        return grant, token
+
     def execute(self, sql: str, record: QueryRecord) -> dict[str, Any]:
         started = time.perf_counter()
         catalog = self.catalog()
@@ -334,18 +382,24 @@ class Coordinator:
         tables, tier = checked.tables, checked.tier
         nodes, excluded = checked.participants
         fp = plan_query(query)
+        priced = None
+        if record.precision is not None and tier != "sensitive":
+            self._check_sensitive(query, tables, tier, catalog, record.project,
+                                  record.researcher)  # refuses: precision is for DP
         plan = pb.Plan()
         plan.CopyFrom(fp.plan)
         plan.request_id, plan.project = record.id, record.project
         plan.researcher, plan.query_sha256 = record.researcher, record.sql_sha256
         dp = charged = None
         if tier == "sensitive":
-            grant, token = self.projects.grant(record.project)
-            # The caller may be a hub user absent from the config: the grant decides.
+            _, token = self._check_sensitive(query, tables, tier, catalog, record.project,
+                                             record.researcher)
             record.datasets = tuple(t.name for t in tables if t.tier == "sensitive")
-            self.projects.check(grant, Researcher(record.researcher, "", ()),
-                                list(record.datasets))
-            dp_rules.check(query, catalog)  # shape refusals the nodes would make, for free
+            if record.precision is not None:  # priced before anything is charged
+                priced = precision_first.price(
+                    fp, catalog, nodes, record.precision,
+                    self.projects.config(record.project).nodes_disjoint)
+                record.epsilon = priced.epsilon
             epsilon = record.epsilon or self.projects.config(record.project).default_epsilon
             plan.privacy.epsilon, plan.privacy.delta, plan.privacy.grant = epsilon, 0.0, token
             dp = epsilon
@@ -368,7 +422,11 @@ class Coordinator:
         if excluded:
             released.notes.append(f"nodes {', '.join(excluded)} do not hold every joined table "
                                   "and did not take part")
+        if priced is not None:
+            released.notes.extend(priced.notes)
         out = released_to_json(released, nodes, tier, time.perf_counter() - started)
+        if priced is not None:
+            out["precision"] = priced.to_json()
         if charged is not None:
             # What this query was charged, and how much the project's composed total grew
             # (RDP composition: the growth is not the sum of the queries' ε).

@@ -61,7 +61,9 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
         releases.append({"time": e.time, "project": e.project, "researcher": e.actor,
                          "tier": e.detail.get("tier", ""), "epsilon": eps,
                          "rows": e.detail.get("rows"), "nodes": e.detail.get("nodes", []),
-                         "datasets": e.detail.get("datasets", []), "seq": e.seq})
+                         "datasets": e.detail.get("datasets", []), "seq": e.seq,
+                         # precision first (federation/_precision.py): the ±h asked for
+                         "precision": e.detail.get("precision")})
         for d in e.detail.get("datasets", []):
             per_dataset[(e.project, d)] = per_dataset.get((e.project, d), 0.0) + eps
     granted = {p["name"]: p for p in projects}
@@ -110,7 +112,7 @@ _EXPORT_COLUMNS = {
     "budgets": ["name", "status", "granted_epsilon", "epsilon_spent", "expires_at"],
     "datasets": ["project", "dataset", "epsilon_granted", "epsilon_spent"],
     "releases": ["seq", "time", "project", "researcher", "tier", "epsilon", "rows", "nodes",
-                 "datasets"],
+                 "datasets", "precision"],
 }
 
 
@@ -293,12 +295,13 @@ def _page(who: Caller, data: dict[str, Any], csrf: str | None, msg: str) -> str:
     rel = data["releases"]
     parts.append(f"<section id='timeline'><h2>Releases ({len(rel)})</h2>"
                  f"{svg_timeline(rel, 'plot-timeline')}<table><tr><th>time</th><th>project"
-                 "</th><th>researcher</th><th>tier</th><th>ε</th><th>rows</th><th>nodes</th>"
-                 "</tr>")
+                 "</th><th>researcher</th><th>tier</th><th>ε (±precision asked)</th>"
+                 "<th>rows</th><th>nodes</th></tr>")
     for r in rel[-15:][::-1]:
+        asked = "" if r.get("precision") is None else f" (±{r['precision']:g})"
         parts.append(f"<tr><td>{escape(r['time'][:19])}</td><td>{escape(r['project'])}</td>"
                      f"<td>{escape(r['researcher'])}</td><td>{escape(r['tier'])}</td>"
-                     f"<td>{r['epsilon']:.3g}</td><td>{r['rows']}</td>"
+                     f"<td>{r['epsilon']:.3g}{asked}</td><td>{r['rows']}</td>"
                      f"<td>{escape(', '.join(r['nodes']))}</td></tr>")
     parts.append("</table></section>")
     coordinator_chain = _chain(data["chains"]["coordinator"], "chain")

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from sqlglot import exp
 
 from federation._planner import MERGE_FN, FederatedPlan, M, merged_form
+from federation._precision import noise_interval
 from federation._tree import Agg, Call, Col, Expr, Lit, contains_agg, to_proto
 from federation.proto import bulle_pb2 as pb
 from federation.proto.ops import to_sql
@@ -100,8 +101,8 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
     scales): each merged partial is redrawn with the sum of the nodes' Laplace noises and
     every output expression recomputed (``simulate``: the released items over the redrawn
     partials, in the samples' order); the basic bootstrap interval is
-    [r − q₉₇.₅(d), r − q₂.₅(d)] with d = f(redrawn) − r. Exact for counts and sums up to
-    Monte Carlo error; delta-method-like for ratios (AVG, VAR).
+    [r − q₉₇.₅(d), r − q₂.₅(d)] with d = f(redrawn) − r; delta-method-like for ratios
+    (AVG, VAR). Bare counts and sums then get their exact law (``_exact_intervals``).
     """
     n = merged.num_rows
     draws = max(200, min(BOOTSTRAP_DRAWS, 400_000 // max(n, 1)))
@@ -136,7 +137,32 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
             q_lo, q_hi = np.quantile(d, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
             sd[row][col] = float(np.std(d))
             lo[row][col], hi[row][col] = float(r - q_hi), float(r - q_lo)
+    _exact_intervals(fp, parts, out, (sd, lo, hi))
     return sd, lo, hi
+
+
+def _exact_intervals(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
+                     out: pa.Table, intervals: tuple[list[list[float | None]], ...]) -> None:
+    """A bare COUNT or SUM is one merged partial: its noise is the sum of the nodes'
+    Laplace noises (rounded at each node for counts), whose law is known: the sd and the
+    95% interval are set from it (federation/_precision.py), not from the bootstrap."""
+    sd, lo, hi = intervals
+    kinds = {p.name: p.kind for p in fp.partials}
+    for item in fp.query.items:
+        agg = item.expr
+        if not isinstance(agg, Agg) or agg.func not in ("count", "sum") \
+                or item.name not in out.column_names:
+            continue
+        partial = fp.roles[agg][agg.func]
+        s, w = noise_interval(kinds[partial], [r.noise_scales.get(partial, 0.0)
+                                                for r, _ in parts])
+        if s == 0:
+            continue
+        col = out.column_names.index(item.name)
+        for row, value in enumerate(out.column(item.name).to_pylist()):
+            if value is not None and np.isfinite(float(value)):
+                sd[row][col] = s
+                lo[row][col], hi[row][col] = float(value) - w, float(value) + w
 
 
 def _simulate_sql(fp: FederatedPlan, items: dict[str, Expr]) -> Simulate:
