@@ -34,8 +34,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlglot
 
 from federation.proto import bulle_pb2 as pb
+from nodes._dp import clamp
 from privacy import CkmParams, count_perturbation, magnitude_draw
 
 RECORD_KEY = "__bulle_rk"  # hidden column of every restricted table: the record key
@@ -152,13 +154,7 @@ def _bounded(sql: str, bounds: tuple[float, float] | None) -> str:
     """A unit's contribution kept within its static bounds (a join can multiply its rows)."""
     if bounds is None:
         return sql
-    lo, hi = (_number(b) for b in bounds)
-    return f"CASE WHEN {sql} < {lo} THEN {lo} WHEN {sql} > {hi} THEN {hi} ELSE {sql} END"
-
-
-def _number(v: float) -> str:
-    """A SQL literal that keeps an integer column integer."""
-    return str(int(v)) if float(v).is_integer() and abs(v) < 2**62 else repr(float(v))
+    return clamp(sqlglot.parse_one(sql, read="duckdb"), *bounds, keep_type=True).sql("duckdb")
 
 
 def _per_unit(kind: int, arg: str) -> str:

@@ -56,12 +56,18 @@ def test_one_row_per_unit_skips_the_per_unit_step() -> None:
     assert "GROUP BY __unit" in joined.sql  # a join may repeat a unit's rows
 
 
-def test_the_per_unit_sql_runs_and_counts_units_not_rows() -> None:
+def _marks(rows: str) -> duckdb.DuckDBPyConnection:
+    """The ``marks`` table of CATALOG in a DuckDB, with its record keys, holding ``rows``."""
     con = duckdb.connect()
     con.execute(f"CREATE TABLE marks (pid VARCHAR, uai VARCHAR, sex VARCHAR, g3 BIGINT, "
                 f"{RECORD_KEY} UINTEGER)")
-    con.execute("INSERT INTO marks VALUES ('p1', 'u', 'F', 10, 7), ('p1', 'u', 'F', 12, 7), "
-                "('p2', 'u', 'F', 15, 9), ('p3', 'u', 'M', 8, 11)")
+    con.execute(f"INSERT INTO marks VALUES {rows}")
+    return con
+
+
+def test_the_per_unit_sql_runs_and_counts_units_not_rows() -> None:
+    con = _marks("('p1', 'u', 'F', 10, 7), ('p1', 'u', 'F', 12, 7), ('p2', 'u', 'F', 15, 9), "
+                 "('p3', 'u', 'M', 8, 11)")
     compiled = compile_plan(_plan("SELECT sex, COUNT(*) AS n, SUM(g3) AS s FROM marks "
                                   "GROUP BY sex"), CATALOG, 100)
     rows = {r["g0"]: r for r in con.sql(compiled.sql).to_arrow_table().to_pylist()}
@@ -77,11 +83,8 @@ def test_the_per_unit_sql_runs_and_counts_units_not_rows() -> None:
 def test_arguments_are_clamped_to_their_bounds_per_row_and_per_unit() -> None:
     """A value outside the declared bounds, or a unit with more rows than any unit had at
     load (as a join can make), adds no more than the bounds allow."""
-    con = duckdb.connect()
-    con.execute(f"CREATE TABLE marks (pid VARCHAR, uai VARCHAR, sex VARCHAR, g3 BIGINT, "
-                f"{RECORD_KEY} UINTEGER)")
-    con.execute("INSERT INTO marks VALUES ('p1', 'u', 'F', 500, 7), ('p2', 'u', 'F', 20, 9), "
-                "('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9)")
+    con = _marks("('p1', 'u', 'F', 500, 7), ('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9), "
+                 "('p2', 'u', 'F', 20, 9), ('p2', 'u', 'F', 20, 9)")
     compiled = compile_plan(_plan("SELECT sex, COUNT(*) AS n, SUM(g3) AS s FROM marks "
                                   "GROUP BY sex"), CATALOG, 100)
     row = con.sql(compiled.sql).to_arrow_table().to_pylist()[0]
