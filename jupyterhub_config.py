@@ -12,15 +12,13 @@ the hub, or the hub waits for it) as ``jupyterhub -f jupyterhub_config.py`` with
   coordinator reads the same file);
 - ``BULLE_HUB_AUTH``: ``demo`` (default: per-user generated passwords, hashes in
   ``$BULLE_HUB_STATE/users.json``) or ``oidc`` (production, below);
-- as root only: ``BULLE_HUB_PROXY_USER`` (the system user the proxy runs as),
-  ``BULLE_HUB_HIDDEN_PATHS`` (folders hidden from notebooks, ``:``-separated) and
-  ``BULLE_HUB_HOMES`` (where new accounts get their home, default ``/home``).
+- ``BULLE_HUB_SPAWN_SOCKET``: the root spawn broker's socket (``enclave/_spawnbroker.py``).
 
-Processes: run as root, the hub (which must be root to create accounts and start servers
-as them, like The Littlest JupyterHub) starts each person's server as their own system
-user ``jupyter-<name>``, created at their first start, and its proxy as
-``BULLE_HUB_PROXY_USER``. Run as another user, every server runs as that same user (a
-developer's machine), homes under ``$BULLE_HUB_STATE/home``.
+Processes: the hub never runs as root (it refuses to). With a spawn broker, each person's
+server runs as their own system user ``jupyter-<name>``, created by the broker at their first
+start; the hub and its proxy run as the hub's service user (``bulle-coord`` in the demo).
+Without one, every server runs as the hub's own user (a developer's machine), homes under
+``$BULLE_HUB_STATE/home``.
 
 Roles: ``researcher`` (custom:bulle:query, custom:bulle:train), ``ethics-board``
 (custom:bulle:approve, custom:bulle:audit), ``node-operator`` (custom:bulle:audit),
@@ -36,14 +34,18 @@ from pathlib import Path
 from enclave._hub import (
     CUSTOM_SCOPES,
     SERVICE,
+    BrokeredSpawner,
     DemoAuthenticator,
-    SystemUserSpawner,
+    landing_url,
     prepare_home,
     read_users,
     roles_for,
 )
 
 c = get_config()  # noqa: F821 -- provided by JupyterHub when it loads this file
+if os.geteuid() == 0:
+    raise SystemExit("Bulle's hub does not run as root: run it as a service user, with the "
+                     "spawn broker (python -m enclave._spawnbroker) as the only root process")
 
 REPO = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent  # the venv the hub runs in: singleuser, proxy
@@ -62,13 +64,8 @@ c.ConfigurableHTTPProxy.api_url = (
     f"http://127.0.0.1:{os.environ.get('BULLE_HUB_PROXY_API_PORT', '8001')}")
 # The PyPI (Python) configurable-http-proxy, from the same venv (TRAPS.md).
 c.ConfigurableHTTPProxy.command = [str(BIN / "configurable-http-proxy")]
-if os.geteuid() == 0 and os.environ.get("BULLE_HUB_PROXY_USER"):
-    # The network-facing proxy needs no privilege: it runs as the coordinator's user.
-    proxy_user = os.environ["BULLE_HUB_PROXY_USER"]
-    c.ConfigurableHTTPProxy.command = ["setpriv", f"--reuid={proxy_user}",
-                                       f"--regid={proxy_user}", "--clear-groups", "--",
-                                       *c.ConfigurableHTTPProxy.command]
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
+c.JupyterHub.default_url = landing_url  # by role: only researchers get a server started
 c.JupyterHub.cleanup_servers = True  # `bulle demo down` stops the hub: servers go too
 c.JupyterHub.cleanup_proxy = True
 
@@ -125,13 +122,11 @@ else:
     c.JupyterHub.load_roles = roles_for(users)
 
 # -- single-user servers ---------------------------------------------------------------------
-if os.geteuid() == 0:
+if os.environ.get("BULLE_HUB_SPAWN_SOCKET"):
     # Each person's server as their own system user (created at first start), unable to
-    # read node data or any key; the holders' source folders hidden (enclave/_hub.py).
-    c.JupyterHub.spawner_class = SystemUserSpawner
-    c.SystemUserSpawner.homes = os.environ.get("BULLE_HUB_HOMES", "/home")
-    c.SystemUserSpawner.hidden_paths = [
-        p for p in os.environ.get("BULLE_HUB_HIDDEN_PATHS", "").split(os.pathsep) if p]
+    # read node data or any key; the holders' source folders hidden (enclave/_spawnbroker).
+    c.JupyterHub.spawner_class = BrokeredSpawner
+    c.BrokeredSpawner.socket = os.environ["BULLE_HUB_SPAWN_SOCKET"]
 else:
     # Not root: processes of the hub's own user (no system accounts), homes in the state.
     c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"

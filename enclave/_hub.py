@@ -1,37 +1,35 @@
 """Pieces of ``jupyterhub_config.py`` that are code: the demo authenticator, its user file,
-the roles and scopes, and the spawner of a hub run as root. Loaded by the hub process only
-(nothing of ours imports it).
+the roles and scopes, and the hub's side of the spawn broker. Loaded by the hub process
+(and the broker).
 
 The demo authenticator checks per-user passwords against PBKDF2 hashes in a JSON file
 written by ``bulle demo up`` (which prints the generated passwords once). Production uses
 OIDC instead (see ``jupyterhub_config.py``).
 
-``SystemUserSpawner``: each person's server runs as their own system user, created at their
-first server start (The Littlest JupyterHub's UserCreatingSpawner; not
-``LocalAuthenticator.create_system_users``, which creates every allowed user at hub start
-and maps hub names one-to-one onto system accounts), in a mount namespace where the
-holders' source folders are hidden.
+``BrokeredSpawner``: the hub runs as a service user, never root; each person's server runs
+as their own system user, created at their first server start (The Littlest JupyterHub's
+UserCreatingSpawner; not ``LocalAuthenticator.create_system_users``, which creates every
+allowed user at hub start and maps hub names one-to-one onto system accounts), in a mount
+namespace where the holders' source folders are hidden. Both are the root spawn broker's
+work (``enclave/_spawnbroker.py``), asked over a socket only the hub's user can use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jupyterhub.auth import Authenticator
-from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from traitlets import List, Unicode
-
-from enclave._users import PERSON_PREFIX, ensure_person_user, own, person_user
+from jupyterhub.spawner import LocalProcessSpawner
+from jupyterhub.utils import random_port
+from traitlets import Unicode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +108,24 @@ def roles_for(users: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Where each role lands after login: only researchers use a notebook server, so only they
+# get one started; the board and operators land on their pages, admins on the hub's admin.
+LANDING = (("researcher", None), ("ethics-board", f"services/{SERVICE}/board/"),
+           ("node-operator", f"services/{SERVICE}/board/"), ("admin", "hub/admin"))
+
+
+def landing_url(handler: Any) -> str:
+    """``c.JupyterHub.default_url``: the page a person arrives on, by role."""
+    from jupyterhub.utils import url_path_join
+
+    user = handler.current_user
+    roles = {r.name for r in user.roles} if user is not None else set()
+    for role, page in LANDING:
+        if role in roles:
+            return user.url if page is None else url_path_join(handler.base_url, page)
+    return url_path_join(handler.base_url, "hub/home")
+
+
 class DemoAuthenticator(Authenticator):
     """Per-user passwords from a JSON file of PBKDF2 hashes (the demo's accounts)."""
 
@@ -139,77 +155,38 @@ def prepare_home(home: Path) -> None:
         news.write_text('{"fetchNews": "false", "checkForUpdates": false}\n')
 
 
-_CLONE_NEWNS, _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x20000, 1, 2, 4, 8
-_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+class BrokeredSpawner(LocalProcessSpawner):
+    """The server of hub user ``name`` runs as system user ``jupyter-<name>``, started by
+    the root spawn broker (``enclave/_spawnbroker.py``) this hub, run as a service user,
+    reaches on ``socket``. Only the start and the signals go through the broker; ports,
+    arguments and the environment are JupyterHub's own (LocalProcessSpawner's)."""
 
+    socket = Unicode(help="the spawn broker's Unix socket").tag(config=True)
 
-def hide_paths(paths: list[str]) -> Callable[[], None]:
-    """A function for a forked child (still root) that moves it into its own mount
-    namespace and covers each of ``paths`` with an empty, read-only tmpfs of mode 000:
-    opening anything under them then fails with a permission error. The covering
-    mounts are locked for the unprivileged user it becomes (no way to unmount them)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    unshare, mount = libc.unshare, libc.mount  # resolved before the fork
-    flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    targets = [os.fsencode(p) for p in paths if os.path.isdir(p)]
-
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    def hide() -> None:
-        if not targets:
-            return
-        check(unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-        check(mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-        for t in targets:
-            check(mount(b"tmpfs", t, b"tmpfs", flags, b"mode=000,size=4k"), "hide")
-
-    return hide
-
-
-class SystemUserSpawner(LocalProcessSpawner):
-    """The server of hub user ``name`` runs as system user ``jupyter-<name>`` (created at
-    the first start, home ``<homes>/jupyter-<name>``, mode 0700, seeded with the examples),
-    with ``hidden_paths`` covered (``hide_paths``). Needs a hub run as root."""
-
-    user_prefix = Unicode(PERSON_PREFIX, help="prefix of the system account names"
-                          ).tag(config=True)
-    homes = Unicode("/home", help="folder of the homes of new accounts").tag(config=True)
-    hidden_paths = List(Unicode(), help="folders a notebook must not see (the data "
-                        "holders' sources when they share the hub's host)").tag(config=True)
-
-    @property
-    def system_user(self) -> str:
-        return person_user(self.user.name, self.user_prefix)
-
-    def _ensure_account(self) -> None:
-        account = ensure_person_user(self.system_user, Path(self.homes) / self.system_user,
-                                     f"Bulle hub user {self.user.name}")
-        home = account.home
-        if not home.exists():  # new home: filled as root, then handed over
-            home.mkdir(mode=0o700, parents=True)
-            prepare_home(home)
-            own(home, account, 0o700, recursive=True, file_mode=0o644)
+    async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(self.socket)
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(await reader.readline() or b"{}")
+        finally:
+            writer.close()
+        if "error" in reply or not reply:
+            raise RuntimeError(f"spawn broker: {reply.get('error', 'no answer')}")
+        return reply
 
     async def start(self) -> Any:
-        await asyncio.to_thread(self._ensure_account)
-        return await super().start()
+        if self.port == 0:
+            self.port = random_port()
+        argv = [*self.cmd, *self.get_args()]
+        reply = await self._ask({"op": "start", "user": self.user.name, "argv": argv,
+                                 "env": self.get_env()})
+        self.pid = reply["pid"]
+        return (self.ip or "127.0.0.1", self.port)
 
-    def make_preexec_fn(self, name: str) -> Callable[[], None]:
-        hide = hide_paths(list(self.hidden_paths))
-        become = set_user_setuid(self.system_user)
-
-        def preexec() -> None:
-            hide()  # as root, before the uid changes
-            become()
-
-        return preexec
+    async def _signal(self, sig: int) -> bool:
+        reply = await self._ask({"op": "signal", "user": self.user.name, "signal": int(sig)})
+        return bool(reply["alive"])
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
-        import pwd
-
-        entry = pwd.getpwnam(self.system_user)
-        env.update(USER=entry.pw_name, HOME=entry.pw_dir, SHELL=entry.pw_shell)
-        return env
+        return env  # USER, HOME and SHELL are the account's, set by the broker

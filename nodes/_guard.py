@@ -1,4 +1,5 @@
 """The node's own privacy guard: grants, its ledger, the release cache and the audit chain.
+(The cache itself, shared with training rounds, is ``nodes/_releases.py``.)
 
 The node never trusts the coordinator: a plan on sensitive data runs only with a grant
 signed by the ethics board for this project, researcher and dataset, and its charge is
@@ -10,7 +11,6 @@ noise) nor a second evaluation for one charge.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from federation.proto import bulle_pb2 as pb
 from nodes._compile import PlanRefused
 from nodes._config import ConfigError
 from nodes._dp import DpSpec
+from nodes._releases import QUERY, ReleaseStore
 from privacy import AuditLog, Grant, GrantError, Ledger, verify_grant
 
 
@@ -32,27 +33,10 @@ class PrivacyGuard:
         self.board_key = board_public_key.read_bytes() if board_public_key else None
         self.ledger = Ledger(str(state_dir / "ledger.sqlite"))
         self.audit = AuditLog(state_dir / "audit.sqlite")
-        self._releases_path = state_dir / "releases.sqlite"
-        self._local = threading.local()
-        with self._db() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS releases (request_id TEXT PRIMARY KEY, "
-                       "result BLOB NOT NULL, created_at TEXT NOT NULL)")
-            # Charged plans that failed while running: a replay gets the same failure.
-            db.execute("CREATE TABLE IF NOT EXISTS failures (request_id TEXT PRIMARY KEY, "
-                       "public TEXT NOT NULL, incident TEXT NOT NULL, "
-                       "created_at TEXT NOT NULL)")
+        self.releases = ReleaseStore(state_dir / "releases.sqlite")  # queries and training
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._budgets: dict[tuple[str, str], tuple[float, float]] = {}
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self._releases_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            self._local.db = db
-        return db
 
     def request_lock(self, request_id: str) -> threading.Lock:
         """One release per request id at a time in this process."""
@@ -86,19 +70,16 @@ class PrivacyGuard:
 
     # -- releases -----------------------------------------------------------------------
     def cached(self, request_id: str) -> pb.PartialResult | None:
-        row = self._db().execute("SELECT result FROM releases WHERE request_id = ?",
-                                 (request_id,)).fetchone()
-        if row is None:
+        kept = self.releases.get(request_id)
+        if kept is None:
             return None
-        result = pb.PartialResult.FromString(row[0])
+        result = pb.PartialResult.FromString(kept[0])
         result.replayed = True
         return result
 
     def failure(self, request_id: str) -> tuple[str, str] | None:
         """(public message, incident) of a charged plan that failed while running."""
-        row = self._db().execute("SELECT public, incident FROM failures WHERE request_id = ?",
-                                 (request_id,)).fetchone()
-        return (row[0], row[1]) if row is not None else None
+        return self.releases.failure(request_id)
 
     def charge(self, plan: pb.Plan, spec: DpSpec) -> Any:
         """Charge this node's ledger before the plan runs; refuses (PlanRefused, nothing
@@ -120,14 +101,10 @@ class PrivacyGuard:
         return outcome
 
     def store(self, request_id: str, result: pb.PartialResult) -> None:
-        self._db().execute(
-            "INSERT OR IGNORE INTO releases VALUES (?, ?, ?)",
-            (request_id, result.SerializeToString(), datetime.now(UTC).isoformat()))
+        self.releases.put(request_id, QUERY, result.SerializeToString())
 
     def store_failure(self, request_id: str, public: str, incident: str) -> None:
-        self._db().execute(
-            "INSERT OR IGNORE INTO failures VALUES (?, ?, ?, ?)",
-            (request_id, public, incident, datetime.now(UTC).isoformat()))
+        self.releases.put_failure(request_id, public, incident)
 
     def record(self, plan: pb.Plan, action: str, detail: dict[str, Any]) -> None:
         self.audit.append(plan.researcher[:128] or "?", plan.project[:128], action, {

@@ -10,8 +10,8 @@ verified (``PrivacyGuard.admit``) and the incoming weights must fit the model. T
 checks cost nothing. Then, as for a DP query (``nodes/_guard.py``), every round is charged
 to this node's ledger *before* its data is read, atomically and idempotently:
 
-1. the run's plan at this node, drawn once and kept (``training_plans``: a retry or a
-   replay of any round reuses it, never draws it again). Its budget is min(what the
+1. the run's plan at this node, drawn once and kept (``plans``, ``nodes/_releases.py``: a
+   retry or a replay of any round reuses it, never draws it again). Its budget is min(what the
    researcher asked, what the grant leaves here given the ledger). The evaluations get σ
    from a share of it (the final model's evaluation one √rounds smaller: it costs as much
    as all the rounds' evaluations together, so the result is the least noisy figure);
@@ -40,7 +40,6 @@ import json
 import math
 import os
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +54,7 @@ from federation.proto import bulle_pb2 as pb
 from nodes._compile import PlanRefused
 from nodes._config import NodeConfig
 from nodes._guard import PrivacyGuard
+from nodes._releases import TRAINING, ReleaseStore
 from nodes._trainview import (
     TrainingRefused,
     TrainSpec,
@@ -132,52 +132,26 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 # ---------------------------------------------------------------------- releases (cache)
 
 
-class Releases:
-    """Released rounds by request id: a replay gets the same bytes, never fresh noise."""
+def kept_round(store: ReleaseStore, request_id: str
+               ) -> tuple[dict[str, np.ndarray], dict, dict] | None:
+    """A released round from the node's release cache: (arrays, metrics, dp)."""
+    kept = store.get(request_id)
+    if kept is None:
+        return None
+    import io
 
-    def __init__(self, path: Path) -> None:
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS training_releases (request_id TEXT PRIMARY "
-                        "KEY, arrays BLOB NOT NULL, metrics TEXT NOT NULL, dp TEXT NOT NULL, "
-                        "created_at TEXT NOT NULL)")
-        # Each run's noise and sampling plan at this node, drawn once (its count is charged)
-        self.db.execute("CREATE TABLE IF NOT EXISTS training_plans (run TEXT PRIMARY KEY, "
-                        "plan TEXT NOT NULL, created_at TEXT NOT NULL)")
-
-    def get(self, request_id: str) -> tuple[dict[str, np.ndarray], dict, dict] | None:
-        row = self.db.execute("SELECT arrays, metrics, dp FROM training_releases WHERE "
-                              "request_id = ?", (request_id,)).fetchone()
-        if row is None:
-            return None
-        import io
-
-        with np.load(io.BytesIO(row[0])) as z:
-            arrays = {k: z[k] for k in z.files}
-        return arrays, json.loads(row[1]), json.loads(row[2])
-
-    def put(self, request_id: str, arrays: dict[str, np.ndarray], metrics: dict,
-            dp: dict) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        self.db.execute("INSERT OR IGNORE INTO training_releases VALUES (?, ?, ?, ?, ?)",
-                        (request_id, buf.getvalue(), json.dumps(metrics), json.dumps(dp),
-                         datetime.now(UTC).isoformat()))
+    with np.load(io.BytesIO(kept[0])) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, kept[1]["metrics"], kept[1]["dp"]
 
 
-    def plan(self, run: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT plan FROM training_plans WHERE run = ?",
-                              (run,)).fetchone()
-        return json.loads(row[0]) if row is not None else None
+def keep_round(store: ReleaseStore, request_id: str, arrays: dict[str, np.ndarray],
+               metrics: dict, dp: dict) -> None:
+    import io
 
-    def keep_plan(self, run: str, plan: dict[str, Any]) -> dict[str, Any]:
-        """Store ``plan`` unless the run has one; returns the run's plan."""
-        self.db.execute("INSERT OR IGNORE INTO training_plans VALUES (?, ?, ?)",
-                        (run, json.dumps(plan), datetime.now(UTC).isoformat()))
-        return self.plan(run) or plan
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.put(request_id, TRAINING, buf.getvalue(), {"metrics": metrics, "dp": dp})
 
 
 def node_salt(state_dir: Path) -> bytes:
@@ -311,8 +285,8 @@ def train_round(msg: Any, context: Any) -> Any:
             grant = guard.admit(_admit_plan(spec), spec.table)
         except PlanRefused as e:
             raise TrainingRefused("refused", str(e)) from None
-        releases = Releases(rt.state_dir / "training.sqlite")
-        cached = releases.get(request_id)
+        releases = guard.releases  # the node's one release cache (queries and rounds)
+        cached = kept_round(releases, request_id)
         if cached is not None:
             return replayed(cached)
         history = guard.ledger.history(spec.project, spec.table)
@@ -323,17 +297,12 @@ def train_round(msg: Any, context: Any) -> Any:
         model = _incoming_model(spec, msg)  # a static check: costs nothing
         plan, view, count = _run_plan(spec, rt, guard, releases, run_id, history,
                                       grant.epsilon, where, audit, charged)
-        # The round's event from the plan alone: known before any of its data is read
-        sigma_eval = float(plan["sigma_eval"] if train else plan["sigma_final"])
-        dp_history = [(float(plan["sigma"]), 1.0 / int(plan["steps_epoch"]),
-                       int(plan["steps_epoch"]) * spec.epochs)] if train else []
-        event = dpa.ComposedDpEvent([opacus_event(dp_history), gaussian_event(sigma_eval)]
-                                    if train else [gaussian_event(sigma_eval)])
-        planned = RdpTotals().plus(event).epsilon(spec.delta)
+        event, dp = _round_event(spec, plan, train, rt.node_id)
         _failpoint("before-charge", rnd, spec.project)
-        outcome = _pay(guard, request_id, spec, event, planned, audit, f"round {rnd}")
+        outcome = _pay(guard, request_id, spec, event, dp["epsilon_round_planned"], audit,
+                       f"round {rnd}")
         if outcome.replay:  # a twin task charged it first: its release, never a 2nd draw
-            cached = releases.get(request_id)
+            cached = kept_round(releases, request_id)
             if cached is None:
                 raise TrainingRefused("refused", "this round is charged and trained by "
                                       "another task: it is not trained twice")
@@ -344,27 +313,8 @@ def train_round(msg: Any, context: Any) -> Any:
               epsilon_spent=outcome.spent_epsilon, epsilon_remaining=outcome.remaining_epsilon)
         _failpoint("after-charge", rnd, spec.project)
         metrics, arrays = _train(spec, rt, where, run_id, plan, view, model, train, rnd)
-        run_eps = RdpTotals()  # this run's events at this node (all rounds alike: one RDP)
-        for h in history:
-            if h.accepted and h.request_id.startswith(f"{run_id}:"):
-                run_eps.add(event_from_dict(h.event))
-        if count is not None:
-            run_eps.add(gaussian_event(float(plan["sigma_count"])))
-        run_eps.add(event)
-        dp = {"node": rt.node_id, "sigma": float(plan["sigma"]) if train else 0.0,
-              "sample_rate": 1.0 / int(plan["steps_epoch"]),
-              "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
-              # the plan's count, charged by this round's task (the coordinator composes it)
-              "sigma_count": float(plan["sigma_count"]) if count is not None else 0.0,
-              "epsilon_count": count.needed_epsilon if count is not None else 0.0,
-              "delta": spec.delta, "epsilon_round_planned": planned,
-              "epsilon_run": run_eps.epsilon(spec.delta),
-              "epsilon_available": float(plan["epsilon_available"]),
-              "history": json.dumps(dp_history),
-              "epsilon_round": outcome.needed_epsilon,
-              "epsilon_spent": outcome.spent_epsilon,
-              "epsilon_remaining": outcome.remaining_epsilon}
-        releases.put(request_id, arrays, metrics, dp)
+        dp.update(_round_spend(spec, plan, run_id, history, event, count, outcome))
+        keep_round(releases, request_id, arrays, metrics, dp)
         audit("train_released", epsilon=outcome.needed_epsilon,
               epsilon_spent=outcome.spent_epsilon, sigma=dp["sigma"],
               sample_rate=dp["sample_rate"], steps=dp["steps"], sigma_eval=dp["sigma_eval"])
@@ -379,6 +329,45 @@ def train_round(msg: Any, context: Any) -> Any:
         raise
     finally:
         guard.audit.close()
+
+
+def _round_event(spec: TrainSpec, plan: dict[str, Any], train: bool, node_id: str
+                 ) -> tuple[Any, dict[str, Any]]:
+    """The round's DP event from the run's plan alone (known before any data is read), and
+    the release's DP facts it fixes."""
+    sigma_eval = float(plan["sigma_eval"] if train else plan["sigma_final"])
+    dp_history = [(float(plan["sigma"]), 1.0 / int(plan["steps_epoch"]),
+                   int(plan["steps_epoch"]) * spec.epochs)] if train else []
+    event = dpa.ComposedDpEvent([opacus_event(dp_history), gaussian_event(sigma_eval)]
+                                if train else [gaussian_event(sigma_eval)])
+    return event, {
+        "node": node_id, "sigma": float(plan["sigma"]) if train else 0.0,
+        "sample_rate": 1.0 / int(plan["steps_epoch"]),
+        "steps": int(sum(h[2] for h in dp_history)), "sigma_eval": sigma_eval,
+        "delta": spec.delta,
+        "epsilon_round_planned": RdpTotals().plus(event).epsilon(spec.delta),
+        "epsilon_available": float(plan["epsilon_available"]),
+        "history": json.dumps(dp_history)}
+
+
+def _round_spend(spec: TrainSpec, plan: dict[str, Any], run_id: str, history: list[Any],
+                 event: Any, count: Any, outcome: Any) -> dict[str, Any]:
+    """What the round cost at this node: its charge, the run's ε so far (all rounds alike:
+    one RDP) and the plan's count, charged by this round's task (the coordinator composes
+    it)."""
+    run_eps = RdpTotals()
+    for h in history:
+        if h.accepted and h.request_id.startswith(f"{run_id}:"):
+            run_eps.add(event_from_dict(h.event))
+    if count is not None:
+        run_eps.add(gaussian_event(float(plan["sigma_count"])))
+    run_eps.add(event)
+    return {"sigma_count": float(plan["sigma_count"]) if count is not None else 0.0,
+            "epsilon_count": count.needed_epsilon if count is not None else 0.0,
+            "epsilon_run": run_eps.epsilon(spec.delta),
+            "epsilon_round": outcome.needed_epsilon,
+            "epsilon_spent": outcome.spent_epsilon,
+            "epsilon_remaining": outcome.remaining_epsilon}
 
 
 def _reply(msg: Any, arrays: dict[str, np.ndarray], metrics: dict, dp: dict) -> Any:
@@ -450,7 +439,7 @@ def _read_view(spec: TrainSpec, rt: NodeRuntime, where: dict[str, str], run_id: 
     return view
 
 
-def _run_plan(spec: TrainSpec, rt: NodeRuntime, guard: PrivacyGuard, releases: Releases,
+def _run_plan(spec: TrainSpec, rt: NodeRuntime, guard: PrivacyGuard, releases: ReleaseStore,
               run_id: str, history: list[Any], cap: float, where: dict[str, str], audit: Any,
               charged: list[str]
               ) -> tuple[dict[str, Any], View | None, ChargeResult | None]:

@@ -25,6 +25,7 @@ class HubSession:
                                               "_xsrf": xsrf})
         if r.status_code != 302 or "jupyterhub-session-id" not in self.http.cookies:
             raise RuntimeError(f"login of {user} failed: HTTP {r.status_code}")
+        self.landing = r.headers["location"]  # where the hub sends them after login
 
     def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"X-XSRFToken": self.http.cookies.get("_xsrf", "")}

@@ -26,7 +26,7 @@ import pytest
 
 from enclave import BulleError, connect
 from enclave._demo import NODES
-from tests._federation import DATA
+from tests._federation import DATA, wait_for
 from tests._hub import HubSession, run_in_kernel, start_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,16 +203,37 @@ def test_token_and_scope_matrix(enclave: Enclave) -> None:
     assert "custom:bulle:query" in scopes and "custom:bulle:approve" not in scopes
 
 
+def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
+        enclave: Enclave) -> None:
+    """Issue 14: after login the board and operators land on the board, admins on the hub's
+    admin page, researchers on their notebook server; nobody else gets a server started."""
+    expected = {"demo-board": "/services/bulle/board/", "demo-operator": "/services/bulle/board/",
+                "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
+    admin = enclave.session("demo-admin")
+    for user, page in expected.items():
+        s = HubSession(enclave.hub_url, user, enclave.passwords[user])
+        try:
+            assert s.landing.split("?")[0] in (page, "/hub/spawn"), (user, s.landing)
+            if user != "demo-researcher":
+                r = s.http.get(s.landing)
+                assert r.status_code in (200, 302), (user, r.status_code)
+                assert not r.headers.get("location", "").startswith("/hub/spawn")
+        finally:
+            s.close()
+    for user in ("demo-board", "demo-operator", "demo-admin"):
+        servers = admin.api("GET", f"/users/{user}").json().get("servers", {})
+        assert servers == {}, (user, servers)
+
+
 def test_expired_revoked_and_narrowed_tokens(enclave: Enclave) -> None:
     s = enclave.session("demo-researcher")
     expiring, _ = s.token(expires_in=1)
-    time.sleep(2.5)
-    assert _call(enclave, "GET", "/v1/catalog", expiring).status_code == 401
+    wait_for(lambda: _call(enclave, "GET", "/v1/catalog", expiring).status_code == 401, 30)
     token, token_id = s.token()
     assert _call(enclave, "GET", "/v1/catalog", token).status_code == 200
     s.revoke(token_id)
-    time.sleep(5.5)  # the coordinator trusts an identity for cache_s = 5 s in the demo
-    assert _call(enclave, "GET", "/v1/catalog", token).status_code == 401
+    # the coordinator trusts an identity for cache_s = 5 s in the demo: refused after that
+    wait_for(lambda: _call(enclave, "GET", "/v1/catalog", token).status_code == 401, 30)
     # A token narrowed to less than the user holds: known, but not allowed.
     narrow, _ = s.token(scopes=["read:users:name!user"])
     r = _call(enclave, "GET", "/v1/catalog", narrow)
@@ -277,11 +298,11 @@ def test_project_lifecycle_isolation_and_board_cli(enclave: Enclave) -> None:
     other.submit_project("other-short", "Short", "expires fast", ["student_assessment"], 1.0)
     assert bulle("board", "approve", "other-short", "--days", "0.00005", state=enclave.state,
                  env=board_env).returncode == 0
-    time.sleep(5)
+    wait_for(lambda: other.projects().set_index("name").loc["other-short", "status"]
+             == "expired", 60)
     with pytest.raises(BulleError) as err:
         other.sql("SELECT COUNT(*) AS n FROM ips_colleges", project="other-short")
     assert err.value.code == "forbidden"
-    assert other.projects().set_index("name").loc["other-short", "status"] == "expired"
 
 
 def test_example_notebooks_run_headless(enclave: Enclave) -> None:
@@ -329,19 +350,26 @@ def _uid(pid: int) -> int:
 
 
 _PROBE = """
-import json, os, pwd
+import json, os, pwd, socket
 def opened(path, folder):
     try:
         os.listdir(path) if folder else open(path, "rb").close()
         return "ok"
     except Exception as e:
         return type(e).__name__
-files, folders, public = json.loads({args!r})
+def connect(path):
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+        return "ok"
+    except Exception as e:
+        return type(e).__name__
+files, folders, public, broker = json.loads({args!r})
 print(json.dumps({{"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name,
                   "groups": os.getgroups(), "home": os.environ["HOME"],
                   "opened": {{**{{p: opened(p, False) for p in files}},
                              **{{p: opened(p, True) for p in folders}}}},
-                  "public": opened(public, False)}}))
+                  "public": opened(public, False), "broker": connect(broker)}}))
 """
 
 
@@ -359,14 +387,17 @@ def test_processes_run_as_least_privileged_users_and_notebooks_read_no_secret(
     assert {_uid(pids[n]) for n in NODES} == {node.pw_uid}
     assert _uid(pids["coordinator"]) == _uid(pids["superlink"]) == coord.pw_uid
     assert _uid(int((state / "hub" / "proxy.pid").read_text())) == coord.pw_uid
-    assert _uid(pids["hub"]) == 0  # it creates accounts and starts servers as them
+    assert _uid(pids["hub"]) == coord.pw_uid  # the hub is not root ...
+    assert _uid(pids["spawnbroker"]) == 0  # ... the broker is, and answers only the hub
     assert "as bulle-node" in enclave.info["processes"]
+    sock = state / "spawner" / "spawn.sock"
+    assert sock.stat().st_uid == coord.pw_uid and sock.stat().st_mode & 0o777 == 0o600
 
     user = "other-researcher"
     token = enclave.token(user)
     start_server(enclave.hub_url, user, token)
     person = pwd.getpwnam(f"jupyter-{user}")  # created at this first start
-    servers = [p for p in _descendants(pids["hub"]) if _alive(p) and "jupyterhub-singleuser"
+    servers = [p for p in _descendants(pids["spawnbroker"]) if _alive(p) and "jupyterhub-singleuser"
                in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
     assert servers and {_uid(p) for p in servers} == {person.pw_uid}
 
@@ -387,13 +418,14 @@ def test_processes_run_as_least_privileged_users_and_notebooks_read_no_secret(
               *(f"/proc/{pid}/environ" for pid in pids.values())]
     folders = [str(state / d) for d in ("", "nodes", "node-data", "coordinator", "superlink",
                                         "hub", "logs")] + [str(DATA)]
-    args = json.dumps([files, folders, str(state / "certs" / "ca.pem")])
+    args = json.dumps([files, folders, str(state / "certs" / "ca.pem"), str(sock)])
     out = json.loads(run_in_kernel(enclave.hub_url, user, token,
                                    _PROBE.format(args=args)).strip().splitlines()[-1])
     assert out["uid"] == person.pw_uid != 0 and out["user"] == f"jupyter-{user}"
     assert out["home"] == person.pw_dir
     assert not set(out["groups"]) & {0, node.pw_gid, coord.pw_gid}
     assert out["public"] == "ok"  # the probe itself opens what it may
+    assert out["broker"] == "PermissionError"  # no kernel asks the broker for anything
     readable = {p: r for p, r in out["opened"].items() if r != "PermissionError"}
     assert not readable, readable
     assert len(out["opened"]) == len(files) + len(folders)

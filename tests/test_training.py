@@ -370,8 +370,8 @@ def test_budget_exhaustion_stops_at_the_round_that_would_overspend(fed: Training
     assert refused[0].spent_epsilon + refused[0].needed_epsilon > 1.5
     assert accepted[-1].spent_epsilon <= 1.5
     # nothing of it was released: no stored release, no weights, audit says refused
-    db = sqlite3.connect(fed.state("t1") / "training.sqlite")
-    kept = {r[0] for r in db.execute("SELECT request_id FROM training_releases")}
+    db = sqlite3.connect(fed.state("t1") / "releases.sqlite")
+    kept = {r[0] for r in db.execute("SELECT request_id FROM releases WHERE kind = 'training'")}
     db.close()
     assert refused[0].request_id not in kept and {h.request_id for h in accepted} <= kept
     audit = audit_of(fed, "t1", job.id)
@@ -482,8 +482,9 @@ def test_what_the_coordinator_sees_of_one_nodes_update(fed: TrainingFed) -> None
                     epsilon=1.0, project="demo", nodes=["t2"], **TABULAR)
     res = job.result(timeout=180, progress=False)
     node = res.info["rounds"][0]["nodes"]["t2"]
-    db = sqlite3.connect(fed.state("t2") / "training.sqlite")
-    rows = db.execute("SELECT request_id, arrays, created_at FROM training_releases").fetchall()
+    db = sqlite3.connect(fed.state("t2") / "releases.sqlite")
+    rows = db.execute("SELECT request_id, result, created_at FROM releases "
+                      "WHERE kind = 'training'").fetchall()
     db.close()
     import io
 
@@ -606,8 +607,8 @@ def test_a_forged_run_authorisation_trains_nothing(fed: TrainingFed) -> None:
         assert refused and all(e.detail["unauthorised"] for e in refused)
         assert not any(h.request_id.startswith("forged:")
                        for h in fed.ledger(node).history("tamper", "student_assessment"))
-        db = sqlite3.connect(fed.state(node) / "training.sqlite")
-        kept = [r[0] for r in db.execute("SELECT request_id FROM training_releases")]
+        db = sqlite3.connect(fed.state(node) / "releases.sqlite")
+        kept = [r[0] for r in db.execute("SELECT request_id FROM releases WHERE kind = 'training'")]
         db.close()
         assert not any(k.startswith("forged:") for k in kept)
 

@@ -45,12 +45,13 @@ keys, node = trust.keys, trust.node
 
 def released(state: Path) -> dict[str, str]:
     """Request id → when its release was kept."""
-    path = state / "training.sqlite"
+    path = state / "releases.sqlite"
     if not path.exists():
         return {}
     db = sqlite3.connect(path)
     try:
-        return dict(db.execute("SELECT request_id, created_at FROM training_releases"))
+        return dict(db.execute("SELECT request_id, created_at FROM releases "
+                               "WHERE kind = 'training'"))
     finally:
         db.close()
 

@@ -172,6 +172,48 @@ def test_coordinator_signs_the_wire_form(tmp_path: Path) -> None:
     assert again.spec_sha256 == canonical_sha256(raw)
 
 
+def test_a_hanging_superlink_holds_no_jobs_lock(tmp_path: Path) -> None:
+    """Starting a run is a SuperLink call: while it hangs, every other job is still
+    served (status, cancel), because no SuperLink call is made under the jobs lock."""
+    import threading
+    from types import SimpleNamespace
+
+    from federation._training import Trainer, TrainingJob
+
+    started, release = threading.Event(), threading.Event()
+
+    class HangingSuperLink:
+        def StartRun(self, request: Any) -> Any:
+            started.set()
+            release.wait(60)
+            return SimpleNamespace(run_id=7)
+
+        def close(self) -> None:
+            pass
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.jobs, trainer._lock = {}, threading.Lock()
+    trainer._control = HangingSuperLink  # type: ignore[method-assign]
+    spec = TrainSpec.from_dict(wire())
+    other = TrainingJob("other", "alice", "p", {}, spec, ["n1"], tmp_path / "other")
+    job = TrainingJob("new", "alice", "p", {}, spec, ["n1"], tmp_path / "new")
+    trainer.jobs = {"other": other, "new": job}
+    starting = threading.Thread(target=trainer._start, args=(job,), daemon=True)
+    starting.start()
+    assert started.wait(60)
+    seen: list[Any] = []
+    reader = threading.Thread(target=lambda: seen.append(
+        trainer.get("other", SimpleNamespace(name="alice"))), daemon=True)
+    reader.start()
+    reader.join(30)  # under the jobs lock it would wait for the SuperLink (60 s)
+    try:
+        assert not reader.is_alive() and seen == [other] and starting.is_alive()
+    finally:
+        release.set()
+        starting.join(60)
+    assert job.run_id == 7 and job.status == "running"
+
+
 # ------------------------------------------------------- the node's one state folder
 
 

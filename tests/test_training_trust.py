@@ -238,9 +238,10 @@ def test_a_node_refuses_bad_authorisations_and_charges_nothing(node: Path, keys)
         reply, _ = run_round(cfg)
         assert reply.has_error() and reply.error.reason.startswith("unauthorised"), name
     assert charges(node) == []  # nothing charged
-    db = sqlite3.connect(node / "training.sqlite") if (node / "training.sqlite").exists() \
+    db = sqlite3.connect(node / "releases.sqlite") if (node / "releases.sqlite").exists() \
         else None
-    assert db is None or db.execute("SELECT count(*) FROM training_releases").fetchone()[0] == 0
+    assert db is None or db.execute(
+        "SELECT count(*) FROM releases WHERE kind = 'training'").fetchone()[0] == 0
     entries = [e for e in AuditLog(node / "audit.sqlite").entries() if e.seq > before]
     assert [e.action for e in entries] == ["train_refused"] * 4  # audited, nothing else
     assert all(e.detail["unauthorised"] and e.detail["request_id"] == "" for e in entries)
