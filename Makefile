@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-down test lint install stubs bench clean fab-hash
+.PHONY: demo demo-down test test-fast lint install stubs bench clean fab-hash
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo-down:
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The unit tier: parse, plan, compile, merge and the guard rails on plain data (seconds).
+test-fast: install
+	$(PY) -m pytest -q -m unit tests/unit tests/test_architecture.py
 
 lint: install
 	$(PY) -m ruff check .

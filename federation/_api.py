@@ -7,6 +7,7 @@ of them is enough. No token → 401; a token without the scope → 403.
 """
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -129,7 +130,32 @@ def require(who: Caller, endpoint: str) -> None:
 def build_app(coordinator: Coordinator) -> FastAPI:
     app = FastAPI(title="Bulle coordinator", version="0.1.0")
     hub = coordinator.config.hub
-    prefix = hub.prefix if hub else None
+    _add_plumbing(app, hub.prefix if hub else None)
+
+    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
+        return caller_from(coordinator, bearer(authorization))
+
+    Who = Annotated[Caller, Depends(caller)]
+
+    def as_researcher(who: Caller, endpoint: str) -> Researcher:
+        require(who, endpoint)
+        return coordinator.researcher_for(who)
+
+    _add_query_routes(app, coordinator, Who, as_researcher)
+    _add_project_routes(app, coordinator, Who)
+    _add_board_routes(app, coordinator, Who)
+
+    from federation._training import training_router
+
+    app.include_router(training_router(
+        coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
+    add_dashboard(app, coordinator)
+    add_catalog_page(app, coordinator)
+    return app
+
+
+def _add_plumbing(app: FastAPI, prefix: str | None) -> None:
+    """The hub prefix middleware and the JSON error handlers."""
 
     @app.middleware("http")
     async def _hub_prefix(request: Request, call_next: Any) -> Response:
@@ -148,15 +174,10 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         return JSONResponse({"error": {"code": code, "message": str(e)}},
                             status_code=e.status)
 
-    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
-        return caller_from(coordinator, bearer(authorization))
 
-    Who = Annotated[Caller, Depends(caller)]
-
-    def as_researcher(who: Caller, endpoint: str) -> Researcher:
-        require(who, endpoint)
-        return coordinator.researcher_for(who)
-
+def _add_query_routes(app: FastAPI, coordinator: Coordinator, Who: Any,
+                      as_researcher: Callable[[Caller, str], Researcher]) -> None:
+    """Health, catalogue, queries, dummy tables, prices and the budget."""
     @app.get(f"{_V}/health")
     def health() -> dict[str, Any]:
         return {"status": "ok"}
@@ -222,7 +243,9 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         record.done.wait(min(max(wait_s, 0.0), 600.0))
         return record.to_json()
 
-    # -- projects ---------------------------------------------------------------------------
+
+def _add_project_routes(app: FastAPI, coordinator: Coordinator, Who: Any) -> None:
+    """Projects: list, submit, read, decide."""
     registry = coordinator.projects.registry
 
     @app.get(f"{_V}/projects")
@@ -259,7 +282,9 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         require(who, "POST /v1/projects/{name}/decision")
         return decide_project(coordinator, who, name, body).to_json()
 
-    # -- the board: summary, export, audit -------------------------------------------------
+
+def _add_board_routes(app: FastAPI, coordinator: Coordinator, Who: Any) -> None:
+    """The board's summary and export, and the audit log."""
     @app.get(f"{_V}/board/summary")
     def board_summary(who: Who) -> dict[str, Any]:
         require(who, "GET /v1/board/summary")
@@ -282,14 +307,6 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     def audit_verify(who: Who) -> dict[str, Any]:
         require(who, "GET /v1/audit/verify")
         return summary(coordinator, audit_only=True)
-
-    from federation._training import training_router
-
-    app.include_router(training_router(
-        coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
-    add_dashboard(app, coordinator)
-    add_catalog_page(app, coordinator)
-    return app
 
 
 def decide_project(coordinator: Coordinator, who: Caller, name: str, body: DecisionIn) -> Any:

@@ -392,12 +392,21 @@ def forbidden(who: Caller, why: str) -> HTMLResponse:
                         f"{escape(why)}.</p>", status_code=403)
 
 
-def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
-    hub = coordinator.hub
+def _forbidden_board(who: Caller) -> HTMLResponse:
+    return forbidden(who, f"this page is for the ethics board ({SCOPE_APPROVE} or "
+                          f"{SCOPE_AUDIT})")
 
-    def forbidden_board(who: Caller) -> HTMLResponse:
-        return forbidden(who, f"this page is for the ethics board ({SCOPE_APPROVE} or "
-                              f"{SCOPE_AUDIT})")
+
+def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
+    """The board's pages (/board/…), its decision form, logout and the hub login callback."""
+    _add_board_pages(app, coordinator)
+    _add_board_decide(app, coordinator)
+    _add_session_routes(app, coordinator)
+
+
+def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
+    hub = coordinator.hub
+    forbidden_board = _forbidden_board
 
     @app.get("/board")
     def board_root() -> RedirectResponse:
@@ -427,32 +436,50 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
                                            + "|".join(_EXPORT_COLUMNS)}}, 400)
         return export(coordinator, format, table)
 
+
+
+def _optional_float(form: dict[str, str], key: str) -> float | None:
+    return float(form[key]) if form.get(key) else None
+
+
+def _decision_from_form(form: dict[str, str]) -> Any:
+    """The board form's fields as the API's decision body (ValueError when invalid)."""
+    from federation._api import DecisionIn
+
+    datasets = [d.strip() for d in form["datasets"].split(",") if d.strip()] \
+        if form.get("datasets") else None
+    return DecisionIn(decision=form.get("decision", ""), reason=form.get("reason", ""),
+                      epsilon=_optional_float(form, "epsilon"),
+                      delta=_optional_float(form, "delta"),
+                      days=_optional_float(form, "days"), datasets=datasets)
+
+
+def _add_board_decide(app: FastAPI, coordinator: Coordinator) -> None:
+    hub = coordinator.hub
+
     @app.post("/board/decide")
     async def board_decide(request: Request) -> Response:
-        from federation._api import DecisionIn, decide_project
+        from federation._api import decide_project
 
         who, sid = page_caller(coordinator, request)
         if who is None:
             return login(coordinator, request)
         if not who.can(SCOPE_APPROVE):
-            return forbidden_board(who)
+            return _forbidden_board(who)
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         if hub is None or sid is None or not hub.check_csrf(sid, form.get("csrf", "")):
             return HTMLResponse("<p>Form expired: reload the page.</p>", status_code=403)
         name = form.get("project", "")
         try:
-            body = DecisionIn(
-                decision=form.get("decision", ""), reason=form.get("reason", ""),
-                epsilon=float(form["epsilon"]) if form.get("epsilon") else None,
-                delta=float(form["delta"]) if form.get("delta") else None,
-                days=float(form["days"]) if form.get("days") else None,
-                datasets=[d.strip() for d in form["datasets"].split(",") if d.strip()]
-                if form.get("datasets") else None)
-            p = decide_project(coordinator, who, name, body)
+            p = decide_project(coordinator, who, name, _decision_from_form(form))
             msg = f"{name}: {p.effective_status}"
         except (RegistryError, ValueError) as e:
             msg = f"{name}: not decided: {str(e)[:200]}"
         return RedirectResponse(f"./?msg={quote(msg)}", status_code=303)
+
+
+def _add_session_routes(app: FastAPI, coordinator: Coordinator) -> None:
+    hub = coordinator.hub
 
     @app.get("/board/logout")
     def logout(request: Request) -> Response:

@@ -14,7 +14,7 @@ from sqlglot import exp
 
 from federation._planner import MERGE_FN, FederatedPlan, M, merged_form
 from federation._precision import noise_interval
-from federation._tree import Agg, Call, Col, Expr, Lit, contains_agg, to_proto
+from federation._tree import Agg, Call, Col, Expr, Lit, OutputRef, contains_agg, to_proto
 from federation.proto import bulle_pb2 as pb
 from federation.proto.ops import to_sql
 
@@ -260,8 +260,7 @@ def _merge_aggregates(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.
     cols = [f"{_sql(e)} AS {_q(name)}" for name, e in items.items()]
     order = []
     for i, o in enumerate(q.order_by):
-        e = items[o.expr.name] if isinstance(o.expr, Col) and o.expr.table == "" \
-            else final(o.expr)
+        e = items[o.expr.name] if isinstance(o.expr, OutputRef) else final(o.expr)
         cols.append(f"{_sql(e)} AS __o{i}")
         order.append(f"__o{i} {'DESC' if o.descending else 'ASC'} NULLS LAST")
     # DP releases keep the merged partials (and a row id) for the interval bootstrap;
@@ -348,7 +347,7 @@ def _merge_in_arrow(fp: FederatedPlan, table: pa.Table, round_to: int
     names = [i.name for i in q.items]
     order = []
     for o in q.order_by:
-        if isinstance(o.expr, Col) and o.expr.table == "" and o.expr.name in names:
+        if isinstance(o.expr, OutputRef) and o.expr.name in names:
             name = o.expr.name
         else:
             name = next((i.name for i in q.items if i.expr == o.expr), None)

@@ -109,7 +109,7 @@ class Project:
     def effective_status(self) -> str:
         """``expired`` once an approved project's grant has passed its date."""
         if self.status == "approved" and self.expires_at and \
-                datetime.fromisoformat(self.expires_at) <= datetime.now(UTC):
+                datetime.fromisoformat(self.expires_at) <= _now():
             return "expired"
         return self.status
 
@@ -129,6 +129,7 @@ class Project:
 
 
 def _now() -> datetime:
+    """The registry's clock (one place: tests move it instead of sleeping)."""
     return datetime.now(UTC)
 
 

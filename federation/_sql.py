@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -22,6 +24,7 @@ from federation._tree import (
     JoinClause,
     Lit,
     OrderItem,
+    OutputRef,
     Query,
     SelectItem,
     TableRef,
@@ -95,6 +98,33 @@ def parse(sql: str, schema: Schema) -> Query:
     return _Binder(schema).query(statements[0])
 
 
+_CLAUSES = (("distinct", "SELECT DISTINCT (use GROUP BY)"), ("qualify", "QUALIFY"),
+            ("windows", "WINDOW clauses"), ("laterals", "LATERAL"), ("offset", "OFFSET"),
+            ("into", "SELECT INTO"), ("locks", "locking clauses"))
+
+
+def _check_statement(stmt: exp.Expression) -> None:
+    """Refuse anything but one plain SELECT (no set operation, CTE, window, subquery…)."""
+    if isinstance(stmt, (exp.Union, exp.Intersect, exp.Except)):
+        raise _refuse("set operations (UNION, INTERSECT, EXCEPT) are not allowed: "
+                      "they can return rows; combine aggregates in one query instead")
+    if not isinstance(stmt, exp.Select):
+        kind = stmt.key.upper() if hasattr(stmt, "key") else type(stmt).__name__
+        if isinstance(stmt, exp.Command):
+            kind = str(stmt.this).upper()
+        raise _refuse(f"{kind} statements are not allowed: only one aggregate SELECT")
+    if stmt.args.get("with_") or stmt.args.get("with"):
+        raise _refuse("WITH (common table expressions) is not supported: write one SELECT")
+    for key, what in _CLAUSES:
+        if stmt.args.get(key):
+            raise _refuse(f"{what} is not allowed")
+    if stmt.find(exp.Window):
+        raise _refuse("window functions are not allowed: they compute over rows")
+    if any(isinstance(s, (exp.Subquery, exp.Select)) for s in stmt.find_all(exp.Query)
+           if s is not stmt):
+        raise _refuse("subqueries are not allowed: write one SELECT over catalogue tables")
+
+
 class _Binder:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
@@ -102,28 +132,7 @@ class _Binder:
 
     # -- statement --------------------------------------------------------------------
     def query(self, stmt: exp.Expression) -> Query:
-        if isinstance(stmt, (exp.Union, exp.Intersect, exp.Except)):
-            raise _refuse("set operations (UNION, INTERSECT, EXCEPT) are not allowed: "
-                          "they can return rows; combine aggregates in one query instead")
-        if not isinstance(stmt, exp.Select):
-            kind = stmt.key.upper() if hasattr(stmt, "key") else type(stmt).__name__
-            if isinstance(stmt, exp.Command):
-                kind = str(stmt.this).upper()
-            raise _refuse(f"{kind} statements are not allowed: only one aggregate SELECT")
-        for key in ("with_", "with"):
-            if stmt.args.get(key):
-                raise _refuse("WITH (common table expressions) is not supported: write one SELECT")
-        for key, what in (("distinct", "SELECT DISTINCT (use GROUP BY)"),
-                          ("qualify", "QUALIFY"), ("windows", "WINDOW clauses"),
-                          ("laterals", "LATERAL"), ("offset", "OFFSET"),
-                          ("into", "SELECT INTO"), ("locks", "locking clauses")):
-            if stmt.args.get(key):
-                raise _refuse(f"{what} is not allowed")
-        if stmt.find(exp.Window):
-            raise _refuse("window functions are not allowed: they compute over rows")
-        if any(isinstance(s, (exp.Subquery, exp.Select)) for s in stmt.find_all(exp.Query)
-               if s is not stmt):
-            raise _refuse("subqueries are not allowed: write one SELECT over catalogue tables")
+        _check_statement(stmt)
         from_ = stmt.args.get("from_") or stmt.args.get("from")
         if from_ is None:
             raise _refuse("a query must read a catalogue table (FROM is missing)")
@@ -143,11 +152,8 @@ class _Binder:
                 self.check_grouped(item.expr, group_by, f"column {item.name!r}")
             for extra in ([having] if having else []) + [o.expr for o in order_by]:
                 self.check_grouped(extra, group_by, "HAVING/ORDER BY")
-        elif q.order_by:
-            names = {Col("", i.name) for i in items}
-            for o in q.order_by:
-                if o.expr not in names:
-                    raise _refuse("ORDER BY of a row query must name a selected column")
+        elif any(not isinstance(o.expr, OutputRef) for o in q.order_by):
+            raise _refuse("ORDER BY of a row query must name a selected column")
         return q
 
     def table(self, node: exp.Expression) -> TableRef:
@@ -238,23 +244,23 @@ class _Binder:
         return tuple(out)
 
     def item_ref(self, e: exp.Expression, items: tuple[SelectItem, ...], *, allow_agg: bool,
-                 as_name: bool = False) -> Expr:
+                 as_name: bool = False) -> Expr | OutputRef:
         """GROUP BY / ORDER BY term: an ordinal, an output alias or an expression."""
         if isinstance(e, exp.Literal) and not e.is_string:
             pos = int(e.this)
             if not 1 <= pos <= len(items):
                 raise _refuse(f"position {pos} is not in the select list")
-            return Col("", items[pos - 1].name) if as_name else items[pos - 1].expr
+            return OutputRef(items[pos - 1].name) if as_name else items[pos - 1].expr
         if isinstance(e, exp.Column) and not e.table:
             item = next((i for i in items if i.name == e.name), None)
             resolvable = any(e.name in self.schema[t] for t in self.scope.values())
             if item is not None and (as_name or not resolvable or item.expr != self._try(e)):
-                return Col("", item.name) if as_name else item.expr
+                return OutputRef(item.name) if as_name else item.expr
         tree = self.expr(e, allow_agg=allow_agg)
         if as_name:
             match = next((i for i in items if i.expr == tree), None)
             if match is not None:
-                return Col("", match.name)
+                return OutputRef(match.name)
         return tree
 
     def _try(self, e: exp.Expression) -> Expr | None:
@@ -272,8 +278,9 @@ class _Binder:
             raise _refuse("LIMIT takes a non-negative integer")
         return int(value.this)
 
-    def check_grouped(self, e: Expr, group_by: tuple[Expr, ...], where: str) -> None:
-        if e in group_by or isinstance(e, (Agg, Lit)) or (isinstance(e, Col) and e.table == ""):
+    def check_grouped(self, e: Expr | OutputRef, group_by: tuple[Expr, ...], where: str
+                      ) -> None:
+        if e in group_by or isinstance(e, (Agg, Lit, OutputRef)):
             return
         if isinstance(e, Call):
             for a in e.args:
@@ -310,99 +317,16 @@ class _Binder:
 
     def _expr(self, e: exp.Expression, allow_agg: bool, in_agg: bool) -> Expr:
         rec = lambda x: self._expr(x, allow_agg, in_agg)  # noqa: E731
-        if isinstance(e, exp.Paren):
-            return rec(e.this)
-        if isinstance(e, exp.Column):
-            if isinstance(e.this, exp.Star):
-                raise _refuse("* is only allowed as SELECT * on open tables or in COUNT(*)")
-            return self.column(e)
-        if isinstance(e, exp.Literal):
-            if e.is_string:
-                return Lit(e.this)
-            text = e.this
-            try:
-                return Lit(int(text)) if text.lstrip("-").isdigit() else Lit(float(text))
-            except ValueError:
-                raise _refuse("malformed number") from None
-        if isinstance(e, exp.Boolean):
-            return Lit(bool(e.this))
-        if isinstance(e, exp.Null):
-            return Lit(None)
-        if type(e) in _BINARY:
-            return Call(_BINARY[type(e)], (rec(e.this), rec(e.expression)))
-        if isinstance(e, exp.Not):
-            return Call("not", (rec(e.this),))
-        if isinstance(e, exp.Neg):
-            inner = rec(e.this)
-            if isinstance(inner, Lit) and isinstance(inner.value, (int, float)) \
-                    and not isinstance(inner.value, bool):
-                return Lit(-inner.value)
-            return Call("neg", (inner,))
-        if isinstance(e, exp.Is):
-            if not isinstance(e.expression, exp.Null):
-                raise _refuse("IS is only allowed with NULL")
-            return Call("is_null", (rec(e.this),))
-        if isinstance(e, exp.In):
-            if e.args.get("query") or e.args.get("unnest"):
-                raise _refuse("subqueries are not allowed in IN: list constants")
-            values = tuple(rec(v) for v in e.expressions)
-            if not values or not all(isinstance(v, Lit) for v in values):
-                raise _refuse("IN takes a list of constants")
-            return Call("in", (rec(e.this), *values))
-        if isinstance(e, exp.Between):
-            return Call("between", (rec(e.this), rec(e.args["low"]), rec(e.args["high"])))
-        if isinstance(e, exp.Case):
-            subject = rec(e.this) if e.this is not None else None
-            args: list[Expr] = []
-            for branch in e.args.get("ifs") or []:
-                cond = rec(branch.this)
-                if subject is not None:
-                    cond = Call("eq", (subject, cond))
-                args += [cond, rec(branch.args["true"])]
-            if e.args.get("default") is not None:
-                args.append(rec(e.args["default"]))
-            return Call("case", tuple(args))
-        if isinstance(e, exp.If):
-            args = [rec(e.this), rec(e.args["true"])]
-            if e.args.get("false") is not None:
-                args.append(rec(e.args["false"]))
-            return Call("case", tuple(args))
-        if isinstance(e, (exp.Cast, exp.TryCast)):
-            target = e.to.this.name if hasattr(e.to.this, "name") else str(e.to.this)
-            mapped = _CASTS.get(str(target).upper())
-            if mapped is None:
-                raise _refuse(f"CAST to {target} is not supported "
-                              f"(use one of {', '.join(sorted(set(_CASTS.values())))})")
-            return Call("cast", (rec(e.this), Lit(mapped)))
-        if type(e) in _AGGS:
+        kind = type(e)
+        if kind in _BINARY:
+            return Call(_BINARY[kind], (rec(e.this), rec(e.expression)))
+        if kind in _AGGS:
             return self.aggregate(e, allow_agg, in_agg)
-        if type(e) in _FUNCS:
-            op, slots = _FUNCS[type(e)]
-            args = []
-            for slot in slots:
-                value = e.args.get(slot)
-                if value is None:
-                    continue
-                args.extend(rec(v) for v in (value if isinstance(value, list) else [value]))
-            if isinstance(e, exp.Trim) and (e.args.get("expression") or e.args.get("position")):
-                raise _refuse("TRIM takes one argument here")
-            return Call(op, tuple(args))
-        if isinstance(e, exp.Anonymous):
-            name = str(e.this).lower()
-            if name in _ANONYMOUS:
-                return Call(_ANONYMOUS[name], tuple(rec(a) for a in e.expressions))
-            raise _refuse(_function_message(name))
-        if isinstance(e, exp.Func):
-            name = (e.sql_name() if hasattr(e, "sql_name") else e.key).lower()
-            if name in ("median", "quantile", "quantile_cont", "quantile_disc", "percentile_cont",
-                        "approx_quantile", "mode"):
-                raise _refuse(f"{name.upper()} is not mergeable across nodes as an exact "
-                              "aggregate; DP quantiles come with the sensitive tier")
-            raise _refuse(_function_message(name))
-        if isinstance(e, (exp.Subquery, exp.Select, exp.Exists)):
-            raise _refuse("subqueries are not allowed")
-        if isinstance(e, (exp.Placeholder, exp.Parameter)):
-            raise _refuse("parameters are not supported: inline constants")
+        if kind in _FUNCS:
+            return _function(e, rec)
+        for classes, convert in _CONVERTERS:
+            if isinstance(e, classes):
+                return convert(self, e, rec)
         raise _refuse(f"{type(e).__name__} expressions are not allowed")
 
     def aggregate(self, e: exp.Expression, allow_agg: bool, in_agg: bool) -> Agg:
@@ -423,6 +347,152 @@ class _Binder:
         if e.args.get("expressions"):
             raise _refuse(f"{func.upper()} takes one argument")
         return Agg(func, self._expr(arg, allow_agg=True, in_agg=True))
+
+
+# -- expression converters: one sqlglot node kind each, tried in order by ``_Binder._expr``
+# (``rec`` converts a child with the same aggregate context)
+Rec = Callable[[exp.Expression], Expr]
+
+
+def _paren(b: _Binder, e: exp.Paren, rec: Rec) -> Expr:
+    return rec(e.this)
+
+
+def _column(b: _Binder, e: exp.Column, rec: Rec) -> Expr:
+    if isinstance(e.this, exp.Star):
+        raise _refuse("* is only allowed as SELECT * on open tables or in COUNT(*)")
+    return b.column(e)
+
+
+def _literal(b: _Binder, e: exp.Literal, rec: Rec) -> Expr:
+    if e.is_string:
+        return Lit(e.this)
+    text = e.this
+    try:
+        return Lit(int(text)) if text.lstrip("-").isdigit() else Lit(float(text))
+    except ValueError:
+        raise _refuse("malformed number") from None
+
+
+def _boolean(b: _Binder, e: exp.Boolean, rec: Rec) -> Expr:
+    return Lit(bool(e.this))
+
+
+def _null(b: _Binder, e: exp.Null, rec: Rec) -> Expr:
+    return Lit(None)
+
+
+def _not(b: _Binder, e: exp.Not, rec: Rec) -> Expr:
+    return Call("not", (rec(e.this),))
+
+
+def _neg(b: _Binder, e: exp.Neg, rec: Rec) -> Expr:
+    inner = rec(e.this)
+    if isinstance(inner, Lit) and isinstance(inner.value, (int, float)) \
+            and not isinstance(inner.value, bool):
+        return Lit(-inner.value)
+    return Call("neg", (inner,))
+
+
+def _is(b: _Binder, e: exp.Is, rec: Rec) -> Expr:
+    if not isinstance(e.expression, exp.Null):
+        raise _refuse("IS is only allowed with NULL")
+    return Call("is_null", (rec(e.this),))
+
+
+def _in(b: _Binder, e: exp.In, rec: Rec) -> Expr:
+    if e.args.get("query") or e.args.get("unnest"):
+        raise _refuse("subqueries are not allowed in IN: list constants")
+    values = tuple(rec(v) for v in e.expressions)
+    if not values or not all(isinstance(v, Lit) for v in values):
+        raise _refuse("IN takes a list of constants")
+    return Call("in", (rec(e.this), *values))
+
+
+def _between(b: _Binder, e: exp.Between, rec: Rec) -> Expr:
+    return Call("between", (rec(e.this), rec(e.args["low"]), rec(e.args["high"])))
+
+
+def _case(b: _Binder, e: exp.Case, rec: Rec) -> Expr:
+    subject = rec(e.this) if e.this is not None else None
+    args: list[Expr] = []
+    for branch in e.args.get("ifs") or []:
+        cond = rec(branch.this)
+        if subject is not None:
+            cond = Call("eq", (subject, cond))
+        args += [cond, rec(branch.args["true"])]
+    if e.args.get("default") is not None:
+        args.append(rec(e.args["default"]))
+    return Call("case", tuple(args))
+
+
+def _if(b: _Binder, e: exp.If, rec: Rec) -> Expr:
+    args = [rec(e.this), rec(e.args["true"])]
+    if e.args.get("false") is not None:
+        args.append(rec(e.args["false"]))
+    return Call("case", tuple(args))
+
+
+def _cast(b: _Binder, e: exp.Cast, rec: Rec) -> Expr:
+    target = e.to.this.name if hasattr(e.to.this, "name") else str(e.to.this)
+    mapped = _CASTS.get(str(target).upper())
+    if mapped is None:
+        raise _refuse(f"CAST to {target} is not supported "
+                      f"(use one of {', '.join(sorted(set(_CASTS.values())))})")
+    return Call("cast", (rec(e.this), Lit(mapped)))
+
+
+def _function(e: exp.Expression, rec: Rec) -> Expr:
+    op, slots = _FUNCS[type(e)]
+    args: list[Expr] = []
+    for slot in slots:
+        value = e.args.get(slot)
+        if value is None:
+            continue
+        args.extend(rec(v) for v in (value if isinstance(value, list) else [value]))
+    if isinstance(e, exp.Trim) and (e.args.get("expression") or e.args.get("position")):
+        raise _refuse("TRIM takes one argument here")
+    return Call(op, tuple(args))
+
+
+def _anonymous(b: _Binder, e: exp.Anonymous, rec: Rec) -> Expr:
+    name = str(e.this).lower()
+    if name in _ANONYMOUS:
+        return Call(_ANONYMOUS[name], tuple(rec(a) for a in e.expressions))
+    raise _refuse(_function_message(name))
+
+
+_QUANTILES = ("median", "quantile", "quantile_cont", "quantile_disc", "percentile_cont",
+              "approx_quantile", "mode")
+
+
+def _other_function(b: _Binder, e: exp.Func, rec: Rec) -> Expr:
+    name = (e.sql_name() if hasattr(e, "sql_name") else e.key).lower()
+    if name in _QUANTILES:
+        raise _refuse(f"{name.upper()} is not mergeable across nodes as an exact "
+                      "aggregate; DP quantiles come with the sensitive tier")
+    raise _refuse(_function_message(name))
+
+
+def _subquery(b: _Binder, e: exp.Expression, rec: Rec) -> Expr:
+    raise _refuse("subqueries are not allowed")
+
+
+def _parameter(b: _Binder, e: exp.Expression, rec: Rec) -> Expr:
+    raise _refuse("parameters are not supported: inline constants")
+
+
+# In order: the first whose classes match converts (exp.If, exp.Cast and exp.Anonymous
+# are exp.Func subclasses, so they come before it).
+_CONVERTERS: tuple[tuple[type[exp.Expression] | tuple[type[exp.Expression], ...],
+                         Callable[[_Binder, Any, Rec], Expr]], ...] = (
+    (exp.Paren, _paren), (exp.Column, _column), (exp.Literal, _literal),
+    (exp.Boolean, _boolean), (exp.Null, _null), (exp.Not, _not), (exp.Neg, _neg),
+    (exp.Is, _is), (exp.In, _in), (exp.Between, _between), (exp.Case, _case),
+    (exp.If, _if), ((exp.Cast, exp.TryCast), _cast), (exp.Anonymous, _anonymous),
+    (exp.Func, _other_function), ((exp.Subquery, exp.Select, exp.Exists), _subquery),
+    ((exp.Placeholder, exp.Parameter), _parameter),
+)
 
 
 def _function_message(name: str) -> str:

@@ -39,6 +39,14 @@ Expr = Union[Col, Lit, Call, Agg]  # noqa: UP007 (recursive alias needs Union at
 
 
 @dataclass(frozen=True)
+class OutputRef:
+    """An ORDER BY term naming an output column of the select list (by alias or position):
+    ordered on the released value, never sent to a node as an expression."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class TableRef:
     table: str
     alias: str
@@ -59,7 +67,7 @@ class SelectItem:
 
 @dataclass(frozen=True)
 class OrderItem:
-    expr: Expr
+    expr: Expr | OutputRef
     descending: bool
 
 

@@ -88,22 +88,26 @@ def _check_name(kind: str, name: str) -> None:
         raise PlanRefused(f"invalid {kind} name in plan")
 
 
-def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) -> CompiledPlan:
-    aliases: dict[str, TableMeta] = {}
+class _Scope:
+    """The plan's tables by alias, and expression compilation against them."""
 
-    def add_table(ref: pb.TableRef) -> exp.Expression:
-        meta = catalog.get(ref.table)
+    def __init__(self, catalog: dict[str, TableMeta]) -> None:
+        self.catalog = catalog
+        self.aliases: dict[str, TableMeta] = {}
+
+    def add_table(self, ref: pb.TableRef) -> exp.Expression:
+        meta = self.catalog.get(ref.table)
         if meta is None:
             raise PlanRefused(f"table {ref.table[:64]!r} is not published by this node")
         alias = ref.alias or ref.table
         _check_name("alias", alias)
-        if alias in aliases:
+        if alias in self.aliases:
             raise PlanRefused(f"alias {alias!r} used twice")
-        aliases[alias] = meta
+        self.aliases[alias] = meta
         return exp.Table(this=_ident(meta.name), alias=exp.TableAlias(this=_ident(alias)))
 
-    def resolve(table: str, column: str) -> exp.Expression:
-        meta = aliases.get(table)
+    def resolve(self, table: str, column: str) -> exp.Expression:
+        meta = self.aliases.get(table)
         if meta is None:
             raise ExprError("column refers to an unknown table alias")
         if column not in meta.columns:
@@ -111,85 +115,105 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
         # typed: comparisons of same-typed operands then compile without TRY (ops.py)
         return typed_column(table, column, meta.columns[column])
 
-    def compile_expr(e: pb.Expr, condition: bool = False) -> exp.Expression:
+    def compile_expr(self, e: pb.Expr, condition: bool = False) -> exp.Expression:
         try:
-            return to_sql(e, resolve, condition=condition)
+            return to_sql(e, self.resolve, condition=condition)
         except ExprError as err:
             raise PlanRefused(str(err)) from None
 
+    @property
+    def tier(self) -> str:
+        return max((m.tier for m in self.aliases.values()), key=TIER_RANK.__getitem__)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(sorted({m.name for m in self.aliases.values()}))
+
+
+def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) -> CompiledPlan:
+    scope = _Scope(catalog)
+    query = _compile_source(plan, scope)
+    tier = scope.tier
+    if tier == "sensitive":
+        try:
+            return _compile_dp(plan, query, scope)
+        except DpRefused as e:
+            raise PlanRefused(str(e)) from None
+    if plan.HasField("rows"):
+        return _compile_rows(plan, query, scope, max_rows)
+    return _compile_aggregates(plan, query, scope)
+
+
+def _compile_source(plan: pb.Plan, scope: _Scope) -> exp.Select:
+    """FROM, the joins (checked against the node's rules) and WHERE."""
     if not plan.HasField("source"):
         raise PlanRefused("plan has no source table")
     if len(plan.joins) > MAX_JOINS:
         raise PlanRefused(f"at most {MAX_JOINS} joins per plan")
-    query = exp.select().from_(add_table(plan.source))
-    source_alias = plan.source.alias or plan.source.table
+    query = exp.select().from_(scope.add_table(plan.source))
     for join in plan.joins:
         if join.kind not in ("inner", "left"):
             raise PlanRefused("only inner and left joins are allowed")
-        table_sql = add_table(join.table)
+        table_sql = scope.add_table(join.table)
         alias = join.table.alias or join.table.table
-        _check_join(join.on, alias, aliases)
-        query = query.join(table_sql, on=compile_expr(join.on), join_type=join.kind.upper(),
-                           copy=False)
-    tier = max((m.tier for m in aliases.values()), key=TIER_RANK.__getitem__)
+        _check_join(join.on, alias, scope.aliases)
+        query = query.join(table_sql, on=scope.compile_expr(join.on),
+                           join_type=join.kind.upper(), copy=False)
     if plan.HasField("where"):
-        query = query.where(compile_expr(plan.where, condition=True), copy=False)
-    if tier == "sensitive":
-        try:
-            return _compile_dp(plan, query, aliases, source_alias, compile_expr, resolve)
-        except DpRefused as e:
-            raise PlanRefused(str(e)) from None
-    tables = tuple(sorted({m.name for m in aliases.values()}))
+        query = query.where(scope.compile_expr(plan.where, condition=True), copy=False)
+    return query
+
+
+def _compile_rows(plan: pb.Plan, query: exp.Select, scope: _Scope, max_rows: int
+                  ) -> CompiledPlan:
+    """Row output: open tables only, output columns, ORDER BY output names, a LIMIT."""
+    tier = scope.tier
+    if tier != "open":
+        raise PlanRefused("row-level output is only allowed on open tables; "
+                          f"this plan touches {tier} data")
+    if plan.group_by or plan.aggregates:
+        raise PlanRefused("a row plan has no group keys or aggregates")
+    names = []
+    for col in plan.rows.columns:
+        _check_name("output", col.name)
+        names.append(col.name)
+        query = query.select(exp.alias_(scope.compile_expr(col.expr), _ident(col.name)),
+                             copy=False)
+    if not names:
+        raise PlanRefused("row plan selects no column")
+    for key in plan.rows.order_by:
+        if key.name not in names:
+            raise PlanRefused("ORDER BY must name an output column")
+        query = query.order_by(exp.Ordered(this=exp.column(_ident(key.name)),
+                                           desc=key.descending), copy=False)
+    limit = plan.rows.limit if 0 < plan.rows.limit <= max_rows else max_rows + 1
+    query = query.limit(limit, copy=False)
+    return CompiledPlan(query.sql("duckdb"), tier, scope.tables, True, tuple(names), (), (),
+                        0, 1)
+
+
+def _compile_aggregates(plan: pb.Plan, query: exp.Select, scope: _Scope) -> CompiledPlan:
+    """Grouped partial aggregates on open or restricted data."""
+    aliases = scope.aliases
+    tier = scope.tier
     restricted = [m for m in aliases.values() if m.tier == "restricted"]
     min_count = max((m.min_count for m in restricted), default=0)
     round_to = max((m.round_to for m in restricted), default=1)
-
-    if plan.HasField("rows"):
-        if tier != "open":
-            raise PlanRefused("row-level output is only allowed on open tables; "
-                              f"this plan touches {tier} data")
-        if plan.group_by or plan.aggregates:
-            raise PlanRefused("a row plan has no group keys or aggregates")
-        names = []
-        for col in plan.rows.columns:
-            _check_name("output", col.name)
-            names.append(col.name)
-            query = query.select(exp.alias_(compile_expr(col.expr), _ident(col.name)), copy=False)
-        if not names:
-            raise PlanRefused("row plan selects no column")
-        for key in plan.rows.order_by:
-            if key.name not in names:
-                raise PlanRefused("ORDER BY must name an output column")
-            query = query.order_by(exp.Ordered(this=exp.column(_ident(key.name)),
-                                               desc=key.descending), copy=False)
-        limit = plan.rows.limit if 0 < plan.rows.limit <= max_rows else max_rows + 1
-        query = query.limit(limit, copy=False)
-        return CompiledPlan(query.sql("duckdb"), tier, tables, True, tuple(names), (), (),
-                            0, 1)
-
     if len(plan.group_by) > MAX_GROUP_KEYS or len(plan.aggregates) > MAX_AGGREGATES:
         raise PlanRefused(f"at most {MAX_GROUP_KEYS} group keys and {MAX_AGGREGATES} aggregates")
     keys: list[tuple[str, exp.Expression]] = []
     domains = []
     for key in plan.group_by:
         _check_name("group key", key.name)
-        keys.append((key.name, compile_expr(key.expr)))
+        keys.append((key.name, scope.compile_expr(key.expr)))
         domains.append(_public_domain(key.expr, aliases))
-    aggs: list[tuple[str, int, exp.Expression | None]] = []
-    for agg in plan.aggregates:
-        _check_name("aggregate", agg.name)
-        if agg.kind == pb.COUNT_ROWS:
-            aggs.append((agg.name, agg.kind, None))
-        elif not agg.HasField("arg"):
-            raise PlanRefused("aggregate without argument")
-        else:
-            aggs.append((agg.name, agg.kind, compile_expr(agg.arg)))
+    aggs = [_aggregate_arg(agg, scope) for agg in plan.aggregates]
     group_names = tuple(name for name, _ in keys)
     kinds = tuple((name, kind) for name, kind, _ in aggs)
     if tier == "restricted":
-        sql, noise = _restricted_sql(plan, query, aliases, keys, aggs, resolve)
+        sql, noise = _restricted_sql(plan, query, aliases, keys, aggs, scope.resolve)
         release = _restricted_release(plan, aliases, group_names, tuple(domains), kinds, noise)
-        return CompiledPlan(sql, tier, tables, False, group_names, tuple(domains), kinds,
+        return CompiledPlan(sql, tier, scope.tables, False, group_names, tuple(domains), kinds,
                             release.params.threshold, round_to, restricted=release)
     for i, (name, value) in enumerate(keys):
         query = query.select(exp.alias_(value, _ident(name)), copy=False)
@@ -197,8 +221,19 @@ def compile_plan(plan: pb.Plan, catalog: dict[str, TableMeta], max_rows: int) ->
     for name, kind, arg in aggs:
         value = exp.Count(this=exp.Star()) if arg is None else _aggregate_sql(kind, arg)
         query = query.select(exp.alias_(value, _ident(name)), copy=False)
-    return CompiledPlan(query.sql("duckdb"), tier, tables, False, group_names,
+    return CompiledPlan(query.sql("duckdb"), tier, scope.tables, False, group_names,
                         tuple(domains), kinds, min_count, round_to)
+
+
+def _aggregate_arg(agg: pb.Aggregate, scope: _Scope
+                   ) -> tuple[str, int, exp.Expression | None]:
+    """(name, kind, compiled argument; None for COUNT(*))."""
+    _check_name("aggregate", agg.name)
+    if agg.kind == pb.COUNT_ROWS:
+        return agg.name, agg.kind, None
+    if not agg.HasField("arg"):
+        raise PlanRefused("aggregate without argument")
+    return agg.name, agg.kind, scope.compile_expr(agg.arg)
 
 
 def _restricted_release(plan: pb.Plan, aliases: dict[str, TableMeta],
@@ -288,13 +323,12 @@ def _restricted_agg(name: str, kind: int, arg: exp.Expression | None, agg: pb.Ag
                          (min(lo, 0.0) * rows, max(hi, 0.0) * rows))
 
 
-def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
-                source_alias: str, compile_expr, resolve) -> CompiledPlan:
-    """A plan on sensitive data: bounded contributions, keys from public domains."""
+def _check_dp(plan: pb.Plan, aliases: dict[str, TableMeta], source: TableMeta) -> None:
+    """What a plan on sensitive data must be: one sensitive table, its source, aggregates
+    only, a finite ε of at most 10."""
     sensitive = {m.name for m in aliases.values() if m.tier == "sensitive"}
     if len(sensitive) > 1:
         raise PlanRefused("a plan may touch one sensitive table (its budget is charged)")
-    source = aliases[source_alias]
     if source.tier != "sensitive":
         raise PlanRefused("the sensitive table must be the plan's source (FROM) table")
     if plan.HasField("rows"):
@@ -304,6 +338,38 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
                           "the plan carries no ε")
     if not math.isfinite(plan.privacy.epsilon) or plan.privacy.epsilon > 10:
         raise PlanRefused("ε per query must be finite and at most 10")
+
+
+def _dp_aggregate(i: int, agg: pb.Aggregate, inner: exp.Select, scope: _Scope,
+                  bounds_of: dict[tuple[str, str], tuple[float, float]]
+                  ) -> tuple[exp.Select, DpPartial, exp.Expression]:
+    """One aggregate of a DP plan: its (clamped) argument selected as ``__a{i}`` in the
+    inner query, its partial's bounds and its outer aggregate."""
+    _check_name("aggregate", agg.name)
+    col = f"__a{i}"
+    if agg.kind == pb.COUNT_ROWS:
+        lo, hi = partial_bounds(agg.kind, None, agg.name)
+        value: exp.Expression = exp.Count(this=exp.Star())
+    else:
+        if not agg.HasField("arg"):
+            raise PlanRefused("aggregate without argument")
+        arg_bounds = value_bounds(agg.arg, bounds_of)
+        lo, hi = partial_bounds(agg.kind, arg_bounds, agg.name)
+        arg = scope.compile_expr(agg.arg)
+        if agg.kind in (pb.SUM, pb.SUM_SQUARES):
+            arg = clamp(arg, *arg_bounds)
+        inner = inner.select(exp.alias_(arg, _ident(col)))
+        ref = exp.column(_ident(col))
+        value = exp.Count(this=ref) if agg.kind == pb.COUNT else _aggregate_sql(agg.kind, ref)
+    return inner, DpPartial(agg.name, agg.kind, lo, hi), exp.alias_(value, _ident(agg.name))
+
+
+def _compile_dp(plan: pb.Plan, query: exp.Select, scope: _Scope) -> CompiledPlan:
+    """A plan on sensitive data: bounded contributions, keys from public domains."""
+    aliases = scope.aliases
+    source_alias = plan.source.alias or plan.source.table
+    source = aliases[source_alias]
+    _check_dp(plan, aliases, source)
     bounds_of = {(a, c): b for a, m in aliases.items() for c, b in m.bounds.items()}
     domains_of = {(a, c): d for a, m in aliases.items() for c, d in m.public_domains.items()}
     inner = query.copy()
@@ -312,7 +378,7 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
         _check_name("group key", key.name)
         domains.append(key_domain(key.expr, domains_of, bounds_of))
         group_names.append(key.name)
-        inner = inner.select(exp.alias_(compile_expr(key.expr), _ident(key.name)))
+        inner = inner.select(exp.alias_(scope.compile_expr(key.expr), _ident(key.name)))
     cells = math.prod(len(d) for d in domains)
     if cells > MAX_DP_CELLS:
         raise PlanRefused(f"the public domains of the group keys make {cells} cells "
@@ -321,31 +387,16 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
         raise PlanRefused(f"a DP plan has 1 to {MAX_AGGREGATES} aggregates")
     partials, outer_aggs = [], []
     for i, agg in enumerate(plan.aggregates):
-        _check_name("aggregate", agg.name)
-        col = f"__a{i}"
-        if agg.kind == pb.COUNT_ROWS:
-            lo, hi = partial_bounds(agg.kind, None, agg.name)
-            value: exp.Expression = exp.Count(this=exp.Star())
-        else:
-            if not agg.HasField("arg"):
-                raise PlanRefused("aggregate without argument")
-            arg_bounds = value_bounds(agg.arg, bounds_of)
-            lo, hi = partial_bounds(agg.kind, arg_bounds, agg.name)
-            arg = compile_expr(agg.arg)
-            if agg.kind in (pb.SUM, pb.SUM_SQUARES):
-                arg = clamp(arg, *arg_bounds)
-            inner = inner.select(exp.alias_(arg, _ident(col)))
-            ref = exp.column(_ident(col))
-            value = exp.Count(this=ref) if agg.kind == pb.COUNT else _aggregate_sql(agg.kind, ref)
-        partials.append(DpPartial(agg.name, agg.kind, lo, hi))
-        outer_aggs.append(exp.alias_(value, _ident(agg.name)))
+        inner, partial, outer_agg = _dp_aggregate(i, agg, inner, scope, bounds_of)
+        partials.append(partial)
+        outer_aggs.append(outer_agg)
     outer = exp.select(*[exp.column(_ident(g)) for g in group_names], *outer_aggs)
     # Each unit keeps at most max_rows_per_unit rows, picked at random. The per-unit rank is
     # a full sort (0.4–1.2 s per 3M rows), so it is skipped when the node knows from load
     # time that no unit has more rows than that and no join can multiply them (a WHERE
     # only removes rows).
     if plan.joins or not 0 < source.max_unit_rows <= source.max_rows_per_unit:
-        unit = _unit(source_alias, source, resolve)
+        unit = _unit(source_alias, source, scope.resolve)
         # DuckDB refuses volatile window orders: rank by a hash of row id and a fresh salt
         salt = exp.Literal.number(secrets.randbits(62))
         rank = exp.Anonymous(this="hash", expressions=[
@@ -364,8 +415,8 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMeta],
         outer = outer.group_by(exp.Literal.number(i + 1))
     spec = DpSpec(plan.privacy.epsilon, plan.privacy.delta, source.max_rows_per_unit,
                   tuple(partials), tuple(domains), source.name)
-    return CompiledPlan(outer.sql("duckdb"), "sensitive", tuple(sorted(m.name for m in
-                        aliases.values())), False, tuple(group_names), tuple(domains),
+    return CompiledPlan(outer.sql("duckdb"), "sensitive", scope.tables, False,
+                        tuple(group_names), tuple(domains),
                         tuple((p.name, p.kind) for p in partials), 0, 1, dp=spec)
 
 

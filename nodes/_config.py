@@ -87,7 +87,7 @@ class DatasetConfig:
     # open tier only: a public reference table the coordinator copies to the other nodes,
     # so that joins with it run inside each node (nodes/_references.py)
     shared: bool = False
-    # onboarding (nodes/_onboard.py): [dataset.ingest], [dataset.pseudonymise],
+    # onboarding (nodes/_onboard/): [dataset.ingest], [dataset.pseudonymise],
     # [dataset.classify] and `pivots`, parsed there; None for a dataset served as is
     onboarding: Onboarding | None = None
 

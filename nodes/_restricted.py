@@ -189,13 +189,7 @@ def contribution_bounds(e: pb.Expr, bounds: Bounds) -> tuple[float, float] | Non
     if kind == "column":
         return bounds.get((e.column.table, e.column.name))
     if kind == "literal":
-        lit = e.literal.WhichOneof("value")
-        if lit in (None, "is_null"):
-            return 0.0, 0.0  # NULL adds nothing
-        if lit in ("int_value", "float_value"):
-            v = float(getattr(e.literal, lit))
-            return v, v
-        return (0.0, 1.0) if lit == "bool_value" else None
+        return _literal_bounds(e.literal)
     if kind != "call":
         return None
     op, args = e.call.op, list(e.call.args)
@@ -207,24 +201,46 @@ def contribution_bounds(e: pb.Expr, bounds: Bounds) -> tuple[float, float] | Non
         return None if inner is None else (inner[0] - 1, inner[1] + 1) if op != "cast" \
             else (math.floor(inner[0]), math.ceil(inner[1]))
     if op in ("case", "coalesce"):
-        results = args if op == "coalesce" else (
-            args[1::2] if len(args) % 2 == 0 else [*args[1:-1:2], args[-1]])
-        found = [contribution_bounds(r, bounds) for r in results]
-        if not found or any(b is None for b in found):
-            return None
-        lo = min(b[0] for b in found)  # type: ignore[index]
-        hi = max(b[1] for b in found)  # type: ignore[index]
-        return min(lo, 0.0), max(hi, 0.0)  # no ELSE / all NULL: adds nothing
+        return _branch_bounds(op, args, bounds)
     parts = [contribution_bounds(a, bounds) for a in args]
     if not parts or any(b is None for b in parts):
         return None
+    return _arithmetic_bounds(op, parts)  # type: ignore[arg-type]
+
+
+def _literal_bounds(literal: pb.Literal) -> tuple[float, float] | None:
+    lit = literal.WhichOneof("value")
+    if lit in (None, "is_null"):
+        return 0.0, 0.0  # NULL adds nothing
+    if lit in ("int_value", "float_value"):
+        v = float(getattr(literal, lit))
+        return v, v
+    return (0.0, 1.0) if lit == "bool_value" else None
+
+
+def _branch_bounds(op: str, args: list[pb.Expr], bounds: Bounds
+                   ) -> tuple[float, float] | None:
+    """CASE (its results) or COALESCE (its arguments): the hull of the branches, and 0."""
+    results = args if op == "coalesce" else (
+        args[1::2] if len(args) % 2 == 0 else [*args[1:-1:2], args[-1]])
+    found = [contribution_bounds(r, bounds) for r in results]
+    if not found or any(b is None for b in found):
+        return None
+    lo = min(b[0] for b in found)  # type: ignore[index]
+    hi = max(b[1] for b in found)  # type: ignore[index]
+    return min(lo, 0.0), max(hi, 0.0)  # no ELSE / all NULL: adds nothing
+
+
+def _arithmetic_bounds(op: str, parts: list[tuple[float, float]]
+                       ) -> tuple[float, float] | None:
+    """Negation, abs, + − × of bounded operands (interval arithmetic)."""
     if op == "neg" and len(parts) == 1:
-        return -parts[0][1], -parts[0][0]  # type: ignore[index]
+        return -parts[0][1], -parts[0][0]
     if op == "abs" and len(parts) == 1:
-        lo, hi = parts[0]  # type: ignore[misc]
+        lo, hi = parts[0]
         return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
     if op in ("add", "sub", "mul") and len(parts) == 2:
-        (a, b), (c, d) = parts  # type: ignore[misc]
+        (a, b), (c, d) = parts
         if op == "add":
             return a + c, b + d
         if op == "sub":

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     check = sub.add_parser("check", help="load the datasets and print the catalogue")
     check.add_argument("--config", required=True, type=Path)
     ingest = sub.add_parser("ingest", help="pseudonymise, validate and write the datasets' "
-                            "Parquet and quality reports (see nodes/_onboard.py)")
+                            "Parquet and quality reports (see nodes/_onboard/)")
     ingest.add_argument("--config", required=True, type=Path)
     ingest.add_argument("--dataset", metavar="TABLE", help="only this dataset")
     ingest.add_argument("--force", action="store_true", help="even if the inputs are unchanged")

@@ -24,6 +24,25 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"the shared open data is expected at {DATA}")
 
 
+# With BULLE_REQUIRE_ALL=1 (CI), a test skipped because PostgreSQL, chromium, playwright or docker
+# is missing fails instead: a skip there would let CI pass without those tests.
+REQUIRE_ALL = os.environ.get("BULLE_REQUIRE_ALL") == "1"
+_REQUIRED = ("PostgreSQL", "chromium", "playwright", "docker")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not (REQUIRE_ALL and report.skipped and call.excinfo is not None
+            and call.excinfo.errisinstance(pytest.skip.Exception)):
+        return
+    reason = str(call.excinfo.value)
+    if any(what in reason for what in _REQUIRED):
+        report.outcome = "failed"
+        report.longrepr = f"BULLE_REQUIRE_ALL=1, and this test was skipped: {reason}"
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_certs(tmp_path_factory.mktemp("certs"), NODE_NAMES, extra_clients=["intruder"])

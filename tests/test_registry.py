@@ -83,13 +83,16 @@ def test_production_uploads_a_grant_signed_by_the_board(tmp_path: Path) -> None:
     assert p.status == "approved" and p.grant_token == token
 
 
-def test_expiry_ends_the_project(tmp_path: Path) -> None:
+def test_expiry_ends_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import federation._registry as registry
+
     pj = _projects(tmp_path)
     _submit(pj)
-    pj.approve("study", "carol", days=0.00001)  # ~1 s
-    import time
-
-    time.sleep(1.2)
+    pj.approve("study", "carol", days=1)
+    p = pj.registry.get("study")
+    assert p is not None and p.effective_status == "approved" and p.active
+    later = datetime.now(UTC) + timedelta(days=1, seconds=1)
+    monkeypatch.setattr(registry, "_now", lambda: later)  # the registry's clock, moved on
     p = pj.registry.get("study")
     assert p is not None and p.effective_status == "expired" and not p.active
     assert pj.registry.active_grant("study") is None
