@@ -4,10 +4,35 @@
 - ``_engine``: locked DuckDB, plan execution, disclosure control before release;
 - ``_compile``: plan checks (second line of defence) and SQL generation;
 - ``_service``: the thin gRPC servicer (mutual TLS, coordinator identity pinned).
+
+Public names are loaded on first use (PEP 562): ``bulle node keygen``/``check``/``doctor``
+and the coordinator's imports of ``nodes._config`` do not load the engine.
 """
 
-from nodes._compile import PlanRefused
-from nodes._config import ConfigError, NodeConfig, load_node_config
-from nodes._engine import NodeEngine
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["ConfigError", "NodeConfig", "NodeEngine", "PlanRefused", "load_node_config"]
+
+_LAZY = {
+    "ConfigError": "nodes._config",
+    "NodeConfig": "nodes._config",
+    "NodeEngine": "nodes._engine",
+    "PlanRefused": "nodes._compile",
+    "load_node_config": "nodes._config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nodes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

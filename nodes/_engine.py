@@ -1,5 +1,10 @@
 """The node's data engine: datasets loaded into DuckDB, then locked; plans executed.
 
+Tables live in a DuckDB file of the node's state folder (``duckdb/``, 0700; the file 0600),
+built from the sources at start by a loading connection that is then closed; the serving
+connection reads DuckDB's compressed storage through its buffer pool (``memory_limit``),
+so a node's memory does not grow with its data (issue 13).
+
 Lock-down (TRAPS.md): data is loaded first, then external access is disabled and the
 configuration locked, so no query can read files, load extensions or change settings.
 """
@@ -9,10 +14,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,16 +142,6 @@ class NodeEngine:
     def __init__(self, config: NodeConfig, max_rows: int = 1_000_000) -> None:
         self.config = config
         self.max_rows = max_rows
-        self._con = duckdb.connect(":memory:", config={
-            "threads": config.engine.threads,
-            "memory_limit": config.engine.memory_limit,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            # DuckDB 2.0's common-subexpression pass hoists a subexpression used twice
-            # out of the TRY(...) around it (TRY((b*2)+(b*2)) then raises): plans rely on
-            # TRY for total evaluation (federation/proto/ops.py)
-            "disabled_optimizers": "common_subexpressions",
-        })
         self.max_query_seconds = config.engine.max_query_seconds
         self._local = threading.local()  # the deadline of the plan this thread executes
         self.meta: dict[str, TableMeta] = {}
@@ -159,32 +156,39 @@ class NodeEngine:
         state_dir = config.state_dir or (
             config.path.parent / f"{config.node_id}-state" if config.path
             else Path(tempfile.gettempdir()) / f"bulle-{config.node_id}-state")
-        for ds in config.datasets:
-            started = time.perf_counter()
-            n = load_dataset(self._con, ds)
-            columns = dict(table_columns(self._con, ds.table))
-            domains = {c: _typed_domain(v, columns[c], f"dataset {ds.table!r} domain {c!r}")
-                       for c, v in ds.public_domains.items()}
-            for col in ds.bounds:
-                if type_family(columns[col]) not in ("integer", "number"):
-                    raise ConfigError(f"dataset {ds.table!r}: bounds on non-numeric {col!r}")
-            self._buckets[ds.table] = row_count_bucket(n)
-            self.quality[ds.table] = compute_quality(self._con, ds)  # before the lock-down
-            if ds.tier == "restricted":  # a hidden column, never in the catalogue
-                add_record_keys(self._con, ds.table, "" if ds.privacy_unit == ROW_UNIT
-                                else ds.privacy_unit, state_dir)
-            bounds = dict(ds.bounds)
-            if ds.tier != "sensitive":  # DP bounds must never come from the data
-                bounds = {**_envelopes(self._con, ds.table, columns), **bounds}
-            self.meta[ds.table] = TableMeta(
-                ds.table, ds.tier, columns, ds.privacy_unit, domains, ds.min_count,
-                ds.round_to, bounds, ds.max_rows_per_unit,
-                _max_unit_rows(self._con, ds), ds.unit_level, ds.cell_key, ds.perturb)
-            if ds.shared:
-                ipc = _shared_ipc(self._con, ds.table)
-                self._shared[ds.table] = ipc, sha256(ipc)
-            log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
-                     row_count_bucket(n), time.perf_counter() - started)
+        # The tables live in a DuckDB file of this node's state folder (compressed storage,
+        # read through a bounded buffer pool: memory does not grow with the data). The file
+        # is this engine's own, rebuilt from the sources at every start and removed at
+        # close; see _open_storage.
+        self.storage = _open_storage(state_dir)
+        duck_config = {
+            "threads": config.engine.threads,
+            "memory_limit": config.engine.memory_limit,
+            "temp_directory": str(self.storage.with_suffix(".tmp")),
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            # DuckDB 2.0's common-subexpression pass hoists a subexpression used twice
+            # out of the TRY(...) around it (TRY((b*2)+(b*2)) then raises): plans rely on
+            # TRY for total evaluation (federation/proto/ops.py)
+            "disabled_optimizers": "common_subexpressions",
+        }
+        # Load with a connection of its own, then close it: DuckDB keeps what a load
+        # touched (buffers of the sources, every block written) until its database is
+        # closed; the serving connection, opened afresh, holds only what queries read.
+        loader = duckdb.connect(str(self.storage), config=duck_config)
+        try:
+            os.chmod(self.storage, 0o600)
+            for ds in config.datasets:
+                self._load(loader, ds, state_dir)
+            loader.execute("CHECKPOINT")  # every table in compressed storage, none in a WAL
+            loader.close()
+            self._con = duckdb.connect(str(self.storage), config=duck_config)
+        except BaseException:
+            loader.close()
+            _close_storage(None, self.storage, os.getpid())
+            raise
+        self._closer = weakref.finalize(self, _close_storage, self._con, self.storage,
+                                        os.getpid())
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
         self.guard = PrivacyGuard(config.node_id, state_dir, config.board_public_key)
@@ -196,8 +200,37 @@ class NodeEngine:
                 except Exception as e:  # never a reason not to start: it is sent again
                     log.warning("reference copy %s not loaded: %s", copy.ref.info.name, e)
 
+    def _load(self, con: duckdb.DuckDBPyConnection, ds: DatasetConfig, state_dir: Path
+              ) -> None:
+        """Load one dataset and compute what is known of it before the lock-down."""
+        started = time.perf_counter()
+        n = load_dataset(con, ds)
+        columns = dict(table_columns(con, ds.table))
+        domains = {c: _typed_domain(v, columns[c], f"dataset {ds.table!r} domain {c!r}")
+                   for c, v in ds.public_domains.items()}
+        for col in ds.bounds:
+            if type_family(columns[col]) not in ("integer", "number"):
+                raise ConfigError(f"dataset {ds.table!r}: bounds on non-numeric {col!r}")
+        self._buckets[ds.table] = row_count_bucket(n)
+        self.quality[ds.table] = compute_quality(con, ds)  # before the lock-down
+        if ds.tier == "restricted":  # a hidden column, never in the catalogue
+            add_record_keys(con, ds.table, "" if ds.privacy_unit == ROW_UNIT
+                            else ds.privacy_unit, state_dir)
+        bounds = dict(ds.bounds)
+        if ds.tier != "sensitive":  # DP bounds must never come from the data
+            bounds = {**_envelopes(con, ds.table, columns), **bounds}
+        self.meta[ds.table] = TableMeta(
+            ds.table, ds.tier, columns, ds.privacy_unit, domains, ds.min_count,
+            ds.round_to, bounds, ds.max_rows_per_unit,
+            _max_unit_rows(con, ds), ds.unit_level, ds.cell_key, ds.perturb)
+        if ds.shared:
+            ipc = _shared_ipc(con, ds.table)
+            self._shared[ds.table] = ipc, sha256(ipc)
+        log.info("loaded %s (%s, %s rows) in %.2fs", ds.table, ds.tier,
+                 row_count_bucket(n), time.perf_counter() - started)
+
     def close(self) -> None:
-        self._con.close()
+        self._closer()  # closes the connection and removes the table file
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection to the locked database (tests use it to probe the lock-down)."""
@@ -540,6 +573,66 @@ class _Pieces:
         out = b"".join(self._parts)
         self._parts.clear()
         return out
+
+
+STORAGE_DIR = "duckdb"  # in the node's state folder (0700): one table file per engine
+
+
+def _open_storage(state_dir: Path) -> Path:
+    """A fresh path for this engine's DuckDB file, in ``state_dir/duckdb`` (0700).
+
+    Each engine has its own file (``tables-<pid>-<random>.duckdb``): a file database takes
+    one read-write opener per process, and the training executor runs an engine of its own
+    beside the serving one. Files left by processes that no longer exist are removed.
+    Rebuilding at start costs one read of the sources (seconds for millions of rows) and is
+    correct by construction: nothing from a previous run (record keys, filters, renames,
+    another version of a source) can be served by mistake.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    where = state_dir / STORAGE_DIR
+    where.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(where, 0o700)
+    for old in where.glob("tables-*"):
+        try:
+            pid = int(old.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            _remove(old)
+    return where / f"tables-{os.getpid()}-{uuid.uuid4().hex[:12]}.duckdb"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not remove %s: %s", path, e)
+
+
+def _close_storage(con: duckdb.DuckDBPyConnection | None, storage: Path, owner: int) -> None:
+    """Close the engine's connection and remove its table file (and WAL, spill folder).
+    A forked child leaving (the training executor's tasks) leaves them to its parent."""
+    if os.getpid() != owner:
+        return
+    try:
+        if con is not None:
+            con.close()
+    finally:
+        for path in (storage, Path(f"{storage}.wal"), storage.with_suffix(".tmp")):
+            _remove(path)
 
 
 def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:

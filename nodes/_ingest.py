@@ -148,23 +148,27 @@ def _infer_casts(con: duckdb.DuckDBPyConnection, view: str, names: list[str]) ->
 def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
     """Create table ``ds.table`` from its sources; returns its row count.
 
+    The rows are read straight from the source files into the table (no intermediate copy
+    in RAM): with a file database the table lives in DuckDB's compressed storage. CSV files
+    are read twice (once to infer each column's type, once to load it).
+
     Raises ConfigError naming the dataset and file on a missing file, unreadable content
     or a schema that does not match the declared one.
     """
     parts = []
-    for i, path in enumerate(ds.source):
+    for path in ds.source:
         if not path.is_file():
             raise ConfigError(f"dataset {ds.table!r}: source file not found: {path}")
         rel, all_text = _relation_sql(path)
-        raw_view = f"__src_{ds.table}_{i}"
         try:
             cols = [c[0] for c in con.execute(f"DESCRIBE SELECT * FROM {rel}").fetchall()]
             names = _renamed(unique_names(cols), ds, path)
             renamed = ", ".join(f"{_quote(c)} AS {_quote(n)}"
                                 for c, n in zip(cols, names, strict=True))
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {raw_view} AS SELECT {renamed} FROM {rel}")
-            select = _infer_casts(con, raw_view, names) if all_text else [_quote(n) for n in names]
-            parts.append(f"SELECT {', '.join(select)} FROM {raw_view}")
+            source = f"(SELECT {renamed} FROM {rel})"
+            # the probe reads the whole CSV: a malformed line is reported here, by file
+            select = _infer_casts(con, source, names) if all_text else [_quote(n) for n in names]
+            parts.append(f"SELECT {', '.join(select)} FROM {source}")
         except duckdb.Error as e:
             # Local operator error: DuckDB's message names the line, which helps fix the file.
             raise ConfigError(f"dataset {ds.table!r}: cannot read {path}: {e}") from None
@@ -181,10 +185,9 @@ def load_dataset(con: duckdb.DuckDBPyConnection, ds: DatasetConfig) -> int:
     try:
         con.execute(f"CREATE OR REPLACE TABLE {_quote(ds.table)} AS SELECT * FROM ({union}){where}")
     except duckdb.Error as e:
-        raise ConfigError(f"dataset {ds.table!r}: cannot apply filter: {e}") from None
-    finally:
-        for i in range(len(ds.source)):
-            con.execute(f"DROP TABLE IF EXISTS __src_{ds.table}_{i}")
+        what = "cannot apply filter" if ds.filter else \
+            f"cannot read {', '.join(str(p) for p in ds.source)}"
+        raise ConfigError(f"dataset {ds.table!r}: {what}: {e}") from None
     _check_schema(con, ds)
     return con.execute(f"SELECT count(*) FROM {_quote(ds.table)}").fetchall()[0][0]
 

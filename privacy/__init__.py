@@ -27,65 +27,72 @@ Map of the public API:
 - Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
   ``AuditEntry``, ``AuditReport``.
 """
+from __future__ import annotations
 
-from privacy._accounting import (
-    RdpTotals,
-    event_from_dict,
-    event_to_dict,
-    pld_epsilon,
-    rdp_epsilon,
-    report_epsilon,
-)
-from privacy._audit import AuditEntry, AuditLog, AuditReport
-from privacy._calibrate import (
-    SIGMA_RANGE,
-    calibrate,
-    per_node_target,
-    round_event,
-    sigma_for_eval,
-)
-from privacy._ckm import (
-    CkmParams,
-    PtableError,
-    count_perturbation,
-    describe_ptable,
-    generate_ptable,
-    load_ptable,
-    magnitude_draw,
-    magnitude_sd,
-    ptable_for,
-)
-from privacy._grants import Grant, GrantError, generate_board_keys, sign_grant, verify_grant
-from privacy._ledger import PROJECT_WIDE, ChargeRecord, ChargeResult, Ledger, LedgerError
-from privacy._ledger import metadata as ledger_metadata
-from privacy._mechanisms import (
-    Release,
-    aggregate_event,
-    dp_count,
-    dp_mean,
-    dp_quantile,
-    dp_sum,
-    dp_variance,
-    gaussian_event,
-    gaussian_halfwidth,
-    gaussian_noise,
-    gaussian_sigma,
-    laplace_event,
-    laplace_halfwidth,
-    laplace_noise,
-    laplace_scale,
-    opacus_event,
-    quantile_rank_error,
-)
-from privacy._runauth import (
-    RunAuthorisation,
-    canonical_sha256,
-    coordinator_keys,
-    grant_id,
-    sign_run_authorisation,
-    spec_json,
-    verify_run_authorisation,
-)
+from typing import Any
+
+# Public name → (module, name in it). Loaded on first use (PEP 562): a node serving SQL
+# must not pay for the accounting, calibration or ledger code it does not touch.
+_LAZY: dict[str, tuple[str, str]] = {
+    "AuditEntry": ("privacy._audit", "AuditEntry"),
+    "AuditLog": ("privacy._audit", "AuditLog"),
+    "AuditReport": ("privacy._audit", "AuditReport"),
+    "ChargeRecord": ("privacy._ledger", "ChargeRecord"),
+    "ChargeResult": ("privacy._ledger", "ChargeResult"),
+    "CkmParams": ("privacy._ckm", "CkmParams"),
+    "Grant": ("privacy._grants", "Grant"),
+    "GrantError": ("privacy._grants", "GrantError"),
+    "Ledger": ("privacy._ledger", "Ledger"),
+    "LedgerError": ("privacy._ledger", "LedgerError"),
+    "PROJECT_WIDE": ("privacy._ledger", "PROJECT_WIDE"),
+    "PtableError": ("privacy._ckm", "PtableError"),
+    "RdpTotals": ("privacy._accounting", "RdpTotals"),
+    "Release": ("privacy._mechanisms", "Release"),
+    "RunAuthorisation": ("privacy._runauth", "RunAuthorisation"),
+    "SIGMA_RANGE": ("privacy._calibrate", "SIGMA_RANGE"),
+    "aggregate_event": ("privacy._mechanisms", "aggregate_event"),
+    "calibrate": ("privacy._calibrate", "calibrate"),
+    "canonical_sha256": ("privacy._runauth", "canonical_sha256"),
+    "coordinator_keys": ("privacy._runauth", "coordinator_keys"),
+    "count_perturbation": ("privacy._ckm", "count_perturbation"),
+    "describe_ptable": ("privacy._ckm", "describe_ptable"),
+    "dp_count": ("privacy._mechanisms", "dp_count"),
+    "dp_mean": ("privacy._mechanisms", "dp_mean"),
+    "dp_quantile": ("privacy._mechanisms", "dp_quantile"),
+    "dp_sum": ("privacy._mechanisms", "dp_sum"),
+    "dp_variance": ("privacy._mechanisms", "dp_variance"),
+    "event_from_dict": ("privacy._accounting", "event_from_dict"),
+    "event_to_dict": ("privacy._accounting", "event_to_dict"),
+    "gaussian_event": ("privacy._mechanisms", "gaussian_event"),
+    "gaussian_halfwidth": ("privacy._mechanisms", "gaussian_halfwidth"),
+    "gaussian_noise": ("privacy._mechanisms", "gaussian_noise"),
+    "gaussian_sigma": ("privacy._mechanisms", "gaussian_sigma"),
+    "generate_board_keys": ("privacy._grants", "generate_board_keys"),
+    "generate_ptable": ("privacy._ckm", "generate_ptable"),
+    "grant_id": ("privacy._runauth", "grant_id"),
+    "laplace_event": ("privacy._mechanisms", "laplace_event"),
+    "laplace_halfwidth": ("privacy._mechanisms", "laplace_halfwidth"),
+    "laplace_noise": ("privacy._mechanisms", "laplace_noise"),
+    "laplace_scale": ("privacy._mechanisms", "laplace_scale"),
+    "ledger_metadata": ("privacy._ledger", "metadata"),
+    "load_ptable": ("privacy._ckm", "load_ptable"),
+    "magnitude_draw": ("privacy._ckm", "magnitude_draw"),
+    "magnitude_sd": ("privacy._ckm", "magnitude_sd"),
+    "opacus_event": ("privacy._mechanisms", "opacus_event"),
+    "per_node_target": ("privacy._calibrate", "per_node_target"),
+    "pld_epsilon": ("privacy._accounting", "pld_epsilon"),
+    "ptable_for": ("privacy._ckm", "ptable_for"),
+    "quantile_rank_error": ("privacy._mechanisms", "quantile_rank_error"),
+    "rdp_epsilon": ("privacy._accounting", "rdp_epsilon"),
+    "report_epsilon": ("privacy._accounting", "report_epsilon"),
+    "round_event": ("privacy._calibrate", "round_event"),
+    "sigma_for_eval": ("privacy._calibrate", "sigma_for_eval"),
+    "sign_grant": ("privacy._grants", "sign_grant"),
+    "sign_run_authorisation": ("privacy._runauth", "sign_run_authorisation"),
+    "spec_json": ("privacy._runauth", "spec_json"),
+    "verify_grant": ("privacy._grants", "verify_grant"),
+    "verify_run_authorisation": ("privacy._runauth", "verify_run_authorisation"),
+}
 
 __all__ = [
     "CkmParams",
@@ -153,3 +160,19 @@ __all__ += [
     "sign_grant",
     "verify_grant",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'privacy' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

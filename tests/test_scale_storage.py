@@ -1,0 +1,123 @@
+"""Issue 13: a node's tables live in a DuckDB file of its state folder (compressed storage,
+not a copy in RAM), private to the node, removed when the engine closes, and the answers
+are those of one DuckDB over the same files."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from nodes._config import ConfigError, load_node_config
+from nodes._engine import STORAGE_DIR, NodeEngine
+from tests._federation import node_toml, start_federation
+
+QUERIES = [
+    "SELECT academie, COUNT(*) AS n FROM {t} GROUP BY academie ORDER BY academie",
+    "SELECT academie, AVG(note) AS m, SUM(note) AS s FROM {t} GROUP BY academie "
+    "ORDER BY academie",
+    "SELECT academie, sexe, COUNT(*) AS n, AVG(note) AS m FROM {t} WHERE ips < 100 "
+    "GROUP BY academie, sexe ORDER BY academie, sexe",
+]
+
+
+@pytest.fixture(scope="module")
+def pupils(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same 30,000 pupils as Parquet (two files' worth: one per node) and CSV."""
+    out = tmp_path_factory.mktemp("pupils")
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE p AS SELECT range AS id,
+        ['AMIENS', 'LILLE', 'PARIS', 'RENNES'][(1 + hash(range) % 4)::BIGINT] AS academie,
+        CASE WHEN hash(range, 1) % 2 = 0 THEN 'F' ELSE 'M' END AS sexe,
+        40 + (hash(range, 2) % 1300) / 10.0 AS ips,
+        (hash(range, 3) % 201) / 10.0 AS note FROM range(30000)""")
+    con.execute(f"COPY (SELECT * FROM p WHERE id % 2 = 0) TO '{out / 'a.parquet'}'")
+    con.execute(f"COPY (SELECT * FROM p WHERE id % 2 = 1) TO '{out / 'b.csv'}' (HEADER)")
+    con.close()
+    return out / "a.parquet", out / "b.csv"
+
+
+def _dataset(source: Path, tier: str) -> dict:
+    ds = {"table": "eleves", "source": str(source), "tier": tier}
+    if tier == "restricted":
+        ds |= {"min_count": 0, "cell_key": {"perturb": False}}
+    return ds
+
+
+def test_tables_are_a_private_file_and_answers_equal_duckdb(tmp_path: Path, certs: Path,
+                                                           pupils: tuple[Path, Path]) -> None:
+    parquet, csv = pupils
+    fed = start_federation(tmp_path, certs, {"gp": [_dataset(parquet, "restricted")],
+                                             "ms": [_dataset(csv, "restricted")]})
+    try:
+        for engine in fed.engines.values():
+            folder = engine.storage.parent
+            assert folder.name == STORAGE_DIR and engine.storage.is_file()
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+            assert stat.S_IMODE(engine.storage.stat().st_mode) == 0o600
+            cur = engine.cursor()
+            try:  # the tables are in that file, not in an in-memory database
+                main = cur.sql("SELECT path FROM duckdb_databases() WHERE database_name = "
+                               "current_database()").fetchall()
+                assert main == [(str(engine.storage),)]
+                tables = cur.sql("SELECT database_name FROM duckdb_tables() "
+                                 "WHERE table_name = 'eleves'").fetchall()
+                assert tables == [(engine.storage.stem,)]
+                with pytest.raises(duckdb.Error):  # still locked down
+                    cur.sql(f"SELECT * FROM read_parquet('{parquet}')").fetchall()
+            finally:
+                cur.close()
+        truth = duckdb.connect()
+        truth.execute(f"CREATE VIEW eleves AS SELECT * FROM read_parquet('{parquet}') "
+                      f"UNION ALL BY NAME SELECT * FROM read_csv('{csv}')")
+        for sql in QUERIES:
+            expected = truth.sql(sql.format(t="eleves")).fetchall()
+            got = [tuple(r) for r in fed.run(sql.format(t="eleves"))["rows"]]
+            assert len(got) == len(expected)
+            for g_row, e_row in zip(got, expected, strict=True):
+                for g, e in zip(g_row, e_row, strict=True):
+                    assert g == (e if isinstance(e, str) else pytest.approx(e, rel=1e-12)), sql
+        truth.close()
+    finally:
+        fed.close()
+    assert not any(e.storage.exists() for e in fed.engines.values())  # removed at close
+
+
+def _config(tmp_path: Path, certs: Path, datasets: list[dict]) -> Path:
+    path = tmp_path / "solo.toml"
+    path.write_text(node_toml("solo", certs, datasets))
+    return path
+
+
+def test_each_engine_has_its_own_file_and_stale_files_go(tmp_path: Path, certs: Path,
+                                                        pupils: tuple[Path, Path]) -> None:
+    config = load_node_config(_config(tmp_path, certs, [_dataset(pupils[0], "open")]))
+    first = NodeEngine(config)
+    folder = first.storage.parent
+    dead = folder / "tables-999999999-0123456789ab.duckdb"  # a process that is gone
+    dead.write_bytes(b"")
+    (folder / "tables-999999999-0123456789ab.duckdb.wal").write_bytes(b"")
+    second = NodeEngine(config)  # as the training executor does beside the server
+    try:
+        assert second.storage != first.storage and first.storage.is_file()
+        assert not dead.exists() and not Path(f"{dead}.wal").exists()
+        counts = [e.cursor().sql("SELECT count(*) FROM eleves").fetchall() for e in
+                  (first, second)]
+        assert counts == [[(15000,)], [(15000,)]]
+    finally:
+        first.close()
+        second.close()
+    assert sorted(os.listdir(folder)) == []
+
+
+def test_a_failed_load_leaves_no_file(tmp_path: Path, certs: Path,
+                                      pupils: tuple[Path, Path]) -> None:
+    bad = {**_dataset(pupils[0], "open"), "filter": "no_such_column > 1"}
+    config = load_node_config(_config(tmp_path, certs, [bad]))
+    with pytest.raises(ConfigError, match="cannot apply filter"):
+        NodeEngine(config)
+    folder = tmp_path / "solo-state" / STORAGE_DIR
+    assert folder.is_dir() and list(folder.iterdir()) == []
