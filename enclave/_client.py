@@ -10,14 +10,37 @@ from __future__ import annotations
 import os
 import sys
 import time
+import unicodedata
 from typing import Any
 
 import httpx
 import pandas as pd
 
-from federation._catalog import search_table
-
 _DTYPES = {"integer": "Int64", "number": "float64", "boolean": "boolean", "string": "object"}
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents: what catalogue search compares."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def search_table(table: dict[str, Any], query: str) -> list[str] | None:
+    """Where every word of ``query`` occurs in a catalogue entry (``GET /v1/catalog``): its
+    name, description, column names and descriptions, case and accents ignored; None if a
+    word occurs nowhere. The catalogue page's search (``federation/_catalog.py``) has the
+    same meaning: tests/unit/test_search.py holds them equal. Here so that the SDK loads no
+    coordinator code (and no protobuf) in a notebook."""
+    places = [("name", table["name"]), ("description", table.get("description") or "")]
+    places += [(c["name"], f"{c['name']} {c.get('description') or ''}")
+               for c in table.get("columns", [])]
+    found: list[str] = []
+    for word in _fold(query).split():
+        hits = [where for where, text in places if word in _fold(text)]
+        if not hits:
+            return None
+        found += [h for h in hits if h not in found]
+    return found
 
 
 class BulleError(RuntimeError):
@@ -28,9 +51,75 @@ class BulleError(RuntimeError):
         self.code = code
         self.detail = detail or {}
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows instead of a traceback: the federation's answer, not the
+        SDK's frames (they say nothing about the query)."""
+        lines = [f"\x1b[1;31mBulleError\x1b[0m [{self.code}]: {self}"]
+        hint = _HINTS.get(self.code)
+        if hint:
+            lines.append(f"  hint: {hint}")
+        return lines
+
+
+_HINTS = {
+    "budget_exhausted": "hub.budget() shows what is left; hub.price(sql, precision=h) what a "
+                        "query would cost; the ethics board can amend the grant",
+    "forbidden": "hub.projects() lists your projects; a query names one with project=...",
+    "not_configured": "in a hub notebook, BULLE_URL and the token are set for you",
+    "unknown_table": "hub.catalog(search='words') finds tables; hub.describe(table) their "
+                     "columns",
+    "timeout": "the query keeps running at the coordinator: try again with a larger timeout",
+}
+
+
+def _info(text: str, end: str = "\n") -> None:
+    """An informational line (progress, what a query cost): standard output, not the error
+    stream (notebooks colour that as an error)."""
+    print(text, end=end, file=sys.stdout, flush=True)
+
+
+class ReleasedFrame(pd.DataFrame):
+    """A released table: a DataFrame whose notes (withheld keys, cells under the threshold,
+    noise, ε) are shown under it, in a notebook and in a terminal. Its per-value metadata
+    (``df.bulle``) follows ordinary pandas operations (see :class:`BulleAccessor`)."""
+
+    @property
+    def _constructor(self) -> type[ReleasedFrame]:
+        return ReleasedFrame  # slices, head(), set_index() … stay released frames
+
+    def _notes(self) -> list[str]:
+        meta = self.attrs.get("bulle") or {}
+        notes = list(meta.get("notes") or [])
+        if meta.get("epsilon_spent"):
+            notes.append(f"ε spent: {meta['epsilon_spent']:.4g}")
+        return notes
+
+    def _repr_html_(self) -> str | None:
+        import html
+
+        table = super()._repr_html_()
+        notes = self._notes()
+        if table is None or not notes:
+            return table
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        return f'{table}<ul class="bulle-notes" style="margin-top:0.3em">{items}</ul>'
+
+    def __repr__(self) -> str:
+        notes = self._notes()
+        return super().__repr__() + "".join(f"\n  note: {n}" for n in notes)
+
 
 @pd.api.extensions.register_dataframe_accessor("bulle")
 class BulleAccessor:
+    """Per-value metadata of a released table: which values are suppressed, each value's
+    noise SD and 95% interval.
+
+    It is kept by column name and by the result's row labels (0 … n-1), so it follows
+    column selection, renaming-free reshaping, row filters and sorting; after
+    ``set_index`` (new row labels) rows are matched by position, which holds as long as
+    the rows were not reordered first. A frame whose rows cannot be matched any more
+    raises a :class:`BulleError` saying so, never misaligned values."""
+
     def __init__(self, df: pd.DataFrame) -> None:
         self._df = df
 
@@ -38,15 +127,31 @@ class BulleAccessor:
     def meta(self) -> dict[str, Any]:
         return self._df.attrs.get("bulle", {})
 
+    def _aligned(self, key: str, fill: Any, dtype: str) -> pd.DataFrame:
+        df, meta = self._df, self.meta
+        names = meta.get("columns") or list(df.columns)
+        rows = meta.get("rows", len(df))
+        values = meta.get(key) or [[fill] * len(names)] * rows
+        full = pd.DataFrame(values, columns=names, dtype=dtype)
+        labels = df.index
+        if labels.is_unique and all(isinstance(v, int) and 0 <= v < rows for v in labels):
+            full = full.loc[list(labels)]  # the result's own row labels: filters, sorts
+        elif len(df) == rows:
+            pass  # new labels (set_index): by position
+        else:
+            raise BulleError("reshaped", f"this frame's {len(df)} rows cannot be matched "
+                             f"to the {rows} released rows any more: read .bulle on the "
+                             "released table (or before changing its index)")
+        out = full.reindex(columns=df.columns, fill_value=fill).astype(dtype)
+        out.index = labels
+        return out
+
     @property
     def suppressed(self) -> pd.DataFrame:
-        flags = self.meta.get("suppressed") or [[False] * self._df.shape[1]] * len(self._df)
-        return pd.DataFrame(flags, columns=self._df.columns, index=self._df.index, dtype=bool)
+        return self._aligned("suppressed", False, "bool")
 
     def _matrix(self, key: str) -> pd.DataFrame:
-        values = self.meta.get(key) or [[None] * self._df.shape[1]] * len(self._df)
-        return pd.DataFrame(values, columns=self._df.columns, index=self._df.index,
-                            dtype="float64")
+        return self._aligned(key, None, "float64")
 
     @property
     def noise_sd(self) -> pd.DataFrame:
@@ -80,8 +185,9 @@ def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
     data = {c["name"]: pd.Series([row[i] for row in payload["rows"]],
                                  dtype=_DTYPES.get(c["type"], "object"))
             for i, c in enumerate(cols)}
-    df = pd.DataFrame(data, columns=[c["name"] for c in cols])
-    df.attrs["bulle"] = {k: payload.get(k) for k in
+    df = ReleasedFrame(data, columns=[c["name"] for c in cols])
+    df.attrs["bulle"] = {"columns": [c["name"] for c in cols], "rows": len(df)}
+    df.attrs["bulle"] |= {k: payload.get(k) for k in
                          ("suppressed", "notes", "nodes", "tier", "elapsed_ms",
                           "suppressed_cells", "hidden_cells", "query_id", "noise_sd",
                           "ci_low", "ci_high", "epsilon_spent", "budget", "budget_split",
@@ -246,12 +352,12 @@ class Hub:
                 raise BulleError("timeout", f"query {body['id']} still running after "
                                  f"{self.timeout:g} s")
             if progress:
-                print(f"\rquery {body['id'][:8]} running… {time.monotonic() - started:.0f} s",
-                      end="", file=sys.stderr)
+                _info(f"\rquery {body['id'][:8]} running… {time.monotonic() - started:.0f} s",
+                      end="")
             body = self._check(self._http.get(f"/v1/queries/{body['id']}",
                                               params={"wait_s": 5.0}))
         if progress and time.monotonic() - started > 5:
-            print(file=sys.stderr)
+            _info("")
         if body.get("status") == "failed":
             err = body.get("error", {})
             raise BulleError(err.get("code", "error"), err.get("message", "query failed"), err)
@@ -260,9 +366,8 @@ class Hub:
         df = result_frame(result)
         if progress and result.get("budget"):
             b = result["budget"]
-            print(f"ε spent by this query: {result['epsilon_spent']:.4g}; project total "
-                  f"{b['epsilon_spent']:.4g}, remaining {b['epsilon_remaining']:.4g}",
-                  file=sys.stderr)
+            _info(f"ε spent by this query: {result['epsilon_spent']:.4g}; project total "
+                  f"{b['epsilon_spent']:.4g}, remaining {b['epsilon_remaining']:.4g}")
         return df
 
     def train(self, model: str, table: str, features: list[str], label: str, *,

@@ -10,12 +10,13 @@ round), next to ``metrics``, the per-round history.
 from __future__ import annotations
 
 import io
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+from enclave._client import _info
 
 if TYPE_CHECKING:
     from enclave._client import Hub
@@ -76,6 +77,8 @@ class TrainingJob:
     def wait(self, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
         started = time.monotonic()
         s = self._last
+        if progress and s["status"] not in FINAL:
+            _bar(s)  # at once: "0/5 rounds … starting" while the nodes get the run
         while s["status"] not in FINAL:
             if timeout is not None and time.monotonic() - started > timeout:
                 from enclave._client import BulleError
@@ -86,7 +89,7 @@ class TrainingJob:
             if progress:
                 _bar(s)
         if progress:
-            print(file=sys.stderr)
+            _info("")
         return s
 
     def result(self, timeout: float | None = None, progress: bool = True) -> TrainingResult:
@@ -117,9 +120,8 @@ def _bar(s: dict[str, Any], width: int = 20) -> None:
     fill = int(width * done / max(total, 1))
     last = s["rounds"][-1] if s["rounds"] else {}
     acc = f"  acc {last['accuracy']:.3f}" if last.get("accuracy") is not None else ""
-    print(f"\r{s['model']} on {s['table']} [{'#' * fill}{'-' * (width - fill)}] "
-          f"{done}/{total} rounds{acc}  ε {s['epsilon_spent']:.3g}  {s['status']}   ",
-          end="", file=sys.stderr, flush=True)
+    _info(f"\r{s['model']} on {s['table']} [{'#' * fill}{'-' * (width - fill)}] "
+          f"{done}/{total} rounds{acc}  ε {s['epsilon_spent']:.3g}  {s['status']}   ", end="")
 
 
 def start_training(hub: Hub, **request: Any) -> TrainingJob:
