@@ -4,11 +4,12 @@ coordinator, and JupyterHub (started after the coordinator, its service).
 
 Run as root, every process gets the least privilege its job needs (DESIGN.md "Processes
 and users"): the node agents run as ``bulle-node`` on their own copies of the open data
-(``node-data/``), owning their state and keys; the coordinator, its SuperLink and the
-hub's proxy as ``bulle-coord``; the hub stays root (it creates each person's account and
-starts their server as them); each notebook runs as ``jupyter-<account>``, in a mount
-namespace where the source data folder is hidden. Files: 0600, folders 0700, public
-certificates and keys 0644 in traversable-only folders. Not root: one user, as before.
+(``node-data/``), owning their state and keys; the coordinator, its SuperLink, the hub
+and its proxy as ``bulle-coord``; each notebook runs as ``jupyter-<account>``, in a mount
+namespace where the source data folder is hidden, started by the one root process left, the
+spawn broker (``enclave/_spawnbroker.py``: it answers only the hub's user). Files: 0600,
+folders 0700, public certificates and keys 0644 in traversable-only folders.
+Not root: one user, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -117,12 +119,19 @@ class Demo:
 
     def healthy(self) -> bool:
         info = self.info()
-        if not info or not {*NODES, "coordinator", "hub"} <= set(self.running()):
+        if not info or not {*self.node_ids(), "coordinator", "hub"} <= set(self.running()):
             return False
         try:
             return httpx.get(info["url"] + "/v1/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def extra_nodes(self) -> dict[str, dict]:
+        """Nodes added to the running demo by ``add-node``: id → config, port."""
+        return self.info().get("extra_nodes", {})
+
+    def node_ids(self) -> list[str]:
+        return [*NODES, *self.extra_nodes()]
 
     # -- up / down --------------------------------------------------------------------
     def up(self, log=print) -> dict:
@@ -142,6 +151,7 @@ class Demo:
 
     def _up(self, log) -> dict:
         started = time.monotonic()
+        extra = self.extra_nodes()  # kept across `up`: the coordinator's registry has them
         ports, env = self._prepare()
         pids: dict[str, int] = {}
         try:
@@ -158,6 +168,14 @@ class Demo:
             for name in NODES:
                 self._wait(name, pids[name], ports[name], 120)
                 log(f"  node {name:<10} ready on 127.0.0.1:{ports[name]}")
+            for name, e in extra.items():  # on the port the coordinator's registry has
+                port = _free_port(e["port"])
+                pids[name] = self._start_node(name, Path(e["config"]), port, node_env)
+                self.pids_file.write_text(json.dumps(pids))
+                if port != e["port"]:  # taken meanwhile: the registry learns the new one
+                    self._register(name, port)
+                    e["port"] = port
+                log(f"  node {name:<10} ready on 127.0.0.1:{e['port']} (added)")
             cfg = self.state / "coordinator.toml"
             pids["coordinator"] = self._spawn("coordinator",
                                               ["coordinator", "serve", "--config", str(cfg)],
@@ -173,9 +191,83 @@ class Demo:
         info = {"url": url, "ports": ports, "researcher": RESEARCHER, "project": PROJECT,
                 "state": str(self.state), "started_in_s": round(time.monotonic() - started, 1),
                 "hub_url": f"http://127.0.0.1:{ports['hub']}", "accounts": HUB_ACCOUNTS,
-                "processes": self._process_note()}
+                "processes": self._process_note(), "extra_nodes": extra}
         self.info_file.write_text(json.dumps(info, indent=2))
         return {**info, "passwords": passwords}  # shown once, never stored in clear
+
+    # -- one more node -----------------------------------------------------------------
+    def add_node(self, config: Path, log=print) -> dict:
+        """Start the node of ``config`` in the running demo and register it with the
+        coordinator (``bulle coordinator nodes add``, as the coordinator's user): the
+        coordinator takes it up without a restart; ``status``, ``down`` and ``up`` know it.
+        Its certificate is issued by the demo's CA when the config names one in the demo's
+        ``certs/`` that does not exist yet."""
+        from nodes import ConfigError, load_node_config
+
+        config = config.resolve()
+        if not self.info() or "coordinator" not in self.running():
+            raise RuntimeError("the demo is not running: start it with `bulle demo up`")
+        if users.is_root():
+            self.accounts = {"node": users.ensure_service_user(users.NODE_USER),
+                             "coord": users.ensure_service_user(users.COORD_USER)}
+        node_env = {**os.environ, "BULLE_DATA": str(self._node_data()),
+                    "BULLE_DEMO_STATE": str(self.state)}
+        saved = {k: os.environ.get(k) for k in ("BULLE_DATA", "BULLE_DEMO_STATE")}
+        os.environ.update({k: node_env[k] for k in saved})  # what the config expands
+        try:
+            cfg = load_node_config(config)
+        except ConfigError as e:
+            raise RuntimeError(f"{config}: {e}") from None
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        name = cfg.node_id
+        if name in self.node_ids() or name in ("coordinator", "hub", "superlink"):
+            raise RuntimeError(f"node {name!r} is already in the demo federation")
+        if not cfg.tls.cert.exists():
+            if cfg.tls.cert.parent != self.state / "certs":
+                raise RuntimeError(
+                    f"{cfg.tls.cert} does not exist: make the node's keys with `bulle node "
+                    f"keygen` and sign them with `bulle certs sign --ca {self.state / 'certs'}`")
+            from federation._certs import make_certs
+
+            make_certs(self.state / "certs", [name])
+        if self.accounts:
+            self._copy_node_data([config])
+            (self.state / "nodes").mkdir(exist_ok=True)
+            self._secure()
+            if cfg.tls.key.parent == self.state / "certs":  # not yet one of node_ids()
+                users.own(cfg.tls.key, self.accounts["node"], 0o600)
+        port = _free_port()
+        pid = self._start_node(name, config, port, node_env)
+        pids = {**self._read(self.pids_file), name: pid}
+        self.pids_file.write_text(json.dumps(pids))
+        self._register(name, port)
+        info = self.info()
+        info.setdefault("extra_nodes", {})[name] = {"config": str(config), "port": port}
+        self.info_file.write_text(json.dumps(info, indent=2))
+        log(f"node {name} added on 127.0.0.1:{port}: the coordinator routes to it within "
+            "a second (bulle demo status lists it)")
+        return info["extra_nodes"][name]
+
+    def _start_node(self, name: str, config: Path, port: int, env: dict[str, str]) -> int:
+        pid = self._spawn(name, ["node", "serve", "--config", str(config),
+                                 "--listen", f"127.0.0.1:{port}"], env, "node")
+        self._wait(name, pid, port, 120)
+        return pid
+
+    def _register(self, name: str, port: int) -> None:
+        """``bulle coordinator nodes add`` as the coordinator's user (its database)."""
+        account = self.accounts.get("coord")
+        kw = {"user": account.uid, "group": account.gid, "extra_groups": []} if account \
+            else {}
+        r = subprocess.run([sys.executable, "-m", "bulle_cli", "coordinator", "nodes", "add",
+                            name, f"127.0.0.1:{port}", "--config",
+                            str(self.state / "coordinator.toml"), "--actor", "bulle demo"],
+                           capture_output=True, text=True, cwd=REPO, env={
+                               **os.environ, "HOME": str(self.state / "coordinator")}, **kw)
+        if r.returncode != 0:
+            raise RuntimeError(f"registering {name} failed: {(r.stderr or r.stdout).strip()}")
 
     def _prepare(self) -> tuple[dict[str, int], dict[str, str]]:
         """Everything on disk before the first process starts: certificates, keys, the
@@ -207,8 +299,10 @@ class Demo:
         self._coordinator_config(ports)
         self._seed_projects()
         (self.state / "hub").mkdir(exist_ok=True)
+        (self.state / "spawner").mkdir(exist_ok=True)
         if self.accounts:
-            self._copy_node_data()
+            self._copy_node_data([*NODE_CONFIGS.glob("*.toml"),
+                                  *(Path(e["config"]) for e in self.extra_nodes().values())])
             self._secure()
         return ports, {**os.environ, "BULLE_DATA": str(self.data),
                        "BULLE_DEMO_STATE": str(self.state)}
@@ -218,10 +312,10 @@ class Demo:
         """What the nodes read: their own copies as root, else the source itself."""
         return self.state / "node-data" if self.accounts else self.data
 
-    def _copy_node_data(self) -> None:
+    def _copy_node_data(self, configs: list[Path]) -> None:
         """The files the node configs name under ``${BULLE_DATA}``, copied (when changed)
         into ``node-data/``: the nodes' own data, which only ``bulle-node`` can read."""
-        wanted = sorted({m for cfg in NODE_CONFIGS.glob("*.toml")
+        wanted = sorted({m for cfg in configs
                          for m in re.findall(r"\$\{BULLE_DATA\}/([^\"']+)", cfg.read_text())})
         for rel in wanted:
             src, dst = self.data / rel, self.state / "node-data" / rel
@@ -241,9 +335,9 @@ class Demo:
         node, coord = self.accounts["node"], self.accounts["coord"]
         s = self.state
         users.own(s, None, 0o711)
-        for d in ("logs", "hub"):
-            users.own(s / d, None, 0o700, recursive=True)
-        keys = {**{f"{n}.key": node for n in NODES + TRAINING_NODES},
+        users.own(s / "logs", None, 0o700, recursive=True)
+        users.own(s / "spawner", None, 0o711)  # the broker's socket: 0600, the hub's user
+        keys = {**{f"{n}.key": node for n in (*self.node_ids(), *TRAINING_NODES)},
                 "bulle-coordinator.key": coord, "bulle-superlink.key": coord,
                 "board_ed25519.pem": coord, f"{PROJECT}.grant": coord,
                 COORDINATOR_KEY: coord}
@@ -254,7 +348,7 @@ class Demo:
                     d == "certs" and f.suffix == ".pem")
                 users.own(f, None if public else keys.get(f.name), 0o644 if public else 0o600)
         for d, who in (("nodes", node), ("node-data", node), ("coordinator", coord),
-                       ("superlink", coord)):
+                       ("superlink", coord), ("hub", coord)):
             (s / d).mkdir(exist_ok=True)
             users.own(s / d, who, 0o700, recursive=True)
         users.own(s / "coordinator.toml", coord, 0o600)
@@ -268,9 +362,10 @@ class Demo:
 
             return (f"not root: every process runs as {getpass.getuser()} (one user; "
                     "start the demo as root for one system user per service and person)")
-        note = (f"nodes as {users.NODE_USER}, coordinator, SuperLink and proxy as "
-                f"{users.COORD_USER}, hub as root; each notebook as its own system user "
-                f"{users.PERSON_PREFIX}<account>, created at first login")
+        note = (f"nodes as {users.NODE_USER}, coordinator, SuperLink, hub and proxy as "
+                f"{users.COORD_USER}; each notebook as its own system user "
+                f"{users.PERSON_PREFIX}<account>, created at first login by the spawn "
+                "broker (root, answers only the hub's user)")
         if not self._hidden():
             note += (f"; this machine has no mount namespaces, so notebooks can still read "
                      f"the open-data source {self.data} (the nodes serve their own copies)")
@@ -282,34 +377,40 @@ class Demo:
             self._namespaces = bool(self.accounts) and users.mount_namespaces_work()
         return [str(self.data)] if self._namespaces else []
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str], role: str) -> int:
-        """Start ``bulle <args>`` as the ``role`` service user (as root), its log in
-        ``logs/``, its working folder and HOME its own state folder."""
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], role: str | None,
+               module: str = "bulle_cli", home: str | None = None) -> int:
+        """Start ``python -m <module> <args>`` (``bulle <args>``) as the ``role`` service
+        user (as root; ``None``: root itself), its log in ``logs/``, its working folder and
+        HOME its own state folder (``home``, else the role's)."""
         cwd, kw = REPO, {}
-        account = self.accounts.get(role)
+        account = self.accounts.get(role) if role else None
+        if home is not None:
+            cwd = self.state / home
         if account is not None:
-            cwd = self.state / ("nodes" if role == "node" else "coordinator")
+            cwd = self.state / (home or ("nodes" if role == "node" else "coordinator"))
             env = {**env, "HOME": str(cwd)}
             kw = {"user": account.uid, "group": account.gid, "extra_groups": [],
                   "umask": 0o077}
         with (self.state / "logs" / f"{name}.log").open("ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "bulle_cli", *args], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env,
                                     stdout=log_file, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
                                     cwd=cwd, **kw)
         return proc.pid
 
-    def _wait(self, name: str, pid: int, port: int, timeout: float) -> None:
+    def _wait(self, name: str, pid: int, port: int, timeout: float,
+              ready: Callable[[], bool] | None = None) -> None:
+        """Until ``name`` listens on ``port`` (or ``ready()``); its log's end if it dies."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not _alive(pid):
                 tail = (self.state / "logs" / f"{name}.log").read_text(errors="replace")
                 tail = "\n".join(tail.splitlines()[-15:])
                 raise RuntimeError(f"{name} exited during start-up; end of its log:\n{tail}")
-            if _port_open(port):
+            if ready() if ready else _port_open(port):
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"{name} did not open port {port} within {timeout:g} s")
+        raise RuntimeError(f"{name} was not ready within {timeout:g} s (port {port})")
 
     def _board(self) -> None:
         """The demo's ethics board: a key pair and a signed grant for the demo project."""
@@ -460,19 +561,22 @@ class Demo:
                    "BULLE_HUB_PROXY_API_PORT": str(ports["hub-proxy-api"]),
                    "BULLE_COORDINATOR_URL": f"http://127.0.0.1:{ports['coordinator']}",
                    "BULLE_HUB_SERVICE_TOKEN_FILE": str(self._service_token())}
-        if self.accounts:  # root: the proxy as the coordinator's user, the data hidden
+        if self.accounts:  # root: the hub as the coordinator's user, servers by the broker
             hub_env.pop("BULLE_DATA", None)
-            hub_env.update(BULLE_HUB_PROXY_USER=users.COORD_USER,
-                           BULLE_HUB_HIDDEN_PATHS=os.pathsep.join(self._hidden()))
-        with (self.state / "logs" / "hub.log").open("ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "jupyterhub_config.py")],
-                env=hub_env, stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=hub_state,
-                umask=0o077 if self.accounts else -1)
-        pids["hub"] = proc.pid
+            users.own(hub_state / "users.json", self.accounts["coord"], 0o600)
+            sock = self.state / "spawner" / "spawn.sock"
+            pids["spawnbroker"] = self._spawn("spawnbroker", [
+                "--socket", str(sock), "--hub-user", users.COORD_USER,
+                "--singleuser", str(Path(sys.executable).parent / "jupyterhub-singleuser"),
+                "--hide", os.pathsep.join(self._hidden())], env, None,
+                module="enclave._spawnbroker")
+            self.pids_file.write_text(json.dumps(pids))
+            self._wait("spawnbroker", pids["spawnbroker"], 0, 30, ready=sock.exists)
+            hub_env["BULLE_HUB_SPAWN_SOCKET"] = str(sock)
+        pids["hub"] = self._spawn("hub", ["-f", str(REPO / "jupyterhub_config.py")], hub_env,
+                                  "coord", module="jupyterhub", home="hub")
         self.pids_file.write_text(json.dumps(pids))
-        self._wait("hub", proc.pid, ports["hub"], 90)
+        self._wait("hub", pids["hub"], ports["hub"], 90)
         deadline = time.monotonic() + 90
         while True:  # the proxy listens first; the hub answers once routes are set
             try:
@@ -481,7 +585,7 @@ class Demo:
                     return passwords
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline or not _alive(proc.pid):
+            if time.monotonic() > deadline or not _alive(pids["hub"]):
                 raise RuntimeError("the hub did not answer within 90 s; see logs/hub.log")
             time.sleep(0.2)
 

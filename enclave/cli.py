@@ -15,7 +15,9 @@ def main(argv: list[str]) -> int:
     from enclave._demo import EXAMPLE, NODES, Demo
 
     parser = argparse.ArgumentParser(prog="bulle demo")
-    parser.add_argument("action", choices=["up", "down", "env", "status"])
+    parser.add_argument("action", choices=["up", "down", "env", "status", "add-node"])
+    parser.add_argument("config", nargs="?", type=Path,
+                        help="add-node: the new node's config (see deploy/demo/nodes/)")
     parser.add_argument("--state", type=Path, help="state folder (default .bulle-demo)")
     parser.add_argument("--data", type=Path,
                         help="the open-data folder (default $BULLE_DATA or ../shared/data)")
@@ -27,9 +29,18 @@ def main(argv: list[str]) -> int:
     if args.action == "env":
         print(demo.env_lines())
         return 0
+    if args.action == "add-node":
+        if args.config is None:
+            parser.error("add-node needs the node's config file")
+        try:
+            demo.add_node(args.config)
+        except RuntimeError as e:
+            print(f"bulle demo add-node: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.action == "status":
         running = demo.running()
-        for name in (*NODES, "coordinator", "hub"):
+        for name in (*demo.node_ids(), "coordinator", "hub"):
             state = f"running (pid {running[name]})" if name in running else "stopped"
             print(f"{name:<12} {state}")
         return 0 if demo.healthy() else 1

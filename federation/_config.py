@@ -111,6 +111,17 @@ class CoordinatorConfig:
         host, _, port = self.listen.rpartition(":")
         return host or "127.0.0.1", int(port)
 
+    @property
+    def state(self) -> Path:
+        """The coordinator's state folder (ledger, audit chain, jobs)."""
+        return self.state_dir or Path.cwd() / "coordinator-state"
+
+    @property
+    def database(self) -> str:
+        """Where the ledger, the project and the node registries live: ``database_url``,
+        else a SQLite file in the state folder."""
+        return self.database_url or str(self.state / "ledger.sqlite")
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()

@@ -28,6 +28,7 @@ from federation._config import CoordinatorConfig, Researcher, hash_token
 from federation._errors import QueryError, evaluation_failed
 from federation._hubauth import CONFIG_TOKEN_SCOPES, Caller, HubAuth
 from federation._merge import Released, merge
+from federation._noderegistry import NodeRegistry
 from federation._nodes import NodeClient, client_credentials, describe_rpc_error, rpc_outcome
 from federation._planner import plan_event, plan_query
 from federation._projects import Projects
@@ -107,7 +108,14 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         creds = client_credentials(config)
-        self.clients = {n.id: NodeClient(n, creds) for n in config.nodes}
+        self._creds = creds
+        self.config.state.mkdir(parents=True, exist_ok=True)
+        # The nodes it routes to: the config's, changed by `bulle coordinator nodes`
+        self.node_registry = NodeRegistry(config.database, config.nodes)
+        self.clients: dict[str, NodeClient] = {}  # replaced whole, never changed in place
+        self._nodes_version = -1
+        self._nodes_lock = threading.Lock()
+        self._sync_nodes()
         # Two pools: a query waits on its fan-out calls, so they must not share workers.
         self.pool = futures.ThreadPoolExecutor(max_workers=max(4, 4 * len(self.clients)),
                                                thread_name_prefix="bulle-fanout")
@@ -126,8 +134,44 @@ class Coordinator:
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
         self.hub = HubAuth(config.hub) if config.hub else None
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_nodes, name="bulle-nodes", daemon=True).start()
+
+    # -- the node registry --------------------------------------------------------------
+    def _sync_nodes(self) -> bool:
+        """Take up the registry's changes (new clients, moved or removed nodes); whether
+        anything changed."""
+        with self._nodes_lock:
+            version = self.node_registry.version()
+            if version == self._nodes_version:
+                return False
+            wanted = {n.id: n for n in self.node_registry.active()}
+            old = self.clients
+            keep = {nid: c for nid, c in old.items()
+                    if nid in wanted and c.address == wanted[nid].address}
+            new = {nid: NodeClient(n, self._creds) for nid, n in wanted.items()
+                   if nid not in keep}
+            self.clients = {**keep, **new}
+            if hasattr(self, "references"):
+                self.references.clients = self.clients
+            self._nodes_version = version
+        for nid, c in old.items():
+            if nid not in keep:
+                c.close()  # a removed (or moved) node gets no plan any more
+        if old or new:
+            log.info("nodes: %s", ", ".join(sorted(self.clients)) or "none")
+        return bool(old.keys() ^ self.clients.keys()) or bool(new)
+
+    def _watch_nodes(self, every_s: float = 1.0) -> None:
+        while not self._closed.wait(every_s):
+            try:
+                if self._sync_nodes() and self._catalog:
+                    self.catalog(refresh=True)
+            except Exception:
+                log.exception("node registry sync failed")
 
     def close(self) -> None:
+        self._closed.set()
         if self.hub is not None:
             self.hub.close()
         self.query_pool.shutdown(wait=False, cancel_futures=True)
@@ -452,10 +496,11 @@ class Coordinator:
             result = client.execute(plan, timeout)
             return result, result.arrow_ipc
 
-        calls = {nid: self.pool.submit(call, self.clients[nid]) for nid in nodes}
+        clients = self.clients
+        calls = {nid: self.pool.submit(call, clients[nid]) for nid in nodes if nid in clients}
         parts = []
         refused: dict[str, str] = {}
-        unreachable: dict[str, str] = {}
+        unreachable = {nid: "removed" for nid in nodes if nid not in clients}
         failed = False
         for nid, fut in calls.items():
             try:

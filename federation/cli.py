@@ -22,7 +22,17 @@ def main(argv: list[str]) -> int:
     serve = sub.add_parser("serve", help="serve the HTTP API in front of the nodes")
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--log-level", default="info")
+    nodes = sub.add_parser("nodes", help="the node registry: list, add or remove nodes of "
+                           "the federation (a running coordinator follows within a second)")
+    nodes.add_argument("action", choices=["list", "add", "remove"])
+    nodes.add_argument("node", nargs="?", help="node id (the CN of its certificate)")
+    nodes.add_argument("address", nargs="?", help="host:port of its agent (add)")
+    nodes.add_argument("--config", required=True, type=Path)
+    nodes.add_argument("--actor", default=None, help="who makes the change (audit; default: "
+                       "the system user)")
     args = parser.parse_args(argv[1:])
+    if args.cmd == "nodes":
+        return _nodes(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -43,6 +53,48 @@ def main(argv: list[str]) -> int:
     finally:
         coordinator.close()
     return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    """``bulle coordinator nodes list|add|remove``: the registry in the coordinator's
+    database, each change in its audit chain."""
+    import getpass
+
+    from federation._noderegistry import NodeRegistry, NodeRegistryError
+    from privacy import AuditLog
+
+    try:
+        config = load_coordinator_config(args.config)
+    except ConfigError as e:
+        print(f"bulle coordinator nodes: {e}", file=sys.stderr)
+        return 2
+    registry = NodeRegistry(config.database, config.nodes)
+    try:
+        if args.action == "list":
+            for e in registry.entries():
+                print(f"{e.id:<20} {e.address:<28} {e.status:<8} {e.source}"
+                      + (f" ({e.changed_at}, {e.changed_by})" if e.changed_at else ""))
+            return 0
+        if not args.node or (args.action == "add") != bool(args.address):
+            print(f"bulle coordinator nodes {args.action}: give "
+                  f"{'NODE ADDRESS' if args.action == 'add' else 'NODE'}", file=sys.stderr)
+            return 2
+        actor = args.actor or getpass.getuser()
+        try:
+            entry = (registry.add(args.node, args.address, actor) if args.action == "add"
+                     else registry.remove(args.node, actor))
+        except NodeRegistryError as e:
+            print(f"bulle coordinator nodes {args.action}: {e}", file=sys.stderr)
+            return 2
+        config.state.mkdir(parents=True, exist_ok=True)
+        done = "added" if args.action == "add" else "removed"
+        AuditLog(config.state / "audit.sqlite").append(
+            actor, "", f"node_{done}", {"node": entry.id, "address": entry.address})
+        print(f"node {entry.id} {done} ({entry.address}); a running coordinator takes it "
+              "up within a second")
+        return 0
+    finally:
+        registry.close()
 
 
 def _certs(argv: list[str]) -> int:

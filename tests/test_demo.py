@@ -39,6 +39,7 @@ def state() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="bulle-demo-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path.parent / f"{path.name}-added", ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -68,11 +69,56 @@ def test_demo_up_query_down(state: Path) -> None:
         again = bulle("demo", "up", state=state)
         assert again.returncode == 0 and "already running" in again.stdout
         assert json.loads((state / "pids.json").read_text()) == pids
+        # One more node joins the running federation: no coordinator restart.
+        added = bulle("demo", "add-node", str(_second_gp_node(state)), state=state)
+        assert added.returncode == 0, added.stderr + added.stdout
+        before, pids = pids, json.loads((state / "pids.json").read_text())
+        assert pids == {**before, "gp-copy": pids["gp-copy"]}  # the coordinator kept running
+        _wait_gp_pupils(hub, 2 * 423, 8)  # GP pupils now at two nodes, ±4 each
+        status = bulle("demo", "status", state=state).stdout
+        assert re.search(r"gp-copy\s+running", status), status
+        # `up` after `down` brings it back, on the port the coordinator has registered.
+        assert bulle("demo", "down", state=state).returncode == 0
+        assert not any(_alive(pid) for pid in pids.values())
+        assert bulle("demo", "up", state=state).returncode == 0
+        pids = json.loads((state / "pids.json").read_text())
+        assert "gp-copy" in pids
+        env = bulle("demo", "env", state=state).stdout.strip()
+        values = dict(kv.split("=", 1) for kv in env.removeprefix("export ").split())
+        _wait_gp_pupils(connect(values["BULLE_URL"], values["BULLE_TOKEN"]), 2 * 423, 8)
     finally:
         down = bulle("demo", "down", state=state)
     assert down.returncode == 0
     assert not any(_alive(pid) for pid in pids.values())
     assert bulle("demo", "down", state=state).stdout.strip() == "nothing was running"
+
+
+def _second_gp_node(state: Path) -> Path:
+    """A new node publishing the GP pupils again (the demo's region-gp, another id), in a
+    folder the node's service user can read."""
+    src = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "nodes" / "region-gp.toml"
+    folder = state.parent / f"{state.name}-added"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    path = folder / "gp-copy.toml"
+    path.write_text(src.read_text().replace('"region-gp"', '"gp-copy"')
+                    .replace("/region-gp", "/gp-copy"))
+    path.chmod(0o644)
+    return path
+
+
+def _wait_gp_pupils(hub, expected: int, tolerance: int, timeout: float = 30.0) -> None:
+    """Until the GP count reaches ``expected`` (within the cell-key perturbation)."""
+    import time
+
+    deadline, got = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        df = hub.sql("SELECT COUNT(*) AS pupils FROM lycee_students WHERE school = 'GP'",
+                     progress=False)
+        got = int(df["pupils"][0])
+        if abs(got - expected) <= tolerance:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"GP pupils {got}, expected {expected} ± {tolerance}")
 
 
 def test_demo_refuses_a_state_its_service_users_cannot_enter(tmp_path: Path) -> None:

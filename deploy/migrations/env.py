@@ -8,6 +8,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import MetaData, create_engine, pool
 
+import federation._noderegistry  # noqa: F401 -- adds bulle_nodes to the registry's metadata
 from federation._registry import metadata as registry_metadata
 from privacy import ledger_metadata
 
@@ -28,7 +29,7 @@ def database_url() -> str:
         # The coordinator's own config: the database migrated is the one it will open.
         from federation._config import load_coordinator_config
 
-        url = load_coordinator_config(x["coordinator_config"]).database_url
+        url = load_coordinator_config(x["coordinator_config"]).database
     url = url or os.environ.get("BULLE_DATABASE_URL", "")
     if not url:
         raise SystemExit("no database: pass -x url=URL or -x coordinator_config=FILE, "

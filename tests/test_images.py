@@ -1,0 +1,338 @@
+"""Build the deploy/images and run them: a real federated query end to end (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests._net import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = "bulle-base:bookworm"
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def build_base_image(docker, name: str = BASE_IMAGE) -> float:
+    """Debian bookworm minbase with python3 and the host's CA certificates (TRAPS.md).
+
+    No registry is reachable here: debootstrap makes the root fs, ``docker import`` the
+    image. Cached by name. Returns the seconds it took (0 when cached).
+    """
+    if docker.has_image(name):
+        return 0.0
+    t0 = time.monotonic()
+    rootfs = Path(tempfile.mkdtemp(prefix="bulle-rootfs-"))
+    try:
+        subprocess.run(["debootstrap", "--variant=minbase",
+                        "--include=python3,python3-venv,ca-certificates",
+                        "bookworm", str(rootfs)], check=True, capture_output=True, timeout=900)
+        # HTTPS to the registries goes through a re-signing proxy: trust what the host trusts.
+        dest = rootfs / "usr/local/share/ca-certificates"
+        dest.mkdir(parents=True, exist_ok=True)
+        if HOST_CA_DIR.is_dir():
+            for crt in HOST_CA_DIR.rglob("*.crt"):
+                shutil.copy(crt, dest / crt.name)
+        subprocess.run(["chroot", str(rootfs), "update-ca-certificates"], check=True,
+                       capture_output=True, timeout=120)
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for f in (rootfs / junk).glob("*"):
+                if f.is_file():
+                    f.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        docker.run("import", "-", name, stdin=tar.stdout, timeout=600)
+        tar.wait(timeout=60)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return time.monotonic() - t0
+
+
+IMAGES = {  # tag: Dockerfile
+    "bulle-node-sql:test": "node-sql.Dockerfile",
+    "bulle-node:test": "node.Dockerfile",
+    "bulle-coordinator:test": "coordinator.Dockerfile",
+    "bulle-notebook:test": "notebook.Dockerfile",
+}
+TORCH = "torch==2.13.0"
+WHEELS = Path(os.environ.get("BULLE_WHEEL_CACHE", Path.home() / ".cache" / "bulle-wheels"))
+
+
+def torch_wheel_dir() -> Path:
+    """A folder holding the CPU torch wheel, fetched by the host's pip (its config knows where
+    the CPU wheel lies: a local folder or the CPU index), cached between runs."""
+    if not list(WHEELS.glob("torch-2.13.0*.whl")):
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", TORCH, "-d", str(WHEELS)], check=True,
+                       timeout=900)
+    return WHEELS
+
+
+class WheelServer:
+    """``python -m http.server`` over the wheel folder: the builds' TORCH_FIND_LINKS."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def build_image(docker, tag: str, dockerfile: str, wheels_url: str | None,
+                base: str = BASE_IMAGE) -> float:
+    """``docker build`` one image of deploy/images from the base image; seconds taken."""
+    args = ["build", "-f", str(ROOT / "deploy" / "images" / dockerfile), "-t", tag,
+            "--network=host", "--build-arg", f"BASE_IMAGE={base}"]
+    if wheels_url:
+        # the CPU wheel from the host; torch's own dependencies from PyPI
+        args += ["--build-arg", f"TORCH_FIND_LINKS={wheels_url}",
+                 "--build-arg", "TORCH_INDEX=https://pypi.org/simple"]
+    t0 = time.monotonic()
+    docker.run(*args, str(ROOT), timeout=1800)
+    return time.monotonic() - t0
+
+
+def image_size_mb(docker, tag: str) -> float:
+    out = docker.run("image", "inspect", tag, "--format", "{{.Size}}").stdout
+    return int(out.strip()) / 1e6
+
+
+# ------------------------------------------------------------------ the run, end to end
+
+DATA = Path(os.environ.get("BULLE_DATA") or ROOT.parent / "shared" / "data")
+TOKEN = "image-test-token-researcher-0123456789"
+UID = 10001  # the images' user (the manifests' runAsUser)
+# deploy/k8s/manifests (coordinator.yaml securityContext *restricted*, deploy/node/compose.yaml):
+# non-root, read-only root fs, no capabilities, no privilege escalation, a tmpfs /tmp.
+LOCKED_DOWN = ["--user", f"{UID}:{UID}", "--read-only", "--cap-drop", "ALL",
+               "--security-opt", "no-new-privileges:true", "--tmpfs", "/tmp",
+               "--network", "host"]
+
+
+@pytest.fixture(scope="module")
+def docker():
+    from tests._docker import Daemon, DockerUnavailable
+    try:
+        daemon = Daemon()
+    except DockerUnavailable as e:
+        pytest.skip(f"no docker here: {e}")  # a failure under BULLE_REQUIRE_ALL=1 (CI)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def images(docker) -> dict[str, float]:
+    """Every image of deploy/images built from the debootstrap base; seconds per build."""
+    took = {BASE_IMAGE: build_base_image(docker)}
+    server = WheelServer(torch_wheel_dir())
+    try:
+        for tag, dockerfile in IMAGES.items():
+            took[tag] = build_image(docker, tag, dockerfile, server.url)
+    finally:
+        server.stop()
+    for tag, seconds in took.items():
+        size = image_size_mb(docker, tag)
+        print(f"\n{tag}: {size:.0f} MB, built in {seconds:.0f} s")
+    return took
+
+
+def _node_toml(node_id: str, school: str, port: int) -> str:
+    """The demo's node config (deploy/demo/nodes), with the container's paths; the open tier
+    so that the answer is exact and can be asserted."""
+    text = (ROOT / "deploy" / "demo" / "nodes" / f"{node_id}.toml").read_text()
+    text = text.replace('tier = "restricted"', 'tier = "open"')
+    text = text.replace("${BULLE_DATA}", "/data")
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("listen ="):
+            line = f'listen = "127.0.0.1:{port}"'
+        elif line.startswith("state_dir ="):
+            line = 'state_dir = "/var/lib/bulle/state"'
+        elif line.startswith("board_public_key ="):
+            continue
+        elif line.startswith("cert ="):
+            line = f'cert = "/etc/bulle/tls/{node_id}.pem"'
+        elif line.startswith("key ="):
+            line = f'key = "/etc/bulle/tls/{node_id}.key"'
+        elif line.startswith("client_ca ="):
+            line = 'client_ca = "/etc/bulle/tls/ca.pem"'
+        lines.append(line)
+    assert f"school = '{school}'" in text
+    return "\n".join(lines) + "\n"
+
+
+def _get(url: str, token: str | None = None, body: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"}
+                                             if token else {})})
+    with urllib.request.urlopen(req, timeout=90) as r:
+        return json.loads(r.read())
+
+
+def _wait_http(url: str, container: str, docker, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            _get(url)
+            return
+        except OSError:
+            state = docker.run("inspect", "-f", "{{.State.Status}}", container, check=False)
+            if state.stdout.strip() != "running":
+                break
+            time.sleep(0.5)
+    logs = docker.run("logs", container, check=False)
+    raise AssertionError(f"{container} not up:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+
+
+def _chown(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, UID, UID)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path) -> None:
+    import duckdb
+
+    from federation._certs import make_certs
+    from federation._config import hash_token
+    from tests._postgres import PostgresUnavailable, server
+
+    t0 = time.monotonic()
+    try:
+        pg = server()
+    except PostgresUnavailable as e:
+        pytest.fail(f"PostgreSQL is needed (.ci/run installs it): {e}")
+    database = pg.create_database().rsplit("/", 1)[-1]
+    nodes = {"region-gp": ("GP", "bulle-node-sql:test"), "region-ms": ("MS", "bulle-node:test")}
+    certs = make_certs(tmp_path / "tls", list(nodes))
+    ports = {n: free_port() for n in nodes}
+    names: list[str] = []
+    run_id = os.urandom(3).hex()
+    try:
+        for node_id, (school, image) in nodes.items():
+            etc, state = tmp_path / node_id / "etc", tmp_path / node_id / "state"
+            (etc / "tls").mkdir(parents=True)
+            state.mkdir(parents=True)
+            for f in ("ca.pem", f"{node_id}.pem", f"{node_id}.key"):
+                shutil.copy(certs / f, etc / "tls" / f)
+            (etc / "node.toml").write_text(_node_toml(node_id, school, ports[node_id]))
+            _chown(tmp_path / node_id)
+            name = f"bulle-test-{node_id}-{run_id}"
+            names.append(name)
+            docker.run("run", "-d", "--name", name, *LOCKED_DOWN,
+                       "-v", f"{etc}:/etc/bulle:ro", "-v", f"{DATA}:/data:ro",
+                       "-v", f"{state}:/var/lib/bulle", image,
+                       "node", "serve", "--config", "/etc/bulle/node.toml")
+        for node_id, port in ports.items():  # both nodes listening before the coordinator
+            end = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < end, docker.run(
+                        "logs", f"bulle-test-{node_id}-{run_id}", check=False).stderr[-3000:]
+                    time.sleep(0.3)
+        coord = tmp_path / "coordinator"
+        (coord / "tls").mkdir(parents=True)
+        (coord / "state").mkdir()
+        for src, dst in (("bulle-coordinator.pem", "tls.crt"), ("bulle-coordinator.key",
+                                                                 "tls.key"), ("ca.pem", "ca.crt")):
+            shutil.copy(certs / src, coord / "tls" / dst)
+        http = free_port()
+        node_lines = "".join(f'\n[[node]]\nid = "{n}"\naddress = "127.0.0.1:{p}"\n'
+                             for n, p in ports.items())
+        (coord / "coordinator.toml").write_text(
+            f'listen = "127.0.0.1:{http}"\nnode_timeout_s = 30\n'
+            'state_dir = "/var/lib/bulle/coordinator"\ndatabase_url = "postgresql+psycopg://"\n'
+            '\n[tls]\ncert = "/etc/bulle/tls/tls.crt"\nkey = "/etc/bulle/tls/tls.key"\n'
+            f'ca = "/etc/bulle/tls/ca.crt"\n{node_lines}\n[[researcher]]\nname = "alice"\n'
+            f'token_sha256 = "{hash_token(TOKEN)}"\nprojects = ["demo"]\n')
+        _chown(coord)
+        # the bulle-postgres ConfigMap's libpq environment (the password-less test server)
+        pgenv = ["-e", "PGHOST=127.0.0.1", "-e", f"PGPORT={pg.port}", "-e",
+                 f"PGDATABASE={database}", "-e", "PGUSER=postgres", "-e", "PGSSLMODE=disable",
+                 "-e", "PGAPPNAME=bulle-coordinator"]
+        mounts = ["-v", f"{coord / 'coordinator.toml'}:/etc/bulle/coordinator.toml:ro",
+                  "-v", f"{coord / 'tls'}:/etc/bulle/tls:ro",
+                  "-v", f"{coord / 'state'}:/var/lib/bulle"]
+        # the Deployment's init container: the migrations first
+        migrate = docker.run("run", "--rm", *LOCKED_DOWN, *pgenv, *mounts,
+                             "--entrypoint", "alembic", "bulle-coordinator:test",
+                             "-c", "/opt/bulle/migrations/alembic.ini",
+                             "-x", "coordinator_config=/etc/bulle/coordinator.toml",
+                             "upgrade", "head", timeout=300)
+        assert migrate.returncode == 0
+        name = f"bulle-test-coordinator-{run_id}"
+        names.append(name)
+        docker.run("run", "-d", "--name", name, *LOCKED_DOWN, *pgenv, *mounts,
+                   "bulle-coordinator:test",
+                   "coordinator", "serve", "--config", "/etc/bulle/coordinator.toml")
+        base = f"http://127.0.0.1:{http}/v1"
+        _wait_http(f"{base}/health", name, docker)
+        sql = ("SELECT school, COUNT(*) AS n, SUM(g3) AS g3 FROM lycee_students "
+               "GROUP BY school ORDER BY school")
+        reply = _get(f"{base}/queries", TOKEN, {"sql": sql, "wait_s": 120})
+        assert reply["status"] == "done", reply
+        got = reply["result"]
+        csv = DATA / "uci-student-performance" / "student-por.csv"
+        want = duckdb.sql(f"SELECT school, COUNT(*) AS n, SUM(CAST(G3 AS BIGINT)) AS g3 "
+                          f"FROM read_csv('{csv}', delim=';') GROUP BY school "
+                          "ORDER BY school").fetchall()
+        rows = got.get("rows") if isinstance(got, dict) else None
+        assert rows is not None, got
+        assert [tuple(r) if isinstance(r, list) else tuple(r.values()) for r in rows] == \
+            [tuple(w) for w in want], got
+        # the ledger is in PostgreSQL: the coordinator wrote to the migrated schema
+        import psycopg
+        with psycopg.connect(host="127.0.0.1", port=pg.port, user="postgres",
+                             dbname=database) as conn:
+            tables = {r[0] for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert "alembic_version" in tables, tables
+    finally:
+        for name in names:
+            docker.run("rm", "-f", name, check=False)
+    print(f"\nrun from the images: {time.monotonic() - t0:.0f} s")
+
+
+def test_notebook_image_has_the_sdk_and_singleuser(docker, images) -> None:
+    done = docker.run("run", "--rm", "--user", "1000:100", "--read-only", "--tmpfs", "/tmp",
+                      "--entrypoint", "sh", "bulle-notebook:test", "-c",
+                      "jupyterhub-singleuser --version && python -c 'import enclave, pandas'")
+    assert done.returncode == 0
+
+
+def test_slim_node_image_has_no_training_stack(docker, images) -> None:
+    done = docker.run("run", "--rm", "--entrypoint", "python", "bulle-node-sql:test", "-c",
+                      "import importlib.util as u; print([m for m in ('torch', 'flwr', "
+                      "'opacus', 'jupyterhub', 'pandas', 'fastapi') if u.find_spec(m)])")
+    assert done.stdout.strip() == "[]", done.stdout
