@@ -15,13 +15,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting as dpa
 import pyarrow as pa
 from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from privacy import dp_count, dp_sum, laplace_event
+
+if TYPE_CHECKING:
+    import dp_accounting as dpa
 
 MAX_DOMAIN_CELLS = 100_000
 
@@ -52,6 +55,8 @@ class DpSpec:
         return self.epsilon / max(len(self.partials), 1)
 
     def event(self) -> dpa.DpEvent:
+        import dp_accounting as dpa  # on first DP release, not with the node (issue 13)
+
         return dpa.ComposedDpEvent([laplace_event(self.epsilon_each)] * len(self.partials))
 
 

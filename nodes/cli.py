@@ -115,6 +115,11 @@ def _ingest(config, table: str | None, force: bool) -> int:
     return 2 if failed else 0
 
 
+def _warm_dp_libraries() -> None:
+    import dp_accounting  # noqa: F401
+    import opendp.prelude  # noqa: F401
+
+
 def _serve(config, superlink: str | None = None) -> int:
     from nodes._engine import NodeEngine
     from nodes._service import build_server
@@ -124,6 +129,10 @@ def _serve(config, superlink: str | None = None) -> int:
     server, port = build_server(config, engine)
     log.info("node %s serving %d tables on %s (port %d, mutual TLS)", config.node_id,
              len(config.datasets), config.listen, port)
+    if any(d.tier == "sensitive" for d in config.datasets):
+        # The DP libraries (~2 s of imports) load after the node serves, not before it does,
+        # and not in the first DP query's time.
+        threading.Thread(target=_warm_dp_libraries, name="warm-dp", daemon=True).start()
     flower = None
     if config.training is not None:  # DP training: a SuperNode and its executor, by PID
         from nodes._flower import NodeFlower, state_dir_of

@@ -4,6 +4,9 @@ Gating uses RDP with running sums at a fixed list of orders: one event's RDP vec
 computed once (and cached), then added, so a budget check costs O(#orders) whatever the
 history length. Reports use the PLD accountant (tighter, but seconds for long histories).
 Neighbouring relation everywhere: add or remove one pupil.
+
+dp-accounting (with scipy: ~2 s and ~100 MB) is imported on first use, not with this module,
+so a node that serves no DP query never loads it (issue 13).
 """
 
 from __future__ import annotations
@@ -12,19 +15,20 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attr
-import dp_accounting as dpa
 import numpy as np
-from dp_accounting import dp_event
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+if TYPE_CHECKING:
+    import dp_accounting as dpa
 
 # dp-accounting's default orders (1.1 … 1024): the stored totals depend on this exact list,
 # so it is fixed here and its length is checked when totals are loaded.
-ORDERS: tuple[float, ...] = tuple(float(o) for o in DEFAULT_RDP_ORDERS)
+# Written out (not imported) so the ledger loads without dp-accounting; a test checks it
+# equals ``dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS``.
+ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + [float(o) for o in range(11, 64)]
+    + [128.0, 256.0, 512.0, 1024.0])
 _ORDERS_ARRAY = np.array(ORDERS)
 
 
@@ -32,15 +36,20 @@ _ORDERS_ARRAY = np.array(ORDERS)
 
 # Only plain-data event classes of dp-accounting may be rebuilt from storage (no import of
 # arbitrary names from a stored string).
-_EVENT_CLASSES: dict[str, type[dpa.DpEvent]] = {
-    cls.__name__: cls
-    for cls in vars(dp_event).values()
-    if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent) and attr.has(cls)
-}
+@lru_cache(maxsize=1)
+def _event_classes() -> dict[str, type[dpa.DpEvent]]:
+    import attr
+    from dp_accounting import dp_event
+
+    return {cls.__name__: cls for cls in vars(dp_event).values()
+            if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent) and attr.has(cls)}
 
 
 def event_to_dict(event: dpa.DpEvent) -> dict[str, Any]:
     """JSON-ready dict of an event: ``{"type": class name, field: value, ...}``."""
+    import attr
+    from dp_accounting import dp_event
+
     if not isinstance(event, dp_event.DpEvent):
         raise TypeError(f"not a DpEvent: {event!r}")
 
@@ -59,7 +68,7 @@ def event_to_dict(event: dpa.DpEvent) -> dict[str, Any]:
 
 def event_from_dict(data: dict[str, Any]) -> dpa.DpEvent:
     """Inverse of ``event_to_dict``."""
-    cls = _EVENT_CLASSES.get(str(data.get("type")))
+    cls = _event_classes().get(str(data.get("type")))
     if cls is None:
         raise ValueError(f"unknown DpEvent type {data.get('type')!r}")
 
@@ -83,6 +92,9 @@ def event_key(event: dpa.DpEvent) -> str:
 
 @lru_cache(maxsize=4096)
 def _rdp_by_key(key: str) -> tuple[float, ...]:
+    import dp_accounting as dpa
+    from dp_accounting.rdp import RdpAccountant
+
     acc = RdpAccountant(orders=ORDERS)
     event = event_from_dict(json.loads(key))
     if not acc.supports(event):
@@ -191,6 +203,9 @@ def pld_epsilon(
     cheaper than repeated composition). Raises ``UnsupportedEventError`` for events PLD
     cannot handle (e.g. ``ZCDpEvent``): use ``report_epsilon`` then.
     """
+    import dp_accounting as dpa
+    from dp_accounting.pld import PLDAccountant
+
     groups: dict[str, tuple[dpa.DpEvent, int]] = {}
     for e in events:
         k = event_key(e)
@@ -208,6 +223,8 @@ def report_epsilon(events: Sequence[dpa.DpEvent], delta: float) -> tuple[float, 
 
     Both are upper bounds on the true ε at δ, so their minimum is one too.
     """
+    import dp_accounting as dpa
+
     r = rdp_epsilon(events, delta)
     try:
         p = pld_epsilon(events, delta)

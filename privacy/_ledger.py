@@ -28,9 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting as dpa
 import numpy as np
 from sqlalchemy import (
     Boolean,
@@ -50,6 +49,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+
+if TYPE_CHECKING:
+    import dp_accounting as dpa
 
 from privacy._accounting import ORDERS, RdpTotals, event_key, rdp_of_key
 

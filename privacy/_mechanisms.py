@@ -22,12 +22,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting as dpa
 import numpy as np
-import opendp.prelude as dp
 
-dp.enable_features("contrib")  # the noise measurements live behind "contrib"
+if TYPE_CHECKING:
+    import dp_accounting as dpa
+
+
+@lru_cache(maxsize=1)
+def _opendp() -> Any:
+    """OpenDP's prelude, imported on first use (a node serving no DP query never loads it)."""
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")  # the noise measurements live behind "contrib"
+    return dp
+
 
 LEVEL = 0.95
 _Z95 = 1.959964  # two-sided 95% standard-normal quantile
@@ -70,6 +80,8 @@ def gaussian_sigma(l2_sensitivity: float, epsilon: float, delta: float) -> float
     _positive(l2_sensitivity=l2_sensitivity, epsilon=epsilon)
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    import dp_accounting as dpa
+
     return l2_sensitivity * float(dpa.get_sigma_gaussian(epsilon, delta))
 
 
@@ -88,13 +100,15 @@ def gaussian_halfwidth(sigma: float, level: float = LEVEL) -> float:
 
 
 @lru_cache(maxsize=256)
-def _laplace_meas(scale: float) -> dp.Measurement:
+def _laplace_meas(scale: float) -> Any:
+    dp = _opendp()
     space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float)
     return dp.m.make_laplace(*space, scale=scale)
 
 
 @lru_cache(maxsize=256)
-def _gaussian_meas(sigma: float) -> dp.Measurement:
+def _gaussian_meas(sigma: float) -> Any:
+    dp = _opendp()
     space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l2_distance(T=float)
     return dp.m.make_gaussian(*space, scale=sigma)
 
@@ -265,6 +279,7 @@ def dp_quantile(
         raise ValueError("n_candidates must be at least 2")
     cands = [float(c) for c in np.linspace(lower, upper, n_candidates)]
     scale = quantile_gumbel_scale(epsilon, q, max_contrib)
+    dp = _opendp()
     dom = dp.vector_domain(dp.atom_domain(T=float, nan=False))
     meas = dp.m.make_private_quantile(
         dom, dp.symmetric_distance(), dp.zero_concentrated_divergence(), cands, q, scale
@@ -299,12 +314,16 @@ def quantile_rank_error(
 
 def laplace_event(epsilon: float) -> dpa.DpEvent:
     """Event of one ε-DP Laplace release (noise multiplier b/Δ = 1/ε)."""
+    import dp_accounting as dpa
+
     _positive(epsilon=epsilon)
     return dpa.LaplaceDpEvent(noise_multiplier=1.0 / epsilon)
 
 
 def gaussian_event(sigma_over_sensitivity: float) -> dpa.DpEvent:
     """Event of one Gaussian release with σ / L2-sensitivity = ``sigma_over_sensitivity``."""
+    import dp_accounting as dpa
+
     _positive(sigma_over_sensitivity=sigma_over_sensitivity)
     return dpa.GaussianDpEvent(noise_multiplier=sigma_over_sensitivity)
 
@@ -315,6 +334,8 @@ def opacus_event(history: Iterable[Sequence[float]]) -> dpa.DpEvent:
     Each entry ``(noise_multiplier, sample_rate, steps)`` becomes
     ``SelfComposed(PoissonSampled(q, Gaussian(σ)), steps)``; entries are composed.
     """
+    import dp_accounting as dpa
+
     parts: list[dpa.DpEvent] = []
     for entry in history:
         sigma, rate, steps = entry
@@ -332,6 +353,8 @@ def aggregate_event(kind: str, epsilon: float) -> dpa.DpEvent:
     quantile: ``ZCDpEvent(ε²/8)`` (exponential mechanism, bounded range). The whole grouped
     vector is one event (see the module docstring on sensitivity).
     """
+    import dp_accounting as dpa
+
     parts = {"count": 1, "sum": 1, "mean": 2, "variance": 3}
     if kind in parts:
         n = parts[kind]

@@ -121,3 +121,28 @@ def test_a_failed_load_leaves_no_file(tmp_path: Path, certs: Path,
         NodeEngine(config)
     folder = tmp_path / "solo-state" / STORAGE_DIR
     assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_serving_node_loads_no_training_or_accounting_code() -> None:
+    """The serve path imports no DP accounting, OpenDP, scipy or training stack (issue 13):
+    they load on first use (a DP release, a training round), not with every node."""
+    import subprocess
+    import sys
+
+    heavy = ["dp_accounting", "opendp", "scipy", "torch", "flwr", "opacus", "jupyterhub"]
+    code = ("import sys, nodes.cli; from nodes._engine import NodeEngine; "
+            "from nodes._service import build_server; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == ""
+
+
+def test_the_ledgers_rdp_orders_are_dp_accountings() -> None:
+    """ORDERS is written out so the ledger loads without dp-accounting; stored totals depend
+    on this exact list."""
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+    from privacy._accounting import ORDERS
+
+    assert tuple(float(o) for o in DEFAULT_RDP_ORDERS) == ORDERS
