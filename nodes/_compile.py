@@ -287,7 +287,7 @@ def _restricted_sql(plan: pb.Plan, query: exp.Select, aliases: dict[str, TableMe
                 for (name, kind, arg), pb_agg in zip(aggs, plan.aggregates, strict=True)]
     sql = restricted_sql(source[len("SELECT 1"):], [(n, e.sql("duckdb")) for n, e in keys],
                          unit.sql("duckdb"), record_key.sql("duckdb"), compiled,
-                         per_unit=not one_row_each)
+                         per_unit=not one_row_each, keyed=perturb)
     return sql, tuple((a.scale, a.count_like) for a in compiled)
 
 

@@ -102,16 +102,23 @@ def _q(name: str) -> str:
 
 
 def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
-                   record_key_sql: str, aggs: list[RestrictedAgg], per_unit: bool) -> str:
+                   record_key_sql: str, aggs: list[RestrictedAgg], per_unit: bool,
+                   keyed: bool = True) -> str:
     """The cell-level SQL over ``source_sql`` (a ``FROM … [JOIN …] [WHERE …]`` clause).
 
     ``keys``: (output name, compiled expression); names were checked by the caller.
+    ``keyed``: compute the cell and value keys the perturbation draws from; a table released
+    unperturbed (``perturb = false``) needs neither, and the per-row hashes are most of the
+    query's CPU (issue 13).
     """
     row_items = [f"{sql} AS {_q(name)}" for name, sql in keys]
     key_names = [_q(name) for name, _ in keys]
     if per_unit:
-        row_items += [f"{unit_sql} AS __unit", f"{record_key_sql} AS __rk"]
-        unit_items = [*key_names, "__unit", "any_value(__rk) AS __rk"]
+        row_items.append(f"{unit_sql} AS __unit")
+        unit_items = [*key_names, "__unit"]
+        if keyed:
+            row_items.append(f"{record_key_sql} AS __rk")
+            unit_items.append("any_value(__rk) AS __rk")
         for i, a in enumerate(aggs):
             if a.arg_sql is not None:
                 row_items.append(f"{a.arg_sql} AS __a{i}")
@@ -119,11 +126,14 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
         inner = (f"SELECT {', '.join(unit_items)} FROM (SELECT {', '.join(row_items)} "
                  f"{source_sql}) AS __rows GROUP BY {', '.join([*key_names, '__unit'])}")
     else:  # one row per unit: a row's contribution is its own value
-        row_items.append(f"{record_key_sql} AS __rk")
+        if keyed:
+            row_items.append(f"{record_key_sql} AS __rk")
         for i, a in enumerate(aggs):
             row_items.append(f"{_per_row(a.kind, a.arg_sql)} AS __c{i}")
         inner = f"SELECT {', '.join(row_items)} {source_sql}"
-    cell_items = [*key_names, "count(*) AS __n", f"sum(__rk) % {_KEY_MOD} AS __k"]
+    cell_items = [*key_names, "count(*) AS __n"]
+    if keyed:
+        cell_items.append(f"sum(__rk) % {_KEY_MOD} AS __k")
     for i, a in enumerate(aggs):
         c = f"__c{i}"
         if a.kind in ORDER_KINDS:
@@ -137,9 +147,10 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
         members = nonzero if a.count_like else f"FILTER (WHERE {c} IS NOT NULL)"
         cell_items.append(f"sum({c}) AS {_q(a.name)}")
         if a.kind != pb.COUNT_ROWS:  # COUNT(*): every unit of the cell, its __n and __k
-            cell_items += [f"count(*) {nonzero} AS __n{i}",
-                           f"coalesce(sum(__rk) {members} % {_KEY_MOD}, 0) AS __k{i}"]
-        if not a.count_like:
+            cell_items.append(f"count(*) {nonzero} AS __n{i}")
+            if keyed:
+                cell_items.append(f"coalesce(sum(__rk) {members} % {_KEY_MOD}, 0) AS __k{i}")
+        if keyed and not a.count_like:
             # the value key: what each of them adds, keyed by its record key. The same
             # units with other contributions (an offset, a reweighted row) get an
             # independent draw, so the difference of two such sums is never exact
