@@ -41,14 +41,42 @@ def cap_pull_backoff(initial: float = 0.02, cap: float = 0.2) -> None:
         defaults["initial_backoff"], defaults["backoff_cap"] = initial, cap
 
 
+class IdleBackoff:
+    """The wait between polls: ``active`` seconds while there is work, growing ×1.5 per
+    empty poll up to ``idle`` once there is none, so an idle federation costs next to no
+    CPU (issue 13: polling every 0.2 s kept the SuperLink at ~16% of a core) while a run in
+    progress keeps its short waits. The first message after a long idle waits ≤ ``idle``."""
+
+    def __init__(self, active: float, idle: float = 2.0) -> None:
+        self.active, self.idle = active, max(idle, active)
+        self._next = active
+
+    def empty(self) -> float:
+        """Seconds to wait after an empty poll (and lengthen the next one)."""
+        wait = self._next
+        self._next = min(self._next * 1.5, self.idle)
+        return wait
+
+    def busy(self) -> None:
+        """There was work: back to short waits."""
+        self._next = self.active
+
+
 class _CappedTime(types.ModuleType):
-    """``time`` with ``sleep`` capped: the SuperNode loop's only waiting primitive."""
+    """``time`` with ``sleep`` capped: the SuperNode loop's only waiting primitive. Its
+    3 s sleep follows an empty pull (backs off, see ``IdleBackoff``); its 0.5 s sleeps wait
+    for a reply being computed (work: short waits again)."""
 
     def __init__(self, cap: float) -> None:
         super().__init__("time")
         self._cap = cap
+        self._backoff = IdleBackoff(cap)
 
     def sleep(self, seconds: float) -> None:
+        if seconds >= 3:  # start_client_internal: `time.sleep(3)` after an empty pull
+            time.sleep(self._backoff.empty())
+            return
+        self._backoff.busy()
         time.sleep(min(seconds, self._cap))
 
     def __getattr__(self, name: str) -> Any:

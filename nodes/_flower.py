@@ -115,6 +115,7 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
 
     from bulle_flower._fab import fab_sha256
     from bulle_flower._fence import APPIO_SECRET_ENV, SecretHeader, take_secret
+    from bulle_flower._patches import IdleBackoff
     from nodes import _training
     from nodes._config import load_node_config
     from nodes._engine import NodeEngine
@@ -158,6 +159,7 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
     log.info("node %s: training executor ready (FAB sha256 %s, models %s)", config.node_id,
              allowed, ", ".join(config.training.models))
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    idle = IdleBackoff(poll_s)
     exit_code = 0
     while not stop.is_set():
         codes = _reap(children)
@@ -176,6 +178,7 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
             stop.wait(max(poll_s, 0.5))
             continue
         if res.HasField("task") and res.token:
+            idle.busy()
             pid = os.fork()
             if pid == 0:  # the task process
                 code = 1
@@ -186,7 +189,7 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
                     os._exit(code)
             children.add(pid)
             continue  # maybe another task is waiting
-        stop.wait(poll_s)
+        stop.wait(idle.empty())
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
