@@ -10,13 +10,12 @@ round), next to ``metrics``, the per-round history.
 from __future__ import annotations
 
 import io
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-
-from enclave._client import _info
 
 if TYPE_CHECKING:
     from enclave._client import Hub
@@ -77,19 +76,20 @@ class TrainingJob:
     def wait(self, timeout: float | None = None, progress: bool = True) -> dict[str, Any]:
         started = time.monotonic()
         s = self._last
-        if progress and s["status"] not in FINAL:
-            _bar(s)  # at once: "0/5 rounds … starting" while the nodes get the run
-        while s["status"] not in FINAL:
-            if timeout is not None and time.monotonic() - started > timeout:
-                from enclave._client import BulleError
+        bar = _Progress(s) if progress and s["status"] not in FINAL else None
+        try:  # the bar shows at once ("0/5 rounds, starting") while the nodes get the run
+            while s["status"] not in FINAL:
+                if timeout is not None and time.monotonic() - started > timeout:
+                    from enclave._client import BulleError
 
-                raise BulleError("timeout", f"training {self.id} still running after "
-                                 f"{timeout:g} s")
-            s = self.status(wait_s=10.0, after_round=s["rounds_done"])
-            if progress:
-                _bar(s)
-        if progress:
-            _info("")
+                    raise BulleError("timeout", f"training {self.id} still running after "
+                                     f"{timeout:g} s")
+                s = self.status(wait_s=10.0, after_round=s["rounds_done"])
+                if bar is not None:
+                    bar.show(s)
+        finally:
+            if bar is not None:
+                bar.close()
         return s
 
     def result(self, timeout: float | None = None, progress: bool = True) -> TrainingResult:
@@ -115,13 +115,28 @@ class TrainingJob:
                               s.get("evaluation"))
 
 
-def _bar(s: dict[str, Any], width: int = 20) -> None:
-    done, total = s["rounds_done"], s["rounds_planned"]
-    fill = int(width * done / max(total, 1))
-    last = s["rounds"][-1] if s["rounds"] else {}
-    acc = f"  acc {last['accuracy']:.3f}" if last.get("accuracy") is not None else ""
-    _info(f"\r{s['model']} on {s['table']} [{'#' * fill}{'-' * (width - fill)}] "
-          f"{done}/{total} rounds{acc}  ε {s['epsilon_spent']:.3g}  {s['status']}   ", end="")
+class _Progress:
+    """Rounds released so far: ``tqdm.auto`` (a widget in a notebook, a bar in a terminal),
+    on standard output (notebooks colour the error stream as an error)."""
+
+    def __init__(self, s: dict[str, Any]) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=max(s["rounds_planned"], 1), unit="round", file=sys.stdout,
+                         desc=f"{s['model']} on {s['table']}", dynamic_ncols=True)
+        self.show(s)
+
+    def show(self, s: dict[str, Any]) -> None:
+        last = s["rounds"][-1] if s["rounds"] else {}
+        after = {"ε": f"{s['epsilon_spent']:.3g}", "status": s["status"]}
+        if last.get("accuracy") is not None:
+            after = {"acc": f"{last['accuracy']:.3f}", **after}
+        self._bar.n = s["rounds_done"]
+        self._bar.set_postfix(after, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def start_training(hub: Hub, **request: Any) -> TrainingJob:

@@ -26,13 +26,18 @@ def url(exact_fed) -> Iterator[str]:
         yield base
 
 
-def _run(cells: list[str]) -> list[dict]:
-    """Run the cells in a fresh python3 kernel; every cell's outputs."""
+def _notebook(cells: list[str]) -> nbformat.NotebookNode:
+    """The cells run in a fresh python3 kernel (outputs, and widget state in metadata)."""
     from nbclient import NotebookClient
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
-    return [cell.outputs for cell in nb.cells]
+    return nb
+
+
+def _run(cells: list[str]) -> list[dict]:
+    """Run the cells in a fresh python3 kernel; every cell's outputs."""
+    return [cell.outputs for cell in _notebook(cells).cells]
 
 
 def test_a_refusal_is_one_message_and_costs_are_not_errors(url: str) -> None:
@@ -73,3 +78,39 @@ def test_notes_show_under_the_table_and_metadata_follows_pandas() -> None:
     assert "note:" in repr(df.head(1))  # pandas operations keep the released frame
     with pytest.raises(BulleError, match="cannot be matched"):
         _ = ordered.set_index("school")[lambda d: d["n"] > 300].bulle.noise_sd
+
+
+def test_training_progress_is_a_widget_in_a_notebook_and_shows_at_once() -> None:
+    """tqdm.auto: a widget in a kernel (not text on stderr), drawn before any round."""
+    status = ("{'model': 'logreg', 'table': 'lycee_students', 'rounds_done': %d, "
+              "'rounds_planned': 5, 'rounds': %s, 'epsilon_spent': %s, 'status': %r}")
+    start = status % (0, [], 0.0, "starting")
+    later = status % (2, [{"accuracy": 0.812}], 0.41, "running")
+    nb = _notebook([
+        "from enclave._training import _Progress\n"
+        f"bar = _Progress({start})\n"
+        f"bar.show({later})\n"
+        "bar.close()",
+    ])
+    shown = nb.cells[0].outputs
+    widgets = [o for o in shown if o.output_type == "display_data"
+               and "application/vnd.jupyter.widget-view+json" in o["data"]]
+    assert widgets, shown
+    assert not [o for o in shown if o.output_type == "stream" and o.name == "stderr"], shown
+    first = widgets[0]["data"]["text/plain"]  # drawn before any round
+    assert "logreg on lycee_students" in first and "0/5" in first
+    state = str(nb.metadata["widgets"])  # the widget's last state, as the kernel left it
+    assert "2/5" in state and "acc=0.812" in state
+
+
+def test_training_progress_in_a_terminal_goes_to_stdout(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from enclave._training import _Progress
+
+    bar = _Progress({"model": "logreg", "table": "t", "rounds_done": 0, "rounds_planned": 3,
+                     "rounds": [], "epsilon_spent": 0.0, "status": "starting"})
+    bar.show({"model": "logreg", "table": "t", "rounds_done": 3, "rounds_planned": 3,
+              "rounds": [{"accuracy": 0.5}], "epsilon_spent": 1.0, "status": "done"})
+    bar.close()
+    out, err = capsys.readouterr()
+    assert err == "" and "3/3" in out and "status=done" in out
