@@ -22,7 +22,9 @@ Without one, every server runs as the hub's own user (a developer's machine), ho
 
 Roles: ``researcher`` (custom:bulle:query, custom:bulle:train), ``ethics-board``
 (custom:bulle:approve, custom:bulle:audit), ``node-operator`` (custom:bulle:audit),
-``admin`` (JupyterHub's admin role, plus every custom scope through ``bulle-admin``).
+``observer`` (custom:bulle:observe: the standing indicators' pages, no query rights, no
+notebook server), ``admin`` (JupyterHub's admin role, plus every custom scope through
+``bulle-admin``).
 Each also gets access to the ``bulle`` service (needed for its OAuth login). The
 coordinator checks the scopes of the caller's token on every endpoint.
 """
@@ -102,11 +104,13 @@ if os.environ.get("BULLE_HUB_AUTH", "demo") == "oidc":
     c.GenericOAuthenticator.manage_groups = True
     c.GenericOAuthenticator.auth_state_groups_key = "oauth_user.groups"
     c.GenericOAuthenticator.allowed_groups = {"bulle-researchers", "bulle-board",
-                                              "bulle-operators", "bulle-admins"}
+                                              "bulle-operators", "bulle-observers",
+                                              "bulle-admins"}
     c.GenericOAuthenticator.admin_groups = {"bulle-admins"}
     # Roles by group (groups are synced from the IdP at each login).
     groups = {"researcher": "bulle-researchers", "ethics-board": "bulle-board",
-              "node-operator": "bulle-operators", "admin": "bulle-admins",
+              "node-operator": "bulle-operators", "observer": "bulle-observers",
+              "admin": "bulle-admins",
               "bulle-admin": "bulle-admins"}
     c.JupyterHub.load_roles = [{**r, "users": [], "groups": [groups[r["name"]]]}
                                for r in roles_for({})]

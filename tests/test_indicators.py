@@ -1,0 +1,249 @@
+"""Standing indicators (issue 17): proposed through the SDK, approved by the board like a
+project, refreshed by the coordinator on a schedule through real nodes (gRPC, mTLS, free
+loopback ports) and charged at both ledgers; a refresh the budget cannot pay is recorded
+and shown; the page renders in Debian's chromium for an observer and refuses a researcher.
+
+Time is the scheduler's injected clock: the tests move it and call ``tick()``, no sleeps.
+The hub answering ``GET /hub/api/user`` is a stub here (who owns which token, with which
+scopes); the real hub's login and landing are in tests/test_enclave.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse
+
+from enclave import BulleError, connect
+from federation._api import build_app
+from federation._config import HubConfig
+from federation._hubauth import HubAuth
+from privacy import PROJECT_WIDE, generate_board_keys
+from tests._federation import TOKEN, Federation, start_federation
+from tests.test_api import ServerThread
+from tests.test_sensitive_tier import vendor
+
+CHROMIUM = "/usr/bin/chromium"
+SQL = ("SELECT is_banked, COUNT(*) AS submissions FROM student_assessment "
+       "GROUP BY is_banked ORDER BY is_banked")
+# hub token → the user model the stub hub answers (scopes already narrowed, as the hub does)
+HUB_USERS = {
+    "observer-token": {"kind": "user", "name": "olivia", "scopes": ["custom:bulle:observe"]},
+    "researcher-token": {"kind": "user", "name": "rita",
+                         "scopes": ["custom:bulle:query", "custom:bulle:train"]},
+}
+
+
+class Clock:
+    """The scheduler's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def stub_hub() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/hub/api/user")
+    def user(authorization: str = Header("")) -> JSONResponse:
+        model = HUB_USERS.get(authorization.partition(" ")[2])
+        return JSONResponse(model or {"error": "no"}, status_code=200 if model else 403)
+
+    return app
+
+
+@dataclass
+class Env:
+    fed: Federation
+    url: str
+    clock: Clock
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("indicators")
+    board = tmp / "board"
+    generate_board_keys(board)
+    fed = start_federation(tmp, certs, {"v1": vendor(("AAA",)), "v2": vendor(("BBB",))},
+                           board_public_key=board / "board_ed25519.pub.pem")
+    # The board signs here with its key, as the demo's board service does.
+    fed.coordinator.projects.board_private_key = (board / "board_ed25519.pem").read_bytes()
+    clock = Clock()
+    fed.coordinator.indicators.clock = clock
+    try:
+        with ServerThread(stub_hub()) as hub_url:
+            fed.coordinator.hub = HubAuth(HubConfig(api_url=f"{hub_url}/hub/api", cache_s=0))
+            with ServerThread(build_app(fed.coordinator)) as base:
+                yield Env(fed, base, clock)
+    finally:
+        fed.close()
+
+
+def _approve(fed: Federation, project: str) -> None:
+    fed.coordinator.projects.approve(project, "board-member")
+
+
+def test_an_indicator_refreshes_on_schedule_is_charged_and_a_refusal_is_shown(
+        env: Env) -> None:
+    fed, clock, indicators = env.fed, env.clock, env.fed.coordinator.indicators
+    hub = connect(env.url, TOKEN)
+    proposed = hub.propose_indicator(
+        "banked", "Banked submissions", SQL, 60, audience="the State (DNE)", epsilon=0.5,
+        epsilon_budget=2.2, description="How many assessment submissions are banked.")
+    assert proposed["status"] == "pending" and proposed["tier"] == "sensitive"
+    project = proposed["project"]
+    assert project == "indicator-banked"
+    # Not approved yet: nothing runs, whatever the time.
+    clock.advance(3600)
+    assert indicators.tick() == []
+    # The board decides it like any project: same registry, same audit.
+    p = fed.coordinator.projects.registry.get(project)
+    assert p is not None and p.team == ("indicator:banked",) and "alice" not in p.team
+    assert "SQL: SELECT is_banked" in p.purpose and "ε=0.5 per refresh" in p.purpose
+    _approve(fed, project)
+    [first] = indicators.tick()
+    assert first.status == "released" and first.query_id and first.epsilon_charged == 1.0
+    assert indicators.tick() == []  # not due again before its interval
+    clock.advance(59)
+    assert indicators.tick() == []
+    clock.advance(1)
+    [second] = indicators.tick()
+    assert second.status == "released"
+    # Charged like a researcher's query: the coordinator's ledger and each node's.
+    coord = [h for h in fed.coordinator.projects.ledger.history(project, PROJECT_WIDE)
+             if h.accepted]
+    assert [h.request_id for h in coord] == [first.query_id, second.query_id]
+    for node in ("v1", "v2"):
+        ledger = fed.engines[node].guard.ledger
+        charged = [h.request_id for h in ledger.history(project, "student_assessment")
+                   if h.accepted]
+        assert charged == [first.query_id, second.query_id], node
+    # The budget cannot pay a third refresh: refused, recorded, and tried again later.
+    clock.advance(60)
+    [third] = indicators.tick()
+    assert third.status == "refused" and third.error_code == "budget_exhausted"
+    assert third.epsilon_charged == 0.0 and third.result is None
+    assert [r.status for r in indicators.history("banked")] == \
+        ["released", "released", "refused"]
+    audit = [e.action for e in fed.coordinator.projects.audit.entries(project)]
+    assert audit[:2] == ["indicator_proposed", "project_approved"]
+    assert audit.count("released") == 2 and audit.count("refused") == 1
+    # The researcher reads her proposal through the API, not others'.
+    assert hub.indicators()["last_refresh"].tolist() == ["refused"]
+    assert connect(env.url, "test-token-other-researcher-98765").indicators().empty
+    # ... and cannot spend the indicator's budget with her own queries.
+    with pytest.raises(BulleError):
+        hub.sql(SQL, project=project, epsilon=0.1)
+    # The page and the CSV show the refused refresh, not only the releases.
+    observer = {"Authorization": "Bearer observer-token"}
+    page = httpx.get(f"{env.url}/indicators/banked/", headers=observer, timeout=60)
+    assert page.status_code == 200
+    assert page.text.count("data-status=\"refused\"") == 2  # chart mark + table row
+    assert "budget_exhausted" in page.text and first.query_id in page.text
+    csv = httpx.get(f"{env.url}/indicators/banked/history.csv", headers=observer,
+                    timeout=60).text.splitlines()
+    assert csv[0].startswith("refreshed_at,status,query_id,epsilon_charged,is_banked,")
+    assert sum(",released," in line for line in csv) == 4  # 2 refreshes × 2 groups
+    assert sum(",refused," in line for line in csv) == 1
+
+
+def test_proposals_are_checked_like_queries(env: Env) -> None:
+    hub = connect(env.url, TOKEN)
+    with pytest.raises(BulleError, match="give the ε"):
+        hub.propose_indicator("no-eps", "x", SQL, "daily", audience="State")
+    with pytest.raises(BulleError, match="refused"):
+        hub.propose_indicator("rows", "x", "SELECT * FROM student_assessment", "daily",
+                              audience="State", epsilon=0.1)
+    with pytest.raises(BulleError, match="schedule"):
+        hub.propose_indicator("bad-schedule", "x", SQL, "sometimes", audience="State",
+                              epsilon=0.1)
+    ok = hub.propose_indicator("open-count", "Assessments", "SELECT assessment_type, "
+                               "COUNT(*) AS n FROM assessments GROUP BY assessment_type",
+                               "daily", audience="départements")
+    assert ok["tier"] == "open" and ok["epsilon"] is None and ok["schedule"] == "daily"
+
+
+def test_the_scheduler_thread_stops_cleanly(env: Env) -> None:
+    indicators = env.fed.coordinator.indicators
+    indicators.poll_s = 0.01
+    indicators.start()
+    thread = indicators._thread
+    assert thread is not None and thread.is_alive()
+    indicators.stop()
+    assert not thread.is_alive() and indicators._thread is None
+
+
+def _browser(p: Any) -> Any:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium (.ci/run does)")
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
+
+def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not env.fed.coordinator.indicators.history("banked"):
+        pytest.skip("needs the refreshes of the first test")
+    # Without the observer role: a styled 403, for a hub researcher and a config token.
+    for token in ("researcher-token", TOKEN):
+        r = httpx.get(f"{env.url}/indicators/", timeout=60,
+                      headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 403 and "<style>" in r.text
+        assert "custom:bulle:observe" in r.text
+    artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    outside: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            for token, status in (("observer-token", 200), ("researcher-token", 403)):
+                ctx = browser.new_context(viewport={"width": 1000, "height": 900},
+                                          extra_http_headers={
+                                              "Authorization": f"Bearer {token}"})
+                page = ctx.new_page()
+                page.on("request", lambda req: outside.append(req.url)
+                        if not req.url.startswith(env.url) else None)
+                r = page.goto(f"{env.url}/indicators/")
+                assert r is not None and r.status == status
+                if status == 403:
+                    assert "Not allowed" in page.inner_text("#forbidden")
+                    ctx.close()
+                    continue
+                assert page.inner_text("#who") == "olivia"
+                assert page.query_selector("#indicator-banked svg.chart") is not None
+                # published ones only: the pending open-count proposal is not shown
+                assert page.query_selector("#indicator-open-count") is None
+                page.click("#indicator-banked h2 a")
+                page.wait_for_selector("#history-chart svg")
+                assert page.query_selector_all("#chart g.series circle.point")
+                assert page.query_selector_all("#chart line.interval")  # 95% intervals
+                assert page.query_selector("#chart g.mark-refused") is not None
+                rows = page.query_selector_all("#refreshes tr.refresh")
+                assert [r.get_attribute("data-status") for r in rows] == \
+                    ["refused", "released", "released"]
+                assert page.inner_text("#refreshes tr.refresh[data-status=refused] .receipt")
+                assert page.query_selector("meta[name=viewport]") is not None
+                page.screenshot(path=str(artifacts / "indicator-observer.png"),
+                                full_page=True)
+                with page.expect_download() as dl:
+                    page.click("#csv")
+                assert dl.value.suggested_filename == "indicator-banked.csv"
+                ctx.close()
+        finally:
+            browser.close()
+    assert outside == []  # nothing loads from outside the coordinator
