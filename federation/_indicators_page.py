@@ -32,7 +32,7 @@ PAGE = "GET /indicators/"
 PUBLISHED = ("approved", "expired")  # what observers see
 # Line colours: ≥ 3:1 against white (WCAG 1.4.11, graphics); text stays #111827/#374151.
 PALETTE = ("#1d4ed8", "#be185d", "#047857", "#b45309", "#6d28d9", "#0e7490", "#b91c1c")
-W, H, PAD_L, PAD_R, PAD_T, PAD_B = 720, 260, 64, 16, 16, 56
+W, H, PAD_L, PAD_R, PAD_T, PAD_B = 720, 260, 76, 16, 16, 56
 _env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                    autoescape=select_autoescape(default=True, default_for_string=True),
                    trim_blocks=True, lstrip_blocks=True)
@@ -125,7 +125,7 @@ def chart(ind: Indicator, history: list[Refresh]) -> dict[str, Any]:
                      ylo=y(p["lo"]) if p["lo"] is not None else None,
                      yhi=y(p["hi"]) if p["hi"] is not None else None)
         s["path"] = " ".join(f"{p['x']},{p['y']}" for p in s["points"])
-    ticks = [{"y": y(lo + (hi - lo) * f), "label": f"{lo + (hi - lo) * f:.4g}"}
+    ticks = [{"y": y(lo + (hi - lo) * f), "label": _number(lo + (hi - lo) * f)}
              for f in (0, 0.25, 0.5, 0.75, 1)]
     marks = [{"x": x(i), "status": r.status, "label": f"{r.started_at} {r.status}",
               "code": r.error_code or ""} for i, r in enumerate(history)
@@ -136,6 +136,11 @@ def chart(ind: Indicator, history: list[Refresh]) -> dict[str, Any]:
     return {"w": W, "h": H, "left": PAD_L, "right": W - PAD_R, "top": PAD_T,
             "bottom": H - PAD_B, "lines": lines, "ticks": ticks, "marks": marks,
             "dates": dates, "empty": not history}
+
+
+def _number(v: float) -> str:
+    """An axis label that fits: thousands separated, few digits."""
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
 def history_csv(ind: Indicator, history: list[Refresh]) -> str:

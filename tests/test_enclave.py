@@ -208,6 +208,7 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
     """Issue 14: after login the board and operators land on the board, admins on the hub's
     admin page, researchers on their notebook server; nobody else gets a server started."""
     expected = {"demo-board": "/services/bulle/board/", "demo-operator": "/services/bulle/board/",
+                "demo-observer": "/services/bulle/indicators/",
                 "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
     admin = enclave.session("demo-admin")
     for user, page in expected.items():
@@ -220,7 +221,7 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
                 assert not r.headers.get("location", "").startswith("/hub/spawn")
         finally:
             s.close()
-    for user in ("demo-board", "demo-operator", "demo-admin"):
+    for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
         servers = admin.api("GET", f"/users/{user}").json().get("servers", {})
         assert servers == {}, (user, servers)
 

@@ -247,3 +247,51 @@ def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> 
         finally:
             browser.close()
     assert outside == []  # nothing loads from outside the coordinator
+
+
+def test_the_demo_indicator_is_seeded_approved_and_refreshes_without_epsilon(
+        tmp_path: Path, certs: Path) -> None:
+    """The demo's indicator (enclave/_demo.py), seeded before the coordinator starts, on a
+    node holding the demo's restricted headcounts (cell key perturbation on)."""
+    from enclave._demo import INDICATOR, RESEARCHER
+    from federation import IndicatorSpec, seed_indicator
+    from tests._federation import DATA
+
+    generate_board_keys(tmp_path / "board")
+    state = tmp_path / "coordinator"
+    state.mkdir()
+    args = (str(state / "ledger.sqlite"),
+            (tmp_path / "board" / "board_ed25519.pem").read_bytes(), state / "audit.sqlite",
+            RESEARCHER, IndicatorSpec(**INDICATOR), "restricted", ["college_headcounts"])
+    seed_indicator(*args)
+    seed_indicator(*args)  # idempotent: `bulle demo up` again
+    headcounts = {
+        "table": "college_headcounts", "tier": "restricted", "privacy_unit": "uai",
+        "source": str(DATA / "fr-ille-et-vilaine" / "fr-en-college-effectifs-niveau-sexe-lv.csv"),
+        "rename": {"numero_du_college": "uai"}, "unit_level": "institution", "min_count": 5,
+        "public_domains": {"rentree_scolaire": [2019, 2020, 2021]}}
+    fed = start_federation(tmp_path, certs, {"solo": [headcounts]},
+                           board_public_key=tmp_path / "board" / "board_ed25519.pub.pem")
+    try:
+        indicators = fed.coordinator.indicators
+        [ind] = indicators.indicators()
+        assert ind.status == "approved" and ind.epsilon is None and ind.tier == "restricted"
+        [r] = indicators.tick()
+        assert r.status == "released", r.error_message
+        assert r.epsilon_charged == 0.0 and r.result is not None
+        assert [row[0] for row in r.result["rows"]] == [2019, 2020, 2021]
+        assert r.result["tier"] == "restricted"
+        actions = [e.action for e in fed.coordinator.projects.audit.entries(ind.project)]
+        assert actions == ["indicator_proposed", "project_approved", "released"]
+    finally:
+        fed.close()
+
+
+def test_the_hub_login_comes_back_to_the_indicator_pages() -> None:
+    from federation._dashboard import return_path
+
+    for good in ("indicators/", "indicators/college-6e-35/"):
+        assert return_path(good) == good
+    for bad in ("indicators/../board/", "indicators//evil.example/", "indicators/X/",
+                "indicators/a/history.csv"):
+        assert return_path(bad) == "board/", bad
