@@ -253,7 +253,7 @@ class Indicators:
         except QueryError as e:  # refused before it started (e.g. no longer a member)
             row.update(status="refused", error_code=e.code, error_message=e.message[:2000])
         else:
-            record.done.wait(REFRESH_WAIT_S)
+            self._wait(record.done)
             row.update(query_id=record.id, epsilon_charged=record.epsilon_charged)
             if record.status == "done" and record.result is not None:
                 row.update(status="released", result=json.dumps(record.result, default=str),
@@ -268,6 +268,13 @@ class Indicators:
             rid = conn.execute(refreshes_table.insert().values(**row)).inserted_primary_key[0]
         log.info("indicator %s refreshed: %s", ind.name, row["status"])
         return self._refresh(rid)
+
+    def _wait(self, done: threading.Event) -> None:
+        """Until the query ends, the scheduler stops (the coordinator closes) or
+        :data:`REFRESH_WAIT_S` passes; an unfinished query is recorded as failed."""
+        for _ in range(int(REFRESH_WAIT_S / 0.5)):
+            if done.wait(0.5) or self._stop.is_set():
+                return
 
     # -- proposals -----------------------------------------------------------------------
     def propose(self, proposer: str, spec: IndicatorSpec) -> Indicator:

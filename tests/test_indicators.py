@@ -187,6 +187,32 @@ def test_the_scheduler_thread_stops_cleanly(env: Env) -> None:
     assert not thread.is_alive() and indicators._thread is None
 
 
+# WCAG AA: every text (HTML and the chart's SVG text) against its background, ≥ 4.5:1.
+CONTRAST_JS = """() => {
+  const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  const lum = c => { const [r, g, b] = rgb(c).slice(0, 3).map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const bg = el => { for (; el; el = el.parentElement) {
+      if (el.closest && el.closest('svg')) return 'rgb(255, 255, 255)';
+      const c = getComputedStyle(el).backgroundColor, a = rgb(c);
+      if (a.length < 4 || a[3] > 0) return c; }
+    return 'rgb(255, 255, 255)'; };
+  const bad = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (![...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+    if (['title', 'style'].includes(el.tagName.toLowerCase())) continue;
+    const s = getComputedStyle(el);
+    const fg = el.closest('svg') ? s.fill : s.color;
+    const [l1, l2] = [lum(fg), lum(bg(el))];
+    const ratio = (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05);
+    if (ratio < 4.5) bad.push(el.tagName + ' ' + el.textContent.trim().slice(0, 30) + ' '
+                              + ratio.toFixed(2));
+  }
+  return bad;
+}"""
+
+
 def _browser(p: Any) -> Any:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium (.ci/run does)")
@@ -228,6 +254,7 @@ def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> 
                 assert page.query_selector("#indicator-banked svg.chart") is not None
                 # published ones only: the pending open-count proposal is not shown
                 assert page.query_selector("#indicator-open-count") is None
+                assert page.evaluate(CONTRAST_JS) == []
                 page.click("#indicator-banked h2 a")
                 page.wait_for_selector("#history-chart svg")
                 assert page.query_selector_all("#chart g.series circle.point")
@@ -238,6 +265,7 @@ def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> 
                     ["refused", "released", "released"]
                 assert page.inner_text("#refreshes tr.refresh[data-status=refused] .receipt")
                 assert page.query_selector("meta[name=viewport]") is not None
+                assert page.evaluate(CONTRAST_JS) == []
                 page.screenshot(path=str(artifacts / "indicator-observer.png"),
                                 full_page=True)
                 with page.expect_download() as dl:
