@@ -323,3 +323,19 @@ def test_the_hub_login_comes_back_to_the_indicator_pages() -> None:
     for bad in ("indicators/../board/", "indicators//evil.example/", "indicators/X/",
                 "indicators/a/history.csv"):
         assert return_path(bad) == "board/", bad
+
+
+def test_the_template_escapes_what_researchers_wrote() -> None:
+    from federation._indicators import Indicator
+    from federation._indicators_page import chart, render
+
+    evil = "<script>alert('x')</script>"
+    ind = Indicator(name="x1", title=evil, description=evil, sql=f"SELECT 1 -- {evil}",
+                    schedule="daily", interval_s=86_400, epsilon=None, tier="restricted",
+                    audience=evil, value_column=None, project="indicator-x1", proposer=evil,
+                    proposed_at="2026-12-01T00:00:00+00:00", status="approved")
+    html = render("indicators.html", page="detail", who=evil, title=evil, board=False,
+                  ind=ind, history=[], chart=chart(ind, []), latest=None, last=None,
+                  value=evil).body.decode()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "No refresh yet" in html
