@@ -224,6 +224,14 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
     for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
         servers = admin.api("GET", f"/users/{user}").json().get("servers", {})
         assert servers == {}, (user, servers)
+    # The standing indicators' page: observers and the board, never a researcher (issue 17);
+    # the demo ships one indicator, approved at setup.
+    page = f"{enclave.hub_url}/services/bulle/indicators/"
+    for user, want in (("demo-observer", 200), ("demo-board", 200), ("demo-researcher", 403)):
+        r = httpx.get(page, timeout=60,
+                      headers={"Authorization": f"Bearer {enclave.token(user)}"})
+        assert r.status_code == want, (user, r.status_code)
+        assert want != 200 or "indicator-college-6e-35" in r.text, user
 
 
 def test_expired_revoked_and_narrowed_tokens(enclave: Enclave) -> None:
