@@ -111,6 +111,8 @@ def chart(ind: Indicator, history: list[Refresh]) -> dict[str, Any]:
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi == lo:
         lo, hi = lo - 1, hi + 1
+    pad = (hi - lo) * 0.08  # points off the frame's edges
+    lo, hi = lo - pad, hi + pad
 
     def x(i: int) -> float:
         return round(PAD_L + (W - PAD_L - PAD_R) * ((i + 0.5) / n), 1)

@@ -563,6 +563,30 @@ def test_researcher_browses_and_searches_the_catalogue_page(enclave: Enclave) ->
             browser.close()
 
 
+def test_observer_logs_in_and_lands_on_the_standing_indicators(enclave: Enclave) -> None:
+    """Issue 17: an observer (State, local authority) logs in at the hub and lands, through
+    the hub's OAuth, on the indicators page; the demo's indicator has been refreshed."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{enclave.hub_url}/hub/login")
+            _login(page, "demo-observer", enclave.passwords["demo-observer"])
+            page.wait_for_selector("#indicator-college-6e-35")
+            assert page.url == f"{enclave.hub_url}/services/bulle/indicators/"
+            assert page.inner_text("#who") == "demo-observer"
+            page.click("#indicator-college-6e-35 h2 a")
+            page.wait_for_selector("#history-chart svg")
+            wait_for(lambda: page.reload() and page.query_selector(
+                "#refreshes tr.refresh[data-status=released]") is not None, 60)
+            assert page.query_selector_all("#chart g.series circle.point")
+            page.screenshot(path=str(ARTIFACTS / "indicators-observer.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_researcher_starts_a_server_and_queries_from_a_notebook(enclave: Enclave) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
