@@ -178,13 +178,18 @@ def test_proposals_are_checked_like_queries(env: Env) -> None:
 
 
 def test_the_scheduler_thread_stops_cleanly(env: Env) -> None:
-    indicators = env.fed.coordinator.indicators
-    indicators.poll_s = 0.01
+    from federation._indicators import Indicators
+
+    # Its own scheduler (the module's keeps serving the other tests), on a clock before
+    # any refresh: it ticks for real and finds nothing due.
+    indicators = Indicators(env.fed.coordinator, clock=lambda: datetime(2000, 1, 1, tzinfo=UTC),
+                            poll_s=0.01)
     indicators.start()
     thread = indicators._thread
     assert thread is not None and thread.is_alive()
     indicators.stop()
     assert not thread.is_alive() and indicators._thread is None
+    assert indicators.tick() == []  # stopped: a late tick runs nothing
 
 
 # WCAG AA: every text (HTML and the chart's SVG text) against its background, ≥ 4.5:1.
@@ -339,3 +344,26 @@ def test_the_template_escapes_what_researchers_wrote() -> None:
                   value=evil).body.decode()
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "No refresh yet" in html
+
+
+def test_a_refresh_keeps_the_receipt_of_its_release(env: Env,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slot for issue 17's signed receipts: whatever ``receipt_of`` finds in a release
+    is stored with the refresh and linked from the page by its query id."""
+    import federation._indicators as indicators_module
+
+    fed, indicators = env.fed, env.fed.coordinator.indicators
+    if indicators.get("open-count") is None:
+        pytest.skip("needs the proposal of test_proposals_are_checked_like_queries")
+    monkeypatch.setattr(indicators_module, "receipt_of",
+                        lambda result: {"query": "signed", "rows": len(result["rows"])})
+    _approve(fed, "indicator-open-count")
+    env.clock.advance(86_400)
+    [r] = [r for r in indicators.tick() if r.indicator == "open-count"]
+    assert r.status == "released" and r.receipt == {"query": "signed", "rows": 3}
+    observer = {"Authorization": "Bearer observer-token"}
+    page = httpx.get(f"{env.url}/indicators/open-count/", headers=observer, timeout=60).text
+    assert f"href=\"receipts/{r.query_id}.json\"" in page
+    got = httpx.get(f"{env.url}/indicators/open-count/receipts/{r.query_id}.json",
+                    headers=observer, timeout=60)
+    assert got.status_code == 200 and got.json() == r.receipt
