@@ -78,7 +78,7 @@ refreshes_table = Table(
     Column("indicator", String(64), nullable=False),
     Column("started_at", String(40), nullable=False),  # the scheduler's clock
     Column("finished_at", String(40), nullable=True),
-    Column("status", String(20), nullable=False),  # released | refused | failed
+    Column("status", String(20), nullable=False),  # running | released | refused | failed
     Column("query_id", String(64), nullable=True),  # the release's id (links its receipt)
     Column("epsilon_charged", Double, nullable=False),
     Column("result", Text, nullable=True),  # the released table (JSON), as a researcher gets it
@@ -206,6 +206,7 @@ class Indicators:
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
+            self.interrupted()  # the only scheduler of this database: none is running
             self._thread = threading.Thread(target=self._loop, name="bulle-indicators",
                                             daemon=True)
             self._thread.start()
@@ -243,18 +244,23 @@ class Indicators:
         return self.clock() >= started + timedelta(seconds=ind.interval_s)
 
     def refresh(self, ind: Indicator) -> Refresh:
-        """One refresh through the ordinary query path, recorded whatever its outcome."""
-        started = self.clock()
+        """One refresh through the ordinary query path, recorded whatever its outcome: the
+        row is written (``running``) before the query is submitted, so a refresh cut short
+        by a crash still shows, as ``interrupted`` (see :meth:`start`)."""
         runner = Researcher(ind.runner, "", (ind.project,))
-        row: dict[str, Any] = {"indicator": ind.name, "started_at": _iso(started),
-                               "epsilon_charged": 0.0}
+        with self._engine.begin() as conn:
+            rid = conn.execute(refreshes_table.insert().values(
+                indicator=ind.name, started_at=_iso(self.clock()), status="running",
+                epsilon_charged=0.0)).inserted_primary_key[0]
+        row: dict[str, Any] = {}
         try:
             record = self.coordinator.submit(ind.sql, runner, ind.project, ind.epsilon)
         except QueryError as e:  # refused before it started (e.g. no longer a member)
             row.update(status="refused", error_code=e.code, error_message=e.message[:2000])
         else:
+            self._update(rid, query_id=record.id)  # linkable as soon as it exists
             self._wait(record.done)
-            row.update(query_id=record.id, epsilon_charged=record.epsilon_charged)
+            row.update(epsilon_charged=record.epsilon_charged)
             if record.status == "done" and record.result is not None:
                 row.update(status="released", result=json.dumps(record.result, default=str),
                            receipt=_json_or_none(receipt_of(record.result)))
@@ -263,11 +269,24 @@ class Indicators:
                 status = "refused" if int(err.get("status", 500)) in (400, 403) else "failed"
                 row.update(status=status, error_code=str(err.get("code")),
                            error_message=str(err.get("message", ""))[:2000])
-        row["finished_at"] = _iso(self.clock())
-        with self._engine.begin() as conn:
-            rid = conn.execute(refreshes_table.insert().values(**row)).inserted_primary_key[0]
+        self._update(rid, finished_at=_iso(self.clock()), **row)
         log.info("indicator %s refreshed: %s", ind.name, row["status"])
         return self._refresh(rid)
+
+    def _update(self, rid: int, **values: Any) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(refreshes_table.update().where(refreshes_table.c.id == rid)
+                         .values(**values))
+
+    def interrupted(self) -> int:
+        """Refreshes a previous run left ``running`` (it stopped or crashed meanwhile):
+        marked ``failed``/``interrupted``, shown like any failure; their charge stands."""
+        with self._engine.begin() as conn:
+            return conn.execute(refreshes_table.update().where(
+                refreshes_table.c.status == "running").values(
+                status="failed", error_code="interrupted", finished_at=_iso(self.clock()),
+                error_message="the coordinator stopped during this refresh; whatever was "
+                              "charged stays charged")).rowcount
 
     def _wait(self, done: threading.Event) -> None:
         """Until the query ends, the scheduler stops (the coordinator closes) or

@@ -131,7 +131,7 @@ def chart(ind: Indicator, history: list[Refresh]) -> dict[str, Any]:
              for f in (0, 0.25, 0.5, 0.75, 1)]
     marks = [{"x": x(i), "status": r.status, "label": f"{r.started_at} {r.status}",
               "code": r.error_code or ""} for i, r in enumerate(history)
-             if r.status != "released"]
+             if r.status in ("refused", "failed")]
     every = max(1, len(history) // 6)  # at most ~6 dates on the axis
     dates = [{"x": x(i), "label": r.started_at[:16].replace("T", " ")}
              for i, r in enumerate(history) if i % every == 0]

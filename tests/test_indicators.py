@@ -178,13 +178,21 @@ def test_proposals_are_checked_like_queries(env: Env) -> None:
 
 
 def test_the_scheduler_thread_stops_cleanly(env: Env) -> None:
-    from federation._indicators import Indicators
+    from federation._indicators import Indicators, refreshes_table
 
     # Its own scheduler (the module's keeps serving the other tests), on a clock before
     # any refresh: it ticks for real and finds nothing due.
     indicators = Indicators(env.fed.coordinator, clock=lambda: datetime(2000, 1, 1, tzinfo=UTC),
                             poll_s=0.01)
+    # A refresh a crashed run left behind is shown as interrupted when the scheduler starts.
+    with indicators._engine.begin() as conn:
+        conn.execute(refreshes_table.insert().values(
+            indicator="ghost", started_at="1999-12-31T23:00:00+00:00", status="running",
+            epsilon_charged=0.0, query_id="q-ghost"))
     indicators.start()
+    [ghost] = indicators.history("ghost")
+    assert (ghost.status, ghost.error_code, ghost.query_id) == ("failed", "interrupted",
+                                                                "q-ghost")
     thread = indicators._thread
     assert thread is not None and thread.is_alive()
     indicators.stop()
