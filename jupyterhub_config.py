@@ -41,6 +41,7 @@ from enclave._hub import (
     landing_url,
     prepare_home,
     read_users,
+    refuse_server,
     roles_for,
 )
 
@@ -131,11 +132,17 @@ if os.environ.get("BULLE_HUB_SPAWN_SOCKET"):
     # read node data or any key; the holders' source folders hidden (enclave/_spawnbroker).
     c.JupyterHub.spawner_class = BrokeredSpawner
     c.BrokeredSpawner.socket = os.environ["BULLE_HUB_SPAWN_SOCKET"]
+    c.Spawner.pre_spawn_hook = refuse_server  # observers get no server
 else:
     # Not root: processes of the hub's own user (no system accounts), homes in the state.
     c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
     c.SimpleLocalProcessSpawner.home_dir_template = str(STATE / "home" / "{username}")
-    c.Spawner.pre_spawn_hook = lambda spawner: prepare_home(Path(spawner.home_dir))
+
+    def _pre_spawn(spawner: object) -> None:
+        refuse_server(spawner)  # observers get no server
+        prepare_home(Path(spawner.home_dir))  # type: ignore[attr-defined]
+
+    c.Spawner.pre_spawn_hook = _pre_spawn
 c.Spawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 90

@@ -131,6 +131,22 @@ def landing_url(handler: Any) -> str:
     return url_path_join(handler.base_url, "hub/home")
 
 
+# Roles that hold no query rights, so no use for a notebook: no server is started for them,
+# even when asked for directly (``POST /hub/api/users/<name>/server``, ``/hub/spawn``).
+NO_SERVER_ROLES = frozenset({"observer"})
+
+
+def refuse_server(spawner: Any) -> None:
+    """``Spawner.pre_spawn_hook``: an observer (with no researcher or admin role) gets no
+    single-user server."""
+    from tornado import web
+
+    roles = {r.name for r in spawner.user.roles}
+    if roles & NO_SERVER_ROLES and not roles & {"researcher", "admin"}:
+        raise web.HTTPError(403, "observers read the standing indicators "
+                            f"(/services/{SERVICE}/indicators/) and have no notebook server")
+
+
 class DemoAuthenticator(Authenticator):
     """Per-user passwords from a JSON file of PBKDF2 hashes (the demo's accounts)."""
 

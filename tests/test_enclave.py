@@ -224,6 +224,12 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
     for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
         servers = admin.api("GET", f"/users/{user}").json().get("servers", {})
         assert servers == {}, (user, servers)
+    # Asked for directly, an observer's server is refused too (enclave/_hub.refuse_server).
+    r = httpx.post(f"{enclave.hub_url}/hub/api/users/demo-observer/server", timeout=60,
+                   headers={"Authorization": f"token {enclave.token('demo-observer')}"})
+    assert r.status_code == 403 and "no notebook server" in r.text, (r.status_code, r.text)
+    servers = admin.api("GET", "/users/demo-observer").json().get("servers", {})
+    assert servers == {}, servers
     # The standing indicators' page: observers and the board, never a researcher (issue 17);
     # the demo ships one indicator, approved at setup.
     page = f"{enclave.hub_url}/services/bulle/indicators/"
