@@ -85,7 +85,8 @@ def series(ind: Indicator, history: list[Refresh]) -> tuple[list[str], list[dict
         value = value if value in names else names[-1]
         vi = names.index(value)
         for ri, row in enumerate(res["rows"]):
-            key = " · ".join(str(v) for j, v in enumerate(row) if j != vi) or "all"
+            key = " · ".join(f"{names[j]} {v}" for j, v in enumerate(row) if j != vi) \
+                or "all"
             lo, hi = (_cell(res.get("ci_low"), ri, vi), _cell(res.get("ci_high"), ri, vi))
             if isinstance(row[vi], (int, float)):
                 out.setdefault(key, {"label": key, "points": []})["points"].append(
@@ -111,8 +112,8 @@ def chart(ind: Indicator, history: list[Refresh]) -> dict[str, Any]:
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi == lo:
         lo, hi = lo - 1, hi + 1
-    pad = (hi - lo) * 0.08  # points off the frame's edges
-    lo, hi = lo - pad, hi + pad
+    pad = (hi - lo) * 0.08  # points off the frame's edges; no negative axis for counts
+    lo, hi = (lo - pad if lo < 0 else max(lo - pad, 0.0)), hi + pad
 
     def x(i: int) -> float:
         return round(PAD_L + (W - PAD_L - PAD_R) * ((i + 0.5) / n), 1)

@@ -268,6 +268,7 @@ def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> 
                 # published ones only: the pending open-count proposal is not shown
                 assert page.query_selector("#indicator-open-count") is None
                 assert page.evaluate(CONTRAST_JS) == []
+                page.screenshot(path=str(artifacts / "indicators-index.png"), full_page=True)
                 page.click("#indicator-banked h2 a")
                 page.wait_for_selector("#history-chart svg")
                 assert page.query_selector_all("#chart g.series circle.point")
