@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Column, Double, Index, Integer, String, Table, Text, select
 
 from federation import _checks as checks
+from federation import _dp_rules as dp_rules
 from federation._config import Researcher
 from federation._errors import QueryError
 from federation._registry import Project, Registry, RegistryError, _engine, metadata
@@ -306,6 +307,8 @@ class Indicators:
         try:
             query = parse(spec.sql, {n: t.columns for n, t in catalog.items()})
             checked = checks.check(query, catalog)
+            if checked.tier == "sensitive":
+                dp_rules.check(query, catalog)  # the shape refusals every refresh would get
         except QueryError as e:
             raise RegistryError(f"the indicator's SQL is refused: {e.message}") from None
         tier, tables = checked.tier, sorted({t.name for t in checked.tables})

@@ -168,6 +168,9 @@ def test_proposals_are_checked_like_queries(env: Env) -> None:
     with pytest.raises(BulleError, match="refused"):
         hub.propose_indicator("rows", "x", "SELECT * FROM student_assessment", "daily",
                               audience="State", epsilon=0.1)
+    with pytest.raises(BulleError, match="refused"):  # DP shape rules, before the board
+        hub.propose_indicator("dp-max", "x", "SELECT MAX(score) AS m FROM student_assessment",
+                              "daily", audience="State", epsilon=0.1)
     with pytest.raises(BulleError, match="schedule"):
         hub.propose_indicator("bad-schedule", "x", SQL, "sometimes", audience="State",
                               epsilon=0.1)
