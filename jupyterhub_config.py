@@ -22,7 +22,9 @@ Without one, every server runs as the hub's own user (a developer's machine), ho
 
 Roles: ``researcher`` (custom:bulle:query, custom:bulle:train), ``ethics-board``
 (custom:bulle:approve, custom:bulle:audit), ``node-operator`` (custom:bulle:audit),
-``admin`` (JupyterHub's admin role, plus every custom scope through ``bulle-admin``).
+``observer`` (custom:bulle:observe: the standing indicators' pages, no query rights, no
+notebook server), ``admin`` (JupyterHub's admin role, plus every custom scope through
+``bulle-admin``).
 Each also gets access to the ``bulle`` service (needed for its OAuth login). The
 coordinator checks the scopes of the caller's token on every endpoint.
 """
@@ -39,6 +41,7 @@ from enclave._hub import (
     landing_url,
     prepare_home,
     read_users,
+    refuse_server,
     roles_for,
 )
 
@@ -102,11 +105,13 @@ if os.environ.get("BULLE_HUB_AUTH", "demo") == "oidc":
     c.GenericOAuthenticator.manage_groups = True
     c.GenericOAuthenticator.auth_state_groups_key = "oauth_user.groups"
     c.GenericOAuthenticator.allowed_groups = {"bulle-researchers", "bulle-board",
-                                              "bulle-operators", "bulle-admins"}
+                                              "bulle-operators", "bulle-observers",
+                                              "bulle-admins"}
     c.GenericOAuthenticator.admin_groups = {"bulle-admins"}
     # Roles by group (groups are synced from the IdP at each login).
     groups = {"researcher": "bulle-researchers", "ethics-board": "bulle-board",
-              "node-operator": "bulle-operators", "admin": "bulle-admins",
+              "node-operator": "bulle-operators", "observer": "bulle-observers",
+              "admin": "bulle-admins",
               "bulle-admin": "bulle-admins"}
     c.JupyterHub.load_roles = [{**r, "users": [], "groups": [groups[r["name"]]]}
                                for r in roles_for({})]
@@ -127,11 +132,17 @@ if os.environ.get("BULLE_HUB_SPAWN_SOCKET"):
     # read node data or any key; the holders' source folders hidden (enclave/_spawnbroker).
     c.JupyterHub.spawner_class = BrokeredSpawner
     c.BrokeredSpawner.socket = os.environ["BULLE_HUB_SPAWN_SOCKET"]
+    c.Spawner.pre_spawn_hook = refuse_server  # observers get no server
 else:
     # Not root: processes of the hub's own user (no system accounts), homes in the state.
     c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
     c.SimpleLocalProcessSpawner.home_dir_template = str(STATE / "home" / "{username}")
-    c.Spawner.pre_spawn_hook = lambda spawner: prepare_home(Path(spawner.home_dir))
+
+    def _pre_spawn(spawner: object) -> None:
+        refuse_server(spawner)  # observers get no server
+        prepare_home(Path(spawner.home_dir))  # type: ignore[attr-defined]
+
+    c.Spawner.pre_spawn_hook = _pre_spawn
 c.Spawner.cmd = [str(BIN / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 90

@@ -297,6 +297,31 @@ class Hub:
             "epsilon": epsilon, "delta": delta, "duration_days": duration_days,
             "team": list(team)}))
 
+    def propose_indicator(self, name: str, title: str, sql: str, schedule: str | int, *,
+                          audience: str, epsilon: float | None = None,
+                          description: str = "", refreshes: int = 12,
+                          epsilon_budget: float | None = None,
+                          value_column: str | None = None) -> dict[str, Any]:
+        """Propose a standing indicator: ``sql`` refreshed on ``schedule`` (``"hourly"``,
+        ``"daily"``, ``"weekly"`` or seconds) for ``audience``, published read-only to
+        observers. ``epsilon``: ε per refresh (sensitive tables; the budget asked covers
+        ``refreshes`` of them, or give ``epsilon_budget``); restricted tables need none.
+        The ethics board decides it like a project (``indicator-<name>``)."""
+        return self._check(self._http.post("/v1/indicators", json={
+            "name": name, "title": title, "sql": sql, "schedule": str(schedule),
+            "audience": audience, "epsilon": epsilon, "description": description,
+            "refreshes": refreshes, "epsilon_budget": epsilon_budget,
+            "value_column": value_column}))
+
+    def indicators(self) -> pd.DataFrame:
+        """The standing indicators you proposed: status, schedule, last refresh."""
+        body = self._check(self._http.get("/v1/indicators"))
+        cols = ["name", "title", "status", "schedule", "tier", "epsilon", "project"]
+        rows = [{**{k: i.get(k) for k in cols},
+                 "last_refresh": (i.get("last_refresh") or {}).get("status")}
+                for i in body["indicators"]]
+        return pd.DataFrame(rows, columns=[*cols, "last_refresh"])
+
     def price(self, query: str, precision: float, project: str | None = None
               ) -> dict[str, Any]:
         """The ε a query on sensitive data would cost so that every released count and sum

@@ -42,7 +42,16 @@ GRANT_EPSILON = 10.0
 # Hub accounts (name → role); passwords are generated and printed once by `up`.
 HUB_ACCOUNTS = {"demo-researcher": "researcher", "other-researcher": "researcher",
                 "demo-board": "ethics-board", "demo-operator": "node-operator",
-                "demo-admin": "admin"}
+                "demo-observer": "observer", "demo-admin": "admin"}
+# The standing indicator the demo ships, approved at setup (federation/_indicators.py):
+# restricted tier (cell key method), so no ε; refreshed hourly by the coordinator.
+INDICATOR = {"name": "college-6e-35", "title": "Pupils in 6e in the collèges of "
+             "Ille-et-Vilaine, by rentrée", "schedule": "hourly",
+             "sql": "SELECT rentree_scolaire, SUM(nombre_total_de_6emes) AS pupils_6e FROM "
+                    "college_headcounts GROUP BY rentree_scolaire ORDER BY rentree_scolaire",
+             "audience": "the State (rectorat de Rennes) and the département 35",
+             "description": "Headcounts of 6e in the 117 collèges, perturbed by the cell key "
+                            "method at the region's node.", "value_column": "pupils_6e"}
 HUB_PORTS = ("hub", "hub-api", "hub-proxy-api")
 # DP training (issue 6): the coordinator's SuperLink, and the nodes that run a SuperNode
 TRAINING_NODES = ("vendor-a", "vendor-b")
@@ -530,7 +539,8 @@ class Demo:
         return path
 
     def _seed_projects(self) -> None:
-        """A pending project, so the board has something to decide in the demo."""
+        """A pending project, so the board has something to decide in the demo; the demo's
+        standing indicator, approved."""
         from federation._registry import Registry
 
         (self.state / "coordinator").mkdir(parents=True, exist_ok=True)
@@ -546,6 +556,12 @@ class Demo:
                     epsilon=3.0, delta=1e-6, duration_days=180, team=[RESEARCHER])
         finally:
             registry.close()
+        from federation import IndicatorSpec, seed_indicator
+
+        seed_indicator(str(self.state / "coordinator" / "ledger.sqlite"),
+                       (self.state / "board" / "board_ed25519.pem").read_bytes(),
+                       self.state / "coordinator" / "audit.sqlite", RESEARCHER,
+                       IndicatorSpec(**INDICATOR), "restricted", ["college_headcounts"])
 
     def _hub(self, ports: dict[str, int], env: dict[str, str],
              pids: dict[str, int]) -> dict[str, str]:

@@ -39,6 +39,7 @@ CUSTOM_SCOPES = {
     "custom:bulle:train": "Launch DP training runs on the federation",
     "custom:bulle:approve": "Approve, amend or refuse research projects (ethics board)",
     "custom:bulle:audit": "Read the audit chains, releases and privacy spend",
+    "custom:bulle:observe": "Read the standing indicators (State and local-authority staff)",
 }
 ACCESS = f"access:services!service={SERVICE}"
 # Role → scopes. `admin` is JupyterHub's own admin role, plus these scopes (`bulle-admin`).
@@ -46,6 +47,8 @@ ROLE_SCOPES = {
     "researcher": ["custom:bulle:query", "custom:bulle:train", ACCESS],
     "ethics-board": ["custom:bulle:approve", "custom:bulle:audit", ACCESS],
     "node-operator": ["custom:bulle:audit", ACCESS],
+    # State and local-authority staff: the indicators' pages, no query rights, no server
+    "observer": ["custom:bulle:observe", ACCESS],
     "admin": list(CUSTOM_SCOPES),
 }
 _ITERATIONS = 120_000
@@ -109,9 +112,11 @@ def roles_for(users: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # Where each role lands after login: only researchers use a notebook server, so only they
-# get one started; the board and operators land on their pages, admins on the hub's admin.
+# get one started; the board and operators land on their pages, observers on the standing
+# indicators, admins on the hub's admin.
 LANDING = (("researcher", None), ("ethics-board", f"services/{SERVICE}/board/"),
-           ("node-operator", f"services/{SERVICE}/board/"), ("admin", "hub/admin"))
+           ("node-operator", f"services/{SERVICE}/board/"),
+           ("observer", f"services/{SERVICE}/indicators/"), ("admin", "hub/admin"))
 
 
 def landing_url(handler: Any) -> str:
@@ -124,6 +129,22 @@ def landing_url(handler: Any) -> str:
         if role in roles:
             return user.url if page is None else url_path_join(handler.base_url, page)
     return url_path_join(handler.base_url, "hub/home")
+
+
+# Roles that hold no query rights, so no use for a notebook: no server is started for them,
+# even when asked for directly (``POST /hub/api/users/<name>/server``, ``/hub/spawn``).
+NO_SERVER_ROLES = frozenset({"observer"})
+
+
+def refuse_server(spawner: Any) -> None:
+    """``Spawner.pre_spawn_hook``: an observer (with no researcher or admin role) gets no
+    single-user server."""
+    from tornado import web
+
+    roles = {r.name for r in spawner.user.roles}
+    if roles & NO_SERVER_ROLES and not roles & {"researcher", "admin"}:
+        raise web.HTTPError(403, "observers read the standing indicators "
+                            f"(/services/{SERVICE}/indicators/) and have no notebook server")
 
 
 class DemoAuthenticator(Authenticator):

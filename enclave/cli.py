@@ -75,6 +75,8 @@ def _print_hub(info: dict) -> None:
     passwords = info.get("passwords") or {}
     print(f"JupyterHub          {info['hub_url']}   (ethics-board dashboard: "
           f"{info['hub_url']}/services/bulle/board/)")
+    print(f"Standing indicators {info['hub_url']}/services/bulle/indicators/   (observers "
+          "land there)")
     for name, role in info.get("accounts", {}).items():
         secret = passwords.get(name, "(printed at first start)")
         print(f"  {role:<14} {name:<17} password {secret}")

@@ -7,7 +7,8 @@ Where things are:
 - ``_merge``: partials → released table (DuckDB over Arrow);
 - ``_precision``: the ε a DP query needs for a precision (and the exact noise intervals of
   counts and sums); ``_dummy``: dummy tables and answers from public metadata;
-- ``_api``: the HTTP JSON API; ``proto/``: the wire contract.
+- ``_api``: the HTTP JSON API; ``proto/``: the wire contract;
+- ``_indicators``: standing indicators (scheduler, history), ``_indicators_page`` their pages.
 
 This module is kept light: nodes import ``federation.proto`` and must not load
 coordinator code. Public names are loaded lazily.
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Coordinator", "QueryError", "load_coordinator_config", "parse", "plan_query"]
+__all__ = ["Coordinator", "IndicatorSpec", "QueryError", "load_coordinator_config", "parse",
+           "plan_query", "seed_indicator"]
 
 _LAZY = {
     "Coordinator": "federation._coordinator",
+    "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
+    "seed_indicator": "federation._indicators",
     "QueryError": "federation._errors",
     "load_coordinator_config": "federation._config",
     "parse": "federation._sql",

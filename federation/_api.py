@@ -25,6 +25,7 @@ from federation._errors import QueryError
 from federation._hubauth import (
     SCOPE_APPROVE,
     SCOPE_AUDIT,
+    SCOPE_OBSERVE,
     SCOPE_QUERY,
     SCOPE_TRAIN,
     Caller,
@@ -54,6 +55,11 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
     "GET /catalog/": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),  # the catalogue page
     "POST /board/decide": (SCOPE_APPROVE,),
+    # standing indicators (federation/_indicators_page.py): researchers propose, observers
+    # (and the board) read; a researcher's token sees only the indicators they proposed
+    "POST /v1/indicators": (SCOPE_QUERY,),
+    "GET /v1/indicators": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY),
+    "GET /indicators/": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT),
 }
 
 
@@ -151,6 +157,9 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
     add_dashboard(app, coordinator)
     add_catalog_page(app, coordinator)
+    from federation._indicators_page import add_indicators
+
+    add_indicators(app, coordinator, Who)
     return app
 
 

@@ -134,6 +134,10 @@ class Coordinator:
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
         self.hub = HubAuth(config.hub) if config.hub else None
+        from federation._indicators import Indicators
+
+        # Standing indicators; their scheduler is started by `bulle coordinator serve`.
+        self.indicators = Indicators(self)
         self._closed = threading.Event()
         threading.Thread(target=self._watch_nodes, name="bulle-nodes", daemon=True).start()
 
@@ -172,6 +176,7 @@ class Coordinator:
 
     def close(self) -> None:
         self._closed.set()
+        self.indicators.stop()
         if self.hub is not None:
             self.hub.close()
         self.query_pool.shutdown(wait=False, cancel_futures=True)

@@ -31,7 +31,8 @@ SESSION_COOKIE = "bulle-board-session"
 STATE_COOKIE = "bulle-oauth-state"
 RETURN_COOKIE = "bulle-oauth-return"  # the page to come back to after the hub's login
 # Pages the OAuth callback may return to; a catalogue search comes back with its words.
-_RETURN = re.compile(r"(board/|catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?)")
+_RETURN = re.compile(r"(board/|catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?"
+                     r"|indicators/([a-z0-9][a-z0-9-]{1,50}/)?)")
 _PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626")
 
 

@@ -31,7 +31,8 @@ SCOPE_QUERY = "custom:bulle:query"  # catalogue, federated SQL, own projects and
 SCOPE_TRAIN = "custom:bulle:train"  # DP training runs (Flower)
 SCOPE_APPROVE = "custom:bulle:approve"  # decide projects (the ethics board)
 SCOPE_AUDIT = "custom:bulle:audit"  # read the audit chain, releases and spend
-ALL_SCOPES = (SCOPE_QUERY, SCOPE_TRAIN, SCOPE_APPROVE, SCOPE_AUDIT)
+SCOPE_OBSERVE = "custom:bulle:observe"  # read standing indicators (no query rights)
+ALL_SCOPES = (SCOPE_QUERY, SCOPE_TRAIN, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_OBSERVE)
 # What a token from the coordinator's own config may do: it names a researcher.
 CONFIG_TOKEN_SCOPES = frozenset({SCOPE_QUERY, SCOPE_TRAIN})
 _CACHE_MAX = 10_000

@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
     from federation._coordinator import Coordinator
 
     coordinator = Coordinator(config)
+    coordinator.indicators.start()  # refreshes standing indicators on their schedules
     host, port = config.host_port
     try:
         uvicorn.run(build_app(coordinator), host=host, port=port, log_level=args.log_level,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from enclave import connect
-from tests._federation import DATA
+from tests._federation import DATA, wait_for
 
 
 def bulle(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
@@ -65,6 +65,13 @@ def test_demo_up_query_down(state: Path) -> None:
                                                                strict=True))
         assert set(hub.catalog()["table"]) >= {"lycee_students", "student_info", "ips_colleges",
                                                "dnb_colleges", "student_assessment"}
+        # The demo's standing indicator, approved at setup, is refreshed by the coordinator
+        # (its scheduler ticks every 5 s; the first refresh is due at once).
+        assert "services/bulle/indicators/" in up.stdout
+        wait_for(lambda: hub.indicators()["last_refresh"].tolist() in (["released"],
+                                                                        ["refused"],
+                                                                        ["failed"]), 60)
+        assert hub.indicators()["last_refresh"].tolist() == ["released"]
         # idempotent: a second `up` keeps the running federation
         again = bulle("demo", "up", state=state)
         assert again.returncode == 0 and "already running" in again.stdout

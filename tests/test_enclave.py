@@ -208,6 +208,7 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
     """Issue 14: after login the board and operators land on the board, admins on the hub's
     admin page, researchers on their notebook server; nobody else gets a server started."""
     expected = {"demo-board": "/services/bulle/board/", "demo-operator": "/services/bulle/board/",
+                "demo-observer": "/services/bulle/indicators/",
                 "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
     admin = enclave.session("demo-admin")
     for user, page in expected.items():
@@ -220,9 +221,23 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
                 assert not r.headers.get("location", "").startswith("/hub/spawn")
         finally:
             s.close()
-    for user in ("demo-board", "demo-operator", "demo-admin"):
+    for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
         servers = admin.api("GET", f"/users/{user}").json().get("servers", {})
         assert servers == {}, (user, servers)
+    # Asked for directly, an observer's server is refused too (enclave/_hub.refuse_server).
+    r = httpx.post(f"{enclave.hub_url}/hub/api/users/demo-observer/server", timeout=60,
+                   headers={"Authorization": f"token {enclave.token('demo-observer')}"})
+    assert r.status_code == 403 and "no notebook server" in r.text, (r.status_code, r.text)
+    servers = admin.api("GET", "/users/demo-observer").json().get("servers", {})
+    assert servers == {}, servers
+    # The standing indicators' page: observers and the board, never a researcher (issue 17);
+    # the demo ships one indicator, approved at setup.
+    page = f"{enclave.hub_url}/services/bulle/indicators/"
+    for user, want in (("demo-observer", 200), ("demo-board", 200), ("demo-researcher", 403)):
+        r = httpx.get(page, timeout=60,
+                      headers={"Authorization": f"Bearer {enclave.token(user)}"})
+        assert r.status_code == want, (user, r.status_code)
+        assert want != 200 or "indicator-college-6e-35" in r.text, user
 
 
 def test_expired_revoked_and_narrowed_tokens(enclave: Enclave) -> None:
@@ -550,6 +565,30 @@ def test_researcher_browses_and_searches_the_catalogue_page(enclave: Enclave) ->
             details = page.inner_text("#table-student_assessment")
             assert ("details need a grant in a project" in details) is not bool(granted)
             page.screenshot(path=str(ARTIFACTS / "catalogue-2-all.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_observer_logs_in_and_lands_on_the_standing_indicators(enclave: Enclave) -> None:
+    """Issue 17: an observer (State, local authority) logs in at the hub and lands, through
+    the hub's OAuth, on the indicators page; the demo's indicator has been refreshed."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{enclave.hub_url}/hub/login")
+            _login(page, "demo-observer", enclave.passwords["demo-observer"])
+            page.wait_for_selector("#indicator-college-6e-35")
+            assert page.url == f"{enclave.hub_url}/services/bulle/indicators/"
+            assert page.inner_text("#who") == "demo-observer"
+            page.click("#indicator-college-6e-35 h2 a")
+            page.wait_for_selector("#history-chart svg")
+            wait_for(lambda: page.reload() and page.query_selector(
+                "#refreshes tr.refresh[data-status=released]") is not None, 60)
+            assert page.query_selector_all("#chart g.series circle.point")
+            page.screenshot(path=str(ARTIFACTS / "indicators-observer.png"), full_page=True)
         finally:
             browser.close()
 

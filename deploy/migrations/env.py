@@ -8,6 +8,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import MetaData, create_engine, pool
 
+import federation._indicators  # adds the indicator tables to that metadata
 import federation._noderegistry  # noqa: F401 -- adds bulle_nodes to the registry's metadata
 from federation._registry import metadata as registry_metadata
 from privacy import ledger_metadata
