@@ -118,7 +118,18 @@ class PlanAudit:
             if failure.interrupted:
                 detail.update(by=failure.interrupted, limit_s=round(deadline.seconds, 3))
             self.guard.record(plan, "interrupted" if failure.interrupted else "failed", detail)
+            if failure.interrupted == "deadline" and _caller_deadline_reached(context):
+                # The caller's own deadline: answer what its channel would say a moment
+                # later anyway (our timer can fire a few ms before the caller's does).
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             context.abort(FAILED_STATUS, FAILED)
+
+
+def _caller_deadline_reached(context: grpc.ServicerContext) -> bool:
+    """Whether the RPC's deadline (set by the caller, known to it) is over or within timer
+    jitter, as opposed to the node's own ``max_query_seconds`` having stopped the plan."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining < 0.1
 
 
 def _failure(e: Exception, plan: pb.Plan, deadline: Deadline) -> PlanFailed:
