@@ -34,6 +34,7 @@ from federation._hubauth import (
     Caller,
     HubUnavailable,
 )
+from federation._metrics import add_metrics_route
 from federation._registry import RegistryError
 
 API_VERSION = "v1"
@@ -58,6 +59,7 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
     "GET /catalog/": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),  # the catalogue page
     "POST /board/decide": (SCOPE_APPROVE,),
+    "GET /metrics": (SCOPE_AUDIT,),  # Prometheus (federation/_metrics.py)
 }
 
 
@@ -160,6 +162,7 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
     add_dashboard(app, coordinator)
     add_catalog_page(app, coordinator)
+    add_metrics_route(app, coordinator, Who, require)
     return app
 
 
