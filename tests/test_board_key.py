@@ -128,5 +128,6 @@ def test_show_finds_the_public_key_in_a_config(board, tmp_path, capsys, monkeypa
 
 
 def test_a_hub_or_config_token_still_works(url, capsys) -> None:
+    _submit(url, "study-c")
     assert board_main(["board", "list", "--url", url, "--token", TOKEN]) == 0
-    assert "study-a" in capsys.readouterr().out  # alice's own projects (her token's scope)
+    assert "study-c" in capsys.readouterr().out  # alice's own projects (her token's scope)
