@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps --ignore-requires-python 'helm-sdkpy==0.1.32' 'cffi>=1.15'
 	@touch $(STAMP)
 
 demo: install

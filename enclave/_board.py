@@ -2,10 +2,15 @@
 
 - ``keygen``: the board's Ed25519 key pair (the private key never leaves the board);
 - ``grant``: sign a project's grant (who, which datasets, ε/δ, expiry, purpose);
-- ``show``: print and verify a grant;
+- ``show``: print and verify a grant (the board's public key from ``--public-key``, else
+  from a coordinator or node config: ``--config``, else the demo's ``coordinator.toml``);
 - ``list``, ``approve``, ``refuse``, ``export``: the dashboard's twin, over the coordinator's
-  HTTP API (``--url``/``--token``, default ``BULLE_URL`` and ``BULLE_TOKEN`` or
-  ``JUPYTERHUB_API_TOKEN``: a hub token with ``custom:bulle:approve`` or ``…:audit``);
+  HTTP API (``--url``, default ``BULLE_URL``). Credential: the board's own private key
+  (``--key`` or ``BULLE_BOARD_KEY``): each request is signed with it and the coordinator
+  checks it against its ``board_public_key`` (no hub login, no notebook server); with
+  ``--key``, ``approve`` also signs the grant here, so the key never leaves the board.
+  Or a hub token with ``custom:bulle:approve`` or ``…:audit`` (``--token``, default
+  ``BULLE_TOKEN`` or ``JUPYTERHUB_API_TOKEN``);
 - ``audit verify``: check a hash-chained audit log (node or coordinator) entry by entry.
 """
 
@@ -37,11 +42,16 @@ def board_main(argv: list[str]) -> int:
     g.add_argument("--out", type=Path, help="write the token here (default: stdout)")
     s = sub.add_parser("show", help="verify and print a grant")
     s.add_argument("grant", type=Path)
-    s.add_argument("--public-key", type=Path, required=True)
+    s.add_argument("--public-key", type=Path,
+                   help="the board's public key (default: board_public_key of --config)")
+    s.add_argument("--config", type=Path, help="a coordinator or node config naming it "
+                   "(default: the demo's coordinator.toml)")
     _remote_parsers(sub)
     args = parser.parse_args(argv[1:])
     if args.cmd in _REMOTE:
-        return _remote(args)
+        from enclave._boardremote import remote  # httpx: not on a SQL-only node
+
+        return remote(args)
     try:
         if args.cmd == "keygen":
             private, public = generate_board_keys(args.out)
@@ -60,7 +70,8 @@ def board_main(argv: list[str]) -> int:
             else:
                 print(token)
             return 0
-        grant = verify_grant(args.grant.read_text().strip(), args.public_key.read_bytes())
+        public_key = args.public_key or _public_key_from_config(args.config)
+        grant = verify_grant(args.grant.read_text().strip(), public_key.read_bytes())
         print(json.dumps({**grant.__dict__, "expires": grant.expires.isoformat(),
                           "issued": grant.issued.isoformat()}, indent=2))
         return 0
@@ -72,10 +83,32 @@ def board_main(argv: list[str]) -> int:
 _REMOTE = ("list", "approve", "refuse", "export")
 
 
+def _public_key_from_config(config: Path | None) -> Path:
+    """``board_public_key`` of a coordinator or node config (relative to the file, with
+    ``${VAR}`` expanded), the demo's coordinator config when none is given."""
+    import os
+    import re
+    import tomllib
+
+    if config is None:
+        state = Path(os.environ.get("BULLE_DEMO_STATE") or ".bulle-demo")
+        config = state / "coordinator.toml"
+        if not config.is_file():
+            raise ValueError("pass --public-key or --config (a coordinator or node config "
+                             "with board_public_key)")
+    raw = tomllib.loads(config.read_text()).get("board_public_key")
+    if not isinstance(raw, str):
+        raise ValueError(f"{config}: no board_public_key")
+    path = Path(re.sub(r"\$\{(\w+)\}", lambda m: os.environ.get(m.group(1), ""), raw))
+    return path if path.is_absolute() else config.parent / path
+
+
 def _remote_parsers(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--url", help="coordinator URL (default $BULLE_URL)")
-        p.add_argument("--token", help="hub token (default $BULLE_TOKEN or "
+        p.add_argument("--key", type=Path, help="the board's private key: sign each request "
+                       "with it, no hub token needed (default $BULLE_BOARD_KEY)")
+        p.add_argument("--token", help="or a hub token (default $BULLE_TOKEN or "
                        "$JUPYTERHUB_API_TOKEN)")
         return p
 
@@ -98,74 +131,6 @@ def _remote_parsers(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--table", choices=["projects", "budgets", "datasets", "releases"],
                     default="releases")
     ex.add_argument("--out", type=Path, help="file (default: stdout)")
-
-
-def _remote(args: argparse.Namespace) -> int:
-    import os
-
-    import httpx
-
-    url = args.url or os.environ.get("BULLE_URL")
-    token = args.token or os.environ.get("BULLE_TOKEN") or os.environ.get(
-        "JUPYTERHUB_API_TOKEN")
-    if not url or not token:
-        print("bulle board: pass --url and --token (or set BULLE_URL and BULLE_TOKEN)",
-              file=sys.stderr)
-        return 2
-    http = httpx.Client(base_url=url.rstrip("/"), timeout=60,
-                        headers={"Authorization": f"Bearer {token}"})
-    try:
-        if args.cmd == "list":
-            r = http.get("/v1/projects", params={"status": args.status} if args.status else None)
-        elif args.cmd == "export":
-            r = http.get("/v1/board/export", params={"format": args.format,
-                                                      "table": args.table})
-        else:
-            body: dict = {"decision": "refuse" if args.cmd == "refuse" else "approve",
-                          "reason": args.reason}
-            if args.cmd == "approve":
-                body.update({k: v for k, v in (("epsilon", args.epsilon), ("delta", args.delta),
-                                                ("days", args.days), ("datasets", args.dataset))
-                             if v is not None})
-                if args.grant:
-                    body["grant"] = args.grant.read_text().strip()
-            r = http.post(f"/v1/projects/{args.project}/decision", json=body)
-    except httpx.HTTPError as e:
-        print(f"bulle board: coordinator unreachable ({e})", file=sys.stderr)
-        return 1
-    if r.status_code >= 400:
-        try:
-            err = r.json().get("error", {})
-            message = f"{err.get('code')}: {err.get('message')}"
-        except ValueError:
-            message = r.text[:200]
-        print(f"bulle board: HTTP {r.status_code}: {message}", file=sys.stderr)
-        return 1
-    if args.cmd == "export":
-        if args.out:
-            args.out.write_bytes(r.content)
-            print(f"{args.table} written to {args.out}")
-        else:
-            sys.stdout.write(r.text)
-        return 0
-    if args.cmd == "list":
-        projects = r.json()["projects"]
-        if args.json:
-            print(json.dumps(projects, indent=2))
-            return 0
-        print(f"{'project':<24} {'status':<9} {'ε asked':>8} {'ε granted':>9}  expires     "
-              "team")
-        for p in projects:
-            granted = "" if p["granted_epsilon"] is None else f"{p['granted_epsilon']:g}"
-            print(f"{p['name']:<24} {p['status']:<9} {p['epsilon']:>8g} {granted:>9}  "
-                  f"{(p['expires_at'] or '')[:10]:<10}  {', '.join(p['team'])}")
-        return 0
-    p = r.json()
-    print(f"{p['name']}: {p['status']}" + (f" (ε {p['granted_epsilon']:g}, expires "
-                                            f"{p['expires_at'][:10]})"
-                                            if p["status"] == "approved" else
-                                            f" — {p['reason']}"))
-    return 0
 
 
 def audit_main(argv: list[str]) -> int:

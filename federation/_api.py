@@ -1,9 +1,11 @@
 """HTTP JSON API of the coordinator (what the notebook SDK calls). Thin: it authenticates
 and delegates to :class:`Coordinator`.
 
-Callers present a coordinator bearer token (a researcher from the config) or a JupyterHub
-token; every endpoint names the scopes that may call it (:data:`ENDPOINT_SCOPES`): any one
-of them is enough. No token → 401; a token without the scope → 403.
+Callers present a coordinator bearer token (a researcher from the config), a JupyterHub
+token, or a request signed with the board's own key (``Bulle-Board``,
+federation/_boardauth.py); every endpoint names the scopes that may call it
+(:data:`ENDPOINT_SCOPES`): any one of them is enough. No token → 401; a token
+without the scope → 403.
 """
 
 import uuid
@@ -13,7 +15,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
+from federation._boardauth import BoardKeyAuth, board_token
 from federation._catalog_page import add_catalog_page
 from federation._config import Researcher
 from federation._coordinator import Coordinator
@@ -31,6 +35,7 @@ from federation._hubauth import (
     Caller,
     HubUnavailable,
 )
+from federation._metrics import add_metrics_route
 from federation._registry import RegistryError
 
 API_VERSION = "v1"
@@ -60,6 +65,7 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "POST /v1/indicators": (SCOPE_QUERY,),
     "GET /v1/indicators": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY),
     "GET /indicators/": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT),
+    "GET /metrics": (SCOPE_AUDIT,),  # Prometheus (federation/_metrics.py)
 }
 
 
@@ -138,8 +144,13 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     hub = coordinator.config.hub
     _add_plumbing(app, hub.prefix if hub else None)
 
-    def caller(authorization: Annotated[str | None, Header()] = None) -> Caller:
-        return caller_from(coordinator, bearer(authorization))
+    board = BoardKeyAuth(coordinator)  # `bulle board --key`: the board's own signature
+
+    async def caller(request: Request,
+                     authorization: Annotated[str | None, Header()] = None) -> Caller:
+        if (signed := board_token(authorization)) is not None:
+            return await board.from_request(request, signed)
+        return await run_in_threadpool(caller_from, coordinator, bearer(authorization))
 
     Who = Annotated[Caller, Depends(caller)]
 
@@ -160,6 +171,7 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     from federation._indicators_page import add_indicators
 
     add_indicators(app, coordinator, Who)
+    add_metrics_route(app, coordinator, Who, require)
     return app
 
 

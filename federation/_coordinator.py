@@ -379,8 +379,9 @@ class Coordinator:
                 detail.update(epsilon=record.epsilon_charged, datasets=list(record.datasets))
         finally:
             try:
-                self.projects.audit.append(record.researcher, record.project, decision,
-                                           {**entry, **detail})
+                self.projects.audit.append(record.researcher, record.project, decision, {
+                    **entry, **detail,  # ms: the operators' latency metric
+                    "ms": round((time.perf_counter() - started) * 1000, 2)})
             except Exception:  # the audit must not hide the answer; it is logged loudly
                 log.exception("audit append failed for query %s", record.id)
             record.finished = time.time()

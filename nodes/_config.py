@@ -129,6 +129,9 @@ class NodeConfig:
     training: TrainingConfig | None = None
     # keep copies of other nodes' shared open tables for joins (nodes/_references.py)
     accept_references: bool = True
+    # host:port of the operator's Prometheus endpoint (nodes/_metrics.py); "" = off.
+    # It has no authentication: keep it on loopback or a scrape-only network.
+    metrics_listen: str = ""
 
     def dataset(self, table: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.table == table), None)
@@ -283,7 +286,8 @@ def load_node_config(path: str | Path) -> NodeConfig:
     where = str(path)
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
                              "state_dir", "board_public_key", "data_dir", "training",
-                             "accept_references", "coordinator_public_key"})
+                             "accept_references", "coordinator_public_key",
+                             "metrics_listen"})
     accept_references = raw.get("accept_references", True)
     if not isinstance(accept_references, bool):
         raise ConfigError(f"{where}: accept_references must be true or false")
@@ -330,7 +334,17 @@ def load_node_config(path: str | Path) -> NodeConfig:
         training=_training(raw["training"], base, f"{where} [training]")
         if "training" in raw else None,
         accept_references=accept_references,
+        metrics_listen=_metrics_listen(raw.get("metrics_listen", ""), where),
     )
+
+
+def _metrics_listen(value: Any, where: str) -> str:
+    host, _, port = str(value).rpartition(":")
+    if value and not (isinstance(value, str) and host and port.isdigit()
+                      and int(port) < 65536):
+        raise ConfigError(f"{where}: metrics_listen {value!r} must be host:port "
+                          '(e.g. "127.0.0.1:9464")')
+    return str(value)
 
 
 def _training(raw: dict[str, Any], base: Path, where: str) -> TrainingConfig:

@@ -110,11 +110,12 @@ class PlanAudit:
         try:
             yield
         except PlanRefused as e:
-            self.guard.record(plan, "refused", {"reason": str(e)})
+            self.guard.record(plan, "refused", {"reason": str(e), "tables": _tables(plan)})
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
             failure = _failure(e, plan, deadline)
-            detail = {"incident": failure.incident, "cause": failure.cause}
+            detail = {"incident": failure.incident, "cause": failure.cause,
+                      "tables": _tables(plan)}
             if failure.interrupted:
                 detail.update(by=failure.interrupted, limit_s=round(deadline.seconds, 3))
             self.guard.record(plan, "interrupted" if failure.interrupted else "failed", detail)
@@ -240,9 +241,10 @@ def _references(context: grpc.ServicerContext, what: str, table: str) -> Iterato
         context.abort(grpc.StatusCode.INTERNAL, f"node error (node incident {incident})")
 
 
-def build_server(config: NodeConfig, engine: NodeEngine,
-                 workers: int = 8) -> tuple[grpc.Server, int]:
-    """A started gRPC server with mutual TLS; returns it and the bound port."""
+def build_server(config: NodeConfig, engine: NodeEngine, workers: int = 8,
+                 timer: grpc.ServerInterceptor | None = None) -> tuple[grpc.Server, int]:
+    """A started gRPC server with mutual TLS; returns it and the bound port. ``timer``:
+    the metrics' RPC timer (nodes/_metrics.py), after the authorisation."""
     if config.tls is None:
         raise ConfigError(f"node {config.node_id}: [tls] is required (mutual TLS)")
     for label, path in (("cert", config.tls.cert), ("key", config.tls.key),
@@ -256,7 +258,8 @@ def build_server(config: NodeConfig, engine: NodeEngine,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulle-node"),
-        interceptors=[ClientCertificateInterceptor(config.tls.allowed_client_cn)],
+        interceptors=[ClientCertificateInterceptor(config.tls.allowed_client_cn),
+                      *([timer] if timer else [])],
         options=[("grpc.max_send_message_length", MAX_MESSAGE),
                  ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                  ("grpc.so_reuseport", 0)],

@@ -126,13 +126,21 @@ def _serve(config, superlink: str | None = None) -> int:
 
     log = logging.getLogger("bulle.node")
     engine = NodeEngine(config)
-    server, port = build_server(config, engine)
+    metrics = None
+    if config.metrics_listen:  # the operator's Prometheus endpoint (off by default)
+        from nodes._metrics import NodeMetrics
+
+        metrics = NodeMetrics(engine)
+    server, port = build_server(config, engine, timer=metrics.interceptor if metrics else None)
     log.info("node %s serving %d tables on %s (port %d, mutual TLS)", config.node_id,
              len(config.datasets), config.listen, port)
     if any(d.tier == "sensitive" for d in config.datasets):
         # The DP libraries (~2 s of imports) load after the node serves, not before it does,
         # and not in the first DP query's time.
         threading.Thread(target=_warm_dp_libraries, name="warm-dp", daemon=True).start()
+    if metrics is not None:
+        log.info("metrics on http://%s/metrics (port %d)", config.metrics_listen,
+                 metrics.serve(config.metrics_listen))
     flower = None
     if config.training is not None:  # DP training: a SuperNode and its executor, by PID
         from nodes._flower import NodeFlower, state_dir_of
@@ -149,5 +157,7 @@ def _serve(config, superlink: str | None = None) -> int:
         if flower is not None:
             flower.stop()
         server.stop(grace=5).wait()
+        if metrics is not None:
+            metrics.close()
         engine.close()
     return 0

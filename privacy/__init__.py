@@ -21,6 +21,8 @@ Map of the public API:
   migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
   ``verify_grant``, ``GrantError``.
+- Board requests (``_boardreq``, the board's key as its CLI credential): ``BoardRequest``,
+  ``sign_board_request``, ``verify_board_request``, ``BOARD_REQUEST_SCHEME``.
 - Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
   ``sign_run_authorisation``, ``verify_run_authorisation``, ``coordinator_keys``,
   ``canonical_sha256``, ``grant_id``, ``spec_json``.
@@ -35,6 +37,10 @@ from typing import Any
 # must not pay for the accounting, calibration or ledger code it does not touch.
 _LAZY: dict[str, tuple[str, str]] = {
     "AuditEntry": ("privacy._audit", "AuditEntry"),
+    "BOARD_REQUEST_SCHEME": ("privacy._boardreq", "SCHEME"),
+    "BoardRequest": ("privacy._boardreq", "BoardRequest"),
+    "sign_board_request": ("privacy._boardreq", "sign_board_request"),
+    "verify_board_request": ("privacy._boardreq", "verify_board_request"),
     "AuditLog": ("privacy._audit", "AuditLog"),
     "AuditReport": ("privacy._audit", "AuditReport"),
     "ChargeRecord": ("privacy._ledger", "ChargeRecord"),
@@ -104,6 +110,12 @@ __all__ = [
     "magnitude_draw",
     "magnitude_sd",
     "ptable_for",
+]
+__all__ += [
+    "BOARD_REQUEST_SCHEME",
+    "BoardRequest",
+    "sign_board_request",
+    "verify_board_request",
 ]
 __all__ += [
     "RunAuthorisation",

@@ -147,6 +147,13 @@ class AuditLog:
         for r in self._conn().execute(sql + " ORDER BY seq", args):
             yield AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7])
 
+    def entries_after(self, seq: int, limit: int = 10_000) -> list[AuditEntry]:
+        """Up to ``limit`` entries after ``seq`` in seq order (metrics tail the chain)."""
+        rows = self._conn().execute("SELECT * FROM audit_entries WHERE seq > ? ORDER BY seq "
+                                    "LIMIT ?", (seq, limit)).fetchall()
+        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7])
+                for r in rows]
+
     def verify(self, checkpoint: tuple[int, str] | None = None) -> AuditReport:
         """Check the whole chain, the stored head and, if given, an external checkpoint."""
         conn = self._conn()

@@ -45,6 +45,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    func,
     select,
 )
 from sqlalchemy.engine import Connection
@@ -167,6 +168,12 @@ class Ledger:
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def size(self) -> tuple[int, int]:
+        """(budgets, charges) rows: what an operator watches grow (metrics)."""
+        with self._read() as conn:
+            return (int(conn.execute(select(func.count()).select_from(budgets)).scalar_one()),
+                    int(conn.execute(select(func.count()).select_from(charges)).scalar_one()))
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
