@@ -127,7 +127,11 @@ def landing_url(handler: Any) -> str:
     roles = {r.name for r in user.roles} if user is not None else set()
     for role, page in LANDING:
         if role in roles:
-            return user.url if page is None else url_path_join(handler.base_url, page)
+            if page is not None:
+                return url_path_join(handler.base_url, page)
+            # a researcher: their server, started first if it is not running (the server's
+            # own URL would answer 424 "not running" instead of starting it)
+            return user.url if user.running else url_path_join(handler.base_url, "hub/spawn")
     return url_path_join(handler.base_url, "hub/home")
 
 
