@@ -106,7 +106,7 @@ def serve(argv: list[str]) -> int:
     os.environ[SUPERLINK_SECRET_ENV] = runtime_secret
     os.environ["FLWR_HOME"] = str(args.state / "flwr")
     # The SuperExec it spawns polls for ServerApp tasks: the only supported knob (TRAPS.md).
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")  # once per run
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2.0")  # ≤ 2 s, once per run
     bindir = str(Path(sys.executable).parent)  # flower-superexec / flwr-serverapp live here
     os.environ["PATH"] = os.pathsep.join([str(write_shims(args.state / "bin")), bindir,
                                           os.environ.get("PATH", "")])
