@@ -93,10 +93,9 @@ class CoordinatorCollector(Collector):
         self._lock = threading.Lock()
 
     def _tail(self) -> None:
-        while batch := self.audit.entries_after(self.last_seq):
-            for e in batch:
-                self.figures.fold(e.action, e.detail)
-            self.last_seq = batch[-1].seq
+        for e in self.audit.follow(self.last_seq):
+            self.figures.fold(e.action, e.detail)
+            self.last_seq = e.seq
         for outcome, s in self.figures.seconds:
             self.histogram.labels(outcome).observe(s)
         self.figures.seconds.clear()

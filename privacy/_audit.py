@@ -154,6 +154,12 @@ class AuditLog:
         return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7])
                 for r in rows]
 
+    def follow(self, seq: int) -> Iterator[AuditEntry]:
+        """Every entry after ``seq``, in seq order, read in batches (metrics tail the chain)."""
+        while batch := self.entries_after(seq):
+            yield from batch
+            seq = batch[-1].seq
+
     def verify(self, checkpoint: tuple[int, str] | None = None) -> AuditReport:
         """Check the whole chain, the stored head and, if given, an external checkpoint."""
         conn = self._conn()
