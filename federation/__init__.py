@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Coordinator", "IndicatorSpec", "QueryError", "load_coordinator_config", "parse",
-           "plan_query", "seed_indicator"]
+__all__ = ["ConfigError", "Coordinator", "IndicatorSpec", "QueryError", "expand_path",
+           "load_coordinator_config", "parse", "plan_query", "read_toml", "seed_indicator"]
 
 _LAZY = {
+    "ConfigError": "federation._settings",  # shared by every config file (nodes' too)
+    "expand_path": "federation._settings",
+    "read_toml": "federation._settings",
     "Coordinator": "federation._coordinator",
     "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
     "seed_indicator": "federation._indicators",

@@ -5,17 +5,11 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ConfigError(ValueError):
-    pass
+from federation._settings import ConfigError, expand_path, read_toml
 
 
 @dataclass(frozen=True)
@@ -135,13 +129,7 @@ def _check(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _path(value: str, base: Path) -> Path:
-    def sub(m: re.Match[str]) -> str:
-        if m.group(1) not in os.environ:
-            raise ConfigError(f"environment variable {m.group(1)} is not set")
-        return os.environ[m.group(1)]
-
-    p = Path(_ENV.sub(sub, value)).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
+    return expand_path(value, base)
 
 
 def parse_training(raw: dict[str, Any], base: Path, state_dir: Path | None,
@@ -177,13 +165,7 @@ def parse_training(raw: dict[str, Any], base: Path, state_dir: Path | None,
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
-    path = Path(path).resolve()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    path, raw = read_toml(path)
     where = str(path)
     _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
                         "catalog_ttl_s", "max_rows", "state_dir", "project",

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# One error type for every config file (the coordinator's too): federation._settings.
+from federation import ConfigError, expand_path, read_toml
 from privacy import CkmParams, ptable_for
 
 if TYPE_CHECKING:
@@ -27,11 +28,6 @@ _CELL_KEY_KEYS = {"max_perturbation", "variance", "magnitude", "ptable", "pertur
 TIERS = ("open", "restricted", "sensitive")
 _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _COLUMN = re.compile(r"^[a-z0-9_]{1,63}$")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class ConfigError(ValueError):
-    """A config problem, with the file and key it is about."""
 
 
 @dataclass(frozen=True)
@@ -147,14 +143,7 @@ def _check_keys(where: str, raw: dict[str, Any], cls: type | set[str]) -> None:
 
 
 def _expand(value: str, base: Path, where: str) -> Path:
-    def sub(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if name not in os.environ:
-            raise ConfigError(f"{where}: environment variable {name} is not set")
-        return os.environ[name]
-
-    p = Path(_ENV.sub(sub, value)).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
+    return expand_path(value, base, where)
 
 
 def _require(raw: dict[str, Any], key: str, where: str) -> Any:
@@ -275,13 +264,7 @@ def _onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding | Non
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
-    path = Path(path).resolve()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    path, raw = read_toml(path)
     base = path.parent
     where = str(path)
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
