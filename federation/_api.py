@@ -30,6 +30,8 @@ from federation._hubauth import (
     Caller,
     HubUnavailable,
 )
+from federation._operator_page import add_operator_pages
+from federation._pages import add_home
 from federation._registry import RegistryError
 
 API_VERSION = "v1"
@@ -151,6 +153,8 @@ def build_app(coordinator: Coordinator) -> FastAPI:
         coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
     add_dashboard(app, coordinator)
     add_catalog_page(app, coordinator)
+    add_home(app, coordinator)
+    add_operator_pages(app, coordinator)
     return app
 
 

@@ -20,8 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from federation._catalog import search_table
-from federation._dashboard import _CSS, forbidden, login, page_caller
+from federation._dashboard import forbidden, login, page_caller
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
+from federation._pages import css
 
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
@@ -37,10 +38,11 @@ TIER_NOTE = {
 PIVOT_NOTE = {"school": "school (UAI)", "year": "school year", "level": "level / grade",
               "area": "area", "declared": "declared by the node"}
 _PAGE_CSS = """
-form.search{display:flex;gap:8px;margin:4px 0 8px} form.search input{flex:1;padding:5px 8px;
+form.search{display:flex;flex-wrap:wrap;align-items:center;gap:8px;margin:4px 0 8px}
+form.search input{flex:1 1 180px;padding:5px 8px;
 font-size:14px;border:1px solid #9ca3af;border-radius:4px}
 .tier{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff;
-vertical-align:middle} .tier-open{background:#15803d} .tier-restricted{background:#d97706}
+vertical-align:middle} .tier-open{background:#15803d} .tier-restricted{background:#92400e}
 .tier-sensitive{background:#b91c1c}
 .pivot{color:#1e3a8a;font-weight:600;white-space:nowrap} .ref{background:#ecfdf5;padding:6px;
 border-radius:6px} .nogrant{background:#fef2f2;padding:6px;border-radius:6px}
@@ -150,13 +152,16 @@ def render(who: Caller, data: dict[str, Any], q: str) -> str:
         shown.append((t, where))
     board = ("<a href='../board/'>ethics-board dashboard</a>"
              if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else "")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Bulle — "
-             f"catalogue</title><style>{_CSS}{_PAGE_CSS}</style></head><body><header><h1>"
-             f"Bulle · data catalogue</h1>{board}<span>signed in as <b id='who'>"
-             f"{escape(who.name)}</b></span></header><main>",
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><meta "
+             "name='viewport' content='width=device-width, initial-scale=1'><title>Bulle — "
+             f"catalogue</title><style>{css()}{_PAGE_CSS}</style></head><body><header><h1>"
+             f"Bulle · data catalogue</h1><a href='../' id='nav-home'>home</a>{board}"
+             f"<span>signed in as <b id='who'>{escape(who.name)}</b></span>"
+             "<a href='../logout' id='logout'>log out</a></header><main>",
              "<section id='search'><form class='search' method='get' action='./'>"
-             f"<input name='q' value='{escape(q)}' placeholder='keywords: table, column, "
-             "description (accents and case ignored)' aria-label='search'>"
+             "<label for='q'>Search</label>"
+             f"<input id='q' name='q' value='{escape(q)}' placeholder='keywords: table, column, "
+             "description (accents and case ignored)'>"
              "<button>Search</button></form>"]
     if q.strip():
         parts.append(f"<p id='count'>{len(shown)} of {len(tables)} tables match "
@@ -200,6 +205,6 @@ def add_catalog_page(app: FastAPI, coordinator: Coordinator) -> None:
             back = f"catalog/?q={quote(q, safe='')}" if q.strip() else "catalog/"
             return login(coordinator, request, back)
         if not who.can(*ENDPOINT_SCOPES[ENDPOINT]):
-            return forbidden(who, "the catalogue needs one of the scopes "
-                                  + ", ".join(ENDPOINT_SCOPES[ENDPOINT]))
+            return forbidden(who, "The catalogue is for researchers, the ethics board and "
+                                  "node operators.")
         return HTMLResponse(render(who, catalog_json(coordinator, who), q))

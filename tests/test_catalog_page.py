@@ -119,7 +119,7 @@ def test_search_keeps_the_matching_tables(url: str) -> None:
     html = get(url, "college").text  # accents and case ignored: "collège", "colleges"
     assert sections(html) == ["dnb_colleges", "ips_colleges"]
     assert "2 of 5 tables match <b>college</b>" in html
-    assert "<input name='q' value='college'" in html
+    assert "<input id='q' name='q' value='college'" in html
     assert "matches: name, description" in section(html, "ips_colleges")
     assert sections(get(url, "Position SOCIALE").text) == ["ips_colleges"]
     assert sections(get(url, "grade absences").text) == ["lycee_students"]
