@@ -36,7 +36,7 @@ def node_view(coordinator: Coordinator, node: str) -> dict[str, Any]:
     plans = [r for r in rows if node in r.nodes and r.decision == "released"]
     refusals = [r for r in rows if r.decision in ("refused", "failed")
                 and (node in r.nodes or node in r.reason)]
-    return {"node": node, "status": coordinator.node_status().get(node, "unknown"),
+    return {"node": node, "state": coordinator.node_status().get(node, "unknown"),
             "datasets": datasets, "copies": copies, "plans": plans[-RECENT:][::-1],
             "refusals": refusals[-RECENT:][::-1],
             "chain": coordinator.node_chains().get(node)}

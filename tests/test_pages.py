@@ -122,7 +122,7 @@ def test_pages_not_for_a_role_say_so_without_scopes(url: str) -> None:
 def test_node_page_shows_metadata_plans_and_chain(fed: Federation) -> None:
     view = node_view(fed.coordinator, "gp")
     assert {d["name"] for d in view["datasets"]} >= {"pupils", "lycee_students"}
-    assert view["status"] == "up" and view["chain"]["ok"]
+    assert view["state"] == "up" and view["chain"]["ok"]
     assert any(r.text == RELEASED for r in view["plans"])
     quality = next(d for d in view["datasets"] if d["name"] == "pupils")["quality"]
     assert quality is None or 0 <= quality["score"] <= 100
@@ -136,3 +136,40 @@ def test_decision_form_numbers_are_checked_in_words() -> None:
     with pytest.raises(ValueError, match=r"δ must be a number above 0 and below 0\.01"):
         _decision_from_form({**base, "delta": "0.5"})
     assert _decision_from_form({**base, "epsilon": "2.5"}).epsilon == 2.5
+
+
+def test_node_page_renders_for_an_operator(fed: Federation) -> None:
+    from federation._pages import render
+
+    html = render("node.html", who=OPERATOR, roles=["operator"], root="../", title="node gp",
+                  **node_view(fed.coordinator, "gp"))
+    assert 'data-table="pupils"' in html and RELEASED in html and "✔ intact" in html
+
+
+def test_node_page_of_a_vendor_node(tmp_path: Path, certs: Path) -> None:
+    from federation._pages import render
+    from tests.conftest import oulad
+
+    f = start_federation(tmp_path, certs, {"v1": oulad(("AAA",))})
+    try:
+        html = render("node.html", who=OPERATOR, roles=["operator"], root="../",
+                      title="node v1", **node_view(f.coordinator, "v1"))
+        assert 'data-table="student_assessment"' in html
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("caller", [OPERATOR, BOARD], ids=["operator", "board"])
+def test_every_page_answers_each_role(fed: Federation, url: str, caller: Caller,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over HTTP, as an operator and as the board (the hub's answer stubbed: who the token
+    belongs to), every page renders."""
+    monkeypatch.setattr(fed.coordinator, "identify", lambda token: caller)
+    for path in ("/", "/guide/", "/catalog/", "/board/", "/board/audit", "/board/audit?page=2",
+                 "/operator/", "/operator/gp", "/board/?decision=refused&project=demo"):
+        r = _get(url, path)
+        assert r.status_code == 200, (path, r.text[:500])
+        assert re.search(r"<meta name=.viewport.", r.text), path
+    assert _get(url, "/operator/nowhere").status_code == 404
+    home = _get(url, "/").text
+    assert 'id="link-board"' in home and 'id="link-operator"' in home
