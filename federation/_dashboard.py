@@ -12,7 +12,6 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
@@ -139,36 +138,23 @@ def export(coordinator: Coordinator, fmt: str, table: str) -> Response:
 
 def svg_bars(rows: list[tuple[str, float, float | None]], plot_id: str, title: str) -> str:
     """Horizontal bars: each row's ε spent against its own grant (the track)."""
-    if not rows:
-        return f'<p class="empty" id="{plot_id}">Nothing granted yet.</p>'
-    w, label_w, bar_w, row_h = 760, 290, 300, 30
-    h = 34 + row_h * len(rows)
-    out = [f'<svg id="{plot_id}" role="img" aria-label="{escape(title)}" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg" '
-           'font-family="system-ui, sans-serif" font-size="13">',
-           f'<text x="0" y="16" font-weight="600">{escape(title)}</text>']
+    bars = []
     for i, (label, spent, granted) in enumerate(rows):
-        y = 30 + i * row_h
         frac = min(spent / granted, 1.0) if granted else 0.0
-        color = "#16a34a" if frac < 0.5 else "#d97706" if frac < 0.9 else "#dc2626"
-        text = (f"{spent:.3g} / {granted:.3g} ε ({100 * spent / granted:.0f}%)" if granted
-                else f"{spent:.3g} ε (no grant)")
-        out += [
-            f'<text x="0" y="{y + 15}">{escape(label[:40])}</text>',
-            f'<rect x="{label_w}" y="{y + 2}" width="{bar_w}" height="18" rx="3" '
-            'fill="#e5e7eb"/>',
-            f'<rect class="spent" data-label="{escape(label)}" data-spent="{spent:.6g}" '
-            f'data-granted="{granted or 0:.6g}" x="{label_w}" y="{y + 2}" '
-            f'width="{bar_w * frac:.1f}" height="18" rx="3" fill="{color}"/>',
-            f'<text x="{label_w + bar_w + 8}" y="{y + 15}">{escape(text)}</text>',
-        ]
-    return "".join(out) + "</svg>"
+        bars.append({"label": label, "spent": spent, "granted": granted, "frac": frac,
+                     "y": 30 + i * 30,
+                     "color": "#16a34a" if frac < 0.5 else "#d97706" if frac < 0.9
+                     else "#dc2626",
+                     "text": f"{spent:.3g} / {granted:.3g} ε ({100 * spent / granted:.0f}%)"
+                     if granted else f"{spent:.3g} ε (no grant)"})
+    return pages.render("bars.svg", rows=bars, plot_id=plot_id, title=title, w=760,
+                        h=34 + 30 * len(rows), label_w=290, bar_w=300)
 
 
 def svg_timeline(releases: list[dict[str, Any]], plot_id: str) -> str:
-    """Cumulative ε per project over time; restricted/open releases as ticks on the axis."""
+    """The composed ε per project over time; releases without ε as ticks on the axis."""
     if not releases:
-        return f'<p class="empty" id="{plot_id}">No release yet.</p>'
+        return pages.render("timeline.svg", series=[], plot_id=plot_id)
     times = [datetime.fromisoformat(r["time"]).timestamp() for r in releases]
     t0, t1 = min(times), max(max(times), min(times) + 1)
     projects = sorted({r["project"] for r in releases})
@@ -182,38 +168,24 @@ def svg_timeline(releases: list[dict[str, Any]], plot_id: str) -> str:
         series[r["project"]].append((t, cum[r["project"]]))
     top = max(max(cum.values(), default=0.0), 1e-9)
     w, h, left, right, top_px, bottom = 720, 240, 50, 150, 24, 200
+
     def x(t: float) -> float:
         return left + (t - t0) / (t1 - t0) * (w - left - right)
 
     def y(v: float) -> float:
         return bottom - v / top * (bottom - top_px) if top > 1e-9 else bottom
 
-    out = [f'<svg id="{plot_id}" role="img" aria-label="releases over time" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg" '
-           'font-family="system-ui, sans-serif" font-size="12">',
-           f'<line x1="{left}" y1="{bottom}" x2="{w - right}" y2="{bottom}" stroke="#374151"/>',
-           f'<line x1="{left}" y1="{top_px}" x2="{left}" y2="{bottom}" stroke="#374151"/>',
-           f'<text x="4" y="{top_px + 4}">{top:.3g} ε</text>',
-           f'<text x="4" y="{bottom}">0</text>',
-           f'<text x="{left}" y="{bottom + 18}">{_hm(t0)}</text>',
-           f'<text x="{w - right}" y="{bottom + 18}" text-anchor="end">{_hm(t1)}</text>',
-           f'<text x="{left}" y="{bottom + 34}" fill="#4b5563">composed ε per project'
-           ' (ticks: exact releases, no ε)</text>']
+    lines = []
     for i, p in enumerate(projects):
-        color = _PALETTE[i % len(_PALETTE)]
         pts = []
         for (ta, va), (tb, _) in zip(series[p], [*series[p][1:], (t1, 0.0)], strict=True):
             pts += [f"{x(ta):.1f},{y(va):.1f}", f"{x(tb):.1f},{y(va):.1f}"]
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                   f'points="{" ".join(pts)}"/>')
-        out.append(f'<text x="{w - right + 8}" y="{top_px + 14 + 16 * i}" fill="{color}">'
-                   f'{escape(p[:18])}</text>')
-    for r, t in zip(releases, times, strict=True):
-        if r["epsilon"] > 0:
-            continue
-        out.append(f'<line x1="{x(t):.1f}" y1="{bottom - 6}" x2="{x(t):.1f}" y2="{bottom}" '
-                   'stroke="#9ca3af"/>')
-    return "".join(out) + "</svg>"
+        lines.append({"project": p, "color": _PALETTE[i % len(_PALETTE)],
+                      "points": " ".join(pts)})
+    ticks = [x(t) for r, t in zip(releases, times, strict=True) if r["epsilon"] <= 0]
+    return pages.render("timeline.svg", series=lines, ticks=ticks, plot_id=plot_id, top=top,
+                        w=w, h=h, left=left, right=right, top_px=top_px, bottom=bottom,
+                        start=_hm(t0), end=_hm(t1))
 
 
 def _hm(ts: float) -> str:
@@ -243,6 +215,7 @@ def render_board(who: Caller, data: dict[str, Any], csrf: str | None, msg: str,
         "board.html", who=who, roles=pages.roles(who), root="../", title="ethics board",
         msg=msg, can_decide=who.can(SCOPE_APPROVE) and csrf is not None, csrf=csrf,
         pending=[p for p in projects if p["status"] == "pending"], legend=data["legend"],
+        # the plots are rendered (and escaped) by their own templates
         plot_projects=Markup(svg_bars(bars, "plot-projects",
                                       "per project: composed total (hub.budget())")),
         plot_datasets=Markup(svg_bars(dsets, "plot-datasets",

@@ -25,9 +25,9 @@ EXAMPLES = "lab/tree/examples"  # where prepare_home puts the example notebooks
 
 @cache
 def environment() -> jinja2.Environment:
-    """Autoescaping for every template (``.css`` includes are not HTML: not escaped)."""
+    """Autoescaping for every HTML and SVG template (``.css`` includes: not escaped)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("federation", "templates"),
-                             autoescape=jinja2.select_autoescape(["html"]),
+                             autoescape=jinja2.select_autoescape(["html", "svg"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters["eps"] = lambda v: "—" if v is None else f"{float(v):.4f}"
