@@ -695,6 +695,7 @@ def _researcher_home(browser: Any, enclave: Enclave, home: str, width: int,
     page.click("#link-catalog a")
     page.wait_for_selector("#table-lycee_students")
     assert _contrast(page, "#table-lycee_students .tier") >= 4.5  # WCAG AA (was 3.19)
+    _fits(page, width)
     page.close()
 
 
