@@ -35,7 +35,9 @@ from pathlib import Path
 
 from enclave._hub import (
     CUSTOM_SCOPES,
+    HOME,
     SERVICE,
+    TEMPLATES,
     BrokeredSpawner,
     DemoAuthenticator,
     landing_url,
@@ -69,6 +71,9 @@ c.ConfigurableHTTPProxy.api_url = (
 c.ConfigurableHTTPProxy.command = [str(BIN / "configurable-http-proxy")]
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
 c.JupyterHub.default_url = landing_url  # by role: only researchers get a server started
+# Every hub page links to the Bulle home (navigation bar), the hub's home page too.
+c.JupyterHub.template_paths = [str(TEMPLATES)]
+c.JupyterHub.template_vars = {"bulle_home": f"/{HOME}"}
 c.JupyterHub.cleanup_servers = True  # `bulle demo down` stops the hub: servers go too
 c.JupyterHub.cleanup_proxy = True
 

@@ -73,10 +73,11 @@ def _print_hub(info: dict) -> None:
     if not info.get("hub_url"):
         return
     passwords = info.get("passwords") or {}
-    print(f"JupyterHub          {info['hub_url']}   (ethics-board dashboard: "
-          f"{info['hub_url']}/services/bulle/board/)")
-    print(f"Standing indicators {info['hub_url']}/services/bulle/indicators/   (observers "
-          "land there)")
+    home = f"{info['hub_url']}/services/bulle/"
+    print(f"JupyterHub          {info['hub_url']}")
+    print(f"Bulle home          {home}   (catalogue {home}catalog/, ethics board "
+          f"{home}board/, node pages {home}operator/)")
+    print(f"Standing indicators {home}indicators/   (observers land there)")
     for name, role in info.get("accounts", {}).items():
         secret = passwords.get(name, "(printed at first start)")
         print(f"  {role:<14} {name:<17} password {secret}")

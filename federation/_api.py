@@ -36,6 +36,8 @@ from federation._hubauth import (
     HubUnavailable,
 )
 from federation._metrics import add_metrics_route
+from federation._operator_page import add_operator_pages
+from federation._pages import add_home
 from federation._registry import RegistryError
 
 API_VERSION = "v1"
@@ -172,6 +174,8 @@ def build_app(coordinator: Coordinator) -> FastAPI:
 
     add_indicators(app, coordinator, Who)
     add_metrics_route(app, coordinator, Who, require)
+    add_home(app, coordinator)
+    add_operator_pages(app, coordinator)
     return app
 
 

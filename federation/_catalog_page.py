@@ -12,16 +12,16 @@ are listed without details).
 
 from __future__ import annotations
 
-from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from federation import _pages as pages
 from federation._catalog import search_table
-from federation._dashboard import _CSS, forbidden, login, page_caller
-from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
+from federation._dashboard import forbidden, login, page_caller
+from federation._hubauth import Caller
 
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
@@ -36,103 +36,50 @@ TIER_NOTE = {
 }
 PIVOT_NOTE = {"school": "school (UAI)", "year": "school year", "level": "level / grade",
               "area": "area", "declared": "declared by the node"}
-_PAGE_CSS = """
-form.search{display:flex;gap:8px;margin:4px 0 8px} form.search input{flex:1;padding:5px 8px;
-font-size:14px;border:1px solid #9ca3af;border-radius:4px}
-.tier{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff;
-vertical-align:middle} .tier-open{background:#15803d} .tier-restricted{background:#d97706}
-.tier-sensitive{background:#b91c1c}
-.pivot{color:#1e3a8a;font-weight:600;white-space:nowrap} .ref{background:#ecfdf5;padding:6px;
-border-radius:6px} .nogrant{background:#fef2f2;padding:6px;border-radius:6px}
-ul.toc{columns:3;font-size:13px;padding-left:18px} code{font-size:12px}
-table.columns code{overflow-wrap:anywhere} table.columns td:first-child{min-width:170px}
-table.columns td:nth-child(3){min-width:180px}
-table.columns td:nth-child(4){max-width:220px} section.table{overflow-x:auto}
-"""
-
-
-def _table_link(name: str) -> str:
-    return f"<a href='#table-{escape(name)}'>{escape(name)}</a>"
-
-
-def _domain(values: list[Any] | None) -> str:
-    if not values:
-        return ""
-    shown = ", ".join(escape(str(v)) for v in values[:MAX_DOMAIN])
-    more = len(values) - MAX_DOMAIN
-    return shown + (f" <span class='muted'>… (+{more} more)</span>" if more > 0 else "")
-
-
 def _completeness(table: dict[str, Any], column: str) -> str:
     pcts = [q["column_completeness_pct"][column] for q in (table.get("quality") or {}).values()
             if column in (q.get("column_completeness_pct") or {})]
     return f"{min(pcts):g}%" if pcts else ""
 
 
-def _section(t: dict[str, Any], holders: dict[str, list[str]], where: list[str] | None
-             ) -> str:
-    name, tier = str(t["name"]), str(t.get("tier", ""))
-    buckets = t.get("row_count_buckets") or {}
-    nodes = ", ".join(f"<b>{escape(n)}</b>" + (f" <span class='muted'>({escape(str(b))} rows)"
-                                                f"</span>" if (b := buckets.get(n)) else "")
-                      for n in t.get("nodes", []))
-    score = t.get("quality_score")
-    out = [f"<section class='table' id='table-{escape(name)}' data-table='{escape(name)}'>"
-           f"<h2>{escape(name)} <span class='tier tier-{escape(tier)}'>{escape(tier)}</span>"
-           "</h2>",
-           f"<p class='description'>{escape(str(t.get('description') or ''))}</p>",
-           f"<p><span class='muted'>Tier:</span> {escape(TIER_NOTE.get(tier, tier))}"
-           f" · <span class='muted'>published by</span> <span class='nodes'>{nodes}</span>"
-           f" · <span class='muted'>quality</span> <span class='quality'>"
-           f"{'—' if score is None else f'{score}/100'}</span></p>"]
-    unit, min_count, round_to = t.get("privacy_unit"), t.get("min_count"), t.get("round_to")
-    rules = [f"privacy unit <code>{escape(str(unit))}</code>" if unit else "",
-             f"values resting on fewer than {min_count} units shown as &lt; {min_count}"
+def _rules(t: dict[str, Any]) -> list[str]:
+    """The table's disclosure rules, in words."""
+    tier, unit = str(t.get("tier", "")), t.get("privacy_unit")
+    min_count, round_to = t.get("min_count"), t.get("round_to")
+    rules = [f"privacy unit {unit}" if unit else "",
+             f"values resting on fewer than {min_count} units shown as < {min_count}"
              if min_count else "",
              "perturbed by the cell key method" if (t.get("cell_key") or {}).get("perturbed")
              else "",
              "no MIN/MAX (the unit is a person)" if tier == "restricted"
              and t.get("unit_level") == "person" else "",
              f"counts rounded to {round_to}" if round_to and round_to > 1 else ""]
-    if any(rules):
-        out.append(f"<p class='muted'>{' · '.join(r for r in rules if r)}</p>")
-    copies = [str(c) for c in t.get("copies") or []]
-    if t.get("shared") or copies:
-        at = ", ".join(escape(c) for c in copies)
-        out.append("<p class='ref'>Reference table" + (
-            f", copied to: <span class='copies'>{at}</span> — join it at any of these nodes"
-            if copies else ", shared by its node: the coordinator copies it to the other "
-            "nodes for joins") + ".</p>")
-    if where is not None:
-        out.append(f"<p class='muted matches'>matches: {escape(', '.join(where))}</p>")
-    if t.get("granted") is False:
-        out.append("<p class='nogrant'>Sensitive table: details need a grant in a project "
-                   "(submit one naming it; the ethics board decides).</p></section>")
-        return "".join(out)
-    columns = t.get("columns") or []
-    if not columns:
-        return "".join([*out, "<p class='muted'>No column is common to every node.</p>"
-                        "</section>"])
+    return [r for r in rules if r]
+
+
+def _view(t: dict[str, Any], holders: dict[str, list[str]], where: list[str] | None
+          ) -> dict[str, Any]:
+    """What the template shows of one table (plain values: the template escapes them)."""
+    name, tier = str(t["name"]), str(t.get("tier", ""))
+    buckets = t.get("row_count_buckets") or {}
     domains = t.get("public_domains") or {}
-    out.append("<table class='columns'><tr><th>column</th><th>type</th><th>description</th>"
-               "<th>public domain</th><th>complete</th><th>pivot</th></tr>")
-    for c in columns:
+    columns = []
+    for c in t.get("columns") or []:
         col, kind = str(c["name"]), c.get("pivot")
-        pivot = ""
-        if kind:
-            others = [n for n in holders.get(col, []) if n != name]
-            pivot = (f"<span class='pivot' title='{escape(PIVOT_NOTE.get(kind, kind))}'>⇄ "
-                     f"{escape(str(kind))}</span>")
-            if others:
-                pivot += (" <span class='joins'>with " + ", ".join(map(_table_link, others))
-                          + "</span>")
-        out.append(f"<tr data-column='{escape(col)}'><td><code>{escape(col)}</code></td>"
-                   f"<td>{escape(str(c.get('type', '')))}</td>"
-                   f"<td>{escape(str(c.get('description') or ''))}</td>"
-                   f"<td>{_domain(domains.get(col))}</td><td>{_completeness(t, col)}</td>"
-                   f"<td>{pivot}</td></tr>")
-    out.append("</table></section>")
-    return "".join(out)
+        values = [str(v) for v in domains.get(col) or []]
+        columns.append({"name": col, "type": str(c.get("type", "")),
+                        "description": str(c.get("description") or ""),
+                        "domain": values[:MAX_DOMAIN], "more": len(values) - MAX_DOMAIN,
+                        "complete": _completeness(t, col), "pivot": kind,
+                        "pivot_note": PIVOT_NOTE.get(kind, kind) if kind else "",
+                        "joins": [n for n in holders.get(col, []) if n != name] if kind else []})
+    return {"name": name, "tier": tier, "tier_note": TIER_NOTE.get(tier, tier),
+            "description": str(t.get("description") or ""),
+            "nodes": [(n, buckets.get(n)) for n in t.get("nodes", [])],
+            "score": t.get("quality_score"), "rules": _rules(t),
+            "reference": bool(t.get("shared") or t.get("copies")),
+            "copies": [str(c) for c in t.get("copies") or []], "where": where,
+            "granted": t.get("granted"), "columns": columns}
 
 
 def render(who: Caller, data: dict[str, Any], q: str) -> str:
@@ -147,42 +94,10 @@ def render(who: Caller, data: dict[str, Any], q: str) -> str:
         where = search_table(t, q) if q.strip() else None
         if where is None and q.strip():
             continue
-        shown.append((t, where))
-    board = ("<a href='../board/'>ethics-board dashboard</a>"
-             if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else "")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Bulle — "
-             f"catalogue</title><style>{_CSS}{_PAGE_CSS}</style></head><body><header><h1>"
-             f"Bulle · data catalogue</h1>{board}<span>signed in as <b id='who'>"
-             f"{escape(who.name)}</b></span></header><main>",
-             "<section id='search'><form class='search' method='get' action='./'>"
-             f"<input name='q' value='{escape(q)}' placeholder='keywords: table, column, "
-             "description (accents and case ignored)' aria-label='search'>"
-             "<button>Search</button></form>"]
-    if q.strip():
-        parts.append(f"<p id='count'>{len(shown)} of {len(tables)} tables match "
-                     f"<b>{escape(q)}</b> · <a href='./'>show all</a></p>")
-    else:
-        parts.append(f"<p id='count'>{len(tables)} tables</p>")
-    if shown:
-        parts.append("<ul class='toc'>" + "".join(
-            f"<li>{_table_link(t['name'])} <span class='muted'>{escape(str(t['tier']))}"
-            "</span></li>" for t, _ in shown) + "</ul>")
-    parts.append("<p class='muted'>Pivot columns (⇄) identify a school, a school year, a "
-                 "level or an area: tables sharing one can be related. In Python: "
-                 "<code>hub.catalog(search=…)</code>, <code>hub.describe(table)</code>.</p>"
-                 "</section><section id='nodes'><h2>Nodes</h2><table><tr><th>node</th>"
-                 "<th>status</th></tr>")
-    for nid, status in sorted(data.get("nodes", {}).items()):
-        cls = "ok" if status == "up" else "bad"
-        parts.append(f"<tr data-node='{escape(nid)}'><td>{escape(nid)}</td>"
-                     f"<td class='{cls}'>{escape(str(status))}</td></tr>")
-    parts.append("</table></section>")
-    parts += [_section(t, holders, where) for t, where in shown]
-    if not shown:
-        parts.append("<section id='none'><p class='empty'>No table matches every word.</p>"
-                     "</section>")
-    parts.append("</main></body></html>")
-    return "".join(parts)
+        shown.append(_view(t, holders, where))
+    return pages.render("catalog.html", who=who, roles=pages.roles(who), root="../",
+                        title="data catalogue", q=q, shown=shown, total=len(tables),
+                        nodes=sorted((data.get("nodes") or {}).items()))
 
 
 def add_catalog_page(app: FastAPI, coordinator: Coordinator) -> None:
@@ -200,6 +115,6 @@ def add_catalog_page(app: FastAPI, coordinator: Coordinator) -> None:
             back = f"catalog/?q={quote(q, safe='')}" if q.strip() else "catalog/"
             return login(coordinator, request, back)
         if not who.can(*ENDPOINT_SCOPES[ENDPOINT]):
-            return forbidden(who, "the catalogue needs one of the scopes "
-                                  + ", ".join(ENDPOINT_SCOPES[ENDPOINT]))
+            return forbidden(who, "The catalogue is for researchers, the ethics board and "
+                                  "node operators.")
         return HTMLResponse(render(who, catalog_json(coordinator, who), q))

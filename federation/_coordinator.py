@@ -348,7 +348,9 @@ class Coordinator:
 
     def _run(self, record: QueryRecord, sql: str) -> None:
         started = time.perf_counter()
-        entry: dict[str, Any] = {"query": record.id, "sql_sha256": record.sql_sha256}
+        # the text too: the board lists what was asked, not only its hash
+        entry: dict[str, Any] = {"query": record.id, "sql_sha256": record.sql_sha256,
+                                 "sql": sql[:20_000]}
         if record.precision is not None:  # the board sees what precision was asked for
             entry["precision"] = record.precision
         decision, detail = "error", {}

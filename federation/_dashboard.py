@@ -12,13 +12,15 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from html import escape
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from markupsafe import Markup
 
+from federation import _activity as activity
+from federation import _pages as pages
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller, HubUnavailable
 from federation._registry import RegistryError
@@ -31,7 +33,8 @@ SESSION_COOKIE = "bulle-board-session"
 STATE_COOKIE = "bulle-oauth-state"
 RETURN_COOKIE = "bulle-oauth-return"  # the page to come back to after the hub's login
 # Pages the OAuth callback may return to; a catalogue search comes back with its words.
-_RETURN = re.compile(r"(board/|catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?"
+_RETURN = re.compile(r"(\./|board/|board/audit|operator/([a-z0-9][a-z0-9_-]{0,62})?|"
+                     r"catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?"
                      r"|indicators/([a-z0-9][a-z0-9-]{1,50}/)?)")
 _PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626")
 
@@ -52,21 +55,11 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
     if audit_only:
         return {"chains": chains}
     projects = _projects(coordinator)
-    releases, per_dataset = [], {}
-    for e in audit.entries():
-        eps = float(e.detail.get("epsilon") or 0.0)
-        if e.action != "released":  # a query that failed after its charge still spent it
-            for d in e.detail.get("datasets", []) if e.action in ("refused", "error") else ():
-                per_dataset[(e.project, d)] = per_dataset.get((e.project, d), 0.0) + eps
-            continue
-        releases.append({"time": e.time, "project": e.project, "researcher": e.actor,
-                         "tier": e.detail.get("tier", ""), "epsilon": eps,
-                         "rows": e.detail.get("rows"), "nodes": e.detail.get("nodes", []),
-                         "datasets": e.detail.get("datasets", []), "seq": e.seq,
-                         # precision first (federation/_precision.py): the ±h asked for
-                         "precision": e.detail.get("precision")})
-        for d in e.detail.get("datasets", []):
-            per_dataset[(e.project, d)] = per_dataset.get((e.project, d), 0.0) + eps
+    releases = activity.rows(coordinator)
+    per_dataset: dict[tuple[str, str], float] = {}
+    for r in releases:  # a query that failed after its charge still spent it
+        for d in r.datasets if r.epsilon else ():
+            per_dataset[(r.project, d)] = per_dataset.get((r.project, d), 0.0) + r.epsilon
     granted = {p["name"]: p for p in projects}
     datasets = []
     for p in projects:
@@ -77,8 +70,10 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
     for (proj, d), eps in sorted(per_dataset.items()):  # spent under grants since changed
         datasets.append({"project": proj, "dataset": d, "epsilon_spent": round(eps, 6),
                          "epsilon_granted": (granted.get(proj) or {}).get("granted_epsilon")})
-    return {"projects": projects, "datasets": datasets, "releases": releases,
-            "chains": chains, "generated": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {"projects": projects, "datasets": datasets,
+            "releases": [r.to_json() for r in releases],
+            "legend": activity.legend(projects, releases), "chains": chains,
+            "generated": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _projects(coordinator: Coordinator) -> list[dict[str, Any]]:
@@ -112,8 +107,9 @@ _EXPORT_COLUMNS = {
                  "decided_at", "decided_by", "reason"],
     "budgets": ["name", "status", "granted_epsilon", "epsilon_spent", "expires_at"],
     "datasets": ["project", "dataset", "epsilon_granted", "epsilon_spent"],
-    "releases": ["seq", "time", "project", "researcher", "tier", "epsilon", "rows", "nodes",
-                 "datasets", "precision"],
+    "releases": ["seq", "time", "project", "researcher", "kind", "decision", "id", "text",
+                 "hash", "tier", "epsilon", "composed_before", "composed_after", "growth",
+                 "rows", "nodes", "datasets", "precision", "reason"],
 }
 
 
@@ -143,78 +139,54 @@ def export(coordinator: Coordinator, fmt: str, table: str) -> Response:
 
 def svg_bars(rows: list[tuple[str, float, float | None]], plot_id: str, title: str) -> str:
     """Horizontal bars: each row's ε spent against its own grant (the track)."""
-    if not rows:
-        return f'<p class="empty" id="{plot_id}">Nothing granted yet.</p>'
-    w, label_w, bar_w, row_h = 760, 290, 300, 30
-    h = 34 + row_h * len(rows)
-    out = [f'<svg id="{plot_id}" role="img" aria-label="{escape(title)}" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg" '
-           'font-family="system-ui, sans-serif" font-size="13">',
-           f'<text x="0" y="16" font-weight="600">{escape(title)}</text>']
+    bars = []
     for i, (label, spent, granted) in enumerate(rows):
-        y = 30 + i * row_h
         frac = min(spent / granted, 1.0) if granted else 0.0
-        color = "#16a34a" if frac < 0.5 else "#d97706" if frac < 0.9 else "#dc2626"
-        text = (f"{spent:.3g} / {granted:.3g} ε ({100 * spent / granted:.0f}%)" if granted
-                else f"{spent:.3g} ε (no grant)")
-        out += [
-            f'<text x="0" y="{y + 15}">{escape(label[:40])}</text>',
-            f'<rect x="{label_w}" y="{y + 2}" width="{bar_w}" height="18" rx="3" '
-            'fill="#e5e7eb"/>',
-            f'<rect class="spent" data-label="{escape(label)}" data-spent="{spent:.6g}" '
-            f'data-granted="{granted or 0:.6g}" x="{label_w}" y="{y + 2}" '
-            f'width="{bar_w * frac:.1f}" height="18" rx="3" fill="{color}"/>',
-            f'<text x="{label_w + bar_w + 8}" y="{y + 15}">{escape(text)}</text>',
-        ]
-    return "".join(out) + "</svg>"
+        bars.append({"label": label, "spent": spent, "granted": granted, "frac": frac,
+                     "y": 30 + i * 30,
+                     "color": "#16a34a" if frac < 0.5 else "#d97706" if frac < 0.9
+                     else "#dc2626",
+                     "text": f"{spent:.3g} / {granted:.3g} ε ({100 * spent / granted:.0f}%)"
+                     if granted else f"{spent:.3g} ε (no grant)"})
+    return pages.render("bars.svg", rows=bars, plot_id=plot_id, title=title, w=760,
+                        h=34 + 30 * len(rows), label_w=290, bar_w=300)
 
 
 def svg_timeline(releases: list[dict[str, Any]], plot_id: str) -> str:
-    """Cumulative ε per project over time; restricted/open releases as ticks on the axis."""
+    """The composed ε per project over time; releases without ε as ticks on the axis."""
     if not releases:
-        return f'<p class="empty" id="{plot_id}">No release yet.</p>'
+        return pages.render("timeline.svg", series=[], plot_id=plot_id)
     times = [datetime.fromisoformat(r["time"]).timestamp() for r in releases]
     t0, t1 = min(times), max(max(times), min(times) + 1)
     projects = sorted({r["project"] for r in releases})
     cum: dict[str, float] = {}
     series: dict[str, list[tuple[float, float]]] = {p: [(t0, 0.0)] for p in projects}
     for r, t in zip(releases, times, strict=True):
-        cum[r["project"]] = cum.get(r["project"], 0.0) + r["epsilon"]
+        # the composed total after the charge where known (what hub.budget() says)
+        after = r.get("composed_after")
+        cum[r["project"]] = after if after is not None else \
+            cum.get(r["project"], 0.0) + r["epsilon"]
         series[r["project"]].append((t, cum[r["project"]]))
     top = max(max(cum.values(), default=0.0), 1e-9)
     w, h, left, right, top_px, bottom = 720, 240, 50, 150, 24, 200
+
     def x(t: float) -> float:
         return left + (t - t0) / (t1 - t0) * (w - left - right)
 
     def y(v: float) -> float:
         return bottom - v / top * (bottom - top_px) if top > 1e-9 else bottom
 
-    out = [f'<svg id="{plot_id}" role="img" aria-label="releases over time" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg" '
-           'font-family="system-ui, sans-serif" font-size="12">',
-           f'<line x1="{left}" y1="{bottom}" x2="{w - right}" y2="{bottom}" stroke="#374151"/>',
-           f'<line x1="{left}" y1="{top_px}" x2="{left}" y2="{bottom}" stroke="#374151"/>',
-           f'<text x="4" y="{top_px + 4}">{top:.3g} ε</text>',
-           f'<text x="4" y="{bottom}">0</text>',
-           f'<text x="{left}" y="{bottom + 18}">{_hm(t0)}</text>',
-           f'<text x="{w - right}" y="{bottom + 18}" text-anchor="end">{_hm(t1)}</text>',
-           f'<text x="{left}" y="{bottom + 34}" fill="#6b7280">cumulative ε spent per project'
-           ' (ticks: exact releases, no ε)</text>']
+    lines = []
     for i, p in enumerate(projects):
-        color = _PALETTE[i % len(_PALETTE)]
         pts = []
         for (ta, va), (tb, _) in zip(series[p], [*series[p][1:], (t1, 0.0)], strict=True):
             pts += [f"{x(ta):.1f},{y(va):.1f}", f"{x(tb):.1f},{y(va):.1f}"]
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                   f'points="{" ".join(pts)}"/>')
-        out.append(f'<text x="{w - right + 8}" y="{top_px + 14 + 16 * i}" fill="{color}">'
-                   f'{escape(p[:18])}</text>')
-    for r, t in zip(releases, times, strict=True):
-        if r["epsilon"] > 0:
-            continue
-        out.append(f'<line x1="{x(t):.1f}" y1="{bottom - 6}" x2="{x(t):.1f}" y2="{bottom}" '
-                   'stroke="#9ca3af"/>')
-    return "".join(out) + "</svg>"
+        lines.append({"project": p, "color": _PALETTE[i % len(_PALETTE)],
+                      "points": " ".join(pts)})
+    ticks = [x(t) for r, t in zip(releases, times, strict=True) if r["epsilon"] <= 0]
+    return pages.render("timeline.svg", series=lines, ticks=ticks, plot_id=plot_id, top=top,
+                        w=w, h=h, left=left, right=right, top_px=top_px, bottom=bottom,
+                        start=_hm(t0), end=_hm(t1))
 
 
 def _hm(ts: float) -> str:
@@ -223,115 +195,37 @@ def _hm(ts: float) -> str:
 
 # ------------------------------------------------------------------------------ pages
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:0;color:#111827;background:#f9fafb}
-header{background:#1e3a8a;color:#fff;padding:12px 24px;display:flex;gap:16px;align-items:center}
-header h1{font-size:18px;margin:0;flex:1} header a{color:#bfdbfe}
-main{padding:16px 24px;max-width:1100px}
-section{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px 16px;
-margin-bottom:16px}
-h2{font-size:16px;margin:4px 0 12px}
-table{border-collapse:collapse;font-size:13px;width:100%}
-td,th{border-bottom:1px solid #e5e7eb;padding:4px 6px;text-align:left;vertical-align:top}
-.card{border:1px solid #d1d5db;border-radius:6px;padding:10px;margin-bottom:10px}
-.card h3{margin:0 0 6px;font-size:15px} .muted{color:#6b7280} .ok{color:#15803d}
-.bad{color:#b91c1c} .msg{background:#fef3c7;padding:8px;border-radius:6px}
-form.decide{display:grid;grid-template-columns:repeat(4,auto);gap:6px;align-items:end}
-form.decide label{font-size:12px;display:flex;flex-direction:column}
-form.decide textarea{grid-column:1/5} button{padding:5px 12px;border-radius:4px;
-border:1px solid #1e3a8a;background:#1e3a8a;color:#fff;cursor:pointer}
-button.refuse{background:#b91c1c;border-color:#b91c1c}
-"""
+MAX_ROWS_SHOWN = 200  # the board lists the most recent; the exports have every row
 
 
-def _page(who: Caller, data: dict[str, Any], csrf: str | None, msg: str) -> str:
-    can_decide = who.can(SCOPE_APPROVE) and csrf is not None
+def render_board(who: Caller, data: dict[str, Any], csrf: str | None, msg: str,
+                 filters: dict[str, str] | None = None) -> str:
+    """The board page for ``data`` (``summary``), its release list filtered by ``filters``."""
+    filters = {k: v for k, v in (filters or {}).items() if k in activity.FILTERS}
+    all_rows = [activity.Row(**{k: (tuple(v) if isinstance(v, list) else v)
+                                for k, v in r.items() if k != "growth"})
+                for r in data["releases"]]
+    matching = activity.select(all_rows, filters)
     projects = data["projects"]
-    pending = [p for p in projects if p["status"] == "pending"]
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Bulle — "
-             f"ethics board</title><style>{_CSS}</style></head><body><header><h1>Bulle · "
-             f"ethics-board dashboard</h1><span>signed in as <b id='who'>{escape(who.name)}"
-             "</b></span><a href='../catalog/'>catalogue</a><a href='logout'>log out</a>"
-             "</header><main>"]
-    if msg:
-        parts.append(f"<p class='msg' id='msg'>{escape(msg)}</p>")
-    parts.append(f"<section id='pending'><h2>Pending projects ({len(pending)})</h2>")
-    if not pending:
-        parts.append("<p class='empty muted'>No project waits for a decision.</p>")
-    for p in pending:
-        parts.append(
-            f"<div class='card' data-project='{escape(p['name'])}'><h3>{escape(p['title'])} "
-            f"<span class='muted'>({escape(p['name'])})</span></h3>"
-            f"<p><b>Purpose:</b> {escape(p['purpose'])}</p><p><b>Datasets:</b> "
-            f"{escape(', '.join(p['datasets']))} · <b>ε</b> {p['epsilon']:g} · <b>δ</b> "
-            f"{p['delta']:g} · <b>duration</b> {p['duration_days']} days · <b>team</b> "
-            f"{escape(', '.join(p['team']))} · submitted {escape(p['submitted_at'])} by "
-            f"{escape(p['owner'])}</p>")
-        if can_decide:
-            n = escape(p["name"])
-            parts.append(
-                f"<form class='decide' method='post' action='decide'>"
-                f"<input type='hidden' name='csrf' value='{csrf}'>"
-                f"<input type='hidden' name='project' value='{n}'>"
-                f"<label>ε<input name='epsilon' value='{p['epsilon']:g}' size='6'></label>"
-                f"<label>δ<input name='delta' value='{p['delta']:g}' size='8'></label>"
-                f"<label>days<input name='days' value='{p['duration_days']}' size='5'></label>"
-                f"<label>datasets<input name='datasets' value='{escape(','.join(p['datasets']))}'"
-                f" size='30'></label>"
-                f"<textarea name='reason' rows='2' placeholder='reason (required to refuse; "
-                f"recorded with any decision)'></textarea>"
-                f"<button name='decision' value='approve' id='approve-{n}'>Approve</button>"
-                f"<button name='decision' value='refuse' class='refuse' id='refuse-{n}'>"
-                f"Refuse</button></form>")
-        parts.append("</div>")
-    parts.append("</section>")
     bars = [(p["name"], p["epsilon_spent"], p.get("granted_epsilon")) for p in projects
             if p.get("granted_epsilon") is not None]
     dsets = [(f"{d['project']} · {d['dataset']}", d["epsilon_spent"], d["epsilon_granted"])
              for d in data["datasets"]]
-    parts.append("<section id='budgets'><h2>Privacy budgets: ε spent vs granted</h2>"
-                 f"{svg_bars(bars, 'plot-projects', 'per project (global ledger)')}"
-                 f"{svg_bars(dsets, 'plot-datasets', 'per project and sensitive dataset')}"
-                 "</section>")
-    rel = data["releases"]
-    parts.append(f"<section id='timeline'><h2>Releases ({len(rel)})</h2>"
-                 f"{svg_timeline(rel, 'plot-timeline')}<table><tr><th>time</th><th>project"
-                 "</th><th>researcher</th><th>tier</th><th>ε (±precision asked)</th>"
-                 "<th>rows</th><th>nodes</th></tr>")
-    for r in rel[-15:][::-1]:
-        asked = "" if r.get("precision") is None else f" (±{r['precision']:g})"
-        parts.append(f"<tr><td>{escape(r['time'][:19])}</td><td>{escape(r['project'])}</td>"
-                     f"<td>{escape(r['researcher'])}</td><td>{escape(r['tier'])}</td>"
-                     f"<td>{r['epsilon']:.3g}{asked}</td><td>{r['rows']}</td>"
-                     f"<td>{escape(', '.join(r['nodes']))}</td></tr>")
-    parts.append("</table></section>")
-    coordinator_chain = _chain(data["chains"]["coordinator"], "chain")
-    parts.append(f"<section id='audit'><h2>Audit chains</h2><p>Coordinator: "
-                 f"{coordinator_chain}</p><table><tr><th>node</th><th>status</th>"
-                 "<th>chain</th></tr>")
-    for nid, n in data["chains"]["nodes"].items():
-        chain = ("<span class='muted'>not checked: the node did not answer</span>"
-                 if n["ok"] is None else _chain(n))
-        parts.append(f"<tr id='node-chain-{escape(nid)}'><td>{escape(nid)}</td>"
-                     f"<td>{escape(n['status'])}</td><td>{chain}</td></tr>")
-    parts.append("</table></section><section id='projects'><h2>All projects</h2><table><tr>"
-                 "<th>project</th><th>status</th><th>ε granted</th><th>ε spent</th>"
-                 "<th>expires</th><th>decided by</th><th>reason</th></tr>")
-    for p in projects:
-        g = p.get("granted_epsilon")
-        parts.append(f"<tr><td>{escape(p['name'])}</td><td class='status'>"
-                     f"{escape(p['status'])}</td><td>{'' if g is None else f'{g:g}'}</td>"
-                     f"<td>{p['epsilon_spent']:.3g}</td>"
-                     f"<td>{escape((p.get('expires_at') or '')[:10])}</td>"
-                     f"<td>{escape(p.get('decided_by') or '')}</td>"
-                     f"<td>{escape(p.get('reason') or '')}</td></tr>")
-    links = " · ".join(f"<a href='export?format={f}&table={t}'>{t}.{f}</a>"
-                       for t in ("projects", "budgets", "datasets", "releases")
-                       for f in ("csv", "json"))
-    parts.append(f"</table></section><section id='export'><h2>Export</h2><p>{links}</p>"
-                 f"<p class='muted'>Generated {escape(data['generated'])}. Same data: "
-                 "<code>bulle board export</code>.</p></section></main></body></html>")
-    return "".join(parts)
+    spends = [r for r in data["releases"] if r["decision"] == "released" or r["epsilon"]]
+    return pages.render(
+        "board.html", who=who, roles=pages.roles(who), root="../", title="ethics board",
+        msg=msg, can_decide=who.can(SCOPE_APPROVE) and csrf is not None, csrf=csrf,
+        pending=[p for p in projects if p["status"] == "pending"], legend=data["legend"],
+        # the plots are rendered (and escaped) by their own templates
+        plot_projects=Markup(svg_bars(bars, "plot-projects",
+                                      "per project: composed total (hub.budget())")),
+        plot_datasets=Markup(svg_bars(dsets, "plot-datasets",
+                                      "per project and sensitive dataset: sum of charges")),
+        plot_timeline=Markup(svg_timeline(spends, "plot-timeline")),
+        shown=matching[-MAX_ROWS_SHOWN:][::-1], total=len(all_rows),
+        total_matching=len(matching), filters=filters, filter_names=activity.FILTERS,
+        choices=activity.choices(all_rows), chains=data["chains"], projects=projects,
+        export_tables=list(_EXPORT_COLUMNS), generated=data["generated"])
 
 
 def page_caller(coordinator: Coordinator, request: Request
@@ -377,25 +271,13 @@ def login(coordinator: Coordinator, request: Request, back: str = "board/") -> R
     return r
 
 
-def _chain(c: dict[str, Any], element_id: str = "") -> str:
-    """A verified chain's state; ``element_id`` names the span (``-ok``/``-bad`` added)."""
-    ident = (lambda suffix: f" id='{element_id}-{suffix}'") if element_id else (lambda _: "")
-    if c["ok"]:
-        return (f"<span class='ok'{ident('ok')}>✔ intact</span> — {c['entries']} entries, "
-                f"head #{c['head_seq']} <code>{escape(c['head_hash'][:16])}…</code>")
-    return (f"<span class='bad'{ident('bad')}>✘ broken at entry {c['first_bad_seq']}: "
-            f"{escape(c['reason'])}</span>")
-
-
-def forbidden(who: Caller, why: str) -> HTMLResponse:
-    """A signed-in caller without the scopes a page needs."""
-    return HTMLResponse(f"<!doctype html><title>Bulle</title><p>{escape(who.name)}: "
-                        f"{escape(why)}.</p>", status_code=403)
+def forbidden(who: Caller, why: str, root: str = "../") -> HTMLResponse:
+    """A signed-in caller without the role a page needs (a styled page, no scope names)."""
+    return pages.forbidden(who, why, root)
 
 
 def _forbidden_board(who: Caller) -> HTMLResponse:
-    return forbidden(who, f"this page is for the ethics board ({SCOPE_APPROVE} or "
-                          f"{SCOPE_AUDIT})")
+    return forbidden(who, "The board's pages are for the ethics board and node operators.")
 
 
 def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
@@ -405,32 +287,53 @@ def add_dashboard(app: FastAPI, coordinator: Coordinator) -> None:
     _add_session_routes(app, coordinator)
 
 
+def _board_caller(coordinator: Coordinator, request: Request, back: str
+                  ) -> tuple[Caller | None, str | None, Response | None]:
+    """The caller of a board page, or the response to give instead (login, 403)."""
+    who, sid = page_caller(coordinator, request)
+    if who is None:
+        return None, None, login(coordinator, request, back)
+    if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
+        return who, sid, _forbidden_board(who)
+    return who, sid, None
+
+
 def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
     hub = coordinator.hub
-    forbidden_board = _forbidden_board
 
     @app.get("/board")
     def board_root() -> RedirectResponse:
         return RedirectResponse("board/", status_code=302)
 
     @app.get("/board/")
-    def board(request: Request, msg: str = "") -> Response:
-        who, sid = page_caller(coordinator, request)
-        if who is None:
-            return login(coordinator, request)
-        if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
-            return forbidden_board(who)
+    def board(request: Request, msg: str = "", project: str = "", researcher: str = "",
+              tier: str = "", decision: str = "", kind: str = "") -> Response:
+        who, sid, refused = _board_caller(coordinator, request, "board/")
+        if refused is not None or who is None:
+            return refused  # type: ignore[return-value]
         csrf = hub.csrf(sid) if hub is not None and sid else None
-        return HTMLResponse(_page(who, summary(coordinator), csrf, msg[:300]))
+        filters = {"project": project, "researcher": researcher, "tier": tier,
+                   "decision": decision, "kind": kind}
+        return HTMLResponse(render_board(who, summary(coordinator), csrf, msg[:300],
+                                         {k: v[:100] for k, v in filters.items()}))
+
+    @app.get("/board/audit")
+    def board_audit(request: Request, page: int = 1, project: str = "", action: str = ""
+                    ) -> Response:
+        who, _, refused = _board_caller(coordinator, request, "board/audit")
+        if refused is not None or who is None:
+            return refused  # type: ignore[return-value]
+        data = activity.audit_page(coordinator, page, project[:100], action[:100])
+        names = sorted({p["name"] for p in _projects(coordinator)})
+        return pages.page("audit.html", who, root="../", title="audit", projects=names,
+                          project=project, action=action, **data)
 
     @app.get("/board/export")
     def board_export(request: Request, format: str = "json", table: str = "releases"
                      ) -> Response:
-        who, _ = page_caller(coordinator, request)
-        if who is None:
-            return login(coordinator, request)
-        if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
-            return forbidden_board(who)
+        who, _, refused = _board_caller(coordinator, request, "board/")
+        if refused is not None or who is None:
+            return refused  # type: ignore[return-value]
         if format not in ("json", "csv") or table not in _EXPORT_COLUMNS:
             return JSONResponse({"error": {"code": "bad_request",
                                            "message": "format: json|csv, table: "
@@ -438,21 +341,45 @@ def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
         return export(coordinator, format, table)
 
 
+# The decision form's numbers: (field, label, what the API accepts), checked here first so
+# that a person reads "ε must be a number" rather than a parser's message.
+_NUMBERS = (("epsilon", "ε", "a number above 0 and at most 100"),
+            ("delta", "δ", "a number above 0 and below 0.01"),
+            ("days", "days", "a number of days above 0 and at most 1825"))
 
-def _optional_float(form: dict[str, str], key: str) -> float | None:
-    return float(form[key]) if form.get(key) else None
+
+def _number(form: dict[str, str], key: str, label: str, accepted: str) -> float | None:
+    raw = form.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{label} must be {accepted}, not {raw[:20]!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{label} must be {accepted}")
+    return value
 
 
 def _decision_from_form(form: dict[str, str]) -> Any:
-    """The board form's fields as the API's decision body (ValueError when invalid)."""
+    """The board form's fields as the API's decision body (ValueError, in words, when a
+    field is not acceptable)."""
+    from pydantic import ValidationError
+
     from federation._api import DecisionIn
 
+    numbers = {key: _number(form, key, label, accepted) for key, label, accepted in _NUMBERS}
     datasets = [d.strip() for d in form["datasets"].split(",") if d.strip()] \
         if form.get("datasets") else None
-    return DecisionIn(decision=form.get("decision", ""), reason=form.get("reason", ""),
-                      epsilon=_optional_float(form, "epsilon"),
-                      delta=_optional_float(form, "delta"),
-                      days=_optional_float(form, "days"), datasets=datasets)
+    try:
+        return DecisionIn(decision=form.get("decision", ""), reason=form.get("reason", ""),
+                          datasets=datasets, **numbers)
+    except ValidationError as e:
+        labels = {key: (label, accepted) for key, label, accepted in _NUMBERS}
+        field = str(e.errors()[0]["loc"][0]) if e.errors() else ""
+        if field in labels:
+            raise ValueError(f"{labels[field][0]} must be {labels[field][1]}") from None
+        raise ValueError(f"{field or 'the form'}: {e.errors()[0]['msg']}") from None
 
 
 def _add_board_decide(app: FastAPI, coordinator: Coordinator) -> None:
@@ -466,10 +393,12 @@ def _add_board_decide(app: FastAPI, coordinator: Coordinator) -> None:
         if who is None:
             return login(coordinator, request)
         if not who.can(SCOPE_APPROVE):
-            return _forbidden_board(who)
+            return forbidden(who, "Deciding projects is the ethics board's.")
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         if hub is None or sid is None or not hub.check_csrf(sid, form.get("csrf", "")):
-            return HTMLResponse("<p>Form expired: reload the page.</p>", status_code=403)
+            return pages.page("message.html", who, 403, root="../", title="form expired",
+                              message="This form has expired.", link="./",
+                              link_text="Reload the board")
         name = form.get("project", "")
         try:
             p = decide_project(coordinator, who, name, _decision_from_form(form))
@@ -482,12 +411,16 @@ def _add_board_decide(app: FastAPI, coordinator: Coordinator) -> None:
 def _add_session_routes(app: FastAPI, coordinator: Coordinator) -> None:
     hub = coordinator.hub
 
+    @app.get("/logout")
     @app.get("/board/logout")
     def logout(request: Request) -> Response:
+        """End the session here and at the hub (else the hub's login signs straight back)."""
         if hub is not None:
             hub.end_session(request.cookies.get(SESSION_COOKIE))
-        r = HTMLResponse("<!doctype html><title>Bulle</title><p>Logged out. "
-                         "<a href='./'>Log in again</a></p>")
+        at_hub = pages.hub_url(coordinator, "hub/logout")
+        r: Response = RedirectResponse(at_hub, status_code=302) if at_hub else pages.page(
+            "message.html", None, root="./", title="logged out", message="Logged out.",
+            link="", link_text="")
         r.delete_cookie(SESSION_COOKIE, path=hub.config.prefix + "/" if hub else "/")
         return r
 
@@ -498,14 +431,16 @@ def _add_session_routes(app: FastAPI, coordinator: Coordinator) -> None:
         expected = request.cookies.get(STATE_COOKIE)
         back = return_path(request.cookies.get(RETURN_COOKIE))
         if not code or not expected or not secrets.compare_digest(state, expected):
-            return HTMLResponse(f"<p>Login state mismatch: <a href='{escape(back)}'>try again"
-                                "</a></p>", status_code=400)
+            return pages.page("message.html", None, 400, root="./", title="login",
+                              message="Login state mismatch.", link=back,
+                              link_text="Try again")
         try:
             token = hub.token_for_code(code)
         except HubUnavailable as e:
             raise QueryError("hub_unavailable", str(e), status=503) from None
         if token is None:
-            return HTMLResponse("<p>The hub refused the login.</p>", status_code=403)
+            return pages.page("message.html", None, 403, root="./", title="login",
+                              message="The hub refused the login.", link="", link_text="")
         r = RedirectResponse(back, status_code=302)
         r.set_cookie(SESSION_COOKIE, hub.new_session(token), max_age=8 * 3600, httponly=True,
                      samesite="lax", path=hub.config.prefix + "/")

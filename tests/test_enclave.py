@@ -8,6 +8,8 @@ Screenshots and executed notebooks go to ``test-artifacts/`` (gitignored).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import pwd
@@ -205,9 +207,10 @@ def test_token_and_scope_matrix(enclave: Enclave) -> None:
 
 def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
         enclave: Enclave) -> None:
-    """Issue 14: after login the board and operators land on the board, admins on the hub's
-    admin page, researchers on their notebook server; nobody else gets a server started."""
-    expected = {"demo-board": "/services/bulle/board/", "demo-operator": "/services/bulle/board/",
+    """Issue 14: after login the board and operators land on the Bulle home, observers on the
+    standing indicators, admins on the hub's admin page, researchers on their notebook
+    server; nobody else gets a server started."""
+    expected = {"demo-board": "/services/bulle/", "demo-operator": "/services/bulle/",
                 "demo-observer": "/services/bulle/indicators/",
                 "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
     admin = enclave.session("demo-admin")
@@ -516,7 +519,8 @@ def test_researcher_browses_and_searches_the_catalogue_page(enclave: Enclave) ->
     # A token without the catalogue's scopes: 403.
     narrow, _ = enclave.session("demo-researcher").token(scopes=["read:users:name!user"])
     r = httpx.get(page_url, headers={"Authorization": f"Bearer {narrow}"}, timeout=60)
-    assert r.status_code == 403 and "custom:bulle:query" in r.text
+    assert r.status_code == 403 and "not part of your role" in r.text
+    assert "custom:bulle" not in r.text  # a styled page, in words, naming no scope
     user = "demo-researcher"
     tables = _call(enclave, "GET", "/v1/catalog", enclave.token(user)).json()["tables"]
 
@@ -646,3 +650,148 @@ def test_researcher_starts_a_server_and_queries_from_a_notebook(enclave: Enclave
             assert (home / "examples" / "03_privacy_budget.ipynb").exists()
         finally:
             browser.close()
+
+
+# -- issue 14: each role's pages in a browser, at desktop width and at 375 px ----------------
+WIDTHS = (1200, 375)
+
+
+def _luminance(rgb: str) -> float:
+    def channel(v: int) -> float:
+        c = v / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(v) for v in re.findall(r"\d+", rgb)[:3])
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def _contrast(page: Any, selector: str) -> float:
+    fg, bg = page.eval_on_selector(selector, "e => [getComputedStyle(e).color, "
+                                             "getComputedStyle(e).backgroundColor]")
+    hi, lo = sorted((_luminance(fg), _luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def _fits(page: Any, width: int) -> None:
+    """Nothing wider than the window: no sideways scrolling of the whole page."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, page.url
+    assert page.query_selector('meta[name="viewport"]') is not None, page.url
+
+
+def _wait(page: Any, selector: str, log: Path | None = None) -> None:
+    """Wait for ``selector``; if it never comes, say where the page was, what it said and
+    the end of the server's log."""
+    try:
+        page.wait_for_selector(selector)
+    except Exception as e:
+        tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+        raise AssertionError(f"{selector} not on {page.url}: "
+                             f"{page.inner_text('body')[:2000]}\n{tail}") from e
+
+
+def _sign_in_at(browser: Any, enclave: Enclave, user: str, url: str, width: int) -> Any:
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(url)
+    assert "/hub/login" in page.url
+    _login(page, user, enclave.passwords[user])
+    page.wait_for_selector("#who")
+    assert page.inner_text("#who") == user
+    return page
+
+
+def test_each_role_has_its_home_board_and_node_pages(enclave: Enclave) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    home = f"{enclave.hub_url}/services/bulle/"
+    hub = connect(enclave.url, enclave.token("demo-researcher"))
+    job = hub.train("logreg", "student_assessment", ["is_banked"], "score >= 70",
+                    rounds=1, epsilon=1.0, project="demo")
+    job.result()
+    refused_sql = "SELECT score FROM student_assessment WHERE score > 90"
+    with pytest.raises(BulleError):
+        hub.sql(refused_sql, project="demo")
+    spent = float(hub.budget(project="demo")["epsilon_spent"])
+    with sync_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            for width in WIDTHS:
+                _researcher_home(browser, enclave, home, width, spent)
+                _board_pages(browser, enclave, home, width, spent, refused_sql)
+                _operator_pages(browser, enclave, home, width)
+        finally:
+            browser.close()
+
+
+def _researcher_home(browser: Any, enclave: Enclave, home: str, width: int,
+                     spent: float) -> None:
+    page = _sign_in_at(browser, enclave, "demo-researcher", home, width)
+    for link in ("catalog", "lab", "examples", "projects", "guide"):
+        assert page.query_selector(f"#link-{link} a"), link
+    assert page.query_selector("#link-board") is None
+    figure = page.get_attribute("#projects tr[data-project='demo'] td.spent", "data-value")
+    assert float(figure) == pytest.approx(spent, abs=1e-6)
+    _fits(page, width)
+    page.screenshot(path=str(ARTIFACTS / f"home-researcher-{width}.png"), full_page=True)
+    page.click("#link-catalog a")
+    page.wait_for_selector("#table-lycee_students")
+    assert _contrast(page, "#table-lycee_students .tier") >= 4.5  # WCAG AA (was 3.19)
+    _fits(page, width)
+    page.close()
+
+
+def _board_pages(browser: Any, enclave: Enclave, home: str, width: int, spent: float,
+                 refused_sql: str) -> None:
+    page = _sign_in_at(browser, enclave, "demo-board", home, width)
+    assert page.query_selector("#link-board a") and page.query_selector("#link-operator a")
+    page.click("#link-board a")
+    page.wait_for_selector("#activity")
+    _fits(page, width)
+    text = page.inner_text("#activity")
+    assert "logreg on student_assessment" in text and "training round" in text
+    assert "final model" in text and refused_sql in text
+    refused = page.query_selector_all("#activity tr[data-decision='refused']")
+    assert any(refused_sql in r.inner_text() for r in refused)
+    legend = page.get_attribute("#legend-figures tr[data-project='demo'] td.spent",
+                                "data-value")
+    assert float(legend) == pytest.approx(spent, abs=1e-6)  # the same as hub.budget()
+    r = page.request.get(f"{home}board/export?format=csv&table=budgets")
+    demo = next(row for row in csv.DictReader(io.StringIO(r.text())) if row["name"] == "demo")
+    assert float(demo["epsilon_spent"]) == float(legend)  # the export says the same
+    page.screenshot(path=str(ARTIFACTS / f"board-{width}.png"), full_page=True)
+    page.select_option("#filter-decision", "refused")
+    page.click("#filter-apply")
+    page.wait_for_url(re.compile(r".*decision=refused.*"))
+    assert all(row.get_attribute("data-decision") == "refused"
+               for row in page.query_selector_all("#activity tr.row"))
+    page.click("#browse-audit")
+    page.wait_for_selector("#entries tr[data-seq]")
+    assert "charged" in page.inner_text("#entries")
+    _fits(page, width)
+    page.click("#logout")
+    page.wait_for_load_state()
+    page.goto(f"{home}board/")
+    assert "/hub/login" in page.url  # logged out: not signed straight back in
+    page.close()
+
+
+def _operator_pages(browser: Any, enclave: Enclave, home: str, width: int) -> None:
+    page = _sign_in_at(browser, enclave, "demo-operator", home, width)
+    page.click("#link-operator a")
+    page.click("#node-link-vendor-a")
+    _wait(page, "#datasets tr[data-table='student_assessment']",
+          enclave.state / "logs" / "coordinator.log")
+    assert page.inner_text("#node-status") == "up"
+    assert "✔ intact" in page.inner_text("#node-chain")
+    assert "logreg on student_assessment" in page.inner_text("#plans")
+    assert page.query_selector("#decide") is None and page.query_selector("form.decide") is None
+    _fits(page, width)
+    page.screenshot(path=str(ARTIFACTS / f"operator-{width}.png"), full_page=True)
+    page.close()
+
+
+def test_the_hub_home_links_to_the_bulle_home(enclave: Enclave) -> None:
+    s = enclave.session("demo-admin")
+    r = s.http.get("/hub/home")
+    assert r.status_code == 200
+    assert 'id="bulle-home"' in r.text and 'href="/services/bulle/"' in r.text
+    assert 'id="bulle-home-nav"' in r.text
