@@ -298,7 +298,11 @@ class Coordinator:
 
     # -- queries ----------------------------------------------------------------------
     def project_of(self, researcher: Researcher, project: str | None) -> str:
-        project = project or (researcher.projects[0] if researcher.projects else "")
+        if not researcher.projects:
+            raise QueryError("forbidden", "you are not in any project yet: queries run under "
+                             "a project approved by the ethics board (propose one with "
+                             "hub.submit_project, or ask its lead to add you)", status=403)
+        project = project or researcher.projects[0]
         if project not in researcher.projects:
             raise QueryError("forbidden", f"you are not a member of project {project!r}",
                              status=403)
@@ -398,7 +402,8 @@ class Coordinator:
         arithmetic on public figures. Nothing is charged, no node is sent anything."""
         project = self.project_of(researcher, project)
         catalog = self.catalog()
-        query = parse(sql, {n: t.columns for n, t in catalog.items()})
+        query = parse(sql, {n: t.columns for n, t in catalog.items()},
+                      {n: t.descriptions for n, t in catalog.items()})
         checked = checks.check(query, catalog)
         fp = plan_query(query)
         self._check_sensitive(query, checked.tables, checked.tier, catalog, project,
@@ -429,7 +434,8 @@ class Coordinator:
     def execute(self, sql: str, record: QueryRecord) -> dict[str, Any]:
         started = time.perf_counter()
         catalog = self.catalog()
-        query = parse(sql, {n: t.columns for n, t in catalog.items()})
+        query = parse(sql, {n: t.columns for n, t in catalog.items()},
+                      {n: t.descriptions for n, t in catalog.items()})
         checked = checks.check(query, catalog)  # static rules: a refusal costs nothing
         tables, tier = checked.tables, checked.tier
         nodes, excluded = checked.participants

@@ -201,7 +201,8 @@ def run_dummy(coordinator: Any, sql: str, researcher: Any, project: str | None,
     started = time.perf_counter()
     project = coordinator.project_of(researcher, project)
     catalog = coordinator.catalog()
-    query = parse(sql, {n: t.columns for n, t in catalog.items()})
+    query = parse(sql, {n: t.columns for n, t in catalog.items()},
+                  {n: t.descriptions for n, t in catalog.items()})
     checked = checks.check(query, catalog)  # the real run's refusals, for free
     nodes, excluded = checked.participants
     if checked.tier == "sensitive":  # its details are shown to the grant's researchers only

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlglot
@@ -74,8 +74,12 @@ def _refuse(message: str) -> QueryError:
     return QueryError("not_allowed", message)
 
 
-def parse(sql: str, schema: Schema) -> Query:
-    """Parse, validate and bind ``sql`` against the federated catalogue ``schema``."""
+def parse(sql: str, schema: Schema, descriptions: Schema | None = None) -> Query:
+    """Parse, validate and bind ``sql`` against the federated catalogue ``schema``.
+
+    ``descriptions`` (table → column → text) let an unknown column's message suggest the
+    columns whose description names it ("grade" → g1, g2, g3), not only look-alike names.
+    """
     if len(sql) > MAX_SQL_CHARS:
         raise _refuse(f"query text longer than {MAX_SQL_CHARS} characters")
     try:
@@ -95,7 +99,7 @@ def parse(sql: str, schema: Schema) -> Query:
         raise QueryError("syntax_error", f"syntax error: {str(e).splitlines()[0]}") from None
     if len(statements) != 1:
         raise _refuse("send exactly one SELECT statement")
-    return _Binder(schema).query(statements[0])
+    return _Binder(schema, descriptions).query(statements[0])
 
 
 _CLAUSES = (("distinct", "SELECT DISTINCT (use GROUP BY)"), ("qualify", "QUALIFY"),
@@ -126,8 +130,9 @@ def _check_statement(stmt: exp.Expression) -> None:
 
 
 class _Binder:
-    def __init__(self, schema: Schema) -> None:
+    def __init__(self, schema: Schema, descriptions: Schema | None = None) -> None:
         self.schema = schema
+        self.descriptions = descriptions or {}
         self.scope: dict[str, str] = {}  # alias -> table
 
     # -- statement --------------------------------------------------------------------
@@ -300,7 +305,8 @@ class _Binder:
                 raise QueryError("unknown_table", f"unknown table or alias {c.table!r}")
             cols = self.schema[self.scope[c.table]]
             if name not in cols:
-                raise QueryError("unknown_column", _unknown(name, self.scope[c.table], cols))
+                raise QueryError("unknown_column", _unknown(
+                    name, self.scope[c.table], cols, self._described([self.scope[c.table]])))
             return Col(c.table, name)
         owners = [a for a, t in self.scope.items() if name in self.schema[t]]
         if len(owners) > 1:
@@ -309,8 +315,13 @@ class _Binder:
         if not owners:
             all_cols = {col: t for t in self.scope.values() for col in self.schema[t]}
             tables = ", ".join(dict.fromkeys(self.scope.values()))
-            raise QueryError("unknown_column", _unknown(name, tables, all_cols))
+            raise QueryError("unknown_column", _unknown(
+                name, tables, all_cols, self._described(self.scope.values())))
         return Col(owners[0], name)
+
+    def _described(self, tables: Iterable[str]) -> dict[str, str]:
+        return {col: text for t in dict.fromkeys(tables)
+                for col, text in self.descriptions.get(t, {}).items()}
 
     def expr(self, e: exp.Expression, *, allow_agg: bool) -> Expr:
         return self._expr(e, allow_agg, in_agg=False)
@@ -501,8 +512,18 @@ def _function_message(name: str) -> str:
     return f"function {name}() is not supported"
 
 
-def _unknown(name: str, table: str, columns: object) -> str:
-    hint = difflib.get_close_matches(name.lower(), list(columns), n=1, cutoff=0.5)
+def _unknown(name: str, table: str, columns: object,
+             descriptions: dict[str, str] | None = None) -> str:
+    word = name.lower()
+    described = [col for col, text in (descriptions or {}).items()
+                 if len(word) >= 3 and col in columns  # type: ignore[operator]
+                 and re.search(rf"\b{re.escape(word)}", text.lower())]
+    if described:
+        names = [repr(c) for c in described[:5]]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        whose = "its description mentions" if len(names) == 1 else "their descriptions mention"
+        return f"column {name!r} is not in {table}; did you mean {listed}? ({whose} {name!r})"
+    hint = difflib.get_close_matches(word, list(columns), n=1, cutoff=0.5)  # type: ignore[call-overload]
     suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
     return f"column {name!r} is not in {table}{suggestion}"
 

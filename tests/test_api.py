@@ -86,6 +86,16 @@ def test_authentication_and_projects(url) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
 
 
+def test_a_researcher_in_no_project_is_told_so(exact_fed) -> None:
+    from federation._config import Researcher
+    from federation._errors import QueryError
+
+    with pytest.raises(QueryError) as err:
+        exact_fed.coordinator.project_of(Researcher("carol", "0" * 64, ()), None)
+    assert err.value.code == "forbidden" and "not in any project" in str(err.value)
+    assert "''" not in str(err.value)
+
+
 def test_query_status_and_isolation_between_researchers(url) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = httpx.post(f"{url}/v1/queries", headers=auth, json={

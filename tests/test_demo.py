@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave import connect
+from enclave import BulleError, connect
 from tests._federation import DATA, wait_for
 
 
@@ -63,6 +63,9 @@ def test_demo_up_query_down(state: Path) -> None:
         # method, by at most max_perturbation = 4 (deploy/demo/nodes/region-*.toml)
         assert all(abs(got - true) <= 4 for got, true in zip(df["pupils"], [423, 226],
                                                                strict=True))
+        # an unknown column: the columns whose descriptions name it (issue 14)
+        with pytest.raises(BulleError, match=r"did you mean 'g1', 'g2' or 'g3'"):
+            hub.sql("SELECT AVG(grade) FROM lycee_students")
         assert set(hub.catalog()["table"]) >= {"lycee_students", "student_info", "ips_colleges",
                                                "dnb_colleges", "student_assessment"}
         # The demo's standing indicator, approved at setup, is refreshed by the coordinator

@@ -88,3 +88,21 @@ def test_refusals_say_why(sql: str, code: str, message: str) -> None:
         parse(sql, SCHEMA)
     assert err.value.code == code
     assert message in str(err.value)
+
+
+def test_an_unknown_column_suggests_the_columns_its_descriptions_name() -> None:
+    """Issue 14: "grade" is not a column, but g3's description says it is the final grade;
+    a look-alike name ("age"-style hints) comes only when no description names the word."""
+    schema = {"pupils": {"pid": "VARCHAR", "age": "BIGINT", "g1": "BIGINT", "g3": "BIGINT"}}
+    descriptions = {"pupils": {"age": "age in years", "g1": "first period grade (0-20)",
+                               "g3": "final grade (0-20)"}}
+    with pytest.raises(QueryError) as err:
+        parse("SELECT AVG(grade) FROM pupils", schema, descriptions)
+    assert err.value.code == "unknown_column"
+    assert "did you mean 'g1' or 'g3'? (their descriptions mention 'grade')" in str(err.value)
+    with pytest.raises(QueryError) as err:
+        parse("SELECT AVG(p.grade) FROM pupils p", schema, descriptions)
+    assert "'g1' or 'g3'" in str(err.value)
+    with pytest.raises(QueryError) as err:  # nothing describes it: the look-alike name
+        parse("SELECT AVG(agee) FROM pupils", schema, descriptions)
+    assert "did you mean 'age'?" in str(err.value) and "description" not in str(err.value)
