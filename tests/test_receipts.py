@@ -103,6 +103,17 @@ def test_a_dp_release_carries_a_receipt_that_verifies(released) -> None:
     assert verify_receipt(receipt, keys) == signed
 
 
+def test_signing_keys_are_private_files(fed: Federation) -> None:
+    import stat
+
+    states = [fed.coordinator.config.state, *(e.state_dir for e in fed.engines.values())]
+    assert len(states) == 3
+    for state in states:
+        key = state / "receipt_ed25519.pem"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+        assert (state / "receipt_ed25519.pub.pem").is_file()
+
+
 def test_any_change_fails_with_a_reason(released) -> None:
     df, keys = released
     receipt = df.bulle.receipt
