@@ -210,3 +210,37 @@ def test_the_board_looks_a_receipt_up_and_a_researcher_cannot(released, url: str
     assert get(receipt["id"], TOKEN).status_code == 403
     assert get("f" * 32, BOARD_TOKEN).status_code == 404
     assert httpx.get(f"{url}/v1/keys", timeout=30).status_code == 200  # public: no token
+
+
+def test_the_coordinator_refuses_a_statement_that_is_not_about_the_merged_partial(
+        fed: Federation) -> None:
+    """A node's statement must commit to the partial the coordinator merges, for its plan."""
+    from federation._errors import QueryError
+    from federation.proto import bulle_pb2 as pb
+    from nodes._receipts import NodeReceipts
+
+    fed.coordinator.catalog()  # the nodes' keys
+    plan = pb.Plan(request_id="r" * 32, query_sha256="0" * 64)
+    signer = NodeReceipts("v1", fed.engines["v1"].state_dir)
+    good = signer.sign(plan, pb.PartialResult(node_id="v1", arrow_ipc=b"partial", tier="open"))
+    result = {"columns": [], "rows": []}
+
+    def issue(part: pb.PartialResult, p: pb.Plan = plan) -> dict[str, Any]:
+        return fed.coordinator.receipts.issue("r" * 32, "demo", "0" * 64, p, "open", 0.0,
+                                             result, [part])
+
+    assert issue(good)["summary"]["tier"] == "open"
+    for bad, why in ((pb.PartialResult(), "another partial"),
+                     (pb.PartialResult(), "another node"),
+                     (pb.PartialResult(), "no statement")):
+        bad.CopyFrom(good)
+        if why == "another partial":
+            bad.arrow_ipc = b"partial, changed"
+        elif why == "another node":
+            bad.node_id = "v2"
+        else:
+            bad.receipt_statement = ""
+        with pytest.raises(QueryError, match="receipt statement is invalid"):
+            issue(bad)
+    with pytest.raises(QueryError, match="another node or plan"):
+        issue(good, pb.Plan(request_id="r" * 32, query_sha256="1" * 64))
