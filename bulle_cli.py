@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("enclave.cli", "start, stop and inspect the demo federation (up, down, env, status)"),
     "board": ("enclave.cli", "ethics board: keygen, grant, show, list, approve, refuse, export"),
     "audit": ("enclave.cli", "verify hash-chained audit logs"),
+    "receipt": ("enclave.cli", "verify a signed release receipt offline (verify FILE --keys)"),
 }
 
 

@@ -11,9 +11,13 @@
   a new project for the ethics board.
 - ``Hub.train(model, table, features, label, rounds=…, epsilon=…)`` → a training job
   (DP federated training): ``job.result()`` (weights, noisy metrics, ε), ``job.cancel()``.
+- Receipts: every released frame carries a signed receipt (``df.bulle.receipt``,
+  ``df.bulle.save_receipt(path)``); ``verify_receipt(receipt, keys)`` checks one offline
+  with the published keys (``Hub.keys()``, ``GET /v1/keys``), raising ``ReceiptError``.
 - ``BulleError``: a refused or failed query, with a ``code``.
 """
 
 from enclave._client import BulleError, Hub, connect
+from enclave._receipts import ReceiptError, save_receipt, verify_receipt
 
-__all__ = ["BulleError", "Hub", "connect"]
+__all__ = ["BulleError", "Hub", "ReceiptError", "connect", "save_receipt", "verify_receipt"]

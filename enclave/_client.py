@@ -179,6 +179,19 @@ class BulleAccessor:
     def nodes(self) -> list[str]:
         return list(self.meta.get("nodes", []))
 
+    @property
+    def receipt(self) -> dict[str, Any] | None:
+        """The release's signed receipt (enclave.verify_receipt checks it offline)."""
+        return self.meta.get("receipt")
+
+    def save_receipt(self, path: str | os.PathLike[str]) -> str:
+        """Write the receipt as JSON (``bulle receipt verify FILE --keys KEYS``)."""
+        from enclave._receipts import save_receipt
+
+        if self.receipt is None:
+            raise BulleError("no_receipt", "this frame carries no receipt")
+        return str(save_receipt(self.receipt, path))
+
 
 def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
     cols = payload["columns"]
@@ -191,7 +204,7 @@ def result_frame(payload: dict[str, Any]) -> pd.DataFrame:
                          ("suppressed", "notes", "nodes", "tier", "elapsed_ms",
                           "suppressed_cells", "hidden_cells", "query_id", "noise_sd",
                           "ci_low", "ci_high", "epsilon_spent", "budget", "budget_split",
-                          "precision", "dummy")}
+                          "precision", "dummy", "receipt")}
     return df
 
 
@@ -273,6 +286,11 @@ class Hub:
                         "completeness_pct": min(pcts) if pcts else None,
                         "pivot": c.get("pivot"), "joins_with": joins})
         return pd.DataFrame(out)
+
+    def keys(self) -> dict[str, Any]:
+        """The public keys receipts are signed with (``GET /v1/keys``): save them to
+        verify receipts offline."""
+        return self._check(self._http.get("/v1/keys"))
 
     def budget(self, project: str | None = None) -> dict[str, Any]:
         """ε granted, spent and remaining for a project (the global ledger's view)."""
@@ -388,6 +406,8 @@ class Hub:
             raise BulleError(err.get("code", "error"), err.get("message", "query failed"), err)
         result = body["result"]
         result["query_id"] = body["id"]
+        if result.get("receipt"):  # with the SQL text: a verifier checks its hash too
+            result["receipt"] = {**result["receipt"], "query": query}
         df = result_frame(result)
         if progress and result.get("budget"):
             b = result["budget"]

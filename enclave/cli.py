@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "receipt":
+        from enclave._receipts import receipt_main
+
+        return receipt_main(argv)
     if argv[0] in ("board", "audit"):
         from enclave._board import audit_main, board_main
 

@@ -58,6 +58,7 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "GET /v1/board/export": (SCOPE_APPROVE, SCOPE_AUDIT),
     "GET /v1/audit": (SCOPE_AUDIT,),
     "GET /v1/audit/verify": (SCOPE_AUDIT,),
+    "GET /v1/receipts/{id}": (SCOPE_APPROVE, SCOPE_AUDIT),  # the board looks a receipt up
     "/v1/trainings": (SCOPE_TRAIN,),  # DP training jobs (federation/_training.py)
     "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
     "GET /catalog/": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),  # the catalogue page
@@ -332,6 +333,21 @@ def _add_board_routes(app: FastAPI, coordinator: Coordinator, Who: Any) -> None:
     def audit_verify(who: Who) -> dict[str, Any]:
         require(who, "GET /v1/audit/verify")
         return summary(coordinator, audit_only=True)
+
+    @app.get(f"{_V}/receipts/{{key}}")
+    def receipt(key: str, who: Who) -> dict[str, Any]:
+        """A release receipt by query id or by the receipt's sha256."""
+        require(who, "GET /v1/receipts/{id}")
+        found = coordinator.receipts.find(key)
+        if found is None:
+            raise QueryError("not_found", "no receipt with this id or hash", status=404)
+        return found
+
+    @app.get(f"{_V}/keys")
+    def keys() -> dict[str, Any]:
+        """The public keys receipts are signed with: open to all (offline verification)."""
+        coordinator.catalog()  # the nodes publish theirs in their catalogues
+        return coordinator.receipts.keys()
 
 
 def decide_project(coordinator: Coordinator, who: Caller, name: str, body: DecisionIn) -> Any:

@@ -32,6 +32,7 @@ from federation._noderegistry import NodeRegistry
 from federation._nodes import NodeClient, client_credentials, describe_rpc_error, rpc_outcome
 from federation._planner import plan_event, plan_query
 from federation._projects import Projects
+from federation._receipts import Receipts
 from federation._references import ReferenceSync
 from federation._sql import parse
 from federation.proto import bulle_pb2 as pb
@@ -131,6 +132,7 @@ class Coordinator:
         self._chains_lock = threading.Lock()
         self.references = ReferenceSync(self.clients, self.pool)
         self.projects = Projects(config)
+        self.receipts = Receipts(config.state)  # signs every release (federation/_receipts)
         self._queries: OrderedDict[str, QueryRecord] = OrderedDict()
         self._queries_lock = threading.Lock()
         self.hub = HubAuth(config.hub) if config.hub else None
@@ -283,6 +285,7 @@ class Coordinator:
             except grpc.RpcError as e:
                 status[nid] = describe_rpc_error(nid, e, timeout)
                 log.warning("catalogue of node %s unavailable: %s", nid, status[nid])
+        self.receipts.learn(catalogs)
         try:
             self.references.sync(catalogs, timeout)
         except Exception:  # copies are retried at the next refresh; the catalogue stands
@@ -498,6 +501,10 @@ class Coordinator:
                 f"ε={dp:g} per node split equally over {len(fp.partials)} partial "
                 f"aggregate(s) ({dp / len(fp.partials):.4g} each); groups share it by parallel "
                 "composition (disjoint cells, bounded contributions)")
+        # Last: signs the released values above, with the nodes' statements on their partials
+        out["receipt"] = self.receipts.issue(
+            record.id, record.project, record.sql_sha256, plan, tier, record.epsilon_charged,
+            out, [result for result, _ in parts])
         return out
 
     def _fan_out(self, plan: pb.Plan, nodes: list[str]) -> list[tuple[pb.PartialResult, pa.Table]]:

@@ -161,6 +161,7 @@ class NodeEngine:
         # is this engine's own, rebuilt from the sources at every start and removed at
         # close; see _open_storage.
         self.storage = _open_storage(state_dir)
+        self.state_dir = state_dir  # the node's keys live here too (nodes/_receipts.py)
         duck_config = {
             "threads": config.engine.threads,
             "memory_limit": config.engine.memory_limit,

@@ -25,6 +25,7 @@ from nodes._compile import PlanRefused
 from nodes._config import ConfigError, NodeConfig
 from nodes._engine import FAILED, Deadline, NodeEngine, PlanFailed
 from nodes._guard import PrivacyGuard
+from nodes._receipts import NodeReceipts
 from nodes._references import ReferenceRefused
 
 log = logging.getLogger("bulle.node")
@@ -149,13 +150,16 @@ class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, engine: NodeEngine) -> None:
         self.engine = engine
         self.audit = PlanAudit(engine.guard)
+        self.receipts = NodeReceipts(engine.config.node_id, engine.state_dir)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         return pb.HealthReply(node_id=self.engine.config.node_id, status="serving",
                               version=VERSION)
 
     def GetCatalog(self, request: pb.CatalogRequest, context: grpc.ServicerContext) -> pb.Catalog:
-        return self.engine.catalog()
+        out = self.engine.catalog()
+        out.receipt_public_key = self.receipts.public_pem
+        return out
 
     def FetchReference(self, request: pb.ReferenceRequest,
                        context: grpc.ServicerContext) -> pb.ReferenceTable:
@@ -202,7 +206,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         finally:
             deadline.close()
         self.audit.released(plan, done)
-        return done.result
+        return self.receipts.sign(plan, done.result)  # the partial's signed statement
 
     def ExecuteRows(self, plan: pb.Plan, context: grpc.ServicerContext) -> Iterator[pb.RowChunk]:
         started, rows, sent = time.perf_counter(), 0, None

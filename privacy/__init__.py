@@ -26,6 +26,10 @@ Map of the public API:
 - Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
   ``sign_run_authorisation``, ``verify_run_authorisation``, ``coordinator_keys``,
   ``canonical_sha256``, ``grant_id``, ``spec_json``.
+- Release receipts (``_receipts``, Ed25519 of nodes and coordinator): ``sign_partial``,
+  ``sign_release``, ``verify_receipt``, ``ReceiptError``, ``values_sha256``,
+  ``released_values``, ``receipt_commitment``, ``new_salt``, ``open_partial_statement``,
+  ``receipt_keys``, ``public_key_entry``, ``RECEIPT_KEY_FILE``.
 - Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
   ``AuditEntry``, ``AuditReport``.
 """
@@ -53,6 +57,18 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PROJECT_WIDE": ("privacy._ledger", "PROJECT_WIDE"),
     "PtableError": ("privacy._ckm", "PtableError"),
     "RdpTotals": ("privacy._accounting", "RdpTotals"),
+    "RECEIPT_KEY_FILE": ("privacy._receipts", "RECEIPT_KEY_FILE"),
+    "ReceiptError": ("privacy._receipts", "ReceiptError"),
+    "new_salt": ("privacy._receipts", "new_salt"),
+    "open_partial_statement": ("privacy._receipts", "open_partial_statement"),
+    "public_key_entry": ("privacy._receipts", "public_key_entry"),
+    "receipt_commitment": ("privacy._receipts", "commitment"),
+    "receipt_keys": ("privacy._receipts", "receipt_keys"),
+    "released_values": ("privacy._receipts", "released_values"),
+    "sign_partial": ("privacy._receipts", "sign_partial"),
+    "sign_release": ("privacy._receipts", "sign_release"),
+    "values_sha256": ("privacy._receipts", "values_sha256"),
+    "verify_receipt": ("privacy._receipts", "verify_receipt"),
     "Release": ("privacy._mechanisms", "Release"),
     "RunAuthorisation": ("privacy._runauth", "RunAuthorisation"),
     "SIGMA_RANGE": ("privacy._calibrate", "SIGMA_RANGE"),
@@ -125,6 +141,20 @@ __all__ += [
     "sign_run_authorisation",
     "spec_json",
     "verify_run_authorisation",
+]
+__all__ += [
+    "RECEIPT_KEY_FILE",
+    "ReceiptError",
+    "new_salt",
+    "open_partial_statement",
+    "public_key_entry",
+    "receipt_commitment",
+    "receipt_keys",
+    "released_values",
+    "sign_partial",
+    "sign_release",
+    "values_sha256",
+    "verify_receipt",
 ]
 __all__ += [
     "SIGMA_RANGE",

@@ -171,14 +171,16 @@ class Bounds(_message.Message):
     def __init__(self, lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
 
 class Catalog(_message.Message):
-    __slots__ = ("node_id", "tables", "accepts_references")
+    __slots__ = ("node_id", "tables", "accepts_references", "receipt_public_key")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     accepts_references: bool
-    def __init__(self, node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., accepts_references: bool = ...) -> None: ...
+    receipt_public_key: str
+    def __init__(self, node_id: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., accepts_references: bool = ..., receipt_public_key: _Optional[str] = ...) -> None: ...
 
 class ReferenceRequest(_message.Message):
     __slots__ = ("table",)
@@ -333,7 +335,7 @@ class Plan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., project: _Optional[str] = ..., researcher: _Optional[str] = ..., query_sha256: _Optional[str] = ..., source: _Optional[_Union[TableRef, _Mapping]] = ..., joins: _Optional[_Iterable[_Union[Join, _Mapping]]] = ..., where: _Optional[_Union[Expr, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[NamedExpr, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., rows: _Optional[_Union[RowsSpec, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyRequest, _Mapping]] = ...) -> None: ...
 
 class PartialResult(_message.Message):
-    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to", "epsilon_spent", "delta_spent", "noise_scales", "replayed", "perturbed")
+    __slots__ = ("node_id", "arrow_ipc", "suppressed_cells", "hidden_cells", "tier", "min_count", "round_to", "epsilon_spent", "delta_spent", "noise_scales", "replayed", "perturbed", "receipt_statement", "receipt_salt")
     class NoiseScalesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +355,8 @@ class PartialResult(_message.Message):
     NOISE_SCALES_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     PERTURBED_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_SALT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     arrow_ipc: bytes
     suppressed_cells: int
@@ -365,7 +369,9 @@ class PartialResult(_message.Message):
     noise_scales: _containers.ScalarMap[str, float]
     replayed: bool
     perturbed: bool
-    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ..., perturbed: bool = ...) -> None: ...
+    receipt_statement: str
+    receipt_salt: bytes
+    def __init__(self, node_id: _Optional[str] = ..., arrow_ipc: _Optional[bytes] = ..., suppressed_cells: _Optional[int] = ..., hidden_cells: _Optional[int] = ..., tier: _Optional[str] = ..., min_count: _Optional[int] = ..., round_to: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., delta_spent: _Optional[float] = ..., noise_scales: _Optional[_Mapping[str, float]] = ..., replayed: bool = ..., perturbed: bool = ..., receipt_statement: _Optional[str] = ..., receipt_salt: _Optional[bytes] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
     __slots__ = ("checkpoint_seq", "checkpoint_hash")
