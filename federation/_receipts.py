@@ -6,6 +6,10 @@ signs the release, keeps the receipt for the board and publishes the public keys
   use; one key per purpose (run authorisations have their own).
 - Node keys: each node publishes its receipt key in its catalogue; the first key seen for a
   node is kept (pinned for this process) and a different one later is refused.
+- Key history (``receipts/keys.json``): every key this coordinator or a node ever signed
+  with stays published in ``/v1/keys``. A key replaced (a node's new key seen at a later
+  start, or the coordinator's key file renewed) is marked ``retired`` at that time, so a
+  receipt signed before still verifies and a statement dated after is refused.
 - Receipts are kept as ``receipts/<query id>.json`` in the state folder (board lookup by
   id, or by the receipt's sha256).
 """
@@ -18,6 +22,7 @@ import os
 import re
 import threading
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +56,22 @@ class Receipts:
         self.folder.mkdir(mode=0o700, exist_ok=True)
         self._node_keys: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._history = KeyHistory(self.folder / "keys.json")
+        self._history.record("coordinator", "coordinator", self.public_pem)
 
     def learn(self, catalogs: Mapping[str, pb.Catalog]) -> None:
         """Take up the nodes' published receipt keys (first seen is pinned)."""
         with self._lock:
             for nid, cat in catalogs.items():
-                if cat.receipt_public_key:
-                    self._node_keys.setdefault(nid, cat.receipt_public_key)
+                if cat.receipt_public_key and nid not in self._node_keys:
+                    self._node_keys[nid] = cat.receipt_public_key
+                    self._history.record(nid, "node", cat.receipt_public_key)
 
     def keys(self) -> dict[str, Any]:
-        """What ``/v1/keys`` publishes: every public key a receipt may be signed with."""
+        """What ``/v1/keys`` publishes: every public key a receipt may be or was signed
+        with (the current ones, then the retired ones with the time they were replaced)."""
         with self._lock:
-            nodes = dict(self._node_keys)
-        return {"keys": [public_key_entry("coordinator", "coordinator", self.public_pem),
-                         *(public_key_entry(n, "node", pem) for n, pem in sorted(nodes.items()))]}
+            return {"keys": self._history.published()}
 
     def issue(self, query_id: str, project: str, query_sha256: str, plan: pb.Plan, tier: str,
               epsilon: float, result: Mapping[str, Any],
@@ -115,6 +122,48 @@ class Receipts:
                 if receipt.get("sha256") == key:
                     return receipt
         return None
+
+
+class KeyHistory:
+    """Every receipt key seen, by owner, kept in a JSON file (0600, replaced atomically).
+    Callers hold the Receipts lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: list[dict[str, str]] = (
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else [])
+
+    def record(self, owner: str, role: str, pem: str) -> None:
+        """``pem`` is ``owner``'s current key: add it if new, retire the one it replaces."""
+        new = public_key_entry(owner, role, pem)
+        kid = new["kid"]
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        changed = False
+        for entry in self._entries:
+            if entry["owner"] != owner or "retired" in entry:
+                continue
+            if entry["kid"] == kid:
+                return
+            entry["retired"] = now
+            changed = True
+        if not any(e["owner"] == owner and e["kid"] == kid for e in self._entries):
+            self._entries.append({**new, "since": now})
+            changed = True
+        if changed:
+            self._save()
+
+    def published(self) -> list[dict[str, str]]:
+        current = [e for e in self._entries if "retired" not in e]
+        retired = [e for e in self._entries if "retired" in e]
+        order = sorted(current, key=lambda e: (e["role"] != "coordinator", e["owner"]))
+        return [dict(e) for e in order + retired]
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self._entries, f, indent=1)
+        os.replace(tmp, self.path)
 
 
 def _streamed(plan: pb.Plan) -> bool:

@@ -5,6 +5,9 @@
   with ``bulle certs sign`` (or the federation's PKI) and returns ``<id>.pem``.
 - ``<id>-supernode.key`` (0600) and ``.pub``: the SuperNode key for DP training (EC
   P-384, OpenSSH); the public half goes in the coordinator's ``[training] node_keys``.
+- With ``state``: the receipt key (Ed25519, ``receipt_ed25519.pem`` 0600, in the node's
+  state folder, where ``bulle node serve`` uses it), so its public half can be published or
+  pinned before the node first serves (otherwise it is made at the first start).
 Existing keys are kept: running it again only writes a fresh CSR for the same key.
 """
 
@@ -20,10 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nodes._flower import make_flower_key
+from privacy import RECEIPT_KEY_FILE, receipt_keys
 
 
-def make_node_keys(node_id: str, hosts: list[str], out: Path) -> dict[str, Path]:
-    """The node's TLS key, CSR and SuperNode key pair in ``out``; returns their paths."""
+def make_node_keys(node_id: str, hosts: list[str], out: Path,
+                   state: Path | None = None) -> dict[str, Path]:
+    """The node's TLS key, CSR and SuperNode key pair in ``out`` (and its receipt key pair
+    in ``state`` if given); returns their paths."""
     if not hosts:
         raise ValueError("name at least one host (--host): the coordinator checks it")
     out.mkdir(parents=True, exist_ok=True)
@@ -50,5 +56,9 @@ def make_node_keys(node_id: str, hosts: list[str], out: Path) -> dict[str, Path]
            .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
     csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
     supernode = out / f"{node_id}-supernode.key"
-    return {"key": key_path, "csr": csr_path, "supernode_key": supernode,
+    made = {"key": key_path, "csr": csr_path, "supernode_key": supernode,
             "supernode_public_key": make_flower_key(supernode)}
+    if state is not None:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        made["receipt_key"], made["receipt_public_key"] = receipt_keys(state / RECEIPT_KEY_FILE)
+    return made

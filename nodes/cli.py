@@ -18,15 +18,19 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _keygen(node_id: str, hosts: list[str], out: Path) -> int:
+def _keygen(node_id: str, hosts: list[str], out: Path, state: Path | None) -> int:
     from nodes._keygen import make_node_keys
 
-    made = make_node_keys(node_id, hosts, out)
+    made = make_node_keys(node_id, hosts, out, state)
     print(f"TLS key        {made['key']} (stays here)\n"
           f"request        {made['csr']} (send it to the federation's admin: "
           "bulle certs sign)\n"
           f"SuperNode key  {made['supernode_key']} (stays here)\n"
           f"public key     {made['supernode_public_key']} (send it too: [training] node_keys)")
+    if "receipt_key" in made:
+        print(f"receipt key    {made['receipt_key']} (stays here: signs what this node "
+              f"releases)\npublic key     {made['receipt_public_key']} (published in the "
+              "catalogue and the coordinator's /v1/keys)")
     return 0
 
 
@@ -62,9 +66,11 @@ def main(argv: list[str]) -> int:
     keygen.add_argument("--host", action="append", default=[], required=True,
                         help="DNS name or IP the coordinator dials (repeatable)")
     keygen.add_argument("--out", required=True, type=Path)
+    keygen.add_argument("--state", type=Path, help="the node's state folder (its config's "
+                        "state_dir): also make the receipt key there")
     args = parser.parse_args(argv[1:])
     if args.cmd == "keygen":
-        return _keygen(args.node_id, args.host, args.out)
+        return _keygen(args.node_id, args.host, args.out, args.state)
     if args.cmd == "doctor":  # a config that does not parse is one of its checks
         from nodes._doctor import doctor as run_doctor
 

@@ -194,24 +194,34 @@ def peek(token: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- checking
 
 def _key_table(keys: Any) -> dict[str, dict[str, Any]]:
-    """kid → {owner, role, key} from ``/v1/keys``'s JSON, a list of its entries, a mapping
-    owner → PEM, or a list of PEMs."""
+    """kid → {owner, role, key, retired} from ``/v1/keys``'s JSON, a list of its entries, a
+    mapping owner → PEM, or a list of PEMs. ``retired``: when the key was replaced (None if
+    it is current)."""
     if isinstance(keys, Mapping) and "keys" in keys:
         keys = keys["keys"]
-    entries: list[tuple[str | None, str | None, Any]] = []
+    entries: list[tuple[str | None, str | None, Any, str | None]] = []
     if isinstance(keys, Mapping):
-        entries = [(str(o), None, k) for o, k in keys.items()]
+        entries = [(str(o), None, k, None) for o, k in keys.items()]
     else:
         for k in keys or ():
             if isinstance(k, Mapping):
-                entries.append((k.get("owner"), k.get("role"), k["pem"]))
+                entries.append((k.get("owner"), k.get("role"), k["pem"], k.get("retired")))
             else:
-                entries.append((None, None, k))
+                entries.append((None, None, k, None))
     out: dict[str, dict[str, Any]] = {}
-    for owner, role, k in entries:
+    for owner, role, k, retired in entries:
         pub = load_public_key(k.encode() if isinstance(k, str) else k)
-        out[key_id(pub)] = {"owner": owner, "role": role, "key": pub}
+        out[key_id(pub)] = {"owner": owner, "role": role, "key": pub,
+                            "retired": _when(retired) if retired else None}
     return out
+
+
+def _when(iso: Any) -> datetime:
+    try:
+        when = datetime.fromisoformat(str(iso))
+    except ValueError:
+        raise ReceiptError("malformed", f"not a time: {iso!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _open(token: str, table: Mapping[str, Mapping[str, Any]], what: str,
@@ -225,10 +235,14 @@ def _open(token: str, table: Mapping[str, Mapping[str, Any]], what: str,
         raise ReceiptError("wrong_key", f"{what} is signed by a {entry['role']} key, "
                            f"not a {role} key")
     try:
-        return open_payload(token, entry["key"], what)
+        signed = open_payload(token, entry["key"], what)
     except GrantError as e:
         raise ReceiptError(e.code if e.code != "malformed" else "malformed",
                            f"{what}: {e}") from None
+    if entry["retired"] is not None and _when(signed.get("issued")) > entry["retired"]:
+        raise ReceiptError("retired_key", f"{what} is dated after its key was retired "
+                           f"({entry['retired'].isoformat()})")
+    return signed
 
 
 def open_partial_statement(token: str, public_key: bytes | str) -> dict[str, Any]:

@@ -619,16 +619,22 @@ def test_five_formulations_of_one_cell_release_the_same_value(
 def _without_timing(out: dict[str, Any]) -> dict[str, Any]:
     """The answer without what names the query rather than the data: its time, and the
     receipt's query id, text and plan hashes and signing time (the receipt's released
-    values, ε, tier and number of node statements stay compared)."""
+    values, ε, tier and each node's own signed statement stay compared: a node signs the
+    same fields for a cell of none as for a cell of a few, and its commitment is salted
+    afresh, so it differs between any two answers)."""
     from privacy._receipts import peek
 
     kept = {k: v for k, v in out.items() if k not in ("elapsed_ms", "receipt")}
     if receipt := out.get("receipt"):
         naming = {"id", "query", "query_sha256", "plan_sha256", "issued"}
+        nodes = [peek(t) for t in peek(receipt["statement"])["nodes"]]
+        assert nodes and all(len(n["commitment"]) == 64 for n in nodes)
         kept["receipt"] = {
             "released": receipt["released"],
             "summary": {k: v for k, v in receipt["summary"].items() if k not in naming},
-            "node_statements": len(peek(receipt["statement"])["nodes"])}
+            "node_statements": sorted(
+                (sorted((k, v) for k, v in n.items()
+                        if k not in naming | {"request", "commitment"}) for n in nodes))}
     return kept
 
 

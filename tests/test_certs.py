@@ -133,3 +133,19 @@ def test_the_cas_name_constraints_bound_what_it_signs(tmp_path: Path) -> None:
                        ([x509.DNSName("hub.example.org")], "excluded")):
         with pytest.raises(SigningRefused, match=why):
             sign_request(_csr("n1", names), ca)
+
+
+def test_keygen_makes_the_receipt_key_the_node_will_sign_with(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nodes._receipts import NodeReceipts
+
+    state = tmp_path / "state"
+    assert node_cli.main(["node", "keygen", "--node-id", "n9", "--host", "127.0.0.1",
+                          "--out", str(tmp_path / "keys"), "--state", str(state)]) == 0
+    assert "receipt_ed25519.pub.pem" in capsys.readouterr().out
+    assert stat.S_IMODE((state / "receipt_ed25519.pem").stat().st_mode) == 0o600
+    published = (state / "receipt_ed25519.pub.pem").read_text()
+    assert NodeReceipts("n9", state).public_pem == published  # what `node serve` publishes
+    assert node_cli.main(["node", "keygen", "--node-id", "n9", "--host", "127.0.0.1",
+                          "--out", str(tmp_path / "keys"), "--state", str(state)]) == 0
+    assert (state / "receipt_ed25519.pub.pem").read_text() == published  # kept

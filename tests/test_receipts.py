@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,58 @@ def test_the_coordinator_refuses_a_statement_that_is_not_about_the_merged_partia
             issue(bad)
     with pytest.raises(QueryError, match="another node or plan"):
         issue(good, pb.Plan(request_id="r" * 32, query_sha256="1" * 64))
+
+
+def test_a_retired_key_still_verifies_what_it_signed_before(released) -> None:
+    """``/v1/keys`` keeps retired keys with the time they were replaced: a receipt signed
+    before verifies, a statement dated after the retirement does not."""
+    df, keys = released
+    receipt = df.bulle.receipt
+    issued = datetime.fromisoformat(_payload(receipt["statement"])["issued"])
+
+    def retired_at(role: str, when: datetime) -> dict[str, Any]:
+        return {"keys": [dict(k, retired=when.isoformat()) if k["role"] == role else k
+                         for k in keys["keys"]]}
+
+    later, earlier = issued + timedelta(hours=1), issued - timedelta(hours=1)
+    assert verify_receipt(receipt, retired_at("coordinator", later)) == \
+        verify_receipt(receipt, keys)
+    verify_receipt(receipt, retired_at("node", later))
+    assert "retired" in _fails(receipt, retired_at("coordinator", earlier), "retired_key")
+    assert "retired" in _fails(receipt, retired_at("node", earlier), "retired_key")
+
+
+def test_the_key_history_survives_restarts_and_retires_replaced_keys(tmp_path: Path) -> None:
+    from federation._receipts import Receipts
+    from federation.proto import bulle_pb2 as pb
+    from privacy import receipt_keys
+
+    state = tmp_path / "coordinator"
+    state.mkdir()
+    _, old_pub = receipt_keys(tmp_path / "n1-old.pem")
+    _, new_pub = receipt_keys(tmp_path / "n1-new.pem")
+    first = Receipts(state)
+    first.learn({"n1": pb.Catalog(receipt_public_key=old_pub.read_text())})
+    first.learn({"n1": pb.Catalog(receipt_public_key=new_pub.read_text())})  # pinned: ignored
+    published = first.keys()["keys"]
+    assert [(k["owner"], k["role"]) for k in published] == [("coordinator", "coordinator"),
+                                                            ("n1", "node")]
+    assert not any("retired" in k for k in published)
+    old_kid = published[1]["kid"]
+    # a restart: the node now publishes another key, the coordinator renewed its own
+    (state / "receipt_ed25519.pem").unlink()
+    (state / "receipt_ed25519.pub.pem").unlink()
+    second = Receipts(state)
+    second.learn({"n1": pb.Catalog(receipt_public_key=new_pub.read_text())})
+    published = second.keys()["keys"]
+    current = [k for k in published if "retired" not in k]
+    retired = [k for k in published if "retired" in k]
+    assert [k["owner"] for k in current] == ["coordinator", "n1"]
+    assert sorted(k["owner"] for k in retired) == ["coordinator", "n1"]
+    assert old_kid in {k["kid"] for k in retired}
+    assert current[0]["pem"] == second.public_pem != first.public_pem
+    assert stat.S_IMODE((state / "receipts" / "keys.json").stat().st_mode) == 0o600
+    # the same keys again: nothing changes
+    third = Receipts(state)
+    third.learn({"n1": pb.Catalog(receipt_public_key=new_pub.read_text())})
+    assert third.keys() == second.keys()
