@@ -7,22 +7,59 @@ path and query, body digest, nonce, two minutes of validity) and sends it as
 needs no hub login and no notebook server. The caller is ``board:<key id>`` with the
 approve and audit scopes (never query or train). Every accepted request that changes
 something is written to the coordinator's audit chain with its key id, nonce and body
-digest; nonces are remembered until they expire, so a captured request is refused if
-replayed. (A restart forgets them: a request captured in the two minutes before a restart
-could be replayed once — over TLS, that needs the board's own machine.)
+digest. Each nonce is written to the coordinator's database (``bulle_board_nonces``,
+migration 0005) until it expires, so a captured request is refused if replayed — after a
+restart too, and at any other replica sharing the database.
 """
 
 from __future__ import annotations
 
-import threading
+import re
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Column, String, Table, delete, insert
+from sqlalchemy.exc import IntegrityError
+
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
+from federation._registry import _engine, metadata
 
 BOARD_SCOPES = frozenset({SCOPE_APPROVE, SCOPE_AUDIT})
-_MAX_NONCES = 100_000
+_NONCE = re.compile(r"[0-9a-f]{16,64}")
+
+nonces_table = Table(
+    "bulle_board_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("expires", String(40), nullable=False),  # ISO 8601 UTC: sorts as time
+)
+
+
+class NonceStore:
+    """Board request nonces seen and not yet expired, in the coordinator's database."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = _engine(url if "://" in url else f"sqlite:///{url}")
+        with self._engine.begin() as conn:
+            metadata.create_all(conn, tables=[nonces_table])
+
+    def first_use(self, nonce: str, expires: datetime, now: datetime) -> bool:
+        """Record ``nonce``; False if it was already recorded (a replay)."""
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(nonces_table).where(nonces_table.c.expires < _iso(now)))
+                conn.execute(insert(nonces_table).values(nonce=nonce, expires=_iso(expires)))
+        except IntegrityError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def board_token(authorization: str | None) -> str | None:
@@ -42,8 +79,7 @@ class BoardKeyAuth:
         self.coordinator = coordinator
         path = coordinator.config.board_public_key
         self.public_key = path.read_bytes() if path is not None else None
-        self._seen: dict[str, datetime] = {}  # nonce → expiry
-        self._lock = threading.Lock()
+        self._nonces = NonceStore(coordinator.config.database) if self.public_key else None
 
     def identify(self, token: str, method: str, target: str, body: bytes) -> Caller:
         from privacy import GrantError, verify_board_request
@@ -57,13 +93,13 @@ class BoardKeyAuth:
         except GrantError as e:  # the reason helps the board; nothing here is secret
             raise QueryError("unauthenticated", f"board signature refused ({e})",
                              status=401) from None
-        with self._lock:
-            if len(self._seen) > _MAX_NONCES:  # expired nonces are refused by their expiry
-                self._seen = {n: t for n, t in self._seen.items() if t > now}
-            if req.nonce in self._seen:
-                raise QueryError("unauthenticated", "board request replayed (each signed "
-                                 "request is accepted once)", status=401)
-            self._seen[req.nonce] = req.expires
+        assert self._nonces is not None
+        if not _NONCE.fullmatch(req.nonce):
+            raise QueryError("unauthenticated", "board signature refused (malformed nonce)",
+                             status=401)
+        if not self._nonces.first_use(req.nonce, req.expires, now):
+            raise QueryError("unauthenticated", "board request replayed (each signed "
+                             "request is accepted once)", status=401)
         caller = Caller(f"board:{req.kid}", BOARD_SCOPES, "board-key")
         if method.upper() not in ("GET", "HEAD"):
             self.coordinator.projects.audit.append(

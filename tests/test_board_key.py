@@ -131,3 +131,19 @@ def test_a_hub_or_config_token_still_works(url, capsys) -> None:
     _submit(url, "study-c")
     assert board_main(["board", "list", "--url", url, "--token", TOKEN]) == 0
     assert "study-c" in capsys.readouterr().out  # alice's own projects (her token's scope)
+
+
+def test_a_replay_is_refused_after_a_restart_too(fed, board) -> None:
+    """Nonces live in the coordinator's database: a request captured before a restart (a
+    new app on the same database, as a new process or another replica) is still refused."""
+    key = (board / "board_ed25519.pem").read_bytes()
+    token = sign_board_request(key, "GET", "/v1/projects", b"")
+    auth = {"Authorization": f"{BOARD_REQUEST_SCHEME} {token}"}
+    with ServerThread(build_app(fed.coordinator)) as first:
+        assert httpx.get(f"{first}/v1/projects", headers=auth).status_code == 200
+    with ServerThread(build_app(fed.coordinator)) as restarted:
+        replay = httpx.get(f"{restarted}/v1/projects", headers=auth)
+        assert replay.status_code == 401 and "replayed" in replay.json()["error"]["message"]
+        fresh = sign_board_request(key, "GET", "/v1/projects", b"")
+        assert httpx.get(f"{restarted}/v1/projects", headers={
+            "Authorization": f"{BOARD_REQUEST_SCHEME} {fresh}"}).status_code == 200

@@ -806,6 +806,7 @@ def test_migrations_build_the_ledger_schema(store_url: str) -> None:
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine, inspect
 
+    import federation._boardauth  # its nonce table too
     import federation._indicators  # its tables too are on the registry's metadata
     import federation._noderegistry  # noqa: F401 -- its table is on the registry's metadata
     from federation._registry import Registry
