@@ -40,6 +40,7 @@ CUSTOM_SCOPES = {
     "custom:bulle:approve": "Approve, amend or refuse research projects (ethics board)",
     "custom:bulle:audit": "Read the audit chains, releases and privacy spend",
     "custom:bulle:observe": "Read the standing indicators (State and local-authority staff)",
+    "custom:bulle:metrics": "Scrape the coordinator's Prometheus metrics (monitoring only)",
 }
 ACCESS = f"access:services!service={SERVICE}"
 # Role → scopes. `admin` is JupyterHub's own admin role, plus these scopes (`bulle-admin`).

@@ -29,6 +29,7 @@ from federation._errors import QueryError
 from federation._hubauth import (
     SCOPE_APPROVE,
     SCOPE_AUDIT,
+    SCOPE_METRICS,
     SCOPE_OBSERVE,
     SCOPE_QUERY,
     SCOPE_TRAIN,
@@ -68,7 +69,7 @@ ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
     "POST /v1/indicators": (SCOPE_QUERY,),
     "GET /v1/indicators": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY),
     "GET /indicators/": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT),
-    "GET /metrics": (SCOPE_AUDIT,),  # Prometheus (federation/_metrics.py)
+    "GET /metrics": (SCOPE_METRICS, SCOPE_AUDIT),  # Prometheus (federation/_metrics.py)
 }
 
 

@@ -32,7 +32,9 @@ SCOPE_TRAIN = "custom:bulle:train"  # DP training runs (Flower)
 SCOPE_APPROVE = "custom:bulle:approve"  # decide projects (the ethics board)
 SCOPE_AUDIT = "custom:bulle:audit"  # read the audit chain, releases and spend
 SCOPE_OBSERVE = "custom:bulle:observe"  # read standing indicators (no query rights)
-ALL_SCOPES = (SCOPE_QUERY, SCOPE_TRAIN, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_OBSERVE)
+SCOPE_METRICS = "custom:bulle:metrics"  # scrape /metrics (Prometheus), nothing else
+ALL_SCOPES = (SCOPE_QUERY, SCOPE_TRAIN, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_OBSERVE,
+              SCOPE_METRICS)
 # What a token from the coordinator's own config may do: it names a researcher.
 CONFIG_TOKEN_SCOPES = frozenset({SCOPE_QUERY, SCOPE_TRAIN})
 _CACHE_MAX = 10_000

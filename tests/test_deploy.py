@@ -128,8 +128,9 @@ def test_hub_oidc_and_coordinator_service(values, tmp_path: Path):
     token = next(e for e in env if e["name"] == "JUPYTERHUB_API_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {
         "name": "hub", "key": f"hub.services.{name}.apiToken"}
-    for role in hub["loadRoles"].values():  # every role reaches the service by its name
-        assert f"access:services!service={name}" in role["scopes"]
+    for role in hub["loadRoles"].values():  # every people's role reaches the service
+        if "groups" in role:
+            assert f"access:services!service={name}" in role["scopes"]
     assert values["singleuser"]["extraEnv"]["BULLE_URL"].startswith(
         f"http://bulle-coordinator.{service['metadata']['namespace']}.svc")
 
@@ -848,3 +849,25 @@ def test_ledger_reads_the_connection_from_libpq_environment(
     ledger.set_budget("p", "*", 1.0, 1e-5)
     assert ledger.spent("p", "*") == (0.0, 1e-5)
     ledger.close()
+
+
+def test_the_chart_declares_the_demo_hubs_scopes_and_roles(values) -> None:
+    """The Kubernetes hub and the demo hub (enclave/_hub.py) grant the same scopes to the
+    same roles; Prometheus holds only the metrics scopes, through a service."""
+    from enclave._hub import CUSTOM_SCOPES, ROLE_SCOPES
+    from federation._hubauth import ALL_SCOPES
+
+    hub = values["hub"]
+    declared = hub["config"]["JupyterHub"]["custom_scopes"]
+    assert set(declared) == set(CUSTOM_SCOPES) == set(ALL_SCOPES)
+    roles = hub["loadRoles"]
+    for role, scopes in ROLE_SCOPES.items():
+        chart_role = "bulle-admin" if role == "admin" else role
+        assert set(roles[chart_role]["scopes"]) - {"access:services!service=bulle"} == \
+            set(scopes) - {"access:services!service=bulle"}, role
+        assert roles[chart_role]["groups"], role
+    groups = hub["config"]["GenericOAuthenticator"]["allowed_groups"]
+    assert {g for r in roles.values() for g in r.get("groups", [])} == set(groups)
+    monitoring = roles["monitoring"]
+    assert set(monitoring["scopes"]) == {"custom:bulle:metrics", "read:metrics"}
+    assert monitoring["services"] == ["prometheus"] and "prometheus" in hub["services"]

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from federation._api import build_app
 from federation._config import CoordinatorConfig, NodeEndpoint, Researcher, hash_token
 from federation._coordinator import Coordinator
+from federation._hubauth import SCOPE_METRICS, Caller
 from nodes._config import load_node_config
 from nodes._engine import NodeEngine
 from nodes._metrics import NodeMetrics, _AuditFigures
@@ -133,3 +134,32 @@ def test_audit_figures_count_epsilon_and_training_rounds_from_fixed_vocabularies
     assert f.epsilon == {("grades", "sensitive"): 0.75}
     assert f.rounds == {("grades", "released"): 1, ("other", "refused"): 1}
     assert f.plans == {("other", "unknown", "refused"): 1}
+
+
+class _MonitoringHub:
+    """The hub's token check for Prometheus' service token: the metrics scope only."""
+
+    TOKEN = "prometheus-service-token"
+
+    def identify(self, token: str) -> Caller | None:
+        return Caller("service-prometheus", frozenset({SCOPE_METRICS}), "hub") \
+            if token == self.TOKEN else None
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_monitoring_token_reads_metrics_and_nothing_else(setup: Setup) -> None:
+    setup.coordinator.hub = _MonitoringHub()  # type: ignore[assignment]
+    try:
+        with ServerThread(build_app(setup.coordinator)) as url:
+            auth = {"Authorization": f"Bearer {_MonitoringHub.TOKEN}"}
+            r = httpx.get(f"{url}/metrics", headers=auth)
+            assert r.status_code == 200 and "bulle_coordinator_queries_total" in r.text
+            for method, path in (("GET", "/v1/board/export"), ("GET", "/v1/projects"),
+                                 ("GET", "/v1/catalog"), ("POST", "/v1/queries")):
+                r = httpx.request(method, f"{url}{path}", headers=auth,
+                                  json={"sql": "SELECT 1"} if method == "POST" else None)
+                assert r.status_code == 403, (path, r.status_code)
+    finally:
+        setup.coordinator.hub = None
