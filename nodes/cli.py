@@ -62,7 +62,16 @@ def main(argv: list[str]) -> int:
     keygen.add_argument("--host", action="append", default=[], required=True,
                         help="DNS name or IP the coordinator dials (repeatable)")
     keygen.add_argument("--out", required=True, type=Path)
+    settings = sub.add_parser("settings", help="every config key with its type, default and "
+                              "help (--example: a commented example config to start from)")
+    settings.add_argument("--example", action="store_true")
     args = parser.parse_args(argv[1:])
+    if args.cmd == "settings":  # derived from the declared settings (nodes/_config.py)
+        from federation import example_toml, reference_text
+        from nodes._config import SCHEMA
+
+        print((example_toml if args.example else reference_text)(SCHEMA), end="")
+        return 0
     if args.cmd == "keygen":
         return _keygen(args.node_id, args.host, args.out)
     if args.cmd == "doctor":  # a config that does not parse is one of its checks
