@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["REQUIRED", "ConfigError", "Coordinator", "IndicatorSpec", "QueryError", "Schema",
-           "Section", "Setting", "did_you_mean", "example_toml", "expand_path",
-           "load_coordinator_config", "parse", "plan_query", "read_toml", "reference_text",
-           "seed_indicator", "setting_names"]
+__all__ = ["ERROR_CODES", "REQUIRED", "ConfigError", "Coordinator", "ErrorCode",
+           "IndicatorSpec", "QueryError", "Schema", "Section", "Setting", "did_you_mean",
+           "example_toml", "expand_path", "load_coordinator_config", "parse", "plan_query",
+           "read_toml", "reference_text", "seed_indicator", "setting_names"]
 
 _LAZY = {
     "ConfigError": "federation._settings",  # shared by every config file (nodes' too)
@@ -40,6 +40,8 @@ _LAZY = {
     "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
     "seed_indicator": "federation._indicators",
     "QueryError": "federation._errors",
+    "ERROR_CODES": "federation._errors",  # the one catalogue of error codes (docs/errors.md)
+    "ErrorCode": "federation._errors",
     "load_coordinator_config": "federation._config",
     "parse": "federation._sql",
     "plan_query": "federation._planner",
