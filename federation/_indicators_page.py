@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, Field
 
-from federation._dashboard import login, page_caller
+from federation._access import ENDPOINT_SCOPES, login, page_caller, require
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
 from federation._indicators import Indicator, IndicatorSpec, Refresh
@@ -63,8 +63,6 @@ def sees_all(who: Caller) -> bool:
 def visible(coordinator: "Coordinator", who: Caller) -> list[Indicator]:
     """The indicators ``who`` may read: all (board), published ones (observers), their own
     proposals (a researcher, through the API only)."""
-    from federation._api import ENDPOINT_SCOPES
-
     items = coordinator.indicators.indicators()
     if sees_all(who):
         return items
@@ -182,8 +180,6 @@ def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
 def _gate(coordinator: "Coordinator", request: Request, back: str
           ) -> tuple[Caller | None, Response | None]:
     """The caller of a page, or the response to give instead (login, styled 403)."""
-    from federation._api import ENDPOINT_SCOPES
-
     who, _ = page_caller(coordinator, request)
     if who is None:
         return None, login(coordinator, request, back)
@@ -215,8 +211,6 @@ def add_indicators(app: FastAPI, coordinator: "Coordinator", Who: Any) -> None:
 
 
 def _add_api(app: FastAPI, coordinator: "Coordinator", Who: Any) -> None:
-    from federation._api import require
-
     @app.post("/v1/indicators", status_code=201)
     def propose(body: IndicatorIn, who: Who) -> dict[str, Any]:
         require(who, "POST /v1/indicators")
