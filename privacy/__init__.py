@@ -11,8 +11,8 @@ Map of the public API:
 - Events to charge (dp-accounting): ``laplace_event``, ``gaussian_event``, ``opacus_event``,
   ``aggregate_event`` (the event of a ``dp_*`` call, to charge before releasing).
 - Accounting (``_accounting``): ``RdpTotals`` (running RDP sums, O(1) budget checks),
-  ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
-  ``event_from_dict``.
+  ``rdp_of_key`` (the cached RDP curve of an event's key), ``rdp_epsilon``,
+  ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``, ``event_from_dict``.
 - DP training's noise searches (``_calibrate``): ``calibrate`` (DP-SGD's σ for a run's
   budget), ``sigma_for_eval``, ``per_node_target``, ``round_event``, ``SIGMA_RANGE``.
 - Ledger (``_ledger``, SQLAlchemy Core): ``Ledger`` (``set_budget``, ``charge``, ``spent``,
@@ -20,7 +20,7 @@ Map of the public API:
   scope of a project's budget across datasets), ``ledger_metadata`` (its tables, for the
   migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
-  ``verify_grant``, ``GrantError``.
+  ``verify_grant``, ``GrantError``, ``load_public_key`` (a PEM Ed25519 public key).
 - Board requests (``_boardreq``, the board's key as its CLI credential): ``BoardRequest``,
   ``sign_board_request``, ``verify_board_request``, ``BOARD_REQUEST_SCHEME``.
 - Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
@@ -57,6 +57,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PROJECT_WIDE": ("privacy._ledger", "PROJECT_WIDE"),
     "PtableError": ("privacy._ckm", "PtableError"),
     "RdpTotals": ("privacy._accounting", "RdpTotals"),
+    "rdp_of_key": ("privacy._accounting", "rdp_of_key"),  # cached RDP of an event's key
+    "load_public_key": ("privacy._grants", "load_public_key"),
     "RECEIPT_KEY_FILE": ("privacy._receipts", "RECEIPT_KEY_FILE"),
     "ReceiptError": ("privacy._receipts", "ReceiptError"),
     "new_salt": ("privacy._receipts", "new_salt"),
@@ -156,6 +158,7 @@ __all__ += [
     "values_sha256",
     "verify_receipt",
 ]
+__all__ += ["load_public_key", "rdp_of_key"]
 __all__ += [
     "SIGMA_RANGE",
     "calibrate",
