@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, Field
 
+from federation import _pages as pages
 from federation._access import ENDPOINT_SCOPES, login, page_caller, require
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
@@ -177,6 +178,13 @@ def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
     return HTMLResponse(_env.get_template(template).render(**context), status_code=status)
 
 
+def _page(who: Caller, back: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """indicators.html in base.html's frame for ``who``, at ``back`` (its path under the
+    service root: the links of the frame are relative to it)."""
+    return render("indicators.html", status, who=who, roles=pages.roles(who),
+                  root="../" * back.count("/"), **context)
+
+
 def _gate(coordinator: "Coordinator", request: Request, back: str
           ) -> tuple[Caller | None, Response | None]:
     """The caller of a page, or the response to give instead (login, styled 403)."""
@@ -184,8 +192,8 @@ def _gate(coordinator: "Coordinator", request: Request, back: str
     if who is None:
         return None, login(coordinator, request, back)
     if not who.can(*ENDPOINT_SCOPES[PAGE]):
-        return None, render("indicators.html", 403, page="forbidden", who=who.name,
-                            scopes=ENDPOINT_SCOPES[PAGE], title="Not allowed")
+        return None, _page(who, back, 403, page="forbidden", scopes=ENDPOINT_SCOPES[PAGE],
+                           title="Not allowed")
     return who, None
 
 
@@ -245,8 +253,8 @@ def _add_pages(app: FastAPI, coordinator: "Coordinator") -> None:
         if who is None:
             return refused  # type: ignore[return-value]
         items = [_detail(coordinator, i) for i in visible(coordinator, who)]
-        return render("indicators.html", page="index", who=who.name, items=items,
-                      title="Standing indicators", board=sees_all(who))
+        return _page(who, "indicators/", page="index", items=items,
+                     title="Standing indicators", board=sees_all(who))
 
     @app.get("/indicators/{name}/")
     def detail(name: str, request: Request) -> Response:
@@ -254,8 +262,8 @@ def _add_pages(app: FastAPI, coordinator: "Coordinator") -> None:
         if who is None:
             return refused  # type: ignore[return-value]
         d = _detail(coordinator, _one(coordinator, who, name))
-        return render("indicators.html", page="detail", who=who.name, title=d["ind"].title,
-                      board=sees_all(who), **d)
+        return _page(who, f"indicators/{name}/", page="detail", title=d["ind"].title,
+                     board=sees_all(who), **d)
 
     @app.get("/indicators/{name}/history.csv")
     def download(name: str, request: Request) -> Response:
