@@ -17,7 +17,10 @@ def main(argv: list[str]) -> int:
         from federation._superlink import serve as serve_superlink
 
         return serve_superlink(argv[2:])
-    parser = argparse.ArgumentParser(prog="bulle coordinator")
+    parser = argparse.ArgumentParser(
+        prog="bulle coordinator", epilog="every key of the --config file, its type, default "
+        "and help: `bulle coordinator settings` (a commented example: `bulle coordinator "
+        "settings --example`)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="serve the HTTP API in front of the nodes")
     serve.add_argument("--config", required=True, type=Path)

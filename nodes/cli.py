@@ -31,7 +31,9 @@ def _keygen(node_id: str, hosts: list[str], out: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bulle node")
+    parser = argparse.ArgumentParser(
+        prog="bulle node", epilog="every key of the --config file, its type, default and help: "
+        "`bulle node settings` (a commented example: `bulle node settings --example`)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="load the datasets, lock DuckDB, serve gRPC (mTLS)")
     serve.add_argument("--config", required=True, type=Path)
