@@ -11,8 +11,8 @@ Map of the public API:
 - Events to charge (dp-accounting): ``laplace_event``, ``gaussian_event``, ``opacus_event``,
   ``aggregate_event`` (the event of a ``dp_*`` call, to charge before releasing).
 - Accounting (``_accounting``): ``RdpTotals`` (running RDP sums, O(1) budget checks),
-  ``rdp_of_key`` (the cached RDP curve of an event's key), ``rdp_epsilon``,
-  ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``, ``event_from_dict``.
+  ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
+  ``event_from_dict``.
 - DP training's noise searches (``_calibrate``): ``calibrate`` (DP-SGD's σ for a run's
   budget), ``sigma_for_eval``, ``per_node_target``, ``round_event``, ``SIGMA_RANGE``.
 - Ledger (``_ledger``, SQLAlchemy Core): ``Ledger`` (``set_budget``, ``charge``, ``spent``,
@@ -21,6 +21,8 @@ Map of the public API:
   migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
   ``verify_grant``, ``GrantError``, ``load_public_key`` (a PEM Ed25519 public key).
+- For the training node (``nodes/_flower.py``): ``rdp_of_key`` (the cached RDP curve of a
+  ledger event's key).
 - Board requests (``_boardreq``, the board's key as its CLI credential): ``BoardRequest``,
   ``sign_board_request``, ``verify_board_request``, ``BOARD_REQUEST_SCHEME``.
 - Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
@@ -135,6 +137,7 @@ __all__ += [
     "sign_board_request",
     "verify_board_request",
 ]
+__all__ += ["load_public_key", "rdp_of_key"]
 __all__ += [
     "RunAuthorisation",
     "canonical_sha256",
@@ -158,7 +161,6 @@ __all__ += [
     "values_sha256",
     "verify_receipt",
 ]
-__all__ += ["load_public_key", "rdp_of_key"]
 __all__ += [
     "SIGMA_RANGE",
     "calibrate",
