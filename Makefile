@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-down test test-fast lint install stubs bench clean fab-hash
+.PHONY: demo demo-down test test-fast lint install stubs errors bench clean fab-hash
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ fab-hash: install
 
 stubs: install
 	$(PY) -m federation.proto._codegen
+
+# The SDK's hints and docs/errors.md, from the error-code catalogue (federation/_errors.py).
+errors: install
+	$(PY) -m federation._errordocs
 
 bench: install
 	$(PY) benchmarks/bench_federated_sql.py

@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from enclave._hub import (
+from enclave import (
     CUSTOM_SCOPES,
     HOME,
     SERVICE,

@@ -609,14 +609,14 @@ def section_b(args: argparse.Namespace, synth: list[Path], details: dict[str, An
     columns = {r[0]: r[1] for r in con.execute("DESCRIBE synth").fetchall()
                if r[0] != "__bulle_rk"}
     ckm = CkmParams(threshold=10)
-    # as the node's engine builds them at load (nodes/_engine.py): no declared bounds, so
+    # as the node's engine builds them at load (nodes/_disclosure.py): no declared bounds, so
     # every numeric column gets its power-of-two envelope (the noise scale of a SUM), and
     # the most rows one unit has (the per-unit clamp and the count's scale)
     from nodes._config import DatasetConfig
-    from nodes._engine import _envelopes, _max_unit_rows
+    from nodes._disclosure import envelopes, max_unit_rows
 
-    bounds = _envelopes(con, "synth", columns)
-    most = _max_unit_rows(con, DatasetConfig(table="synth", source=(synth[0],),
+    bounds = envelopes(con, "synth", columns)
+    most = max_unit_rows(con, DatasetConfig(table="synth", source=(synth[0],),
                                              tier="restricted", privacy_unit="pid"))
     meta = {
         # as a node holds it: unit = pid, 2-3 rows per unit → per-unit GROUP BY

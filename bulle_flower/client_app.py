@@ -17,6 +17,6 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from nodes._training import train_round  # installed with the node agent
+    from nodes import train_round  # installed with the node agent
 
     return train_round(msg, context)

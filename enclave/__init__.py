@@ -14,10 +14,38 @@
 - Receipts: every released frame carries a signed receipt (``df.bulle.receipt``,
   ``df.bulle.save_receipt(path)``); ``verify_receipt(receipt, keys)`` checks one offline
   with the published keys (``Hub.keys()``, ``GET /v1/keys``), raising ``ReceiptError``.
-- ``BulleError``: a refused or failed query, with a ``code``.
+- ``BulleError``: a refused or failed query, with a ``code`` (docs/errors.md).
+
+For ``jupyterhub_config.py`` (``_hub``, loads JupyterHub): ``BrokeredSpawner``,
+``DemoAuthenticator``, ``CUSTOM_SCOPES``, ``roles_for``, ``read_users``, ``prepare_home``,
+``landing_url``, ``refuse_server``, ``HOME``, ``SERVICE``, ``TEMPLATES``.
+
+Names load on first use (PEP 562): a notebook loads no JupyterHub code, the hub no pandas.
 """
 
-from enclave._client import BulleError, Hub, connect
-from enclave._receipts import ReceiptError, save_receipt, verify_receipt
+from __future__ import annotations
 
-__all__ = ["BulleError", "Hub", "ReceiptError", "connect", "save_receipt", "verify_receipt"]
+from typing import Any
+
+_SDK = ("BulleError", "Hub", "connect")
+_RECEIPTS = ("ReceiptError", "save_receipt", "verify_receipt")
+_HUB = ("CUSTOM_SCOPES", "HOME", "SERVICE", "TEMPLATES", "BrokeredSpawner",
+        "DemoAuthenticator", "landing_url", "prepare_home", "read_users", "refuse_server",
+        "roles_for")
+_LAZY = {**dict.fromkeys(_SDK, "enclave._client"),
+         **dict.fromkeys(_RECEIPTS, "enclave._receipts"), **dict.fromkeys(_HUB, "enclave._hub")}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'enclave' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

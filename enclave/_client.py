@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pandas as pd
 
+from enclave._error_hints import HINTS
+
 _DTYPES = {"integer": "Int64", "number": "float64", "boolean": "boolean", "string": "object"}
 
 
@@ -55,21 +57,10 @@ class BulleError(RuntimeError):
         """What IPython shows instead of a traceback: the federation's answer, not the
         SDK's frames (they say nothing about the query)."""
         lines = [f"\x1b[1;31mBulleError\x1b[0m [{self.code}]: {self}"]
-        hint = _HINTS.get(self.code)
+        hint = HINTS.get(self.code)  # the catalogue's (docs/errors.md)
         if hint:
             lines.append(f"  hint: {hint}")
         return lines
-
-
-_HINTS = {
-    "budget_exhausted": "hub.budget() shows what is left; hub.price(sql, precision=h) what a "
-                        "query would cost; the ethics board can amend the grant",
-    "forbidden": "hub.projects() lists your projects; a query names one with project=...",
-    "not_configured": "in a hub notebook, BULLE_URL and the token are set for you",
-    "unknown_table": "hub.catalog(search='words') finds tables; hub.describe(table) their "
-                     "columns",
-    "timeout": "the query keeps running at the coordinator: try again with a larger timeout",
-}
 
 
 def _info(text: str, end: str = "\n") -> None:
@@ -231,7 +222,8 @@ class Hub:
             raise BulleError("bad_response", "the coordinator sent a non-JSON answer") from None
         error = body.get("error") if isinstance(body, dict) else None
         if error:
-            raise BulleError(error.get("code", "error"), error.get("message", "error"), error)
+            raise BulleError(error.get("code", "http_error"), error.get("message", "error"),
+                             error)
         if response.status_code >= 400:
             detail = body.get("detail") if isinstance(body, dict) else body
             raise BulleError("http_error", f"HTTP {response.status_code}: {detail}")
@@ -403,7 +395,8 @@ class Hub:
             _info("")
         if body.get("status") == "failed":
             err = body.get("error", {})
-            raise BulleError(err.get("code", "error"), err.get("message", "query failed"), err)
+            raise BulleError(err.get("code", "internal"), err.get("message", "query failed"),
+                             err)
         result = body["result"]
         result["query_id"] = body["id"]
         if result.get("receipt"):  # with the SQL text: a verifier checks its hash too

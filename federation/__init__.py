@@ -18,17 +18,30 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConfigError", "Coordinator", "IndicatorSpec", "QueryError", "expand_path",
-           "load_coordinator_config", "parse", "plan_query", "read_toml", "seed_indicator"]
+__all__ = ["ERROR_CODES", "REQUIRED", "ConfigError", "Coordinator", "ErrorCode",
+           "IndicatorSpec", "QueryError", "Schema", "Section", "Setting", "did_you_mean",
+           "example_toml", "expand_path", "load_coordinator_config", "parse", "plan_query",
+           "read_toml", "reference_text", "seed_indicator", "setting_names"]
 
 _LAZY = {
     "ConfigError": "federation._settings",  # shared by every config file (nodes' too)
     "expand_path": "federation._settings",
     "read_toml": "federation._settings",
+    # settings declared once (nodes' config too): loading, reference text, example
+    "REQUIRED": "federation._settings",
+    "Schema": "federation._settings",
+    "Section": "federation._settings",
+    "Setting": "federation._settings",
+    "did_you_mean": "federation._settings",
+    "example_toml": "federation._settings",
+    "reference_text": "federation._settings",
+    "setting_names": "federation._settings",
     "Coordinator": "federation._coordinator",
     "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
     "seed_indicator": "federation._indicators",
     "QueryError": "federation._errors",
+    "ERROR_CODES": "federation._errors",  # the one catalogue of error codes (docs/errors.md)
+    "ErrorCode": "federation._errors",
     "load_coordinator_config": "federation._config",
     "parse": "federation._sql",
     "plan_query": "federation._planner",

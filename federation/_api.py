@@ -17,6 +17,18 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from federation._access import (
+    ENDPOINT_SCOPES as ENDPOINT_SCOPES,  # the API's table of scopes: re-exported
+)
+from federation._access import (
+    DecisionIn,
+    bearer,
+    caller_from,
+    catalog_json,
+    decide_project,
+    in_catalogue,
+    require,
+)
 from federation._boardauth import BoardKeyAuth, board_token
 from federation._catalog_page import add_catalog_page
 from federation._config import Researcher
@@ -29,50 +41,17 @@ from federation._errors import QueryError
 from federation._hubauth import (
     SCOPE_APPROVE,
     SCOPE_AUDIT,
-    SCOPE_METRICS,
-    SCOPE_OBSERVE,
-    SCOPE_QUERY,
-    SCOPE_TRAIN,
     Caller,
-    HubUnavailable,
 )
+from federation._indicators_page import add_indicators
 from federation._metrics import add_metrics_route
 from federation._operator_page import add_operator_pages
 from federation._pages import add_home
 from federation._registry import RegistryError
+from federation._training import training_router
 
 API_VERSION = "v1"
 _V = f"/{API_VERSION}"
-# Which scopes open which endpoint (any one of them); the dashboard pages use the same.
-ENDPOINT_SCOPES: dict[str, tuple[str, ...]] = {
-    "GET /v1/catalog": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
-    "POST /v1/queries": (SCOPE_QUERY,),
-    "POST /v1/price": (SCOPE_QUERY,),
-    "GET /v1/dummy/{table}": (SCOPE_QUERY,),
-    "GET /v1/queries/{id}": (SCOPE_QUERY,),
-    "GET /v1/budget": (SCOPE_QUERY,),
-    "GET /v1/projects": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
-    "POST /v1/projects": (SCOPE_QUERY,),
-    "GET /v1/projects/{name}": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),
-    "POST /v1/projects/{name}/decision": (SCOPE_APPROVE,),
-    "GET /v1/board/summary": (SCOPE_APPROVE, SCOPE_AUDIT),
-    "GET /v1/board/export": (SCOPE_APPROVE, SCOPE_AUDIT),
-    "GET /v1/audit": (SCOPE_AUDIT,),
-    "GET /v1/audit/verify": (SCOPE_AUDIT,),
-    "GET /v1/receipts/{id}": (SCOPE_APPROVE, SCOPE_AUDIT),  # the board looks a receipt up
-    "/v1/trainings": (SCOPE_TRAIN,),  # DP training jobs (federation/_training.py)
-    "GET /board/": (SCOPE_APPROVE, SCOPE_AUDIT),
-    "GET /catalog/": (SCOPE_QUERY, SCOPE_APPROVE, SCOPE_AUDIT),  # the catalogue page
-    "POST /board/decide": (SCOPE_APPROVE,),
-    # standing indicators (federation/_indicators_page.py): researchers propose, observers
-    # (and the board) read; a researcher's token sees only the indicators they proposed
-    "POST /v1/indicators": (SCOPE_QUERY,),
-    "GET /v1/indicators": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY),
-    "GET /indicators/": (SCOPE_OBSERVE, SCOPE_APPROVE, SCOPE_AUDIT),
-    "GET /metrics": (SCOPE_METRICS, SCOPE_AUDIT),  # Prometheus (federation/_metrics.py)
-}
-
-
 class QueryIn(BaseModel):
     sql: str = Field(min_length=1, max_length=20_000)
     project: str | None = None
@@ -109,40 +88,6 @@ class ProjectIn(BaseModel):
                             description="hub user names (the submitter is added)")
 
 
-class DecisionIn(BaseModel):
-    decision: Literal["approve", "amend", "refuse"]
-    reason: str = Field(default="", max_length=5000)
-    epsilon: float | None = Field(default=None, gt=0, le=100)
-    delta: float | None = Field(default=None, gt=0, lt=1e-2)
-    datasets: list[str] | None = None
-    days: float | None = Field(default=None, gt=0, le=1825)
-    grant: str | None = Field(default=None, max_length=20_000,
-                              description="a grant the board signed elsewhere (production)")
-
-
-def bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() if scheme.lower() in ("bearer", "token") else None
-
-
-def caller_from(coordinator: Coordinator, token: str | None) -> Caller:
-    try:
-        who = coordinator.identify(token)
-    except HubUnavailable as e:
-        raise QueryError("hub_unavailable", str(e), status=503) from None
-    if who is None:
-        raise QueryError("unauthenticated", "missing or invalid token", status=401)
-    return who
-
-
-def require(who: Caller, endpoint: str) -> None:
-    if not who.can(*ENDPOINT_SCOPES[endpoint]):
-        raise QueryError("forbidden", f"your token lacks the scope for {endpoint} "
-                         f"(one of {', '.join(ENDPOINT_SCOPES[endpoint])})", status=403)
-
-
 def build_app(coordinator: Coordinator) -> FastAPI:
     app = FastAPI(title="Bulle coordinator", version="0.1.0")
     hub = coordinator.config.hub
@@ -166,14 +111,10 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     _add_project_routes(app, coordinator, Who)
     _add_board_routes(app, coordinator, Who)
 
-    from federation._training import training_router
-
     app.include_router(training_router(
         coordinator, lambda who: as_researcher(who, "/v1/trainings"), Who))
     add_dashboard(app, coordinator)
     add_catalog_page(app, coordinator)
-    from federation._indicators_page import add_indicators
-
     add_indicators(app, coordinator, Who)
     add_metrics_route(app, coordinator, Who, require)
     add_home(app, coordinator)
@@ -287,7 +228,7 @@ def _add_project_routes(app: FastAPI, coordinator: Coordinator, Who: Any) -> Non
         require(who, "POST /v1/projects")
         if body.name in coordinator.projects.configs:
             raise RegistryError(f"a project named {body.name!r} exists", status=409)
-        _in_catalogue(coordinator, body.datasets)
+        in_catalogue(coordinator, body.datasets)
         p = registry.submit(who.name, **body.model_dump())
         coordinator.projects.audit.append(who.name, p.name, "project_submitted",
                                           {"epsilon": p.epsilon, "datasets": list(p.datasets)})
@@ -351,47 +292,3 @@ def _add_board_routes(app: FastAPI, coordinator: Coordinator, Who: Any) -> None:
         return coordinator.receipts.keys()
 
 
-def decide_project(coordinator: Coordinator, who: Caller, name: str, body: DecisionIn) -> Any:
-    if body.decision == "refuse":
-        return coordinator.projects.refuse(name, who.name, body.reason)
-    if body.datasets is not None:
-        _in_catalogue(coordinator, body.datasets)
-    return coordinator.projects.approve(
-        name, who.name, epsilon=body.epsilon, delta=body.delta, datasets=body.datasets,
-        days=body.days, reason=body.reason, grant=body.grant)
-
-
-def _in_catalogue(coordinator: Coordinator, datasets: list[str]) -> None:
-    unknown = sorted(set(datasets) - set(coordinator.catalog()))
-    if unknown:
-        raise RegistryError(f"not in the catalogue: {', '.join(unknown)}")
-
-
-def catalog_json(coordinator: Coordinator, who: Caller, refresh: bool = False
-                 ) -> dict[str, Any]:
-    """The catalogue as ``who`` may see it (``GET /v1/catalog`` and the catalogue page)."""
-    tables = coordinator.catalog(refresh=refresh)
-    covered = None if who.can(SCOPE_APPROVE, SCOPE_AUDIT) else _covered(coordinator, who)
-    out = []
-    for t in tables.values():
-        body = t.to_json()
-        if covered is not None and t.tier == "sensitive" and t.name not in covered:
-            # Listed so it can be requested in a project; its details need a grant.
-            body.update(columns=[], row_count_buckets={}, public_domains={},
-                        quality=None, quality_score=None, pivots={}, bounds={},
-                        granted=False)
-        out.append(body)
-    return {"tables": out, "nodes": coordinator.node_status()}
-
-
-def _covered(coordinator: Coordinator, who: Caller) -> set[str]:
-    """Sensitive datasets the caller's current grants cover."""
-    out: set[str] = set()
-    for name in coordinator.researcher_for(who).projects:
-        try:
-            grant, _ = coordinator.projects.grant(name)
-        except QueryError:
-            continue
-        if who.name in grant.researchers:
-            out.update(grant.datasets)
-    return out

@@ -19,8 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from federation import _pages as pages
+from federation._access import ENDPOINT_SCOPES, catalog_json, login, page_caller
 from federation._catalog import search_table
-from federation._dashboard import forbidden, login, page_caller
+from federation._dashboard import forbidden
 from federation._hubauth import Caller
 
 if TYPE_CHECKING:
@@ -107,8 +108,6 @@ def add_catalog_page(app: FastAPI, coordinator: Coordinator) -> None:
 
     @app.get("/catalog/")
     def catalog_page(request: Request, q: str = "") -> Response:
-        from federation._api import ENDPOINT_SCOPES, catalog_json
-
         q = q[:MAX_QUERY]
         who, _ = page_caller(coordinator, request)
         if who is None:

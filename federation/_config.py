@@ -1,4 +1,6 @@
-"""Coordinator configuration (TOML). Unknown keys are rejected with their name."""
+"""Coordinator configuration (TOML), declared once in ``SCHEMA``: loading, validation
+(unknown keys and wrong values refused by name, with a did-you-mean), ``bulle coordinator
+settings`` and its commented example are derived from it (``federation._settings``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,105 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation._settings import ConfigError, expand_path, read_toml
+from federation._settings import (
+    ConfigError,
+    Schema,
+    Section,
+    Setting,
+    expand_path,
+    read_toml,
+)
+
+
+def _positive(v: float) -> bool:
+    return 0 < v < math.inf
+
+
+_TLS = Section("tls", "Mutual TLS: the coordinator's client certificate towards the nodes "
+               "(and its server certificate).", (
+    Setting("cert", "path", help="The coordinator's certificate (PEM).",
+            example="/etc/bulle/tls/coordinator.pem"),
+    Setting("key", "path", help="Its private key (PEM, mode 0600).",
+            example="/etc/bulle/tls/coordinator.key"),
+    Setting("ca", "path", help="The CA bundle that issued the nodes' certificates.",
+            example="/etc/bulle/tls/ca.pem"),
+), required=True)
+_NODE = Section("node", "One [[node]] per node agent of the federation.", (
+    Setting("id", "str", help="The node's node_id (as in its own config).",
+            example="region-occitanie"),
+    Setting("address", "str", help="host:port the coordinator dials (a name in the node's "
+            "certificate).", example="node.region.example:50051"),
+), array=True)
+_RESEARCHER = Section("researcher", "Researchers with a static token (without a hub).", (
+    Setting("name", "str", help="The researcher's name.", example="alice"),
+    Setting("token_sha256", "str", help="sha256 (hex) of their API token.",
+            example="0" * 64),
+    Setting("projects", "list", (), "Projects they are a member of.", example=["p1"]),
+), array=True)
+_PROJECT = Section("project", "Projects declared in the file (the board may also register "
+                   "them through the dashboard).", (
+    Setting("name", "str", help="The project's name.", example="p1"),
+    Setting("grant", "path", None, "The board-signed grant token (file)."),
+    Setting("default_epsilon", "float", 0.1, "ε per query on sensitive data when the query "
+            "names none.", check=_positive, must="a positive number"),
+    Setting("nodes_disjoint", "bool", False, "The board declares that no unit appears at two "
+            "nodes: a federated query then costs ε once at the coordinator instead of ε per "
+            "node taking part."),
+), array=True)
+_HUB = Section("hub", "The coordinator as a JupyterHub service: callers may present hub "
+               "tokens, the board dashboard logs in with hub OAuth.", (
+    Setting("api_url", "str", help="The hub's REST API as the coordinator reaches it "
+            "(…/hub/api).", example="http://127.0.0.1:8081/hub/api"),
+    Setting("public_url", "str", "", "The hub as browsers reach it (OAuth login for the "
+            "dashboard)."),
+    Setting("service_name", "str", "bulle", "The service's name in the hub (routed under "
+            "/services/NAME)."),
+    Setting("api_token_file", "path", None, "The service's token (also its OAuth secret); "
+            "default: the JUPYTERHUB_API_TOKEN environment variable."),
+    Setting("cache_s", "float", 10.0, "How long a token's identity is trusted before asking "
+            "the hub again (seconds).", check=lambda v: 0 <= v < math.inf,
+            must="a number of seconds >= 0"),
+))
+_TRAINING = Section("training", "DP training through the coordinator's Flower SuperLink "
+                    "(leave it out: no training).", (
+    Setting("superlink", "str", help="The SuperLink (Control API behind the fence), "
+            "host:port.", example="127.0.0.1:9093"),
+    Setting("root_certificates", "path", help="CA of the SuperLink's TLS certificate.",
+            example="/etc/bulle/tls/ca.pem"),
+    Setting("control_token_file", "path", help="The Control API's secret (the fence lets "
+            "only it through).", example="/etc/bulle/flower/control.token"),
+    Setting("node_keys", "table", {}, "node id = its SuperNode public key file (OpenSSH).",
+            must="a table of node id = public key file", example={}),
+    Setting("work_dir", "path", None, "Progress files written by the ServerApp (same host "
+            "as the SuperLink); default: state_dir/training."),
+    Setting("signing_key", "path", None, "The coordinator's Ed25519 key that signs run "
+            "authorisations (created with its public half, ….pub.pem, on first use; nodes "
+            "hold the public half); default: state_dir/coordinator_ed25519.pem."),
+    Setting("round_timeout_s", "float", 120.0, "A round's default timeout (a request may set "
+            "its own).", check=_positive, must="a positive number of seconds"),
+))
+_TOP = Section("", "Read by `bulle coordinator serve --config FILE`. Unknown keys are "
+               "refused with their name. Paths may use ${VAR} (environment) and are "
+               "relative to this file otherwise.", (
+    Setting("listen", "str", "127.0.0.1:8700", "host:port of the HTTP API."),
+    Setting("node_timeout_s", "float", 30.0, "How long a node may take to answer a plan "
+            "(seconds); the node interrupts its query at this deadline.", check=_positive,
+            must="a positive number of seconds"),
+    Setting("catalog_ttl_s", "float", 30.0, "How long the merged catalogue is cached "
+            "(seconds).", check=lambda v: 0 <= v < math.inf, must="a number of seconds >= 0"),
+    Setting("max_rows", "int", 100_000, "The most rows (groups) a released table may have.",
+            check=lambda v: v >= 1, must=">= 1"),
+    Setting("state_dir", "path", None, "The coordinator's state folder (ledger, audit chain, "
+            "jobs); default: ./coordinator-state."),
+    Setting("board_public_key", "path", None, "The ethics board's Ed25519 public key (PEM): "
+            "grants are verified against it."),
+    Setting("database_url", "str", "", "SQLAlchemy URL of the ledger and registries; "
+            "default: SQLite in state_dir."),
+    Setting("board_private_key", "path", None, "Demo only: the board's private key, so the "
+            "dashboard can sign grants. In production the key stays with the board (`bulle "
+            "board grant`) and signed grants are uploaded."),
+), sections=(_TLS, _NODE, _RESEARCHER, _PROJECT, _HUB, _TRAINING))
+SCHEMA = Schema("Bulle coordinator configuration (TOML).", _TOP)
 
 
 @dataclass(frozen=True)
@@ -27,23 +127,23 @@ class Researcher:
 
 @dataclass(frozen=True)
 class ProjectConfig:
+    """A [[project]] (``_PROJECT`` declares the keys, defaults and help)."""
+
     name: str
-    grant: Path | None = None  # the board-signed grant token (file)
-    default_epsilon: float = 0.1  # ε per query on sensitive data when the query names none
-    # The board may declare that no unit appears at two nodes: a federated query then costs
-    # ε once at the coordinator instead of ε per node taking part.
-    nodes_disjoint: bool = False
+    grant: Path | None = None
+    default_epsilon: float = _PROJECT["default_epsilon"].default
+    nodes_disjoint: bool = _PROJECT["nodes_disjoint"].default
 
 
 @dataclass(frozen=True)
 class HubConfig:
-    """The coordinator as a JupyterHub service: callers may present hub tokens."""
+    """[hub]: the coordinator as a JupyterHub service (``_HUB`` declares the keys)."""
 
-    api_url: str  # the hub's REST API as the coordinator reaches it (…/hub/api)
-    public_url: str = ""  # the hub as browsers reach it (OAuth login for the dashboard)
-    service_name: str = "bulle"
-    api_token_file: Path | None = None  # the service's token (also its OAuth secret)
-    cache_s: float = 10.0  # how long a token's identity is trusted before asking again
+    api_url: str
+    public_url: str = ""
+    service_name: str = _HUB["service_name"].default
+    api_token_file: Path | None = None
+    cache_s: float = _HUB["cache_s"].default
 
     @property
     def prefix(self) -> str:
@@ -60,21 +160,15 @@ class HubConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     """[training]: DP training through the coordinator's Flower SuperLink
-    (``federation/_training.py``)."""
+    (``federation/_training.py``; ``_TRAINING`` declares the keys)."""
 
-    superlink: str  # the SuperLink (Control API behind the fence), host:port
-    root_certificates: Path  # CA of the SuperLink's TLS certificate
-    control_token_file: Path  # the Control API's secret (the fence lets only it through)
-    node_keys: dict[str, Path]  # node id -> its SuperNode public key (OpenSSH)
-    work_dir: Path  # progress files written by the ServerApp (same host as the SuperLink)
-    # the coordinator's Ed25519 key that signs run authorisations (created with its public
-    # half, ``….pub.pem``, on first use; nodes hold the public half)
+    superlink: str
+    root_certificates: Path
+    control_token_file: Path
+    node_keys: dict[str, Path]
+    work_dir: Path
     signing_key: Path
-    round_timeout_s: float = 120.0  # a round's default timeout (a request may set its own)
-
-
-TRAINING_KEYS = {"superlink", "root_certificates", "control_token_file", "node_keys",
-                 "work_dir", "round_timeout_s", "signing_key"}
+    round_timeout_s: float = _TRAINING["round_timeout_s"].default
 
 
 @dataclass(frozen=True)
@@ -85,9 +179,9 @@ class CoordinatorConfig:
     ca: Path
     nodes: tuple[NodeEndpoint, ...]
     researchers: tuple[Researcher, ...]
-    node_timeout_s: float = 30.0
-    catalog_ttl_s: float = 30.0
-    max_rows: int = 100_000
+    node_timeout_s: float = _TOP["node_timeout_s"].default
+    catalog_ttl_s: float = _TOP["catalog_ttl_s"].default
+    max_rows: int = _TOP["max_rows"].default
     state_dir: Path | None = None
     projects: tuple[ProjectConfig, ...] = ()
     board_public_key: Path | None = None
@@ -121,112 +215,57 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _check(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-
-
-def _path(value: str, base: Path) -> Path:
-    return expand_path(value, base)
-
-
 def parse_training(raw: dict[str, Any], base: Path, state_dir: Path | None,
                    where: str = "[training]") -> TrainingConfig:
     """The [training] section: unknown keys refused, paths relative to the config file,
     ``work_dir`` and ``signing_key`` defaulting to the coordinator's state folder."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a table")
-    _check(where, raw, TRAINING_KEYS)
-    missing = sorted({"superlink", "root_certificates", "control_token_file"} - set(raw))
-    if missing:
-        raise ConfigError(f"{where}: {missing[0]} is required")
-    keys = raw.get("node_keys", {})
-    if not isinstance(keys, dict):
+    v = _TRAINING.parse(raw, where, base)
+    if not all(isinstance(p, str) for p in v["node_keys"].values()):
         raise ConfigError(f"{where}: node_keys must be a table of node id = public key file")
-    try:
-        timeout = float(raw.get("round_timeout_s", 120.0))
-    except (TypeError, ValueError):
-        timeout = math.nan
-    if not timeout > 0 or math.isinf(timeout):
-        raise ConfigError(f"{where}: round_timeout_s must be a positive number of seconds")
     state = state_dir or Path.cwd() / "coordinator-state"  # as federation/_projects.py
     return TrainingConfig(
-        superlink=str(raw["superlink"]),
-        root_certificates=_path(str(raw["root_certificates"]), base),
-        control_token_file=_path(str(raw["control_token_file"]), base),
-        node_keys={str(k): _path(str(v), base) for k, v in keys.items()},
-        work_dir=(_path(str(raw["work_dir"]), base) if "work_dir" in raw
-                  else state / "training"),
-        signing_key=(_path(str(raw["signing_key"]), base) if "signing_key" in raw
-                     else state / "coordinator_ed25519.pem"),
-        round_timeout_s=timeout)
+        superlink=v["superlink"], root_certificates=v["root_certificates"],
+        control_token_file=v["control_token_file"],
+        node_keys={str(k): expand_path(p, base, where) for k, p in v["node_keys"].items()},
+        work_dir=v["work_dir"] or state / "training",
+        signing_key=v["signing_key"] or state / "coordinator_ed25519.pem",
+        round_timeout_s=v["round_timeout_s"])
+
+
+def _tables(raw: dict[str, Any], section: Section, where: str, base: Path
+            ) -> list[dict[str, Any]]:
+    """The parsed entries of a ``[[section]]`` array."""
+    entries = raw.get(section.name, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: {section.name} must be an array of tables "
+                          f"([[{section.name}]])")
+    return [section.parse(e, f"{where} [[{section.name}]] #{i + 1}", base)
+            for i, e in enumerate(entries)]
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     path, raw = read_toml(path)
-    where = str(path)
-    _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
-                        "catalog_ttl_s", "max_rows", "state_dir", "project",
-                        "board_public_key", "database_url", "hub", "board_private_key",
-                        "training"})
-    tls = raw.get("tls")
-    if not tls:
+    where, base = str(path), path.parent
+    top = _TOP.parse(raw, where, base)
+    if "tls" not in raw:
         raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
-    _check(f"{where} [tls]", tls, {"cert", "key", "ca"})
-    nodes = []
-    for i, n in enumerate(raw.get("node", [])):
-        _check(f"{where} [[node]] #{i + 1}", n, {"id", "address"})
-        if "id" not in n or "address" not in n:
-            raise ConfigError(f"{where} [[node]] #{i + 1}: id and address are required")
-        nodes.append(NodeEndpoint(str(n["id"]), str(n["address"])))
-    researchers = []
-    for i, r in enumerate(raw.get("researcher", [])):
-        _check(f"{where} [[researcher]] #{i + 1}", r, {"name", "token_sha256", "projects"})
-        researchers.append(Researcher(str(r["name"]), str(r["token_sha256"]),
-                                      tuple(r.get("projects", []))))
-    base = path.parent
-    projects = []
-    for i, p in enumerate(raw.get("project", [])):
-        _check(f"{where} [[project]] #{i + 1}", p,
-               {"name", "grant", "default_epsilon", "nodes_disjoint"})
-        if "name" not in p:
-            raise ConfigError(f"{where} [[project]] #{i + 1}: name is required")
-        projects.append(ProjectConfig(
-            str(p["name"]), _path(p["grant"], base) if "grant" in p else None,
-            float(p.get("default_epsilon", 0.1)), bool(p.get("nodes_disjoint", False))))
+    tls = _TLS.parse(raw["tls"], f"{where} [tls]", base)
     hub = None
     if "hub" in raw:
-        h = raw["hub"]
-        _check(f"{where} [hub]", h, {"api_url", "public_url", "service_name",
-                                     "api_token_file", "cache_s"})
-        if "api_url" not in h:
-            raise ConfigError(f"{where} [hub]: api_url is required")
-        hub = HubConfig(str(h["api_url"]).rstrip("/"), str(h.get("public_url", "")).rstrip("/"),
-                        str(h.get("service_name", "bulle")),
-                        _path(h["api_token_file"], base) if "api_token_file" in h else None,
-                        float(h.get("cache_s", 10.0)))
-    state_dir = _path(raw["state_dir"], base) if "state_dir" in raw else None
+        h = _HUB.parse(raw["hub"], f"{where} [hub]", base)
+        hub = HubConfig(h["api_url"].rstrip("/"), h["public_url"].rstrip("/"),
+                        h["service_name"], h["api_token_file"], h["cache_s"])
+    state_dir = top["state_dir"]
     training = (parse_training(raw["training"], base, state_dir, f"{where} [training]")
                 if "training" in raw else None)
-    try:
-        return CoordinatorConfig(
-            listen=str(raw.get("listen", "127.0.0.1:8700")),
-            cert=_path(tls["cert"], base), key=_path(tls["key"], base), ca=_path(tls["ca"], base),
-            nodes=tuple(nodes), researchers=tuple(researchers),
-            node_timeout_s=float(raw.get("node_timeout_s", 30.0)),
-            catalog_ttl_s=float(raw.get("catalog_ttl_s", 30.0)),
-            max_rows=int(raw.get("max_rows", 100_000)),
-            state_dir=state_dir,
-            projects=tuple(projects),
-            board_public_key=(_path(raw["board_public_key"], base)
-                              if "board_public_key" in raw else None),
-            database_url=str(raw.get("database_url", "")),
-            hub=hub,
-            board_private_key=(_path(raw["board_private_key"], base)
-                               if "board_private_key" in raw else None),
-            training=training,
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None
+    return CoordinatorConfig(
+        listen=top["listen"], cert=tls["cert"], key=tls["key"], ca=tls["ca"],
+        nodes=tuple(NodeEndpoint(n["id"], n["address"])
+                    for n in _tables(raw, _NODE, where, base)),
+        researchers=tuple(Researcher(r["name"], r["token_sha256"], r["projects"])
+                          for r in _tables(raw, _RESEARCHER, where, base)),
+        node_timeout_s=top["node_timeout_s"], catalog_ttl_s=top["catalog_ttl_s"],
+        max_rows=top["max_rows"], state_dir=state_dir,
+        projects=tuple(ProjectConfig(**p) for p in _tables(raw, _PROJECT, where, base)),
+        board_public_key=top["board_public_key"], database_url=top["database_url"],
+        hub=hub, board_private_key=top["board_private_key"], training=training)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import secrets
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,9 +17,22 @@ from urllib.parse import parse_qs, quote
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from markupsafe import Markup
+from pydantic import ValidationError
 
 from federation import _activity as activity
 from federation import _pages as pages
+
+# login, page_caller, return_path: also imported from here by _operator_page and tests
+from federation._access import (
+    RETURN_COOKIE,
+    SESSION_COOKIE,
+    STATE_COOKIE,
+    DecisionIn,
+    decide_project,
+    login,
+    page_caller,
+    return_path,
+)
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller, HubUnavailable
 from federation._registry import RegistryError
@@ -29,13 +41,6 @@ from privacy import GrantError, verify_grant
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
 
-SESSION_COOKIE = "bulle-board-session"
-STATE_COOKIE = "bulle-oauth-state"
-RETURN_COOKIE = "bulle-oauth-return"  # the page to come back to after the hub's login
-# Pages the OAuth callback may return to; a catalogue search comes back with its words.
-_RETURN = re.compile(r"(\./|board/|board/audit|operator/([a-z0-9][a-z0-9_-]{0,62})?|"
-                     r"catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?"
-                     r"|indicators/([a-z0-9][a-z0-9-]{1,50}/)?)")
 _PALETTE = ("#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626")
 
 
@@ -228,49 +233,6 @@ def render_board(who: Caller, data: dict[str, Any], csrf: str | None, msg: str,
         export_tables=list(_EXPORT_COLUMNS), generated=data["generated"])
 
 
-def page_caller(coordinator: Coordinator, request: Request
-                ) -> tuple[Caller | None, str | None]:
-    """Who is looking at a page: a ``Authorization: Bearer`` header, else the hub session
-    cookie; with the session id (for CSRF) when it came from the cookie."""
-    from federation._api import bearer
-
-    hub = coordinator.hub
-    sid = request.cookies.get(SESSION_COOKIE)
-    token = bearer(request.headers.get("authorization"))
-    if token is None and hub is not None:
-        token = hub.session_token(sid)
-    else:
-        sid = None  # header auth: no cookie session, so no CSRF token either
-    try:
-        who = coordinator.identify(token)
-    except HubUnavailable as e:
-        raise QueryError("hub_unavailable", str(e), status=503) from None
-    return who, sid if who is not None else None
-
-
-def return_path(value: str | None) -> str:
-    """Where the OAuth callback may send the browser back to: a page of ours (relative to
-    the service prefix), never anything a request chose freely."""
-    if value and _RETURN.fullmatch(value):
-        return value
-    # a catalogue search too long to carry back still returns to the catalogue
-    return "catalog/" if value and value.startswith("catalog/") else "board/"
-
-
-def login(coordinator: Coordinator, request: Request, back: str = "board/") -> Response:
-    """Send a browser without a session to the hub's OAuth, to come back to ``back``."""
-    hub = coordinator.hub
-    if hub is None or not hub.config.public_url:
-        return JSONResponse({"error": {"code": "unauthenticated",
-                                       "message": "missing or invalid token"}}, 401)
-    state = secrets.token_urlsafe(24)
-    r = RedirectResponse(hub.authorize_url(state), status_code=302)
-    for name, value in ((STATE_COOKIE, state), (RETURN_COOKIE, return_path(back))):
-        r.set_cookie(name, value, max_age=600, httponly=True, samesite="lax",
-                     path=hub.config.prefix + "/")
-    return r
-
-
 def forbidden(who: Caller, why: str, root: str = "../") -> HTMLResponse:
     """A signed-in caller without the role a page needs (a styled page, no scope names)."""
     return pages.forbidden(who, why, root)
@@ -364,10 +326,6 @@ def _number(form: dict[str, str], key: str, label: str, accepted: str) -> float 
 def _decision_from_form(form: dict[str, str]) -> Any:
     """The board form's fields as the API's decision body (ValueError, in words, when a
     field is not acceptable)."""
-    from pydantic import ValidationError
-
-    from federation._api import DecisionIn
-
     numbers = {key: _number(form, key, label, accepted) for key, label, accepted in _NUMBERS}
     datasets = [d.strip() for d in form["datasets"].split(",") if d.strip()] \
         if form.get("datasets") else None
@@ -387,8 +345,6 @@ def _add_board_decide(app: FastAPI, coordinator: Coordinator) -> None:
 
     @app.post("/board/decide")
     async def board_decide(request: Request) -> Response:
-        from federation._api import decide_project
-
         who, sid = page_caller(coordinator, request)
         if who is None:
             return login(coordinator, request)

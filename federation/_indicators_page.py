@@ -20,7 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, Field
 
-from federation._dashboard import login, page_caller
+from federation import _pages as pages
+from federation._access import ENDPOINT_SCOPES, login, page_caller, require
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
 from federation._indicators import Indicator, IndicatorSpec, Refresh
@@ -63,8 +64,6 @@ def sees_all(who: Caller) -> bool:
 def visible(coordinator: "Coordinator", who: Caller) -> list[Indicator]:
     """The indicators ``who`` may read: all (board), published ones (observers), their own
     proposals (a researcher, through the API only)."""
-    from federation._api import ENDPOINT_SCOPES
-
     items = coordinator.indicators.indicators()
     if sees_all(who):
         return items
@@ -179,17 +178,22 @@ def render(template: str, status: int = 200, **context: Any) -> HTMLResponse:
     return HTMLResponse(_env.get_template(template).render(**context), status_code=status)
 
 
+def _page(who: Caller, back: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """indicators.html in base.html's frame for ``who``, at ``back`` (its path under the
+    service root: the links of the frame are relative to it)."""
+    return render("indicators.html", status, who=who, roles=pages.roles(who),
+                  root="../" * back.count("/"), **context)
+
+
 def _gate(coordinator: "Coordinator", request: Request, back: str
           ) -> tuple[Caller | None, Response | None]:
     """The caller of a page, or the response to give instead (login, styled 403)."""
-    from federation._api import ENDPOINT_SCOPES
-
     who, _ = page_caller(coordinator, request)
     if who is None:
         return None, login(coordinator, request, back)
     if not who.can(*ENDPOINT_SCOPES[PAGE]):
-        return None, render("indicators.html", 403, page="forbidden", who=who.name,
-                            scopes=ENDPOINT_SCOPES[PAGE], title="Not allowed")
+        return None, _page(who, back, 403, page="forbidden", scopes=ENDPOINT_SCOPES[PAGE],
+                           title="Not allowed")
     return who, None
 
 
@@ -215,8 +219,6 @@ def add_indicators(app: FastAPI, coordinator: "Coordinator", Who: Any) -> None:
 
 
 def _add_api(app: FastAPI, coordinator: "Coordinator", Who: Any) -> None:
-    from federation._api import require
-
     @app.post("/v1/indicators", status_code=201)
     def propose(body: IndicatorIn, who: Who) -> dict[str, Any]:
         require(who, "POST /v1/indicators")
@@ -251,8 +253,8 @@ def _add_pages(app: FastAPI, coordinator: "Coordinator") -> None:
         if who is None:
             return refused  # type: ignore[return-value]
         items = [_detail(coordinator, i) for i in visible(coordinator, who)]
-        return render("indicators.html", page="index", who=who.name, items=items,
-                      title="Standing indicators", board=sees_all(who))
+        return _page(who, "indicators/", page="index", items=items,
+                     title="Standing indicators", board=sees_all(who))
 
     @app.get("/indicators/{name}/")
     def detail(name: str, request: Request) -> Response:
@@ -260,8 +262,8 @@ def _add_pages(app: FastAPI, coordinator: "Coordinator") -> None:
         if who is None:
             return refused  # type: ignore[return-value]
         d = _detail(coordinator, _one(coordinator, who, name))
-        return render("indicators.html", page="detail", who=who.name, title=d["ind"].title,
-                      board=sees_all(who), **d)
+        return _page(who, f"indicators/{name}/", page="detail", title=d["ind"].title,
+                     board=sees_all(who), **d)
 
     @app.get("/indicators/{name}/history.csv")
     def download(name: str, request: Request) -> Response:

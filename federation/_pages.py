@@ -14,6 +14,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
+from federation._access import login, page_caller
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_TRAIN, Caller
 
@@ -95,8 +96,6 @@ def _my_projects(coordinator: Coordinator, who: Caller) -> list[dict[str, Any]]:
 
 def add_home(app: FastAPI, coordinator: Coordinator) -> None:
     """``GET /`` (``/services/bulle/`` behind the hub): the Bulle home."""
-    from federation._dashboard import login, page_caller
-
     @app.get("/")
     def home(request: Request) -> Response:
         who, _ = page_caller(coordinator, request)

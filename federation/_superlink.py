@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bulle_flower._fence import (
+from bulle_flower import (
     ASGI,
     SUPERLINK_SECRET_ENV,
     Scope,

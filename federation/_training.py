@@ -233,7 +233,7 @@ class Trainer:
         from flwr.proto.control_pb2 import StartRunRequest
         from flwr.supercore.fab import Fab
 
-        from bulle_flower._fab import build_fab, fab_sha256
+        from bulle_flower import build_fab, fab_sha256
 
         job.out_dir.mkdir(parents=True, exist_ok=True)
         client = self._control()

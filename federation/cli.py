@@ -17,7 +17,10 @@ def main(argv: list[str]) -> int:
         from federation._superlink import serve as serve_superlink
 
         return serve_superlink(argv[2:])
-    parser = argparse.ArgumentParser(prog="bulle coordinator")
+    parser = argparse.ArgumentParser(
+        prog="bulle coordinator", epilog="every key of the --config file, its type, default "
+        "and help: `bulle coordinator settings` (a commented example: `bulle coordinator "
+        "settings --example`)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="serve the HTTP API in front of the nodes")
     serve.add_argument("--config", required=True, type=Path)
@@ -30,7 +33,16 @@ def main(argv: list[str]) -> int:
     nodes.add_argument("--config", required=True, type=Path)
     nodes.add_argument("--actor", default=None, help="who makes the change (audit; default: "
                        "the system user)")
+    settings = sub.add_parser("settings", help="every config key with its type, default and "
+                              "help (--example: a commented example config to start from)")
+    settings.add_argument("--example", action="store_true")
     args = parser.parse_args(argv[1:])
+    if args.cmd == "settings":  # derived from the declared settings (federation/_config.py)
+        from federation._config import SCHEMA
+        from federation._settings import example_toml, reference_text
+
+        print((example_toml if args.example else reference_text)(SCHEMA), end="")
+        return 0
     if args.cmd == "nodes":
         return _nodes(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

@@ -1,7 +1,8 @@
 """The node agent: holds data, never lets rows out.
 
 - ``_config``: TOML config (unknown keys rejected); ``_ingest``: CSV/Parquet → DuckDB;
-- ``_engine``: locked DuckDB, plan execution, disclosure control before release;
+- ``_engine``: locked DuckDB, plan execution; ``_disclosure``: disclosure control before
+  release (open as computed, restricted by the cell key method, sensitive by DP, charged first);
 - ``_compile``: plan checks (second line of defence) and SQL generation;
 - ``_service``: the thin gRPC servicer (mutual TLS, coordinator identity pinned).
 
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConfigError", "NodeConfig", "NodeEngine", "PlanRefused", "load_node_config"]
+__all__ = ["ConfigError", "NodeConfig", "NodeEngine", "PlanRefused", "load_node_config",
+           "train_round"]
 
 _LAZY = {
     "ConfigError": "nodes._config",
@@ -21,6 +23,8 @@ _LAZY = {
     "NodeEngine": "nodes._engine",
     "PlanRefused": "nodes._compile",
     "load_node_config": "nodes._config",
+    # the vetted ClientApp's work (bulle_flower/client_app.py): torch/opacus load with it
+    "train_round": "nodes._training",
 }
 
 

@@ -425,7 +425,7 @@ def _superlink(address: str, ca: Path) -> Check:
 
 def _fab() -> Check:
     try:
-        from bulle_flower._fab import fab_sha256, released_sha256
+        from bulle_flower import fab_sha256, released_sha256
 
         installed, released = fab_sha256(), released_sha256()
     except (ImportError, OSError) as e:

@@ -21,7 +21,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -30,7 +29,15 @@ import pyarrow as pa
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
 from nodes._config import ROW_UNIT, ConfigError, DatasetConfig, NodeConfig
-from nodes._dp import release
+from nodes._disclosure import FAILED as FAILED  # re-exported: the node's one failure text
+from nodes._disclosure import (
+    Execution,
+    PlanFailed,
+    envelopes,
+    max_unit_rows,
+    release_dp,
+    release_table,
+)
 from nodes._guard import PrivacyGuard
 from nodes._ingest import _quote, load_dataset, row_count_bucket, table_columns, type_family
 from nodes._quality import compute_quality, fill_table_info
@@ -45,37 +52,11 @@ from nodes._references import (
     sha256,
     to_ipc,
 )
-from nodes._restricted import add_record_keys, envelope, release_restricted
+from nodes._restricted import add_record_keys
 from privacy import describe_ptable, ptable_for
 
 log = logging.getLogger("bulle.node")
 ROW_BATCH = 65_536  # rows per chunk of ExecuteRows
-
-
-@dataclass(frozen=True)
-class Execution:
-    result: pb.PartialResult
-    rows_out: int
-    seconds: float
-
-
-# The one public outcome of any failure after a node accepted a plan: whether evaluation
-# fails, and how, may depend on one person's data (DESIGN.md, "Total evaluation").
-FAILED = "the plan could not be evaluated"
-
-
-class PlanFailed(RuntimeError):
-    """A plan the node accepted did not complete. The caller always gets :data:`FAILED`
-    (``public`` is what a replay of a charged plan repeats, never more); ``cause`` (the
-    exception, which may quote data) and ``incident`` go to this node's log and audit."""
-
-    def __init__(self, public: str = FAILED, incident: str = "", *, cause: str = "",
-                 interrupted: str = "") -> None:
-        super().__init__(FAILED)
-        self.public = public
-        self.incident = incident or uuid.uuid4().hex[:12]
-        self.cause = cause
-        self.interrupted = interrupted  # "deadline" or "cancelled": DuckDB was interrupted
 
 
 class Deadline:
@@ -219,11 +200,11 @@ class NodeEngine:
                             else ds.privacy_unit, state_dir)
         bounds = dict(ds.bounds)
         if ds.tier != "sensitive":  # DP bounds must never come from the data
-            bounds = {**_envelopes(con, ds.table, columns), **bounds}
+            bounds = {**envelopes(con, ds.table, columns), **bounds}
         self.meta[ds.table] = TableMeta(
             ds.table, ds.tier, columns, ds.privacy_unit, domains, ds.min_count,
             ds.round_to, bounds, ds.max_rows_per_unit,
-            _max_unit_rows(con, ds), ds.unit_level, ds.cell_key, ds.perturb)
+            max_unit_rows(con, ds), ds.unit_level, ds.cell_key, ds.perturb)
         if ds.shared:
             ipc = _shared_ipc(con, ds.table)
             self._shared[ds.table] = ipc, sha256(ipc)
@@ -347,7 +328,7 @@ class NodeEngine:
             except ConfigError as e:
                 raise ReferenceRefused(str(e)) from None
             cur.execute(f"CREATE OR REPLACE TABLE {_quote(name)} AS SELECT * FROM {_quote(view)}")
-            bounds = _envelopes(cur, name, columns)  # public data: a SUM over it is bounded too
+            bounds = envelopes(cur, name, columns)  # public data: a SUM over it is bounded too
         finally:
             cur.unregister(view)
             cur.close()
@@ -426,27 +407,13 @@ class NodeEngine:
     def _execute(self, plan: pb.Plan) -> Execution:
         started = time.perf_counter()
         compiled = self._compile(plan)
-        if compiled.dp is not None:
-            return self._execute_dp(plan, compiled, started)
+        if compiled.dp is not None:  # charged before it runs (nodes/_disclosure.py)
+            return release_dp(self.guard, plan, compiled, self.config.node_id,
+                              lambda: self._run(plan, compiled.sql),
+                              lambda e: self._failed(plan, e), started)
         table = self._run(plan, compiled.sql)
-        if compiled.is_rows:
-            if table.num_rows > self.max_rows:
-                raise PlanRefused(f"more than {self.max_rows} rows: add a filter or a LIMIT")
-            out, suppressed, hidden = table, 0, 0
-        elif compiled.restricted is not None:
-            release = compiled.restricted
-            out, suppressed = release_restricted(table, release, ptable_for(release.params))
-            hidden = 0
-        else:  # open data: released as computed
-            out = table.append_column("__suppressed", pa.array([False] * table.num_rows))
-            suppressed = hidden = 0
-        result = pb.PartialResult(
-            node_id=self.config.node_id, arrow_ipc=to_ipc(out),
-            suppressed_cells=suppressed, hidden_cells=hidden, tier=compiled.tier,
-            min_count=compiled.min_count, round_to=compiled.round_to,
-            perturbed=compiled.restricted is not None and compiled.restricted.perturb,
-        )
-        return Execution(result, out.num_rows, time.perf_counter() - started)
+        result, rows = release_table(table, compiled, self.config.node_id, self.max_rows)
+        return Execution(result, rows, time.perf_counter() - started)
 
 
     def execute_rows(self, plan: pb.Plan, deadline: Deadline | None = None
@@ -513,44 +480,6 @@ class NodeEngine:
         log.warning("plan %s failed (incident %s%s): %s", plan.request_id, failure.incident,
                     f", {failure.interrupted}" if failure.interrupted else "", failure.cause)
         return failure
-
-    def _execute_dp(self, plan: pb.Plan, compiled: CompiledPlan, started: float) -> Execution:
-        spec = compiled.dp
-        assert spec is not None
-        if not plan.request_id:
-            raise PlanRefused("a DP plan needs a request id")
-        self.guard.admit(plan, spec.table)
-        with self.guard.request_lock(plan.request_id):
-            cached = self.guard.cached(plan.request_id)
-            if cached is not None:
-                return Execution(cached, 0, time.perf_counter() - started)
-            failed = self.guard.failure(plan.request_id)
-            if failed is not None:  # the same failure again: no second evaluation
-                raise PlanFailed(*failed)
-            # Charge before running: whatever happens next, the charge stands (a failure
-            # that cost nothing would be a free oracle on the data).
-            self.guard.charge(plan, spec)
-            if os.environ.get("BULLE_FAILPOINT") == "after-charge":  # crash test hook:
-                os._exit(86)  # charged, nothing run or released; a replay runs it once
-            try:
-                table = self._run(plan, compiled.sql)
-                out, scales = release(table, compiled.group_names, spec)
-            except Exception as e:  # the outcome of this charge, kept for its replays
-                failure = self._charged_failure(plan, e)
-                self.guard.store_failure(plan.request_id, failure.public, failure.incident)
-                raise failure from None
-            result = pb.PartialResult(
-                node_id=self.config.node_id, arrow_ipc=to_ipc(out),
-                tier="sensitive", epsilon_spent=spec.epsilon, delta_spent=spec.delta,
-                noise_scales=scales)
-            self.guard.store(plan.request_id, result)  # before it leaves: replays get it
-        return Execution(result, out.num_rows, time.perf_counter() - started)
-
-    def _charged_failure(self, plan: pb.Plan, e: Exception) -> PlanFailed:
-        """What a charged plan that did not release becomes: a failure, even if it was a
-        refusal (a limit met while running) — a refusal says "nothing was charged"."""
-        return e if isinstance(e, PlanFailed) else self._failed(plan, e)
-
 
 class _Pieces:
     """A write-only file for ``pa.ipc.new_stream`` whose bytes are taken piece by piece."""
@@ -643,33 +572,3 @@ def _shared_ipc(con: duckdb.DuckDBPyConnection, table: str) -> bytes:
                           f"{MAX_REFERENCE_BYTES >> 20} MiB as Arrow IPC "
                           f"({len(ipc) >> 20} MiB): drop columns or share a smaller table")
     return ipc
-
-
-def _envelopes(con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, str]
-               ) -> dict[str, tuple[float, float]]:
-    """Static bounds for the numeric columns of a restricted or open table that declare
-    none (nodes/_restricted.py ``envelope``), computed once at load."""
-    numeric = [c for c, t in columns.items() if type_family(t) in ("integer", "number")]
-    if not numeric:
-        return {}
-    items = ", ".join(f"min({_quote(c)}), max({_quote(c)})" for c in numeric)
-    found = con.execute(f"SELECT {items} FROM {_quote(table)}").fetchall()[0]
-    return {c: envelope(_finite(found[2 * i]), _finite(found[2 * i + 1]))
-            for i, c in enumerate(numeric)}
-
-
-def _finite(v: object) -> float | None:
-    x = None if v is None else float(v)  # type: ignore[arg-type]
-    return x if x is not None and math.isfinite(x) else None
-
-
-def _max_unit_rows(con: duckdb.DuckDBPyConnection, ds) -> int:
-    """The most rows one unit has: lets DP plans skip the per-unit rank, and restricted
-    plans the per-unit aggregation."""
-    if ds.tier == "open" or not ds.privacy_unit:
-        return 0
-    if ds.privacy_unit == ROW_UNIT:  # each row is its own unit
-        return 1
-    return int(con.sql(f"SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM "
-                       f"{_quote(ds.table)} GROUP BY {_quote(ds.privacy_unit)})"
-                       ).fetchall()[0][0])

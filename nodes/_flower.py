@@ -75,8 +75,13 @@ def make_flower_key(private_path: Path) -> Path:
 
 def supernode_main(argv: list[str]) -> int:
     """``flower-supernode`` with the poll cap (``python -m nodes._flower supernode …``)."""
-    from bulle_flower._fence import APPIO_SECRET_ENV, AppIoFence, take_secret
-    from bulle_flower._patches import cap_pull_backoff, cap_supernode_sleep
+    from bulle_flower import (
+        APPIO_SECRET_ENV,
+        AppIoFence,
+        cap_pull_backoff,
+        cap_supernode_sleep,
+        take_secret,
+    )
 
     poll = float(os.environ.get(POLL_ENV, "0.2"))
     cap_supernode_sleep(poll)
@@ -113,9 +118,13 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    from bulle_flower._fab import fab_sha256
-    from bulle_flower._fence import APPIO_SECRET_ENV, SecretHeader, take_secret
-    from bulle_flower._patches import IdleBackoff
+    from bulle_flower import (
+        APPIO_SECRET_ENV,
+        IdleBackoff,
+        SecretHeader,
+        fab_sha256,
+        take_secret,
+    )
     from nodes import _training
     from nodes._config import load_node_config
     from nodes._engine import NodeEngine
@@ -126,14 +135,14 @@ def serve_executor(config_path: Path, runtime_address: str, poll_s: float) -> in
         raise SystemExit(f"node {config.node_id}: no [training] section in its config")
     coordinator_key = None
     if config.coordinator_public_key is not None:
-        from privacy._grants import load_public_key
+        from privacy import load_public_key
 
         coordinator_key = load_public_key(config.coordinator_public_key)
     else:
         log.error("node %s: no coordinator_public_key in its config: every training message "
                   "will be refused", config.node_id)
     engine = NodeEngine(config)  # loads the data and locks DuckDB, before any fork
-    from bulle_flower._patches import cap_pull_backoff
+    from bulle_flower import cap_pull_backoff
     from bulle_flower.client_app import app as client_app
 
     cap_pull_backoff(cap=max(poll_s, 0.05))
@@ -217,7 +226,7 @@ def _warm_accounting(state_dir: Path) -> None:
     spending ~0.1 s on it. Plain sqlite3, closed at once: no connection crosses a fork."""
     import sqlite3
 
-    from privacy._accounting import rdp_of_key
+    from privacy import rdp_of_key
 
     try:
         db = sqlite3.connect(f"file:{state_dir / 'ledger.sqlite'}?mode=ro", uri=True)
@@ -314,7 +323,7 @@ def _run_task(address: str, token: str, allowed: str, client_app: Any, secret: s
         push_task_output,
     )
 
-    from bulle_flower._fence import SecretHeader
+    from bulle_flower import SecretHeader
     from nodes import _training
 
     _training.TIMES["forked"] = time.time()
@@ -414,7 +423,7 @@ class NodeFlower:
         port = t.runtime_port or free_port()
         runtime = f"127.0.0.1:{port}"
         bindir = str(Path(sys.executable).parent)
-        from bulle_flower._fence import APPIO_SECRET_ENV, new_secret
+        from bulle_flower import APPIO_SECRET_ENV, new_secret
 
         env = {**os.environ, "FLWR_HOME": str(state), POLL_ENV: str(t.poll_interval_s),
                "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),

@@ -35,7 +35,9 @@ def _keygen(node_id: str, hosts: list[str], out: Path, state: Path | None) -> in
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bulle node")
+    parser = argparse.ArgumentParser(
+        prog="bulle node", epilog="every key of the --config file, its type, default and help: "
+        "`bulle node settings` (a commented example: `bulle node settings --example`)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="load the datasets, lock DuckDB, serve gRPC (mTLS)")
     serve.add_argument("--config", required=True, type=Path)
@@ -68,7 +70,16 @@ def main(argv: list[str]) -> int:
     keygen.add_argument("--out", required=True, type=Path)
     keygen.add_argument("--state", type=Path, help="the node's state folder (its config's "
                         "state_dir): also make the receipt key there")
+    settings = sub.add_parser("settings", help="every config key with its type, default and "
+                              "help (--example: a commented example config to start from)")
+    settings.add_argument("--example", action="store_true")
     args = parser.parse_args(argv[1:])
+    if args.cmd == "settings":  # derived from the declared settings (nodes/_config.py)
+        from federation import example_toml, reference_text
+        from nodes._config import SCHEMA
+
+        print((example_toml if args.example else reference_text)(SCHEMA), end="")
+        return 0
     if args.cmd == "keygen":
         return _keygen(args.node_id, args.host, args.out, args.state)
     if args.cmd == "doctor":  # a config that does not parse is one of its checks

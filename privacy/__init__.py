@@ -20,7 +20,9 @@ Map of the public API:
   scope of a project's budget across datasets), ``ledger_metadata`` (its tables, for the
   migrations).
 - Grants (``_grants``, Ed25519): ``Grant``, ``generate_board_keys``, ``sign_grant``,
-  ``verify_grant``, ``GrantError``.
+  ``verify_grant``, ``GrantError``, ``load_public_key`` (a PEM Ed25519 public key).
+- For the training node (``nodes/_flower.py``): ``rdp_of_key`` (the cached RDP curve of a
+  ledger event's key).
 - Board requests (``_boardreq``, the board's key as its CLI credential): ``BoardRequest``,
   ``sign_board_request``, ``verify_board_request``, ``BOARD_REQUEST_SCHEME``.
 - Run authorisations (``_runauth``, the coordinator's Ed25519 key): ``RunAuthorisation``,
@@ -57,6 +59,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "PROJECT_WIDE": ("privacy._ledger", "PROJECT_WIDE"),
     "PtableError": ("privacy._ckm", "PtableError"),
     "RdpTotals": ("privacy._accounting", "RdpTotals"),
+    "rdp_of_key": ("privacy._accounting", "rdp_of_key"),  # cached RDP of an event's key
+    "load_public_key": ("privacy._grants", "load_public_key"),
     "RECEIPT_KEY_FILE": ("privacy._receipts", "RECEIPT_KEY_FILE"),
     "ReceiptError": ("privacy._receipts", "ReceiptError"),
     "new_salt": ("privacy._receipts", "new_salt"),
@@ -133,6 +137,7 @@ __all__ += [
     "sign_board_request",
     "verify_board_request",
 ]
+__all__ += ["load_public_key", "rdp_of_key"]
 __all__ += [
     "RunAuthorisation",
     "canonical_sha256",

@@ -633,8 +633,8 @@ def _without_timing(out: dict[str, Any]) -> dict[str, Any]:
             "released": receipt["released"],
             "summary": {k: v for k, v in receipt["summary"].items() if k not in naming},
             "node_statements": sorted(
-                (sorted((k, v) for k, v in n.items()
-                        if k not in naming | {"request", "commitment"}) for n in nodes))}
+                sorted((k, v) for k, v in n.items()
+                        if k not in naming | {"request", "commitment"}) for n in nodes)}
     return kept
 
 

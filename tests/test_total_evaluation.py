@@ -505,7 +505,7 @@ CAUSES: dict[str, tuple[str, Any]] = {  # how each failure is provoked in a real
 def test_every_failure_is_one_outcome_at_every_node(limits_fed, certs, monkeypatch) -> None:
     from dataclasses import replace
 
-    import nodes._engine
+    import nodes._disclosure  # where the release happens (disclosure control)
 
     plan = _plan(limits_fed, "SELECT COUNT(*) AS n FROM lycee_students")
     outcomes = set()
@@ -524,7 +524,7 @@ def test_every_failure_is_one_outcome_at_every_node(limits_fed, certs, monkeypat
                         def fail(*a: Any, cause: BaseException = cause) -> Any:
                             raise cause
 
-                        m.setattr(nodes._engine, "release_restricted", fail)
+                        m.setattr(nodes._disclosure, "release_restricted", fail)
                     outcomes.add(node_outcome(stub, plan))
                     entry = list(engine.guard.audit.entries())[-1]
                     assert entry.action == "failed", what
@@ -560,12 +560,12 @@ def test_static_refusals_keep_their_message(limits_fed, certs) -> None:
 
 def test_a_refusal_or_a_node_down_hides_another_nodes_failure(limits_fed, monkeypatch
                                                               ) -> None:
-    import nodes._engine
+    import nodes._disclosure  # where the release happens (disclosure control)
 
     def fail(*a: Any) -> Any:
         raise RuntimeError("failed at gp")
 
-    monkeypatch.setattr(nodes._engine, "release_restricted", fail)
+    monkeypatch.setattr(nodes._disclosure, "release_restricted", fail)
     with pytest.raises(QueryError) as err:  # every node fails: the one outcome
         limits_fed.run("SELECT COUNT(*) AS n FROM lycee_students")
     assert err.value.code == "evaluation_failed"

@@ -8,11 +8,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nodes._config import ConfigError, _expand
+from nodes._config import (
+    CLASSIFY,
+    ENCODINGS,
+    INGEST,
+    PSEUDONYMISE,
+    ConfigError,
+    _expand,
+)
 
 FORMAT_VERSION = 1  # part of the input hash: a new pipeline re-ingests everything once
 RULES = ("year", "month", "departement", "keep")  # and band:N
-ENCODINGS = ("auto", "utf-8", "cp1252", "latin-1")
 
 
 class IngestError(ConfigError):
@@ -57,16 +63,6 @@ class Onboarding:
     pivots: tuple[str, ...] = ()
 
 
-def _keys(where: str, raw: Any, allowed: set[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a table")
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-    return raw
-
-
 def _names(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: must be a list of column names")
@@ -91,25 +87,18 @@ def parse_onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding 
             raise ConfigError(f"{where}: [dataset.{extra[0]}] only applies with a "
                               "[dataset.ingest] section (it happens at ingest)")
         return Onboarding(pivots=pivots)
-    ing = _keys(f"{where} [dataset.ingest]", raw["ingest"], {"inputs", "encoding", "delimiter"})
-    inputs = ing.get("inputs")
-    inputs = [inputs] if isinstance(inputs, str) else inputs
-    if not inputs or not all(isinstance(p, str) for p in inputs):
+    ing = INGEST.parse(raw["ingest"], f"{where} [dataset.ingest]", base)
+    if not ing["inputs"]:
         raise ConfigError(f"{where} [dataset.ingest]: inputs must name the raw files")
-    encoding = str(ing.get("encoding", "auto")).lower().replace("_", "-")
+    encoding = ing["encoding"].lower().replace("_", "-")
     encoding = {"utf8": "utf-8", "latin1": "latin-1", "iso-8859-1": "latin-1",
                 "windows-1252": "cp1252"}.get(encoding, encoding)
     if encoding not in ENCODINGS:
         raise ConfigError(f"{where} [dataset.ingest]: encoding {encoding!r} is not one of "
                           f"{', '.join(ENCODINGS)}")
-    delimiter = str(ing.get("delimiter", "auto"))
-    if delimiter not in ("auto", ";", ",", "\t", "|"):
-        raise ConfigError(f"{where} [dataset.ingest]: delimiter must be auto, ';', ',', tab "
-                          "or '|'")
-    cls = _keys(f"{where} [dataset.classify]", raw.get("classify", {}),
-                {"identifiers", "quasi_identifiers", "attributes", "drop"})
-    qis = cls.get("quasi_identifiers", {})
-    if not isinstance(qis, dict) or not all(isinstance(v, str) for v in qis.values()):
+    cls = CLASSIFY.parse(raw.get("classify", {}), f"{where} [dataset.classify]", base)
+    qis = cls["quasi_identifiers"]
+    if not all(isinstance(v, str) for v in qis.values()):
         raise ConfigError(f"{where} [dataset.classify]: quasi_identifiers maps each column to "
                           "a rule (year, month, departement, band:N, keep)")
     bad = next((f"{c} = {r!r}" for c, r in qis.items() if not _rule_ok(r)), None)
@@ -117,12 +106,10 @@ def parse_onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding 
         raise ConfigError(f"{where} [dataset.classify]: unknown generalisation rule {bad} "
                           "(year, month, departement, band:N, keep)")
     spec = IngestSpec(
-        inputs=tuple(_expand(p, base, where) for p in inputs),
-        encoding=encoding, delimiter=delimiter,
-        identifiers=_names(f"{where} identifiers", cls.get("identifiers", [])),
-        quasi_identifiers=dict(qis),
-        attributes=_names(f"{where} attributes", cls.get("attributes", [])),
-        drop=_names(f"{where} drop", cls.get("drop", [])),
+        inputs=tuple(_expand(p, base, where) for p in ing["inputs"]),
+        encoding=encoding, delimiter=ing["delimiter"],
+        identifiers=cls["identifiers"], quasi_identifiers=dict(qis),
+        attributes=cls["attributes"], drop=cls["drop"],
     )
     seen: dict[str, int] = {}
     for c in (*spec.identifiers, *spec.quasi_identifiers, *spec.attributes, *spec.drop):
@@ -132,18 +119,11 @@ def parse_onboarding(raw: dict[str, Any], base: Path, where: str) -> Onboarding 
         raise ConfigError(f"{where} [dataset.classify]: column {twice[0]!r} is classified "
                           "more than once")
     if "pseudonymise" in raw:
-        ps = _keys(f"{where} [dataset.pseudonymise]", raw["pseudonymise"],
-                   {"key_file", "key_env", "length"})
-        if ("key_file" in ps) == ("key_env" in ps):
+        ps = PSEUDONYMISE.parse(raw["pseudonymise"], f"{where} [dataset.pseudonymise]", base)
+        if (ps["key_file"] is None) == (not ps["key_env"]):
             raise ConfigError(f"{where} [dataset.pseudonymise]: give exactly one of key_file "
                               "or key_env (the trusted third party's key)")
-        length = ps.get("length", 32)
-        if not isinstance(length, int) or not 16 <= length <= 64:
-            raise ConfigError(f"{where} [dataset.pseudonymise]: length must be 16..64 hex "
-                              "characters")
-        spec = replace(spec, pseudonymise=PseudonymSpec(
-            key_file=_expand(ps["key_file"], base, where) if "key_file" in ps else None,
-            key_env=str(ps.get("key_env", "")), length=length))
+        spec = replace(spec, pseudonymise=PseudonymSpec(**ps))
     elif spec.identifiers:
         raise ConfigError(f"{where}: identifiers are declared but there is no "
                           "[dataset.pseudonymise] section giving the key")

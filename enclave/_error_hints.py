@@ -1,0 +1,35 @@
+"""Hints shown under a BulleError, by code. Generated from federation/_errors.py by
+`python -m federation._errordocs`: do not edit."""
+# ruff: noqa: E501
+
+HINTS: dict[str, str] = {
+    "ambiguous_column": "Qualify it with its table or alias.",
+    "bad_request": "The message names the parameter.",
+    "bad_response": "Check BULLE_URL points at the coordinator.",
+    "budget_exhausted": "hub.budget() shows what is left; hub.price(sql, precision=h) what a query would cost; the ethics board can amend the grant",
+    "conflict": "The message says what exists.",
+    "dummy_failed": "Dummy tables hold random values from public metadata: simplify the query.",
+    "evaluation_failed": "Narrow or simplify the query (fewer joins, groups or rows).",
+    "failed": "job.status() gives the reason.",
+    "forbidden": "hub.projects() lists your projects; a query names one with project=...",
+    "http_error": "The message carries the HTTP status.",
+    "hub_unavailable": "Try again in a moment.",
+    "internal": "Report the query id to the platform admin.",
+    "interrupted": "The next scheduled refresh runs as usual.",
+    "no_grant": "The board signs grants (`bulle board grant`); hub.projects() shows the status.",
+    "no_receipt": "Only frames released by hub.sql() carry one.",
+    "node_failed": "Try again later; hub.catalog() shows which nodes serve a table.",
+    "node_refused": "Read the node's reason; the board sees the same in its audit log.",
+    "not_allowed": "The message says what and why; README.md lists the SQL accepted.",
+    "not_configured": "in a hub notebook, BULLE_URL and the token are set for you",
+    "not_found": "Check the id or name.",
+    "not_ready": "Wait for the job, then ask again.",
+    "precision_unreachable": "Ask for a looser precision, or fewer groups.",
+    "reshaped": "Keep the frame as released to read df.bulle.",
+    "syntax_error": "The message gives the line and column.",
+    "timeout": "the query keeps running at the coordinator: try again with a larger timeout",
+    "training_unavailable": "Ask the platform admin.",
+    "unauthenticated": "in a hub notebook, connect() picks up the token",
+    "unknown_column": "hub.describe(table) lists the columns; the message suggests close names",
+    "unknown_table": "hub.catalog(search='words') finds tables; hub.describe(table) their columns",
+}
