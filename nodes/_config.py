@@ -5,6 +5,7 @@ Paths may use ``${VAR}`` (environment) and are resolved relative to the config f
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -126,7 +127,8 @@ class NodeConfig:
     # keep copies of other nodes' shared open tables for joins (nodes/_references.py)
     accept_references: bool = True
     # host:port of the operator's Prometheus endpoint (nodes/_metrics.py); "" = off.
-    # It has no authentication: keep it on loopback or a scrape-only network.
+    # It has no authentication: loopback only, unless ``metrics_allow_remote`` says the
+    # operator put it on a scrape-only network.
     metrics_listen: str = ""
 
     def dataset(self, table: str) -> DatasetConfig | None:
@@ -270,7 +272,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     _check_keys(where, raw, {"node_id", "listen", "tls", "engine", "dataset",
                              "state_dir", "board_public_key", "data_dir", "training",
                              "accept_references", "coordinator_public_key",
-                             "metrics_listen"})
+                             "metrics_listen", "metrics_allow_remote"})
     accept_references = raw.get("accept_references", True)
     if not isinstance(accept_references, bool):
         raise ConfigError(f"{where}: accept_references must be true or false")
@@ -317,17 +319,35 @@ def load_node_config(path: str | Path) -> NodeConfig:
         training=_training(raw["training"], base, f"{where} [training]")
         if "training" in raw else None,
         accept_references=accept_references,
-        metrics_listen=_metrics_listen(raw.get("metrics_listen", ""), where),
+        metrics_listen=_metrics_listen(raw.get("metrics_listen", ""),
+                                       raw.get("metrics_allow_remote", False), where),
     )
 
 
-def _metrics_listen(value: Any, where: str) -> str:
+def _metrics_listen(value: Any, allow_remote: Any, where: str) -> str:
     host, _, port = str(value).rpartition(":")
     if value and not (isinstance(value, str) and host and port.isdigit()
                       and int(port) < 65536):
         raise ConfigError(f"{where}: metrics_listen {value!r} must be host:port "
                           '(e.g. "127.0.0.1:9464")')
+    if not isinstance(allow_remote, bool):
+        raise ConfigError(f"{where}: metrics_allow_remote must be true or false")
+    if value and not allow_remote and not _is_loopback(host):
+        raise ConfigError(
+            f"{where}: metrics_listen {value!r} is not a loopback address; the metrics "
+            "endpoint has no authentication, so it listens on loopback (127.0.0.1, ::1, "
+            "localhost) unless metrics_allow_remote = true says it is on a scrape-only "
+            "network")
     return str(value)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
 
 
 def _training(raw: dict[str, Any], base: Path, where: str) -> TrainingConfig:
