@@ -7,6 +7,7 @@ Paths may use ``${VAR}`` (environment) and are resolved relative to the config f
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -195,6 +196,8 @@ _TOP = Section("", "Read by `bulle node serve|check|ingest|doctor --config FILE`
     Setting("metrics_listen", "str", "", "host:port of the operator's Prometheus endpoint; "
             "\"\" = off. It has no authentication: keep it on loopback or a scrape-only "
             "network.", check=_host_port, must='host:port (e.g. "127.0.0.1:9464")'),
+    Setting("metrics_allow_remote", "bool", False, "Let metrics_listen be a non-loopback "
+            "address (a scrape-only network): the endpoint has no authentication."),
 ), sections=(_TLS, _ENGINE, _DATASET, _TRAINING))
 SCHEMA = Schema("Bulle node agent configuration (TOML).", _TOP)
 
@@ -297,7 +300,8 @@ class NodeConfig:
     # keep copies of other nodes' shared open tables for joins (nodes/_references.py)
     accept_references: bool = True
     # host:port of the operator's Prometheus endpoint (nodes/_metrics.py); "" = off.
-    # It has no authentication: keep it on loopback or a scrape-only network.
+    # It has no authentication: loopback only, unless ``metrics_allow_remote`` says the
+    # operator put it on a scrape-only network.
     metrics_listen: str = ""
 
     def dataset(self, table: str) -> DatasetConfig | None:
@@ -398,7 +402,30 @@ def load_node_config(path: str | Path) -> NodeConfig:
         coordinator_public_key=top["coordinator_public_key"], path=path,
         training=(_training(raw["training"], base, f"{where} [training]")
                   if "training" in raw else None),
-        accept_references=top["accept_references"], metrics_listen=top["metrics_listen"])
+        accept_references=top["accept_references"],
+        metrics_listen=_metrics_listen(top["metrics_listen"], top["metrics_allow_remote"],
+                                       where))
+
+
+def _metrics_listen(value: str, allow_remote: bool, where: str) -> str:
+    """The metrics endpoint has no authentication: loopback unless declared otherwise."""
+    host = value.rpartition(":")[0]
+    if value and not allow_remote and not _is_loopback(host):
+        raise ConfigError(
+            f"{where}: metrics_listen {value!r} is not a loopback address; the metrics "
+            "endpoint has no authentication, so it listens on loopback (127.0.0.1, ::1, "
+            "localhost) unless metrics_allow_remote = true says it is on a scrape-only "
+            "network")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve anywhere
 
 
 def _training(raw: dict[str, Any], base: Path, where: str) -> TrainingConfig:

@@ -15,16 +15,12 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
-from privacy import dp_count, dp_sum, laplace_event
-
-if TYPE_CHECKING:
-    import dp_accounting as dpa
+from privacy import ComposedDpEvent, dp_count, dp_sum, laplace_event
 
 MAX_DOMAIN_CELLS = 100_000
 
@@ -54,10 +50,9 @@ class DpSpec:
     def epsilon_each(self) -> float:
         return self.epsilon / max(len(self.partials), 1)
 
-    def event(self) -> dpa.DpEvent:
-        import dp_accounting as dpa  # on first DP release, not with the node (issue 13)
-
-        return dpa.ComposedDpEvent([laplace_event(self.epsilon_each)] * len(self.partials))
+    def event(self) -> ComposedDpEvent:
+        # closed-form events (privacy/_events.py): a SQL node needs no dp-accounting
+        return ComposedDpEvent([laplace_event(self.epsilon_each)] * len(self.partials))
 
 
 def _literal_number(e: pb.Expr) -> float | None:

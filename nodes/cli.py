@@ -133,7 +133,8 @@ def _ingest(config, table: str | None, force: bool) -> int:
 
 
 def _warm_dp_libraries() -> None:
-    import dp_accounting  # noqa: F401
+    # OpenDP only: a node's own DP charges are closed forms (privacy/_events.py), and a SQL
+    # node's image has no dp-accounting (issue 15).
     import opendp.prelude  # noqa: F401
 
 

@@ -8,8 +8,11 @@ Map of the public API:
   ``dp_mean``, ``dp_variance``, ``dp_quantile`` → ``Release``; raw vector noise
   ``laplace_noise``, ``gaussian_noise``; calibration ``laplace_scale``, ``gaussian_sigma``,
   ``laplace_halfwidth``, ``gaussian_halfwidth``, ``quantile_rank_error``.
-- Events to charge (dp-accounting): ``laplace_event``, ``gaussian_event``, ``opacus_event``,
-  ``aggregate_event`` (the event of a ``dp_*`` call, to charge before releasing).
+- Events to charge: ``laplace_event``, ``gaussian_event``, ``aggregate_event`` (the event of
+  a ``dp_*`` call, to charge before releasing) give the closed-form events of ``_events``
+  (``DpEvent``, ``LaplaceDpEvent``, ``GaussianDpEvent``, ``ZCDpEvent``,
+  ``SelfComposedDpEvent``, ``ComposedDpEvent``: dp-accounting's names and JSON, RDP without
+  dp-accounting or scipy); ``opacus_event`` gives dp-accounting's (DP-SGD).
 - Accounting (``_accounting``): ``RdpTotals`` (running RDP sums, O(1) budget checks),
   ``rdp_epsilon``, ``pld_epsilon``, ``report_epsilon``, ``event_to_dict``,
   ``event_from_dict``.
@@ -50,6 +53,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AuditLog": ("privacy._audit", "AuditLog"),
     "AuditReport": ("privacy._audit", "AuditReport"),
     "ChargeRecord": ("privacy._ledger", "ChargeRecord"),
+    "ComposedDpEvent": ("privacy._events", "ComposedDpEvent"),
+    "DpEvent": ("privacy._events", "DpEvent"),
+    "GaussianDpEvent": ("privacy._events", "GaussianDpEvent"),
+    "LaplaceDpEvent": ("privacy._events", "LaplaceDpEvent"),
+    "SelfComposedDpEvent": ("privacy._events", "SelfComposedDpEvent"),
+    "ZCDpEvent": ("privacy._events", "ZCDpEvent"),
     "ChargeResult": ("privacy._ledger", "ChargeResult"),
     "CkmParams": ("privacy._ckm", "CkmParams"),
     "Grant": ("privacy._grants", "Grant"),
@@ -160,6 +169,14 @@ __all__ += [
     "sign_release",
     "values_sha256",
     "verify_receipt",
+]
+__all__ += [
+    "ComposedDpEvent",
+    "DpEvent",
+    "GaussianDpEvent",
+    "LaplaceDpEvent",
+    "SelfComposedDpEvent",
+    "ZCDpEvent",
 ]
 __all__ += [
     "SIGMA_RANGE",

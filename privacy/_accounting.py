@@ -1,12 +1,15 @@
-"""Privacy budgets in (ε, δ) over dp-accounting events.
+"""Privacy budgets in (ε, δ) over privacy events.
 
-Gating uses RDP with running sums at a fixed list of orders: one event's RDP vector is
+Events are dp-accounting's classes, or for a SQL node's releases (Laplace, Gaussian, zCDP,
+composed) the same-named closed-form classes of privacy/_events.py, which serialise to the
+same JSON. Gating uses RDP with running sums at a fixed list of orders: one event's RDP vector is
 computed once (and cached), then added, so a budget check costs O(#orders) whatever the
 history length. Reports use the PLD accountant (tighter, but seconds for long histories).
 Neighbouring relation everywhere: add or remove one pupil.
 
-dp-accounting (with scipy: ~2 s and ~100 MB) is imported on first use, not with this module,
-so a node that serves no DP query never loads it (issue 13).
+dp-accounting (with scipy: ~2 s, ~150 MB) is imported only for what needs it: DP-SGD's
+Poisson-subsampled events and PLD reports, at training nodes and the coordinator. A SQL node
+never loads it (and its image does not install it: issue 15).
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from privacy import _events
+from privacy._events import event_to_dict
+
 if TYPE_CHECKING:
     import dp_accounting as dpa
+
+# An event: the closed-form classes of privacy/_events.py, or dp-accounting's (DP-SGD).
+Event = Any
 
 # dp-accounting's default orders (1.1 … 1024): the stored totals depend on this exact list,
 # so it is fixed here and its length is checked when totals are loaded.
@@ -45,36 +54,22 @@ def _event_classes() -> dict[str, type[dpa.DpEvent]]:
             if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent) and attr.has(cls)}
 
 
-def event_to_dict(event: dpa.DpEvent) -> dict[str, Any]:
-    """JSON-ready dict of an event: ``{"type": class name, field: value, ...}``."""
-    import attr
-    from dp_accounting import dp_event
-
-    if not isinstance(event, dp_event.DpEvent):
-        raise TypeError(f"not a DpEvent: {event!r}")
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, dp_event.DpEvent):
-            return event_to_dict(v)
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return v
-
-    out: dict[str, Any] = {"type": type(event).__name__}
-    for f in attr.fields(type(event)):
-        out[f.name] = conv(getattr(event, f.name))
-    return out
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Inverse of ``event_to_dict``: the closed-form events (privacy/_events.py) when they
+    cover the whole tree, so a SQL node never loads dp-accounting; dp-accounting's otherwise."""
+    if _events.covers(data):
+        return _events.from_dict(data)
+    return _dpa_from_dict(data)
 
 
-def event_from_dict(data: dict[str, Any]) -> dpa.DpEvent:
-    """Inverse of ``event_to_dict``."""
+def _dpa_from_dict(data: dict[str, Any]) -> dpa.DpEvent:
     cls = _event_classes().get(str(data.get("type")))
     if cls is None:
         raise ValueError(f"unknown DpEvent type {data.get('type')!r}")
 
     def conv(v: Any) -> Any:
         if isinstance(v, dict) and "type" in v:
-            return event_from_dict(v)
+            return _dpa_from_dict(v)
         if isinstance(v, list):
             return [conv(x) for x in v]
         return v
@@ -82,7 +77,12 @@ def event_from_dict(data: dict[str, Any]) -> dpa.DpEvent:
     return cls(**{k: conv(v) for k, v in data.items() if k != "type"})
 
 
-def event_key(event: dpa.DpEvent) -> str:
+def to_dpa(event: Event) -> dpa.DpEvent:
+    """The same event as dp-accounting's classes (for its PLD accountant)."""
+    return _dpa_from_dict(event_to_dict(event))
+
+
+def event_key(event: Event) -> str:
     """Canonical JSON of an event (stable key for caching, grouping and storage)."""
     return json.dumps(event_to_dict(event), sort_keys=True, separators=(",", ":"))
 
@@ -92,18 +92,47 @@ def event_key(event: dpa.DpEvent) -> str:
 
 @lru_cache(maxsize=4096)
 def _rdp_by_key(key: str) -> tuple[float, ...]:
+    return tuple(_rdp_of(json.loads(key)))
+
+
+def _rdp_of(data: dict[str, Any]) -> list[float]:
+    """RDP at ``ORDERS`` of a serialised event: closed forms where they exist (Laplace,
+    Gaussian, zCDP and their compositions), dp-accounting's accountant for the rest."""
+    kind = data.get("type")
+    if kind == "LaplaceDpEvent":
+        return _events.laplace_rdp(data["noise_multiplier"], ORDERS)
+    if kind == "GaussianDpEvent":
+        return _events.gaussian_rdp(data["noise_multiplier"], ORDERS)
+    if kind == "ZCDpEvent":
+        return _events.zcdp_rdp(data["rho"], data.get("xi", 0.0), ORDERS)
+    if kind == "NoOpDpEvent":
+        return [0.0] * len(ORDERS)
+    if kind == "SelfComposedDpEvent":
+        count = data["count"]
+        if not (isinstance(count, (int, float)) and count >= 0 and int(count) == count):
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        return [count * r for r in _rdp_of(data["event"])]
+    if kind == "ComposedDpEvent":
+        total = [0.0] * len(ORDERS)
+        for part in data["events"]:
+            total = [t + r for t, r in zip(total, _rdp_of(part), strict=True)]
+        return total
+    return _dpa_rdp(data)
+
+
+def _dpa_rdp(data: dict[str, Any]) -> list[float]:
     import dp_accounting as dpa
     from dp_accounting.rdp import RdpAccountant
 
     acc = RdpAccountant(orders=ORDERS)
-    event = event_from_dict(json.loads(key))
+    event = _dpa_from_dict(data)
     if not acc.supports(event):
         raise dpa.UnsupportedEventError(f"RDP accountant does not support {event}")
     acc.compose(event)
-    return tuple(float(x) for x in acc.rdp)
+    return [float(x) for x in acc.rdp]
 
 
-def event_rdp(event: dpa.DpEvent) -> np.ndarray:
+def event_rdp(event: Event) -> np.ndarray:
     """RDP of one event at ``ORDERS`` (cached: a DP-SGD event costs ~20 ms only once)."""
     return rdp_of_key(event_key(event))
 
@@ -129,11 +158,11 @@ class RdpTotals:
                 raise ValueError("RDP totals must be non-negative numbers")
             self._rdp = arr
 
-    def add(self, event: dpa.DpEvent) -> None:
+    def add(self, event: Event) -> None:
         """Compose one event into the totals."""
         self._rdp = self._rdp + event_rdp(event)
 
-    def plus(self, event: dpa.DpEvent) -> RdpTotals:
+    def plus(self, event: Event) -> RdpTotals:
         """New totals with the event added; ``self`` is unchanged."""
         return self.plus_rdp(event_rdp(event))
 
@@ -151,7 +180,7 @@ class RdpTotals:
         """
         return _epsilon_of(self._rdp, delta)
 
-    def would_fit(self, event: dpa.DpEvent, epsilon_cap: float, delta: float) -> bool:
+    def would_fit(self, event: Event, epsilon_cap: float, delta: float) -> bool:
         """Whether adding ``event`` keeps ε(δ) within ``epsilon_cap``."""
         return self.plus(event).epsilon(delta) <= epsilon_cap
 
@@ -183,7 +212,7 @@ def _epsilon_of(rdp: np.ndarray, delta: float) -> float:
     return max(0.0, float(np.min(eps)))
 
 
-def rdp_epsilon(events: Iterable[dpa.DpEvent], delta: float) -> float:
+def rdp_epsilon(events: Iterable[Event], delta: float) -> float:
     """ε at δ of the composition of ``events`` under RDP (same maths as the ledger)."""
     totals = RdpTotals()
     for e in events:
@@ -195,7 +224,7 @@ def rdp_epsilon(events: Iterable[dpa.DpEvent], delta: float) -> float:
 
 
 def pld_epsilon(
-    events: Iterable[dpa.DpEvent], delta: float, value_discretization_interval: float = 1e-4
+    events: Iterable[Event], delta: float, value_discretization_interval: float = 1e-4
 ) -> float:
     """ε at δ of the composition under dp-accounting's PLD accountant (pessimistic).
 
@@ -206,19 +235,20 @@ def pld_epsilon(
     import dp_accounting as dpa
     from dp_accounting.pld import PLDAccountant
 
-    groups: dict[str, tuple[dpa.DpEvent, int]] = {}
+    groups: dict[str, tuple[Event, int]] = {}
     for e in events:
         k = event_key(e)
         groups[k] = (e, groups[k][1] + 1) if k in groups else (e, 1)
     acc = PLDAccountant(value_discretization_interval=value_discretization_interval)
-    for e, n in groups.values():
+    for event, n in groups.values():
+        e = to_dpa(event)
         if not acc.supports(e):
             raise dpa.UnsupportedEventError(f"PLD accountant does not support {e}")
         acc.compose(e, n)
     return float(acc.get_epsilon(delta))
 
 
-def report_epsilon(events: Sequence[dpa.DpEvent], delta: float) -> tuple[float, str]:
+def report_epsilon(events: Sequence[Event], delta: float) -> tuple[float, str]:
     """Best valid ε for a report: min(PLD, RDP) when PLD supports every event, else RDP.
 
     Both are upper bounds on the true ε at δ, so their minimum is one too.

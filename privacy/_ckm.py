@@ -89,19 +89,45 @@ def generate_ptable(max_perturbation: int = 4, variance: float = 3.0) -> np.ndar
 
 
 def _maxent(support: np.ndarray, variance: float) -> np.ndarray:
-    from scipy.optimize import least_squares  # only when a table is generated
+    """p(x) ∝ exp(a·x + b·x²) on ``support`` with mean 0 and this variance.
+
+    Newton's method on the convex dual log Z(θ) − θ·(0, V): its gradient is
+    (E[x], E[x²] − V), its Hessian the covariance of (x, x²); each step is halved until the
+    gradient shrinks (it does for a small enough step), down to float precision. A few
+    lines of numpy instead of scipy's least squares: a node generates its table at start and
+    must not need scipy (issue 15).
+    """
+    feats = np.stack([support, support**2])
+    target = np.array([0.0, variance])
 
     def probs(theta: np.ndarray) -> np.ndarray:
-        z = theta[0] * support + theta[1] * support**2
+        z = theta @ feats
         w = np.exp(z - z.max())
         return w / w.sum()
 
-    def residual(theta: np.ndarray) -> np.ndarray:
+    def gradient(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         p = probs(theta)
-        return np.array([p @ support, p @ support**2 - variance])
+        g = feats @ p - target
+        return p, g, float(np.abs(g).max())
 
-    fit = least_squares(residual, x0=np.zeros(2), xtol=1e-14, ftol=1e-14, gtol=1e-14)
-    return probs(fit.x)
+    theta = np.zeros(2)
+    p, grad, norm = gradient(theta)
+    for _ in range(200):
+        if norm == 0.0:
+            break
+        centred = feats - (feats @ p)[:, None]
+        step = np.linalg.solve((centred * p) @ centred.T, grad)
+        t = 1.0
+        while t > 1e-9:
+            new = gradient(theta - t * step)
+            if new[2] < norm:
+                break
+            t /= 2
+        else:
+            break  # no step makes it smaller: solved to float precision
+        theta = theta - t * step
+        p, grad, norm = new
+    return p
 
 
 def _quantised_row(low: int, high: int, variance: float) -> np.ndarray:
@@ -119,7 +145,12 @@ def _quantised_row(low: int, high: int, variance: float) -> np.ndarray:
     else:
         p = _maxent(support.astype(float), target)
     counts = np.floor(p * CKEYS).astype(int)
-    for i in np.argsort(-(p * CKEYS - counts))[: CKEYS - counts.sum()]:
+    # Largest remainders first; remainders equal up to float noise (a symmetric support
+    # gives exact ties) go to the highest value first (what scipy's solver happened to
+    # give), so the table depends on the law, not on the solver's last bits.
+    remainders = np.round(p * CKEYS - counts, 9)[::-1]
+    for j in np.argsort(-remainders, kind="stable")[: CKEYS - counts.sum()]:
+        i = len(support) - 1 - j
         counts[i] += 1
     # Unbiased exactly: move single keys one step toward 0 until the sum of draws is 0
     # (each move changes it by 1; it starts at most 256·(high − low) away).

@@ -1,4 +1,4 @@
-"""DP releases through OpenDP, their calibration, and their dp-accounting events.
+"""DP releases through OpenDP, their calibration, and their privacy events.
 
 Released noise comes only from OpenDP measurements (exact samplers, floating-point safe);
 ``numpy.random`` is used here only to compute *intervals* from public parameters, which is
@@ -25,6 +25,14 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from privacy._events import (
+    DpEvent,
+    GaussianDpEvent,
+    LaplaceDpEvent,
+    SelfComposedDpEvent,
+    ZCDpEvent,
+)
 
 if TYPE_CHECKING:
     import dp_accounting as dpa
@@ -309,23 +317,21 @@ def quantile_rank_error(
     return quantile_gumbel_scale(epsilon, q, max_contrib) * math.log(n_candidates / beta)
 
 
-# ------------------------------------------------------------------ dp-accounting events
+# ------------------------------------------------------------------------ privacy events
+# Laplace, Gaussian and zCDP events are the closed-form classes of privacy/_events.py (same
+# names and JSON as dp-accounting's): a SQL node charges them without dp-accounting.
 
 
-def laplace_event(epsilon: float) -> dpa.DpEvent:
+def laplace_event(epsilon: float) -> DpEvent:
     """Event of one ε-DP Laplace release (noise multiplier b/Δ = 1/ε)."""
-    import dp_accounting as dpa
-
     _positive(epsilon=epsilon)
-    return dpa.LaplaceDpEvent(noise_multiplier=1.0 / epsilon)
+    return LaplaceDpEvent(noise_multiplier=1.0 / epsilon)
 
 
-def gaussian_event(sigma_over_sensitivity: float) -> dpa.DpEvent:
+def gaussian_event(sigma_over_sensitivity: float) -> DpEvent:
     """Event of one Gaussian release with σ / L2-sensitivity = ``sigma_over_sensitivity``."""
-    import dp_accounting as dpa
-
     _positive(sigma_over_sensitivity=sigma_over_sensitivity)
-    return dpa.GaussianDpEvent(noise_multiplier=sigma_over_sensitivity)
+    return GaussianDpEvent(noise_multiplier=sigma_over_sensitivity)
 
 
 def opacus_event(history: Iterable[Sequence[float]]) -> dpa.DpEvent:
@@ -346,23 +352,21 @@ def opacus_event(history: Iterable[Sequence[float]]) -> dpa.DpEvent:
     return dpa.ComposedDpEvent(parts)
 
 
-def aggregate_event(kind: str, epsilon: float) -> dpa.DpEvent:
+def aggregate_event(kind: str, epsilon: float) -> DpEvent:
     """Event to charge *before* calling the matching ``dp_*`` helper with this ε.
 
     count/sum: one Laplace(ε); mean: two Laplace(ε/2); variance: three Laplace(ε/3);
     quantile: ``ZCDpEvent(ε²/8)`` (exponential mechanism, bounded range). The whole grouped
     vector is one event (see the module docstring on sensitivity).
     """
-    import dp_accounting as dpa
-
     parts = {"count": 1, "sum": 1, "mean": 2, "variance": 3}
     if kind in parts:
         n = parts[kind]
         one = laplace_event(epsilon / n)
-        return one if n == 1 else dpa.SelfComposedDpEvent(one, n)
+        return one if n == 1 else SelfComposedDpEvent(one, n)
     if kind == "quantile":
         _positive(epsilon=epsilon)
-        return dpa.ZCDpEvent(rho=epsilon**2 / 8)
+        return ZCDpEvent(rho=epsilon**2 / 8)
     raise ValueError(f"unknown aggregate kind {kind!r}")
 
 

@@ -306,6 +306,22 @@ def test_hub_reaches_the_coordinator(policies) -> None:
     assert not allowed(policies, PODS["hub"], PODS["coordinator"], 22)
 
 
+def test_prometheus_scrapes_the_coordinator_and_nothing_else(policies) -> None:
+    """Prometheus' pods in its namespace (the manifest's label) reach the coordinator's
+    /metrics port; other pods of that namespace and Prometheus elsewhere do not."""
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    prom = {"labels": {"app.kubernetes.io/name": "prometheus"}, "ip": "10.244.4.10",
+            "ns": monitoring}
+    assert allowed(policies, prom, PODS["coordinator"], 8700)
+    assert not allowed(policies, prom, PODS["coordinator"], 22)
+    assert not allowed(policies, prom, PODS["superlink"], 9093)
+    assert not allowed(policies, prom, PODS["superlink"], 9092)
+    neighbour = {**prom, "labels": {"app.kubernetes.io/name": "grafana"}}
+    assert not allowed(policies, neighbour, PODS["coordinator"], 8700)
+    elsewhere = {**prom, "ns": {"kubernetes.io/metadata.name": "default"}}
+    assert not allowed(policies, elsewhere, PODS["coordinator"], 8700)
+
+
 def test_coordinator_reaches_nodes_superlink_and_postgres_only(policies) -> None:
     c = PODS["coordinator"]
     assert allowed(policies, c, _ext(NODE_IP), 50051)
@@ -415,7 +431,11 @@ def test_dockerfile_matches_the_makefile_install(dockerfile: Path) -> None:
     # the base image is an ARG (the CI builds its own, TRAPS.md), pinned by default
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
     assert base and re.search(r":\d+\.\d+\.\d+-|@sha256:", base.group(1)), "unpinned base"
-    assert set(froms) == {"${BASE_IMAGE}"}, froms
+    # ``scratch`` only as the last stage, squashing a root fs made from the base (node-sql)
+    assert set(froms[:-1]) | {froms[-1].replace("scratch", "${BASE_IMAGE}")} == \
+        {"${BASE_IMAGE}"}, froms
+    if froms[-1] == "scratch":
+        assert re.search(r"^COPY --from=\S+ / /$", text.rsplit("\nFROM ", 1)[-1], re.M)
     assert "# syntax=" not in text  # BuildKit would fetch a frontend image
     project_at = re.search(r'pip install "?/src', text)
     assert project_at

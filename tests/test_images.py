@@ -11,6 +11,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,7 @@ IMAGES = {  # tag: Dockerfile
     "bulle-notebook:test": "notebook.Dockerfile",
 }
 TORCH = "torch==2.13.0"
+LABEL = "org.bulle.test=images"  # on what the builds make, so that cleaning finds it all
 WHEELS = Path(os.environ.get("BULLE_WHEEL_CACHE", Path.home() / ".cache" / "bulle-wheels"))
 
 
@@ -106,7 +109,7 @@ def build_image(docker, tag: str, dockerfile: str, wheels_url: str | None,
                 base: str = BASE_IMAGE) -> float:
     """``docker build`` one image of deploy/images from the base image; seconds taken."""
     args = ["build", "-f", str(ROOT / "deploy" / "images" / dockerfile), "-t", tag,
-            "--network=host", "--build-arg", f"BASE_IMAGE={base}"]
+            "--network=host", "--build-arg", f"BASE_IMAGE={base}", "--label", LABEL]
     if wheels_url:
         # the CPU wheel from the host; torch's own dependencies from PyPI
         args += ["--build-arg", f"TORCH_FIND_LINKS={wheels_url}",
@@ -147,24 +150,54 @@ def docker():
 
 
 @pytest.fixture(scope="module")
-def images(docker) -> dict[str, float]:
-    """Every image of deploy/images built from the debootstrap base; seconds per build."""
+def images(docker) -> Iterator[dict[str, float]]:
+    """Every image of deploy/images built from the debootstrap base; seconds per build.
+    Removed with the build cache at the end of the module."""
     took = {BASE_IMAGE: build_base_image(docker)}
-    server = WheelServer(torch_wheel_dir())
     try:
-        for tag, dockerfile in IMAGES.items():
-            took[tag] = build_image(docker, tag, dockerfile, server.url)
+        server = WheelServer(torch_wheel_dir())
+        try:
+            for tag, dockerfile in IMAGES.items():
+                took[tag] = build_image(docker, tag, dockerfile, server.url)
+        finally:
+            server.stop()
+        for tag, seconds in took.items():
+            size = image_size_mb(docker, tag)
+            print(f"\n{tag}: {size:.0f} MB, built in {seconds:.0f} s")
+        yield took
     finally:
-        server.stop()
-    for tag, seconds in took.items():
-        size = image_size_mb(docker, tag)
-        print(f"\n{tag}: {size:.0f} MB, built in {seconds:.0f} s")
-    return took
+        if not os.environ.get("BULLE_KEEP_IMAGES"):
+            remove_images(docker)
 
 
-def _node_toml(node_id: str, school: str, port: int) -> str:
+def remove_images(docker) -> None:
+    """The images and build cache a run made (~7 GB), so that runs do not fill the disk;
+    the base image (169 MB, slow to make) stays, cached by name. BULLE_KEEP_IMAGES=1 keeps
+    everything (iterating on one Dockerfile)."""
+    docker.run("rmi", "-f", *IMAGES, check=False)
+    docker.run("image", "prune", "-af", "--filter", f"label={LABEL}", check=False)
+    docker.run("builder", "prune", "-af", check=False, timeout=600)
+
+
+# A sensitive table at the slim node: DP releases through OpenDP's stripped library, charged
+# with the closed-form events (no dp-accounting in that image).
+DP_TABLE = "lycee_scores"
+DP_DATASET = f"""
+[[dataset]]
+table = "{DP_TABLE}"
+source = "/data/uci-student-performance/student-por.csv"
+filter = "school = 'GP'"
+tier = "sensitive"
+privacy_unit = "row"
+max_rows_per_unit = 1
+bounds = {{ g3 = [0, 20] }}
+"""
+
+
+def _node_toml(node_id: str, school: str, port: int, dp: bool = False) -> str:
     """The demo's node config (deploy/demo/nodes), with the container's paths; the open tier
-    so that the answer is exact and can be asserted."""
+    so that the answer is exact and can be asserted. ``dp``: plus a sensitive table, under
+    the board's key mounted at /etc/bulle/board.pub.pem."""
     text = (ROOT / "deploy" / "demo" / "nodes" / f"{node_id}.toml").read_text()
     text = text.replace('tier = "restricted"', 'tier = "open"')
     text = text.replace("${BULLE_DATA}", "/data")
@@ -184,6 +217,8 @@ def _node_toml(node_id: str, school: str, port: int) -> str:
             line = 'client_ca = "/etc/bulle/tls/ca.pem"'
         lines.append(line)
     assert f"school = '{school}'" in text
+    if dp:  # a top-level key before the first table, the dataset after the last
+        lines = ['board_public_key = "/etc/bulle/board.pub.pem"', *lines, DP_DATASET]
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +258,7 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
 
     from federation._certs import make_certs
     from federation._config import hash_token
+    from privacy import Grant, generate_board_keys, sign_grant
     from tests._postgres import PostgresUnavailable, server
 
     t0 = time.monotonic()
@@ -231,6 +267,12 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
     except PostgresUnavailable as e:
         pytest.fail(f"PostgreSQL is needed (.ci/run installs it): {e}")
     database = pg.create_database().rsplit("/", 1)[-1]
+    board = tmp_path / "board"
+    generate_board_keys(board)
+    now = datetime.now(UTC)
+    grant = sign_grant(Grant("demo", ("alice",), (DP_TABLE,), 10.0, 1e-6, now + timedelta(1),
+                             "the image test's DP query", now),
+                       (board / "board_ed25519.pem").read_bytes())
     nodes = {"region-gp": ("GP", "bulle-node-sql:test"), "region-ms": ("MS", "bulle-node:test")}
     certs = make_certs(tmp_path / "tls", list(nodes))
     ports = {n: free_port() for n in nodes}
@@ -243,7 +285,9 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
             state.mkdir(parents=True)
             for f in ("ca.pem", f"{node_id}.pem", f"{node_id}.key"):
                 shutil.copy(certs / f, etc / "tls" / f)
-            (etc / "node.toml").write_text(_node_toml(node_id, school, ports[node_id]))
+            dp = image == "bulle-node-sql:test"
+            (etc / "node.toml").write_text(_node_toml(node_id, school, ports[node_id], dp))
+            shutil.copy(board / "board_ed25519.pub.pem", etc / "board.pub.pem")
             _chown(tmp_path / node_id)
             name = f"bulle-test-{node_id}-{run_id}"
             names.append(name)
@@ -270,12 +314,17 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
         http = free_port()
         node_lines = "".join(f'\n[[node]]\nid = "{n}"\naddress = "127.0.0.1:{p}"\n'
                              for n, p in ports.items())
+        shutil.copy(board / "board_ed25519.pub.pem", coord / "tls" / "board.pub.pem")
+        (coord / "tls" / "demo.grant").write_text(grant)
         (coord / "coordinator.toml").write_text(
             f'listen = "127.0.0.1:{http}"\nnode_timeout_s = 30\n'
             'state_dir = "/var/lib/bulle/coordinator"\ndatabase_url = "postgresql+psycopg://"\n'
+            'board_public_key = "/etc/bulle/tls/board.pub.pem"\n'
             '\n[tls]\ncert = "/etc/bulle/tls/tls.crt"\nkey = "/etc/bulle/tls/tls.key"\n'
             f'ca = "/etc/bulle/tls/ca.crt"\n{node_lines}\n[[researcher]]\nname = "alice"\n'
-            f'token_sha256 = "{hash_token(TOKEN)}"\nprojects = ["demo"]\n')
+            f'token_sha256 = "{hash_token(TOKEN)}"\nprojects = ["demo"]\n'
+            '\n[[project]]\nname = "demo"\ngrant = "/etc/bulle/tls/demo.grant"\n'
+            'nodes_disjoint = true\n')
         _chown(coord)
         # the bulle-postgres ConfigMap's libpq environment (the password-less test server)
         pgenv = ["-e", "PGHOST=127.0.0.1", "-e", f"PGPORT={pg.port}", "-e",
@@ -311,6 +360,19 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
         assert rows is not None, got
         assert [tuple(r) if isinstance(r, list) else tuple(r.values()) for r in rows] == \
             [tuple(w) for w in want], got
+        # a DP query at the slim node: OpenDP's stripped library releases, the node charges
+        dp = _get(f"{base}/queries", TOKEN, {"sql": f"SELECT COUNT(*) AS n, SUM(g3) AS g3 "
+                                                    f"FROM {DP_TABLE}", "epsilon": 1.0,
+                                             "wait_s": 120})
+        assert dp["status"] == "done", dp
+        res = dp["result"]
+        assert res["tier"] == "sensitive" and res["epsilon_spent"] == pytest.approx(1.0)
+        exact = next(w[1:] for w in want if w[0] == "GP")
+        row, sd = res["rows"][0], res["noise_sd"][0]
+        n, g3 = row if isinstance(row, list) else row.values()
+        n_sd, g3_sd = sd if isinstance(sd, list) else sd.values()
+        assert 0 < n_sd < 10 and 0 < g3_sd < 200  # Laplace b = 2 and 40 (ε split over two)
+        assert abs(n - exact[0]) < 20 * n_sd and abs(g3 - exact[1]) < 20 * g3_sd, (res, exact)
         # the ledger is in PostgreSQL: the coordinator wrote to the migrated schema
         import psycopg
         with psycopg.connect(host="127.0.0.1", port=pg.port, user="postgres",
@@ -334,5 +396,6 @@ def test_notebook_image_has_the_sdk_and_singleuser(docker, images) -> None:
 def test_slim_node_image_has_no_training_stack(docker, images) -> None:
     done = docker.run("run", "--rm", "--entrypoint", "python", "bulle-node-sql:test", "-c",
                       "import importlib.util as u; print([m for m in ('torch', 'flwr', "
-                      "'opacus', 'jupyterhub', 'pandas', 'fastapi') if u.find_spec(m)])")
+                      "'opacus', 'jupyterhub', 'pandas', 'fastapi', 'dp_accounting', 'scipy', "
+                      "'pip') if u.find_spec(m)])")
     assert done.stdout.strip() == "[]", done.stdout

@@ -158,3 +158,27 @@ def test_demo_configs_are_valid(monkeypatch, tmp_path: Path) -> None:
     assert all(d.tier == "open" for d in configs["depp"].datasets)
     assert [d.table for d in configs["depp"].datasets if d.shared] == ["ips_colleges"]
     assert tables["region-35"] == {"college_headcounts"}
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9464", "127.8.0.1:9464", "[::1]:9464",
+                                    "localhost:9464"])
+def test_metrics_listen_on_loopback_needs_nothing_more(tmp_path: Path, certs: Path,
+                                                       listen: str) -> None:
+    ds = {"table": "t", "source": str(FILES["courses.csv"]), "tier": "open"}
+    config = load_node_config(_write(tmp_path, certs, [ds], f'metrics_listen = "{listen}"'))
+    assert config.metrics_listen == listen
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464",
+                                    "node.example.org:9464"])
+def test_metrics_listen_elsewhere_needs_metrics_allow_remote(tmp_path: Path, certs: Path,
+                                                             listen: str) -> None:
+    """The endpoint has no authentication: off loopback only when the operator says so."""
+    ds = {"table": "t", "source": str(FILES["courses.csv"]), "tier": "open"}
+    with pytest.raises(ConfigError, match=r"not a loopback address.*metrics_allow_remote"):
+        load_node_config(_write(tmp_path, certs, [ds], f'metrics_listen = "{listen}"'))
+    allowed = f'metrics_listen = "{listen}"\nmetrics_allow_remote = true'
+    assert load_node_config(_write(tmp_path, certs, [ds], allowed)).metrics_listen == listen
+    with pytest.raises(ConfigError, match="metrics_allow_remote must be true or false"):
+        load_node_config(_write(tmp_path, certs, [ds], f'metrics_listen = "{listen}"\n'
+                                                       'metrics_allow_remote = "yes"'))

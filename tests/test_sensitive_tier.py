@@ -487,3 +487,85 @@ def test_per_unit_rank_only_when_a_unit_can_exceed_its_bound(dp_fed) -> None:
     joined.privacy.epsilon = 1.0
     catalog = {**engine.meta, "student_assessment": with_(meta, max_unit_rows=1)}
     assert "ROW_NUMBER" in compile_plan(joined, catalog, 1000).sql.upper()
+
+
+# A node process: its engine and gRPC server, the port on stdout; on a line from stdin, it
+# prints which heavy libraries it loaded, then stops.
+_NODE_PROCESS = """
+import sys
+from nodes._config import load_node_config
+from nodes._engine import NodeEngine
+from nodes._service import build_server
+import privacy
+
+config = load_node_config(sys.argv[1])
+engine = NodeEngine(config)
+server, port = build_server(config, engine)
+print(port, flush=True)
+sys.stdin.readline()
+privacy.ptable_for(privacy.CkmParams())  # the restricted tier's table, generated at start
+heavy = ["dp_accounting", "scipy", "torch", "flwr", "opacus", "jupyterhub"]
+print(",".join(m for m in heavy if m in sys.modules) or "-", "opendp" in sys.modules,
+      flush=True)
+server.stop(None).wait()
+engine.close()
+"""
+
+
+def test_a_node_serving_dp_queries_loads_no_dp_accounting_or_scipy(tmp_path, certs,
+                                                                    board) -> None:
+    """A real DP release through a real node process, charged to its ledger: the node's
+    events are closed forms (privacy/_events.py), so neither dp-accounting nor scipy loads
+    (the slim node image has neither: issue 15)."""
+    import subprocess
+    import sys
+
+    from federation._config import CoordinatorConfig, NodeEndpoint, Researcher, hash_token
+    from federation._coordinator import Coordinator
+    from tests._federation import TOKEN, node_toml
+
+    grant = tmp_path / "demo.grant"
+    grant.write_text(make_grant(board, 50.0))
+    path = tmp_path / "v1.toml"
+    path.write_text(node_toml("v1", certs, vendor(("AAA", "BBB")),
+                              f'board_public_key = "{board / "board_ed25519.pub.pem"}"\n'
+                              f'state_dir = "{tmp_path / "v1-state"}"'))
+    node = subprocess.Popen([sys.executable, "-c", _NODE_PROCESS, str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    coordinator = None
+    try:
+        port = int(node.stdout.readline())
+        researcher = Researcher("alice", hash_token(TOKEN), ("demo",))
+        coordinator = Coordinator(CoordinatorConfig(
+            listen="127.0.0.1:0", cert=certs / "bulle-coordinator.pem",
+            key=certs / "bulle-coordinator.key", ca=certs / "ca.pem",
+            nodes=(NodeEndpoint("v1", f"127.0.0.1:{port}"),), researchers=(researcher,),
+            node_timeout_s=30, catalog_ttl_s=3600, state_dir=tmp_path / "coordinator",
+            projects=(ProjectConfig("demo", grant, 0.5, True),),
+            board_public_key=board / "board_ed25519.pub.pem"))
+        result = coordinator.run("SELECT COUNT(*) AS n, AVG(score) AS s FROM "
+                                 "student_assessment", researcher, epsilon=2.0)
+        assert result["tier"] == "sensitive"
+        assert result["epsilon_spent"] == pytest.approx(2.0, rel=0.05)
+        assert result["noise_sd"][0][0] > 0 and 0 <= result["rows"][0][1] <= 100
+        out, _ = node.communicate("\n", timeout=60)
+    finally:
+        if coordinator is not None:
+            coordinator.close()
+        if node.poll() is None:
+            node.kill()
+            node.wait(timeout=10)
+    heavy, opendp = out.split()
+    assert opendp == "True"  # the release was made in that process, by OpenDP
+    assert heavy == "-", f"the node loaded {heavy}"
+    # the node charged its own ledger, in dp-accounting's JSON, with the closed-form RDP
+    from privacy import Ledger
+
+    ledger = Ledger(str(tmp_path / "v1-state" / "ledger.sqlite"))
+    try:
+        charges = ledger.history("demo", "student_assessment")
+    finally:
+        ledger.close()
+    assert [(c.accepted, c.event["type"]) for c in charges] == [(True, "ComposedDpEvent")]
+    assert {e["type"] for e in charges[0].event["events"]} == {"LaplaceDpEvent"}

@@ -1,6 +1,9 @@
 # Slim node agent image: `bulle node serve` (gRPC, mutual TLS) for a node that serves
-# federated SQL only — the core dependencies, no torch, flwr, opacus or jupyterhub (about
-# 0.4 GB instead of 2.6). A node of the DP training tier uses node.Dockerfile.
+# federated SQL only — the core dependencies, no torch, flwr, opacus, jupyterhub,
+# dp-accounting or scipy. A node of the DP training tier uses node.Dockerfile.
+# 555 MB from the debootstrap base (1015 MB before issue 15), built in 64 s cold: OpenDP
+# 167 MB, pyarrow 81, DuckDB 69, numpy 56, SQLAlchemy 21, gRPC 19, cryptography 13, base
+# 118 (deploy/README.md, "Images", says what bounds it above 400 MB).
 # Build from the repository root:
 #   docker build -f deploy/images/node-sql.Dockerfile -t bulle-node-sql:0.1.0 .
 # BASE_IMAGE: any Debian-based image with python3.11 and python3-venv (the CI builds one with
@@ -8,27 +11,77 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/bulle/bin:$PATH
+# binutils for `strip`, in this stage only
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends binutils \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/bulle && pip install "pip==26.3"
 WORKDIR /src
 # The dependencies first, from pyproject.toml alone (empty package folders), so that a
-# change of the sources rebuilds only the last, seconds-long layer.
+# change of the sources rebuilds only the last, seconds-long layers.
 COPY pyproject.toml README.md ./
 RUN mkdir privacy nodes federation enclave bulle_flower && touch bulle_cli.py \
  && pip install "/src[node]" && pip uninstall -y bulle && rm -rf build bulle.egg-info
+# What a SQL node never loads (issue 15; each removal is checked by the imports below):
+# - symbol tables: OpenDP's library ships unstripped (--strip-unneeded: 265 → 168 MB),
+#   pyarrow's, SQLAlchemy's and cryptography's in part (−30 MB); numpy's libraries, patched
+#   by auditwheel, are left alone (strip can break patchelf'd files; the gain is 3 MB);
+# - pyarrow's Flight, Substrait, ORC and remote filesystems (pyarrow.fs imports those
+#   optionally; libarrow_substrait stays, every pyarrow module links it), its tests,
+#   headers and Cython sources, and the unversioned copies of its
+#   libraries (wheels hold no symlinks: the loader asks for the .so.NNNN names);
+# - numpy's tests.
+RUN set -eu; sp=/opt/bulle/lib/python3.11/site-packages; \
+    find "$sp/pyarrow" -maxdepth 1 \( -name tests -o -name include -o -name src \
+      -o -name '*.pxd' -o -name '*.pyx' -o -name '*.pxi' -o -name '*.h' \
+      -o -name '_flight*.so' -o -name 'libarrow_flight.so*' -o -name 'flight.py' \
+      -o -name 'libarrow_python_flight.so*' -o -name '_substrait*.so' -o -name 'substrait.py' \
+      -o -name '_orc*.so' -o -name '_dataset_orc*.so' \
+      -o -name 'orc.py' -o -name '_s3fs*.so' -o -name 'libarrow_s3.so*' -o -name '_gcsfs*.so' \
+      -o -name '_azurefs*.so' -o -name '_hdfs*.so' -o -name '_pyarrow_cpp_tests*.so' \
+      -o -name 'libarrow_python*.so' -o -name 'libarrow_python*.so.*.*.*' \) -exec rm -rf {} +; \
+    find "$sp/numpy" -depth -type d -name tests -exec rm -rf {} +; \
+    find "$sp" -type f \( -name '*.so' -o -name '*.so.[0-9]*' \) -not -path "$sp/numpy*" \
+      -exec strip --strip-unneeded {} +
 COPY bulle_cli.py ./
 COPY privacy ./privacy
 COPY nodes ./nodes
 COPY federation ./federation
 COPY enclave ./enclave
 COPY bulle_flower ./bulle_flower
-RUN pip install --no-deps /src
+# The sources, then the venv without its installers (a running node installs nothing), and
+# a check that everything a SQL node loads still loads: Parquet, compute, IPC, DuckDB, a DP
+# release through OpenDP's stripped library, the serve path.
+RUN pip install --no-deps /src \
+ && python -m pip uninstall -y pip setuptools \
+ && python -c "import sys, io, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute, \
+pyarrow.ipc, duckdb, nodes.cli, nodes._engine, nodes._service, nodes._onboard, \
+nodes._restricted, privacy; t = pa.table({'x': [1, 2]}); b = io.BytesIO(); \
+pq.write_table(t, b); assert pq.read_table(io.BytesIO(b.getvalue())).equals(t); \
+assert duckdb.sql('SELECT 41 + 1').fetchall() == [(42,)]; \
+privacy.dp_count([10.0], 1.0); privacy.ptable_for(privacy.CkmParams()); \
+bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad"
 
-FROM ${BASE_IMAGE}
-RUN groupadd --system --gid 10001 bulle \
+# The runtime's root fs: the base without what a node never reads (documentation, man pages,
+# message catalogues, glibc's iconv modules, the wheels python3-venv keeps for new venvs, the
+# standard library's test, 2to3, pydoc and tk parts, package caches), squashed into one
+# layer below (deleting in a later layer would not make the image smaller).
+FROM ${BASE_IMAGE} AS root
+RUN rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
+      /usr/share/lintian /usr/share/python-wheels /var/cache/* /var/lib/apt/lists/* \
+      /usr/lib/x86_64-linux-gnu/gconv /usr/lib/python3.11/test /usr/lib/python3.11/lib2to3 \
+      /usr/lib/python3.11/pydoc_data /usr/lib/python3.11/idlelib \
+      /usr/lib/python3.11/tkinter /usr/lib/python3.11/turtledemo \
+ && groupadd --system --gid 10001 bulle \
  && useradd --system --uid 10001 --gid bulle --home-dir /var/lib/bulle --create-home \
     --shell /usr/sbin/nologin bulle
+
+FROM scratch
+# hadolint ignore=DL3067
+COPY --from=root / /
 COPY --from=build /opt/bulle /opt/bulle
-ENV PATH=/opt/bulle/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PATH=/opt/bulle/bin:/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # /etc/bulle: config, TLS files, board key (read-only mounts); /data: the operator's
 # extracts (read-only); /var/lib/bulle: ledger, audit chain, release cache (a volume).
 WORKDIR /var/lib/bulle
