@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ class CoordinatorConfig:
     board_private_key: Path | None = None
     # [training]: the SuperLink for DP training (None: no training)
     training: TrainingConfig | None = None
+    # [operators]: hub user -> the nodes whose pages they see (the board sees every node)
+    operators: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -170,7 +172,12 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     _check(where, raw, {"listen", "tls", "node", "researcher", "node_timeout_s",
                         "catalog_ttl_s", "max_rows", "state_dir", "project",
                         "board_public_key", "database_url", "hub", "board_private_key",
-                        "training"})
+                        "training", "operators"})
+    operators = raw.get("operators", {})
+    if not isinstance(operators, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v)
+            for v in operators.values()):
+        raise ConfigError(f"{where} [operators]: each hub user = a list of node ids")
     tls = raw.get("tls")
     if not tls:
         raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
@@ -227,6 +234,7 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
             board_private_key=(_path(raw["board_private_key"], base)
                                if "board_private_key" in raw else None),
             training=training,
+            operators={str(k): tuple(v) for k, v in operators.items()},
         )
     except KeyError as e:
         raise ConfigError(f"{where} [tls]: missing key {e.args[0]!r}") from None

@@ -318,11 +318,14 @@ def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
                                          {k: v[:100] for k, v in filters.items()}))
 
     @app.get("/board/audit")
-    def board_audit(request: Request, page: int = 1, project: str = "", action: str = ""
-                    ) -> Response:
+    def board_audit(request: Request, page: int = 1, project: str = "", action: str = "",
+                    node: str = "", before: int | None = None) -> Response:
         who, _, refused = _board_caller(coordinator, request, "board/audit")
         if refused is not None or who is None:
             return refused  # type: ignore[return-value]
+        if node:  # a node's own chain, a page of it fetched and verified
+            from federation._operator_page import node_audit
+            return node_audit(coordinator, who, node[:64], before)
         data = activity.audit_page(coordinator, page, project[:100], action[:100])
         names = sorted({p["name"] for p in _projects(coordinator)})
         return pages.page("audit.html", who, root="../", title="audit", projects=names,

@@ -96,6 +96,7 @@ def _my_projects(coordinator: Coordinator, who: Caller) -> list[dict[str, Any]]:
 def add_home(app: FastAPI, coordinator: Coordinator) -> None:
     """``GET /`` (``/services/bulle/`` behind the hub): the Bulle home."""
     from federation._dashboard import login, page_caller
+    from federation._operator_page import visible_nodes
 
     @app.get("/")
     def home(request: Request) -> Response:
@@ -110,7 +111,7 @@ def add_home(app: FastAPI, coordinator: Coordinator) -> None:
                     hub_admin=hub_url(coordinator, "hub/admin"),
                     pending=len(coordinator.projects.registry.projects(status="pending"))
                     if who.can(SCOPE_APPROVE) else 0,
-                    nodes=sorted(coordinator.node_status()) if who.can(SCOPE_AUDIT) else [])
+                    nodes=visible_nodes(coordinator, who))
 
     @app.get("/guide/")
     def guide(request: Request) -> Response:

@@ -207,10 +207,10 @@ def test_token_and_scope_matrix(enclave: Enclave) -> None:
 
 def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
         enclave: Enclave) -> None:
-    """Issue 14: after login the board and operators land on the Bulle home, observers on the
-    standing indicators, admins on the hub's admin page, researchers on their notebook
-    server; nobody else gets a server started."""
-    expected = {"demo-board": "/services/bulle/", "demo-operator": "/services/bulle/",
+    """Issue 14: after login the board lands on the Bulle home, the operator on their node's
+    page, observers on the standing indicators, admins on the hub's admin page, researchers
+    on their notebook server; nobody else gets a server started."""
+    expected = {"demo-board": "/services/bulle/", "demo-operator": "/services/bulle/operator/",
                 "demo-observer": "/services/bulle/indicators/",
                 "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
     admin = enclave.session("demo-admin")
@@ -222,6 +222,9 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
                 r = s.http.get(s.landing)
                 assert r.status_code in (200, 302), (user, r.status_code)
                 assert not r.headers.get("location", "").startswith("/hub/spawn")
+            if user == "demo-operator":  # on to their own node (the demo's [operators])
+                r = s.http.get(s.landing, follow_redirects=True)
+                assert r.status_code == 200 and str(r.url).endswith("/operator/vendor-a")
         finally:
             s.close()
     for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
@@ -776,16 +779,23 @@ def _board_pages(browser: Any, enclave: Enclave, home: str, width: int, spent: f
 
 def _operator_pages(browser: Any, enclave: Enclave, home: str, width: int) -> None:
     page = _sign_in_at(browser, enclave, "demo-operator", home, width)
-    page.click("#link-operator a")
-    page.click("#node-link-vendor-a")
+    page.click("#link-operator a")  # straight to their own node (the demo's [operators])
     _wait(page, "#datasets tr[data-table='student_assessment']",
           enclave.state / "logs" / "coordinator.log")
+    assert page.url.endswith("/operator/vendor-a")
     assert page.inner_text("#node-status") == "up"
     assert "✔ intact" in page.inner_text("#node-chain")
     assert "logreg on student_assessment" in page.inner_text("#plans")
     assert page.query_selector("#decide") is None and page.query_selector("form.decide") is None
     _fits(page, width)
     page.screenshot(path=str(ARTIFACTS / f"operator-{width}.png"), full_page=True)
+    page.click("#browse-node-audit")  # the node's own entries, verified by the coordinator
+    page.wait_for_selector("#entries tr[data-seq]")
+    assert "train_released" in page.inner_text("#entries")
+    assert page.query_selector("#node-audit-error") is None
+    _fits(page, width)
+    r = page.request.get(f"{home}operator/vendor-b")
+    assert r.status == 403  # another node's page
     page.close()
 
 
