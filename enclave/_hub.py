@@ -119,6 +119,9 @@ HOME = f"services/{SERVICE}/"
 LANDING = (("researcher", None), ("ethics-board", HOME), ("node-operator", HOME + "operator/"),
            ("observer", f"services/{SERVICE}/indicators/"), ("admin", "hub/admin"))
 TEMPLATES = REPO / "enclave" / "hub_templates"  # the hub's pages link to the Bulle home
+# The JupyterLab launcher's "Bulle" card (jupyter-app-launcher's YAML), beside this module
+# so that an installed package (the notebook image) has it too.
+LAUNCHER = Path(__file__).resolve().parent / "launcher"
 
 
 def landing_url(handler: Any) -> str:
