@@ -56,10 +56,8 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
         return {"chains": chains}
     projects = _projects(coordinator)
     releases = activity.rows(coordinator)
-    per_dataset: dict[tuple[str, str], float] = {}
-    for r in releases:  # a query that failed after its charge still spent it
-        for d in r.datasets if r.epsilon else ():
-            per_dataset[(r.project, d)] = per_dataset.get((r.project, d), 0.0) + r.epsilon
+    # composed like the project's total (a failed query's charge included: it was spent)
+    per_dataset = activity.composed_by_dataset(coordinator, releases)
     granted = {p["name"]: p for p in projects}
     datasets = []
     for p in projects:
@@ -220,7 +218,7 @@ def render_board(who: Caller, data: dict[str, Any], csrf: str | None, msg: str,
         plot_projects=Markup(svg_bars(bars, "plot-projects",
                                       "per project: composed total (hub.budget())")),
         plot_datasets=Markup(svg_bars(dsets, "plot-datasets",
-                                      "per project and sensitive dataset: sum of charges")),
+                                      "per project and sensitive dataset: composed ε")),
         plot_timeline=Markup(svg_timeline(spends, "plot-timeline")),
         shown=matching[-MAX_ROWS_SHOWN:][::-1], total=len(all_rows),
         total_matching=len(matching), filters=filters, filter_names=activity.FILTERS,

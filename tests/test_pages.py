@@ -177,3 +177,20 @@ def test_every_page_answers_each_role(fed: Federation, url: str, caller: Caller,
     assert _get(url, "/operator/nowhere").status_code == 404
     home = _get(url, "/").text
     assert 'id="link-board"' in home and 'id="link-operator"' in home
+
+
+def test_dataset_bars_compose_like_the_project_bar(fed: Federation) -> None:
+    """Every charge of the fixture's project read ``pupils``: its bar is the project's
+    composed total (what hub.budget() says), not the plain sum of the charges."""
+    data = summary(fed.coordinator)
+    demo = next(p for p in data["projects"] if p["name"] == "demo")
+    pupils = next(d for d in data["datasets"]
+                  if d["project"] == "demo" and d["dataset"] == "pupils")
+    charges = sum(r["epsilon"] for r in data["releases"]
+                  if r["project"] == "demo" and "pupils" in r["datasets"])
+    assert charges > 0 and len([r for r in data["releases"] if r["epsilon"]]) >= 2
+    # composed (RDP at the project's δ), not the plain sum of the charges
+    assert pupils["epsilon_spent"] == pytest.approx(demo["epsilon_spent"], abs=1e-6)
+    assert pupils["epsilon_spent"] != pytest.approx(charges, abs=1e-6)
+    html = render_board(BOARD, data, None, "")
+    assert "per project and sensitive dataset: composed ε" in html
