@@ -36,6 +36,7 @@ from pathlib import Path
 from enclave import (
     CUSTOM_SCOPES,
     HOME,
+    LAUNCHER,
     SERVICE,
     TEMPLATES,
     BrokeredSpawner,
@@ -153,10 +154,16 @@ c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 90
 c.Spawner.http_timeout = 90
 # No news or update checks: the enclave has no internet (and no pop-up in the demo).
+# jupyter-server-proxy comes with jupyter-app-launcher (for launcher entries that start a
+# local server, which Bulle has none of): its /proxy/<port> routes stay off.
 c.Spawner.args = ["--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-                  "--LabApp.news_url=None"]
+                  "--LabApp.news_url=None",
+                  "--ServerApp.jpserver_extensions=jupyter_server_proxy=False"]
 # The notebook's JUPYTERHUB_API_TOKEN: the server role's scopes plus Bulle's (narrowed by
 # the hub to what the user holds). `from enclave import connect; connect()` sends it.
 c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
                                  "custom:bulle:query", "custom:bulle:train"]
-c.Spawner.environment = {"BULLE_URL": COORDINATOR_URL, "BULLE_HUB_URL": PUBLIC_URL}
+# JUPYTER_APP_LAUNCHER_PATH: the launcher's "Bulle" card, which opens $BULLE_HUB_URL's
+# /services/bulle/ (enclave/launcher/).
+c.Spawner.environment = {"BULLE_URL": COORDINATOR_URL, "BULLE_HUB_URL": PUBLIC_URL,
+                         "JUPYTER_APP_LAUNCHER_PATH": str(LAUNCHER)}

@@ -53,6 +53,7 @@ INDICATOR = {"name": "college-6e-35", "title": "Pupils in 6e in the collèges of
              "description": "Headcounts of 6e in the 117 collèges, perturbed by the cell key "
                             "method at the region's node.", "value_column": "pupils_6e"}
 HUB_PORTS = ("hub", "hub-api", "hub-proxy-api")
+OPERATOR, OPERATOR_NODE = "demo-operator", "vendor-a"  # [operators] of the coordinator
 # DP training (issue 6): the coordinator's SuperLink, and the nodes that run a SuperNode
 TRAINING_NODES = ("vendor-a", "vendor-b")
 COORDINATOR_KEY = "coordinator_ed25519.pem"  # run authorisations (public half: .pub.pem)
@@ -475,6 +476,8 @@ class Demo:
                   "node_keys = { " + ", ".join(
                       f'"{n}" = "{self.state / "flower" / (n + ".pub")}"'
                       for n in TRAINING_NODES) + " }"]
+        # The demo operator runs vendor-a: they see its pages and land on them.
+        lines += ["", "[operators]", f'"{OPERATOR}" = ["{OPERATOR_NODE}"]']
         lines += ["", "[hub]", f'api_url = "http://127.0.0.1:{ports["hub-api"]}/hub/api"',
                   f'public_url = "http://127.0.0.1:{ports["hub"]}"', 'service_name = "bulle"',
                   f'api_token_file = "{self._service_token()}"', "cache_s = 5"]

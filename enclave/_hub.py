@@ -113,13 +113,16 @@ def roles_for(users: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # Where each role lands after login: only researchers use a notebook server, so only they
-# get one started; the board and operators land on the Bulle home (their links: the board,
-# the node pages, the catalogue), observers on the standing indicators, admins on the hub's
-# admin.
+# get one started; the board lands on the Bulle home (its links: the board, the node pages,
+# the catalogue), operators on the node pages (which send them on to their own node),
+# observers on the standing indicators, admins on the hub's admin.
 HOME = f"services/{SERVICE}/"
-LANDING = (("researcher", None), ("ethics-board", HOME), ("node-operator", HOME),
+LANDING = (("researcher", None), ("ethics-board", HOME), ("node-operator", HOME + "operator/"),
            ("observer", f"services/{SERVICE}/indicators/"), ("admin", "hub/admin"))
 TEMPLATES = REPO / "enclave" / "hub_templates"  # the hub's pages link to the Bulle home
+# The JupyterLab launcher's "Bulle" card (jupyter-app-launcher's YAML), beside this module
+# so that an installed package (the notebook image) has it too.
+LAUNCHER = Path(__file__).resolve().parent / "launcher"
 
 
 def landing_url(handler: Any) -> str:

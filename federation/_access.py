@@ -187,3 +187,14 @@ def _covered(coordinator: Coordinator, who: Caller) -> set[str]:
         if who.name in grant.researchers:
             out.update(grant.datasets)
     return out
+
+
+def visible_nodes(coordinator: Coordinator, who: Caller) -> list[str]:
+    """The nodes whose pages ``who`` may see: every node for the board, an operator's own."""
+    nodes = sorted(coordinator.node_status())
+    if who.can(SCOPE_APPROVE):
+        return nodes
+    if not who.can(SCOPE_AUDIT):
+        return []
+    mine = set(coordinator.config.operators.get(who.name, ()))
+    return [n for n in nodes if n in mine]

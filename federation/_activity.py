@@ -160,6 +160,41 @@ def legend(projects: list[dict[str, Any]], all_rows: list[Row]) -> list[dict[str
     return out
 
 
+def composed_by_dataset(coordinator: Coordinator, all_rows: list[Row]
+                        ) -> dict[tuple[str, str], float]:
+    """(project, dataset) → the composition of the project's accepted charges whose release
+    read that dataset, with the ledger's own maths (RDP at the project's δ): the bars then
+    compose like the project's total, and none exceeds it."""
+    from privacy import PROJECT_WIDE, LedgerError, event_from_dict, rdp_epsilon
+
+    reads: dict[str, tuple[str, ...]] = {}  # ledger request id (or training job) → datasets
+    for r in all_rows:
+        if r.kind == "query":
+            reads[r.id] = r.datasets
+        elif r.kind == "training":
+            reads[f"train:{r.id}"] = r.datasets
+    out: dict[tuple[str, str], float] = {}
+    ledger = coordinator.projects.ledger
+    for project in sorted({r.project for r in all_rows if r.project}):
+        try:
+            _, delta = ledger.spent(project, PROJECT_WIDE)
+            history = ledger.history(project, PROJECT_WIDE)
+        except LedgerError:
+            continue
+        events: dict[str, list[Any]] = {}
+        seen: set[str] = set()
+        for h in history:
+            if not h.accepted or h.request_id in seen:  # a replay charged nothing more
+                continue
+            seen.add(h.request_id)
+            job = ":".join(h.request_id.split(":")[:2])  # train:<job>:<round or plan>
+            for d in reads.get(h.request_id, reads.get(job, ())):
+                events.setdefault(d, []).append(event_from_dict(h.event))
+        for d, evs in events.items():
+            out[(project, d)] = rdp_epsilon(evs, delta)
+    return out
+
+
 def audit_page(coordinator: Coordinator, page: int, project: str = "",
                action: str = "") -> dict[str, Any]:
     """One page of the coordinator's audit entries, newest first."""

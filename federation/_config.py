@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,9 @@ _TRAINING = Section("training", "DP training through the coordinator's Flower Su
     Setting("round_timeout_s", "float", 120.0, "A round's default timeout (a request may set "
             "its own).", check=_positive, must="a positive number of seconds"),
 ))
+# Keys are hub user names (free-form): the table is read in load_coordinator_config.
+_OPERATORS = Section("operators", "Hub user = [node ids]: the node pages an operator sees "
+                     "and lands on (the board sees every node).", ())
 _TOP = Section("", "Read by `bulle coordinator serve --config FILE`. Unknown keys are "
                "refused with their name. Paths may use ${VAR} (environment) and are "
                "relative to this file otherwise.", (
@@ -108,7 +111,7 @@ _TOP = Section("", "Read by `bulle coordinator serve --config FILE`. Unknown key
     Setting("board_private_key", "path", None, "Demo only: the board's private key, so the "
             "dashboard can sign grants. In production the key stays with the board (`bulle "
             "board grant`) and signed grants are uploaded."),
-), sections=(_TLS, _NODE, _RESEARCHER, _PROJECT, _HUB, _TRAINING))
+), sections=(_TLS, _NODE, _RESEARCHER, _PROJECT, _HUB, _TRAINING, _OPERATORS))
 SCHEMA = Schema("Bulle coordinator configuration (TOML).", _TOP)
 
 
@@ -193,6 +196,8 @@ class CoordinatorConfig:
     board_private_key: Path | None = None
     # [training]: the SuperLink for DP training (None: no training)
     training: TrainingConfig | None = None
+    # [operators]: hub user -> the nodes whose pages they see (the board sees every node)
+    operators: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -247,6 +252,11 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     path, raw = read_toml(path)
     where, base = str(path), path.parent
     top = _TOP.parse(raw, where, base)
+    operators = raw.get("operators", {})
+    if not isinstance(operators, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v)
+            for v in operators.values()):
+        raise ConfigError(f"{where} [operators]: each hub user = a list of node ids")
     if "tls" not in raw:
         raise ConfigError(f"{where}: [tls] with cert, key and ca is required (mutual TLS)")
     tls = _TLS.parse(raw["tls"], f"{where} [tls]", base)
@@ -268,4 +278,5 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
         max_rows=top["max_rows"], state_dir=state_dir,
         projects=tuple(ProjectConfig(**p) for p in _tables(raw, _PROJECT, where, base)),
         board_public_key=top["board_public_key"], database_url=top["database_url"],
-        hub=hub, board_private_key=top["board_private_key"], training=training)
+        hub=hub, board_private_key=top["board_private_key"], training=training,
+        operators={str(k): tuple(v) for k, v in operators.items()})

@@ -263,6 +263,11 @@ class Coordinator:
             out[nid] = {"status": "up", **report}
         return out
 
+    def seen_chain_head(self, node: str) -> tuple[int, str] | None:
+        """The head of ``node``'s chain the coordinator last recorded (None: none yet)."""
+        with self._chains_lock:
+            return (self._chain_heads or {}).get(node)
+
     def _refresh_in_background(self) -> None:
         try:
             built = self._build_catalog()

@@ -35,6 +35,7 @@ from federation._access import (
 )
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller, HubUnavailable
+from federation._operator_page import node_audit
 from federation._registry import RegistryError
 from privacy import GrantError, verify_grant
 
@@ -61,10 +62,8 @@ def summary(coordinator: Coordinator, audit_only: bool = False) -> dict[str, Any
         return {"chains": chains}
     projects = _projects(coordinator)
     releases = activity.rows(coordinator)
-    per_dataset: dict[tuple[str, str], float] = {}
-    for r in releases:  # a query that failed after its charge still spent it
-        for d in r.datasets if r.epsilon else ():
-            per_dataset[(r.project, d)] = per_dataset.get((r.project, d), 0.0) + r.epsilon
+    # composed like the project's total (a failed query's charge included: it was spent)
+    per_dataset = activity.composed_by_dataset(coordinator, releases)
     granted = {p["name"]: p for p in projects}
     datasets = []
     for p in projects:
@@ -225,7 +224,7 @@ def render_board(who: Caller, data: dict[str, Any], csrf: str | None, msg: str,
         plot_projects=Markup(svg_bars(bars, "plot-projects",
                                       "per project: composed total (hub.budget())")),
         plot_datasets=Markup(svg_bars(dsets, "plot-datasets",
-                                      "per project and sensitive dataset: sum of charges")),
+                                      "per project and sensitive dataset: composed ε")),
         plot_timeline=Markup(svg_timeline(spends, "plot-timeline")),
         shown=matching[-MAX_ROWS_SHOWN:][::-1], total=len(all_rows),
         total_matching=len(matching), filters=filters, filter_names=activity.FILTERS,
@@ -280,11 +279,13 @@ def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
                                          {k: v[:100] for k, v in filters.items()}))
 
     @app.get("/board/audit")
-    def board_audit(request: Request, page: int = 1, project: str = "", action: str = ""
-                    ) -> Response:
+    def board_audit(request: Request, page: int = 1, project: str = "", action: str = "",
+                    node: str = "", before: int | None = None) -> Response:
         who, _, refused = _board_caller(coordinator, request, "board/audit")
         if refused is not None or who is None:
             return refused  # type: ignore[return-value]
+        if node:  # a node's own chain, a page of it fetched and verified
+            return node_audit(coordinator, who, node[:64], before)
         data = activity.audit_page(coordinator, page, project[:100], action[:100])
         names = sorted({p["name"] for p in _projects(coordinator)})
         return pages.page("audit.html", who, root="../", title="audit", projects=names,

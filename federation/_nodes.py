@@ -55,6 +55,11 @@ class NodeClient:
         return self.stub.VerifyAudit(pb.AuditRequest(checkpoint_seq=seq,
                                                      checkpoint_hash=digest), timeout=timeout)
 
+    def list_audit(self, after_seq: int, limit: int, tail: bool,
+                   timeout: float) -> pb.AuditPage:
+        return self.stub.ListAudit(pb.AuditPageRequest(after_seq=after_seq, limit=limit,
+                                                       tail=tail), timeout=timeout)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -1,8 +1,12 @@
-"""The node pages (``/operator/``, ``/operator/<node>``) for node operators (and the board):
-a node's status, its datasets with their quality reports, the reference copies it holds,
-the recent plans it took part in and the refusals that name it, its audit chain's verified
-head. All of it is what the coordinator already sees: metadata, coarsened quality reports
-and row-count buckets, query texts and ε; nothing about one person.
+"""The node pages (``/operator/``, ``/operator/<node>``, ``/board/audit?node=<node>``) for
+node operators (and the board): a node's status, its datasets with their quality reports,
+the reference copies it holds, the recent plans it took part in and the refusals that name
+it, its audit chain's verified head and its entries (``federation/_node_audit.py``). All of
+it is what the coordinator already sees: metadata, coarsened quality reports and row-count
+buckets, query texts and ε; nothing about one person.
+
+An operator sees the nodes the coordinator's ``[operators]`` table gives their hub name
+(others: 403) and lands on their node's page; the board (and admins) see every node.
 """
 
 from __future__ import annotations
@@ -14,13 +18,33 @@ from fastapi.responses import RedirectResponse, Response
 
 from federation import _activity as activity
 from federation import _pages as pages
-from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT
+from federation._access import login, page_caller, visible_nodes
+from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, Caller
+from federation._node_audit import node_audit_page
 
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
 
 RECENT = 50  # plans and refusals shown per node
 _WHY = "The node pages are for node operators and the ethics board."
+_NOT_YOURS = "This node's pages are for its own operators and the ethics board."
+
+
+def node_audit(coordinator: Coordinator, who: Caller, node: str, before: int | None
+               ) -> Response:
+    """``board/audit?node=<node>``: a page of the node's entries, verified."""
+    if node not in coordinator.node_status():
+        return _no_node(who, "../")
+    if node not in visible_nodes(coordinator, who):
+        return pages.forbidden(who, _NOT_YOURS, "../")
+    return pages.page("node_audit.html", who, root="../", title=f"audit of {node}",
+                      **node_audit_page(coordinator, node, before))
+
+
+def _no_node(who: Caller, root: str) -> Response:
+    return pages.page("message.html", who, 404, root=root, title="nodes",
+                      message="No node of that name.", link=f"{root}operator/",
+                      link_text="All nodes")
 
 
 def node_view(coordinator: Coordinator, node: str) -> dict[str, Any]:
@@ -43,7 +67,6 @@ def node_view(coordinator: Coordinator, node: str) -> dict[str, Any]:
 
 
 def add_operator_pages(app: FastAPI, coordinator: Coordinator) -> None:
-    from federation._dashboard import login, page_caller
 
     @app.get("/operator")
     def operator_root() -> RedirectResponse:
@@ -56,8 +79,12 @@ def add_operator_pages(app: FastAPI, coordinator: Coordinator) -> None:
             return login(coordinator, request, "operator/")
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
             return pages.forbidden(who, _WHY, "../")
+        mine = visible_nodes(coordinator, who)
+        if len(mine) == 1 and not who.can(SCOPE_APPROVE):  # an operator: their node
+            return RedirectResponse(mine[0], status_code=302)
+        status = coordinator.node_status()
         return pages.page("nodes.html", who, root="../", title="nodes",
-                          nodes=sorted(coordinator.node_status().items()))
+                          nodes=[(n, status[n]) for n in mine])
 
     @app.get("/operator/{node}")
     def node_page(node: str, request: Request) -> Response:
@@ -67,8 +94,8 @@ def add_operator_pages(app: FastAPI, coordinator: Coordinator) -> None:
         if not who.can(SCOPE_APPROVE, SCOPE_AUDIT):
             return pages.forbidden(who, _WHY, "../")
         if node not in coordinator.node_status():
-            return pages.page("message.html", who, 404, root="../", title="nodes",
-                              message="No node of that name.", link="./",
-                              link_text="All nodes")
+            return _no_node(who, "../")
+        if node not in visible_nodes(coordinator, who):
+            return pages.forbidden(who, _NOT_YOURS, "../")
         return pages.page("node.html", who, root="../", title=f"node {node}",
                           **node_view(coordinator, node))

@@ -14,7 +14,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from federation._access import login, page_caller
+from federation._access import login, page_caller, visible_nodes
 from federation._errors import QueryError
 from federation._hubauth import SCOPE_APPROVE, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_TRAIN, Caller
 
@@ -109,7 +109,7 @@ def add_home(app: FastAPI, coordinator: Coordinator) -> None:
                     hub_admin=hub_url(coordinator, "hub/admin"),
                     pending=len(coordinator.projects.registry.projects(status="pending"))
                     if who.can(SCOPE_APPROVE) else 0,
-                    nodes=sorted(coordinator.node_status()) if who.can(SCOPE_AUDIT) else [])
+                    nodes=visible_nodes(coordinator, who))
 
     @app.get("/guide/")
     def guide(request: Request) -> Response:

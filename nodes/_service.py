@@ -9,6 +9,7 @@ node: the cause and an incident id go to this node's log and audit chain only.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -32,6 +33,10 @@ log = logging.getLogger("bulle.node")
 MAX_MESSAGE = 512 * 1024 * 1024
 VERSION = "0.1.0"
 FAILED_STATUS = grpc.StatusCode.INTERNAL  # every failure of an accepted plan
+# Audit detail keys that never leave the node: a failure's cause may quote data (a value
+# in an engine's message); its incident id is what the board sees and the operator looks up.
+WITHHELD_DETAIL = frozenset({"cause"})
+AUDIT_PAGE_MAX = 500
 
 
 class ClientCertificateInterceptor(grpc.ServerInterceptor):
@@ -182,6 +187,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                               first_bad_seq=report.first_bad_seq or 0, reason=report.reason,
                               head_seq=head_seq, head_hash=head_hash)
 
+    def ListAudit(self, request: pb.AuditPageRequest,
+                  context: grpc.ServicerContext) -> pb.AuditPage:
+        return audit_page(self.engine.guard.audit, request)
+
     def DropReference(self, request: pb.ReferenceRequest,
                       context: grpc.ServicerContext) -> pb.ReferenceAck:
         with _references(context, "drop", request.table):
@@ -227,6 +236,24 @@ class NodeServicer(pb_grpc.NodeServicer):
                         self.audit.streamed(plan, header, rows, sent, started)
         finally:
             deadline.close()
+
+
+def audit_page(audit: Any, request: pb.AuditPageRequest) -> pb.AuditPage:
+    """A page of the chain as stored (not verified here: the reader checks the links), with
+    :data:`WITHHELD_DETAIL` keys removed and named."""
+    limit = min(max(request.limit or 50, 1), AUDIT_PAGE_MAX)
+    head_seq, head_hash = audit.head()
+    after = max(head_seq - limit, 0) if request.tail else max(request.after_seq, 0)
+    page = pb.AuditPage(head_seq=head_seq, head_hash=head_hash)
+    for e in audit.entries_after(after, limit):
+        withheld = sorted(WITHHELD_DETAIL & set(e.detail))
+        shown = {k: v for k, v in e.detail.items() if k not in WITHHELD_DETAIL}
+        page.entries.append(pb.AuditRecord(
+            seq=e.seq, time=e.time, actor=e.actor, project=e.project, action=e.action,
+            detail_json=json.dumps(shown, sort_keys=True, separators=(",", ":"),
+                                   ensure_ascii=False),
+            prev_hash=e.prev_hash, hash=e.hash, withheld=withheld))
+    return page
 
 
 def _tables(plan: pb.Plan) -> list[str]:

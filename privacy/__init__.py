@@ -36,7 +36,8 @@ Map of the public API:
   ``released_values``, ``receipt_commitment``, ``new_salt``, ``open_partial_statement``,
   ``receipt_keys``, ``public_key_entry``, ``RECEIPT_KEY_FILE``.
 - Audit (``_audit``, hash chain): ``AuditLog`` (``append``, ``verify``, ``head``),
-  ``AuditEntry``, ``AuditReport``.
+  ``AuditEntry``, ``AuditReport``; ``audit_entry_hash`` and ``AUDIT_GENESIS`` (to check a
+  page of entries received from elsewhere).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ from typing import Any
 # must not pay for the accounting, calibration or ledger code it does not touch.
 _LAZY: dict[str, tuple[str, str]] = {
     "AuditEntry": ("privacy._audit", "AuditEntry"),
+    "AUDIT_GENESIS": ("privacy._audit", "GENESIS"),
+    "audit_entry_hash": ("privacy._audit", "entry_hash"),
     "BOARD_REQUEST_SCHEME": ("privacy._boardreq", "SCHEME"),
     "BoardRequest": ("privacy._boardreq", "BoardRequest"),
     "sign_board_request": ("privacy._boardreq", "sign_board_request"),
@@ -186,6 +189,7 @@ __all__ += [
     "sigma_for_eval",
 ]
 __all__ += [
+    "AUDIT_GENESIS",
     "PROJECT_WIDE",
     "AuditEntry",
     "AuditLog",
@@ -199,6 +203,7 @@ __all__ += [
     "RdpTotals",
     "Release",
     "aggregate_event",
+    "audit_entry_hash",
     "dp_count",
     "dp_mean",
     "dp_quantile",

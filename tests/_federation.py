@@ -106,9 +106,10 @@ class Federation:
 def start_federation(tmp: Path, certs: Path, nodes: dict[str, list[dict[str, Any]]],
                      node_timeout_s: float = 20.0, board_public_key: Path | None = None,
                      projects: tuple[ProjectConfig, ...] = (),
-                     node_extra: dict[str, str] | None = None) -> Federation:
+                     node_extra: dict[str, str] | None = None,
+                     operators: dict[str, tuple[str, ...]] | None = None) -> Federation:
     """Nodes (real engines behind real gRPC servers) and a coordinator; ``node_extra``
-    adds top-level TOML lines to some nodes' configs."""
+    adds top-level TOML lines to some nodes' configs; ``operators``: hub user → nodes."""
     engines, servers, ports = {}, {}, {}
     extra = f'board_public_key = "{board_public_key}"' if board_public_key else ""
     for node_id, datasets in nodes.items():
@@ -127,6 +128,7 @@ def start_federation(tmp: Path, certs: Path, nodes: dict[str, list[dict[str, Any
         nodes=tuple(NodeEndpoint(n, f"127.0.0.1:{p}") for n, p in ports.items()),
         researchers=(researcher, other), node_timeout_s=node_timeout_s, catalog_ttl_s=3600,
         state_dir=tmp / "coordinator", projects=projects, board_public_key=board_public_key,
+        operators=operators or {},
     )
     return Federation(Coordinator(config), engines, servers, ports, researcher, other, tmp)
 

@@ -207,10 +207,10 @@ def test_token_and_scope_matrix(enclave: Enclave) -> None:
 
 def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
         enclave: Enclave) -> None:
-    """Issue 14: after login the board and operators land on the Bulle home, observers on the
-    standing indicators, admins on the hub's admin page, researchers on their notebook
-    server; nobody else gets a server started."""
-    expected = {"demo-board": "/services/bulle/", "demo-operator": "/services/bulle/",
+    """Issue 14: after login the board lands on the Bulle home, the operator on their node's
+    page, observers on the standing indicators, admins on the hub's admin page, researchers
+    on their notebook server; nobody else gets a server started."""
+    expected = {"demo-board": "/services/bulle/", "demo-operator": "/services/bulle/operator/",
                 "demo-observer": "/services/bulle/indicators/",
                 "demo-admin": "/hub/admin", "demo-researcher": "/user/demo-researcher/"}
     admin = enclave.session("demo-admin")
@@ -222,6 +222,9 @@ def test_each_role_lands_on_its_own_page_and_only_researchers_get_a_server(
                 r = s.http.get(s.landing)
                 assert r.status_code in (200, 302), (user, r.status_code)
                 assert not r.headers.get("location", "").startswith("/hub/spawn")
+            if user == "demo-operator":  # on to their own node (the demo's [operators])
+                r = s.http.get(s.landing, follow_redirects=True)
+                assert r.status_code == 200 and str(r.url).endswith("/operator/vendor-a")
         finally:
             s.close()
     for user in ("demo-board", "demo-operator", "demo-observer", "demo-admin"):
@@ -619,6 +622,20 @@ def test_researcher_starts_a_server_and_queries_from_a_notebook(enclave: Enclave
             _login(page, user, enclave.passwords[user])
             page.wait_for_url(re.compile(f".*/user/{user}/lab.*"), timeout=120_000)
             page.wait_for_selector("#jp-main-dock-panel", timeout=120_000)
+            # The launcher's "Bulle" card (jupyter-app-launcher) opens the Bulle home in a
+            # new tab, signed in through the hub. A new launcher first: the workspace may
+            # have restored an earlier session's documents instead of the launcher.
+            page.locator("#jp-main-dock-panel .lm-TabBar-addButton").first.click()
+            card = page.locator(".jp-LauncherCard[data-category='Bulle']").filter(visible=True)
+            card.first.wait_for(timeout=60_000)
+            assert card.first.inner_text().strip() == "Bulle"
+            with ctx.expect_page() as opened:
+                card.first.click()
+            bulle = opened.value
+            bulle.wait_for_selector("#who", timeout=60_000)
+            assert bulle.url == f"{enclave.hub_url}/services/bulle/"
+            assert bulle.inner_text("#who") == "demo-researcher"
+            bulle.close()
             xsrf = next(c["value"] for c in ctx.cookies() if c["name"] == "_xsrf")
             r = page.request.put(f"{enclave.hub_url}/user/{user}/api/contents/query.ipynb",
                                  headers={"X-XSRFToken": xsrf},
@@ -758,6 +775,8 @@ def _board_pages(browser: Any, enclave: Enclave, home: str, width: int, spent: f
     demo = next(row for row in csv.DictReader(io.StringIO(r.text())) if row["name"] == "demo")
     assert float(demo["epsilon_spent"]) == float(legend)  # the export says the same
     page.screenshot(path=str(ARTIFACTS / f"board-{width}.png"), full_page=True)
+    _chart_fits(page, "#plot-projects", width)
+    _chart_fits(page, "#plot-timeline", width)
     page.select_option("#filter-decision", "refused")
     page.click("#filter-apply")
     page.wait_for_url(re.compile(r".*decision=refused.*"))
@@ -767,6 +786,11 @@ def _board_pages(browser: Any, enclave: Enclave, home: str, width: int, spent: f
     page.wait_for_selector("#entries tr[data-seq]")
     assert "charged" in page.inner_text("#entries")
     _fits(page, width)
+    page.goto(f"{home}indicators/")  # the standing indicators' chart scales the same way
+    page.wait_for_selector("svg.chart")
+    _chart_fits(page, "svg.chart", width)
+    page.goto(f"{home}board/audit")
+    page.wait_for_selector("#logout")
     page.click("#logout")
     page.wait_for_load_state()
     page.goto(f"{home}board/")
@@ -774,18 +798,35 @@ def _board_pages(browser: Any, enclave: Enclave, home: str, width: int, spent: f
     page.close()
 
 
+def _chart_fits(page: Any, selector: str, width: int) -> None:
+    """An SVG chart scales with the page (viewBox, width 100%): at 375 px it spans nearly
+    the whole window instead of being cut or scrolled."""
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, selector
+    if width < 700:  # narrower than the chart's own width: it fills its column (the
+        # page's margins and an indicator card's padding aside)
+        assert box["width"] >= 0.75 * width, (selector, box)
+
+
 def _operator_pages(browser: Any, enclave: Enclave, home: str, width: int) -> None:
     page = _sign_in_at(browser, enclave, "demo-operator", home, width)
-    page.click("#link-operator a")
-    page.click("#node-link-vendor-a")
+    page.click("#link-operator a")  # straight to their own node (the demo's [operators])
     _wait(page, "#datasets tr[data-table='student_assessment']",
           enclave.state / "logs" / "coordinator.log")
+    assert page.url.endswith("/operator/vendor-a")
     assert page.inner_text("#node-status") == "up"
     assert "✔ intact" in page.inner_text("#node-chain")
     assert "logreg on student_assessment" in page.inner_text("#plans")
     assert page.query_selector("#decide") is None and page.query_selector("form.decide") is None
     _fits(page, width)
     page.screenshot(path=str(ARTIFACTS / f"operator-{width}.png"), full_page=True)
+    page.click("#browse-node-audit")  # the node's own entries, verified by the coordinator
+    page.wait_for_selector("#entries tr[data-seq]")
+    assert "train_released" in page.inner_text("#entries")
+    assert page.query_selector("#node-audit-error") is None
+    _fits(page, width)
+    r = page.request.get(f"{home}operator/vendor-b")
+    assert r.status == 403  # another node's page
     page.close()
 
 

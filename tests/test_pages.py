@@ -44,7 +44,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Feder
     (tmp / "demo.grant").write_text(sign_grant(grant, (tmp / "board_ed25519.pem").read_bytes()))
     f = start_federation(tmp, certs, {"gp": pupils("GP") + uci("GP")[:1], "ms": pupils("MS")},
                          board_public_key=tmp / "board_ed25519.pub.pem",
-                         projects=(ProjectConfig("demo", tmp / "demo.grant", 0.5),))
+                         projects=(ProjectConfig("demo", tmp / "demo.grant", 0.5),),
+                         operators={"operator": ("gp",)})
     f.coordinator.run(RELEASED, f.researcher)
     f.coordinator.run(RELEASED, f.researcher)
     with pytest.raises(QueryError):
@@ -60,7 +61,8 @@ def url(fed: Federation) -> Iterator[str]:
 
 
 def _get(url: str, path: str) -> httpx.Response:
-    return httpx.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    return httpx.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60,
+                     follow_redirects=True)  # an operator's /operator/ is their node
 
 
 def test_board_lists_releases_and_refusals_with_their_text(fed: Federation) -> None:
@@ -112,7 +114,8 @@ def test_home_gives_each_role_its_links(fed: Federation, url: str) -> None:
 
 
 def test_pages_not_for_a_role_say_so_without_scopes(url: str) -> None:
-    for path in ("/board/", "/operator/", "/operator/gp", "/board/audit"):
+    for path in ("/board/", "/operator/", "/operator/gp", "/board/audit",
+                 "/board/audit?node=gp"):
         r = _get(url, path)
         assert r.status_code == 403, path
         assert "not part of your role" in r.text and "custom:bulle" not in r.text
@@ -166,10 +169,28 @@ def test_every_page_answers_each_role(fed: Federation, url: str, caller: Caller,
     belongs to), every page renders."""
     monkeypatch.setattr(fed.coordinator, "identify", lambda token: caller)
     for path in ("/", "/guide/", "/catalog/", "/board/", "/board/audit", "/board/audit?page=2",
-                 "/operator/", "/operator/gp", "/board/?decision=refused&project=demo"):
+                 "/operator/", "/operator/gp", "/board/?decision=refused&project=demo",
+                 "/board/audit?node=gp", "/board/audit?node=gp&before=2"):
         r = _get(url, path)
         assert r.status_code == 200, (path, r.text[:500])
         assert re.search(r"<meta name=.viewport.", r.text), path
     assert _get(url, "/operator/nowhere").status_code == 404
     home = _get(url, "/").text
     assert 'id="link-board"' in home and 'id="link-operator"' in home
+
+
+def test_dataset_bars_compose_like_the_project_bar(fed: Federation) -> None:
+    """Every charge of the fixture's project read ``pupils``: its bar is the project's
+    composed total (what hub.budget() says), not the plain sum of the charges."""
+    data = summary(fed.coordinator)
+    demo = next(p for p in data["projects"] if p["name"] == "demo")
+    pupils = next(d for d in data["datasets"]
+                  if d["project"] == "demo" and d["dataset"] == "pupils")
+    charges = sum(r["epsilon"] for r in data["releases"]
+                  if r["project"] == "demo" and "pupils" in r["datasets"])
+    assert charges > 0 and len([r for r in data["releases"] if r["epsilon"]]) >= 2
+    # composed (RDP at the project's δ), not the plain sum of the charges
+    assert pupils["epsilon_spent"] == pytest.approx(demo["epsilon_spent"], abs=1e-6)
+    assert pupils["epsilon_spent"] != pytest.approx(charges, abs=1e-6)
+    html = render_board(BOARD, data, None, "")
+    assert "per project and sensitive dataset: composed ε" in html

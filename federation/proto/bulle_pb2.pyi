@@ -397,6 +397,48 @@ class AuditReport(_message.Message):
     head_hash: str
     def __init__(self, ok: bool = ..., entries: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
 
+class AuditPageRequest(_message.Message):
+    __slots__ = ("after_seq", "limit", "tail")
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    limit: int
+    tail: bool
+    def __init__(self, after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., tail: bool = ...) -> None: ...
+
+class AuditRecord(_message.Message):
+    __slots__ = ("seq", "time", "actor", "project", "action", "detail_json", "prev_hash", "hash", "withheld")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time: str
+    actor: str
+    project: str
+    action: str
+    detail_json: str
+    prev_hash: str
+    hash: str
+    withheld: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[str] = ..., actor: _Optional[str] = ..., project: _Optional[str] = ..., action: _Optional[str] = ..., detail_json: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., withheld: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuditPage(_message.Message):
+    __slots__ = ("entries", "head_seq", "head_hash")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditRecord]
+    head_seq: int
+    head_hash: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditRecord, _Mapping]]] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ...) -> None: ...
+
 class RowChunk(_message.Message):
     __slots__ = ("header", "arrow_ipc")
     HEADER_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class NodeStub(object):
                 request_serializer=federation_dot_proto_dot_bulle__pb2.AuditRequest.SerializeToString,
                 response_deserializer=federation_dot_proto_dot_bulle__pb2.AuditReport.FromString,
                 _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/bulle.v1.Node/ListAudit',
+                request_serializer=federation_dot_proto_dot_bulle__pb2.AuditPageRequest.SerializeToString,
+                response_deserializer=federation_dot_proto_dot_bulle__pb2.AuditPage.FromString,
+                _registered_method=True)
 
 
 class NodeServicer(object):
@@ -139,6 +144,15 @@ class NodeServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAudit(self, request, context):
+        """A page of the node's audit entries, as stored (the board browses them; the coordinator
+        checks their hash links before it shows them). Fields that may quote data (a failure's
+        cause) stay at the node: they are named in `withheld` instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +195,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.VerifyAudit,
                     request_deserializer=federation_dot_proto_dot_bulle__pb2.AuditRequest.FromString,
                     response_serializer=federation_dot_proto_dot_bulle__pb2.AuditReport.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=federation_dot_proto_dot_bulle__pb2.AuditPageRequest.FromString,
+                    response_serializer=federation_dot_proto_dot_bulle__pb2.AuditPage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +418,33 @@ class Node(object):
             '/bulle.v1.Node/VerifyAudit',
             federation_dot_proto_dot_bulle__pb2.AuditRequest.SerializeToString,
             federation_dot_proto_dot_bulle__pb2.AuditReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulle.v1.Node/ListAudit',
+            federation_dot_proto_dot_bulle__pb2.AuditPageRequest.SerializeToString,
+            federation_dot_proto_dot_bulle__pb2.AuditPage.FromString,
             options,
             channel_credentials,
             insecure,
