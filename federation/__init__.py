@@ -19,17 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["ConfigError", "Coordinator", "IndicatorSpec", "QueryError", "expand_path",
-           "load_coordinator_config", "parse", "plan_query", "read_toml", "seed_indicator"]
+           "hash_token", "load_coordinator_config", "make_certs", "parse", "plan_query",
+           "read_toml"]
 
 _LAZY = {
     "ConfigError": "federation._settings",  # shared by every config file (nodes' too)
     "expand_path": "federation._settings",
     "read_toml": "federation._settings",
     "Coordinator": "federation._coordinator",
-    "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
-    "seed_indicator": "federation._indicators",
+    "IndicatorSpec": "federation._indicators",  # standing indicators
     "QueryError": "federation._errors",
     "load_coordinator_config": "federation._config",
+    "hash_token": "federation._config",  # a researcher's token_sha256 in the config
+    "make_certs": "federation._certs",  # a local CA and certificates (bulle certs, the demo)
     "parse": "federation._sql",
     "plan_query": "federation._planner",
 }

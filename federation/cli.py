@@ -30,9 +30,15 @@ def main(argv: list[str]) -> int:
     nodes.add_argument("--config", required=True, type=Path)
     nodes.add_argument("--actor", default=None, help="who makes the change (audit; default: "
                        "the system user)")
+    supernodes = sub.add_parser("supernodes", help="register the SuperNode keys of "
+                                "[training] node_keys with the running SuperLink (before "
+                                "those nodes start: an unknown key is refused)")
+    supernodes.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv[1:])
     if args.cmd == "nodes":
         return _nodes(args)
+    if args.cmd == "supernodes":
+        return _supernodes(args.config)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -96,6 +102,30 @@ def _nodes(args: argparse.Namespace) -> int:
         return 0
     finally:
         registry.close()
+
+
+def _supernodes(path: Path) -> int:
+    """``bulle coordinator supernodes``: the training nodes' keys, registered (idempotent)
+    through the SuperLink's fenced Control API."""
+    from federation._superlink import control_client, control_token, register_nodes
+
+    try:
+        training = load_coordinator_config(path).training
+    except ConfigError as e:
+        print(f"bulle coordinator supernodes: {e}", file=sys.stderr)
+        return 2
+    if training is None:
+        print(f"bulle coordinator supernodes: {path} has no [training]", file=sys.stderr)
+        return 2
+    client = control_client(training.superlink, training.root_certificates,
+                            control_token(training.control_token_file))
+    try:
+        ids = register_nodes(client, training.node_keys)
+    finally:
+        client.close()
+    for name, node_id in ids.items():
+        print(f"{name:<20} SuperNode {node_id}")
+    return 0
 
 
 def _certs(argv: list[str]) -> int:

@@ -3,7 +3,9 @@
 - ``_config``: TOML config (unknown keys rejected); ``_ingest``: CSV/Parquet → DuckDB;
 - ``_engine``: locked DuckDB, plan execution, disclosure control before release;
 - ``_compile``: plan checks (second line of defence) and SQL generation;
-- ``_service``: the thin gRPC servicer (mutual TLS, coordinator identity pinned).
+- ``_service``: the thin gRPC servicer (mutual TLS, coordinator identity pinned);
+- ``_flower``: the SuperNode for DP training (``make_flower_key``); ``_pids``:
+  ``process_alive``.
 
 Public names are loaded on first use (PEP 562): ``bulle node keygen``/``check``/``doctor``
 and the coordinator's imports of ``nodes._config`` do not load the engine.
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConfigError", "NodeConfig", "NodeEngine", "PlanRefused", "load_node_config"]
+__all__ = ["ConfigError", "NodeConfig", "NodeEngine", "PlanRefused", "load_node_config",
+           "make_flower_key", "process_alive"]
 
 _LAZY = {
     "ConfigError": "nodes._config",
@@ -21,6 +24,8 @@ _LAZY = {
     "NodeEngine": "nodes._engine",
     "PlanRefused": "nodes._compile",
     "load_node_config": "nodes._config",
+    "make_flower_key": "nodes._flower",  # a SuperNode's key (bulle node keygen, the demo)
+    "process_alive": "nodes._pids",  # a PID still running, zombies not
 }
 
 

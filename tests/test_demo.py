@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bulle_demo import node_config
 from enclave import BulleError, connect
 from tests._federation import DATA, wait_for
 
@@ -60,7 +61,7 @@ def test_demo_up_query_down(state: Path) -> None:
                      "GROUP BY school ORDER BY school")
         assert df["school"].tolist() == ["GP", "MS"]
         # 423 and 226 pupils; the restricted tier releases counts perturbed by the cell key
-        # method, by at most max_perturbation = 4 (deploy/demo/nodes/region-*.toml)
+        # method, by at most max_perturbation = 4 (bulle_demo/nodes/region-*.toml)
         assert all(abs(got - true) <= 4 for got, true in zip(df["pupils"], [423, 226],
                                                                strict=True))
         # an unknown column: the columns whose descriptions name it (issue 14)
@@ -106,7 +107,7 @@ def test_demo_up_query_down(state: Path) -> None:
 def _second_gp_node(state: Path) -> Path:
     """A new node publishing the GP pupils again (the demo's region-gp, another id), in a
     folder the node's service user can read."""
-    src = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "nodes" / "region-gp.toml"
+    src = node_config("region-gp")
     folder = state.parent / f"{state.name}-added"
     folder.mkdir(mode=0o755, exist_ok=True)
     path = folder / "gp-copy.toml"
@@ -143,10 +144,9 @@ def test_demo_refuses_a_state_its_service_users_cannot_enter(tmp_path: Path) -> 
     assert not (closed / "demo").exists()
 
 
-def test_demo_as_another_user_says_it_runs_as_one_user(monkeypatch) -> None:
-    from enclave import _demo
+def test_demo_as_another_user_says_it_runs_as_one_user() -> None:
+    from bulle_demo import Demo
 
-    monkeypatch.setattr(_demo.users, "is_root", lambda: False)
-    demo = _demo.Demo(Path("/nonexistent-state"))
+    demo = Demo(Path("/nonexistent-state"))  # accounts are made by `up`, as root only
     assert demo._process_note().startswith("not root: every process runs as ")
     assert demo._node_data() == demo.data and demo._hidden() == []
