@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bulle_demo import node_config
+from bulle_demo import NODES, node_config
 from enclave import BulleError, connect
 from tests._federation import DATA, wait_for
 
@@ -150,3 +150,50 @@ def test_demo_as_another_user_says_it_runs_as_one_user() -> None:
     demo = Demo(Path("/nonexistent-state"))  # accounts are made by `up`, as root only
     assert demo._process_note().startswith("not root: every process runs as ")
     assert demo._node_data() == demo.data and demo._hidden() == []
+
+
+def test_the_wheel_ships_the_demo_and_the_launcher_finds_it_there(tmp_path: Path) -> None:
+    """The node configs, the coordinator's template and jupyterhub_config.py are in the
+    wheel, and the launcher finds them in the installed copy (importlib.resources), not in
+    the source tree."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--no-build-isolation", str(repo), "-w", str(tmp_path / "dist")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "dist").glob("bulle-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"bulle_demo/nodes/{n}.toml" for n in NODES} | {
+        "bulle_demo/templates/coordinator.toml", "jupyterhub_config.py"} <= names
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                                "--target", str(site), str(wheel)], capture_output=True,
+                               text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    probe = (f"import sys; sys.path.insert(0, {str(site)!r})\n"
+             "from importlib.resources import files\n"
+             "import bulle_demo\n"
+             "from bulle_demo._layout import hub_config, node_configs\n"
+             "print(*node_configs(), hub_config(), bulle_demo.__file__,\n"
+             "      files('bulle_demo') / 'templates' / 'coordinator.toml', sep='\\n')")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    paths = [Path(line) for line in found.stdout.splitlines()]
+    assert len(paths) == len(NODES) + 3
+    assert all(p.is_file() and p.is_relative_to(site) for p in paths), paths
+
+
+def test_supernodes_needs_the_training_section(tmp_path: Path, capsys) -> None:
+    """`bulle coordinator supernodes` (what `up` registers the SuperNode keys with) on a
+    config without [training]: a clear refusal, nothing dialled."""
+    from federation.cli import main as coordinator_cli
+
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\nstate_dir = "{tmp_path}"\n\n[tls]\n'
+                      f'cert = "{tmp_path}/c.pem"\nkey = "{tmp_path}/c.key"\n'
+                      f'ca = "{tmp_path}/ca.pem"\n')
+    assert coordinator_cli(["coordinator", "supernodes", "--config", str(config)]) == 2
+    assert "has no [training]" in capsys.readouterr().err
