@@ -40,7 +40,7 @@ from bulle_demo._layout import (
 )
 from bulle_demo._procs import Pids, free_port, port_open, spawn, stop, stop_pid_file, wait_ready
 from bulle_demo._seed import bulle, seed_indicator, seed_pending_project
-from enclave import Account, is_root, mount_namespaces_work
+from enclave import PERSON_PREFIX, Account, is_root, mount_namespaces_work, own
 
 
 class Demo:
@@ -196,8 +196,6 @@ class Demo:
             (self.state / "nodes").mkdir(exist_ok=True)
             hosts.secure(self.state, self.accounts, self.node_ids())
             if cfg.tls.key.parent == self.state / "certs":  # not yet one of node_ids()
-                from enclave import own
-
                 own(cfg.tls.key, self.accounts["node"], 0o600)
         port = free_port()
         pid = self._start_node(name, config, port, node_env)
@@ -274,8 +272,6 @@ class Demo:
         return self.state / "node-data" if self.accounts else self.data
 
     def _process_note(self) -> str:
-        from enclave import PERSON_PREFIX
-
         if not self.accounts:
             import getpass
 
@@ -322,7 +318,7 @@ class Demo:
              pids: dict[str, int]) -> dict[str, str]:
         """Start JupyterHub (demo accounts, the coordinator as its service); returns the
         passwords generated for new accounts (empty when they already existed)."""
-        from enclave import own, write_users
+        from enclave import write_users  # loads jupyterhub
 
         hub_state = self.state / "hub"
         passwords = write_users(hub_state / "users.json", HUB_ACCOUNTS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -62,7 +63,7 @@ def hub_config() -> Path:
     return Path(spec.origin)
 
 
-def secret_file(path: Path, make) -> Path:
+def secret_file(path: Path, make: Callable[[], str]) -> Path:
     """``path`` holding ``make()`` (created 0600 once; kept after)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

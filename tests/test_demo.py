@@ -159,8 +159,16 @@ def test_the_wheel_ships_the_demo_and_the_launcher_finds_it_there(tmp_path: Path
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # setuptools builds in the tree: a copy, not the checkout
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, text=True,
+                            cwd=repo, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if (repo / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, src / rel)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                            "--no-build-isolation", str(repo), "-w", str(tmp_path / "dist")],
+                            "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     [wheel] = (tmp_path / "dist").glob("bulle-*.whl")
