@@ -10,7 +10,8 @@ COMMANDS = {
     "node": ("nodes.cli", "run a node agent (serve, check, ingest, doctor)"),
     "coordinator": ("federation.cli", "run the coordinator (serve)"),
     "certs": ("federation.cli", "create a local CA and certificates for a demo or test"),
-    "demo": ("enclave.cli", "start, stop and inspect the demo federation (up, down, env, status)"),
+    "demo": ("bulle_demo.cli", "start, stop and inspect the demo federation (up, down, env, "
+             "status, add-node)"),
     "board": ("enclave.cli", "ethics board: keygen, grant, show, list, approve, refuse, export"),
     "audit": ("enclave.cli", "verify hash-chained audit logs"),
     "receipt": ("enclave.cli", "verify a signed release receipt offline (verify FILE --keys)"),

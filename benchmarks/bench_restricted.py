@@ -77,7 +77,7 @@ VARIANTS = {"perturbed": "", "exact": "_exact", "open": "_open"}
 LYCEE_DOMAINS = {"school": ["GP", "MS"], "sex": ["F", "M"], "address": ["R", "U"],
                  "age": list(range(15, 23)), "studytime": [1, 2, 3, 4],
                  "failures": [0, 1, 2, 3], "higher": ["no", "yes"]}
-# as the demo declares them (deploy/demo/nodes/region-*.toml): a SUM's noise scale; the
+# as the demo declares them (bulle_demo/nodes/region-*.toml): a SUM's noise scale; the
 # other numeric columns get the power-of-two envelope the node derives at load
 LYCEE_BOUNDS = {"g1": [0, 20], "g2": [0, 20], "g3": [0, 20]}  # as the demo declares them
 OULAD_DOMAINS = {"final_result": ["Distinction", "Fail", "Pass", "Withdrawn"],

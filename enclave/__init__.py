@@ -18,7 +18,9 @@
 
 For ``jupyterhub_config.py`` (``_hub``, loads JupyterHub): ``BrokeredSpawner``,
 ``DemoAuthenticator``, ``CUSTOM_SCOPES``, ``roles_for``, ``read_users``, ``prepare_home``,
-``landing_url``, ``refuse_server``, ``HOME``, ``SERVICE``, ``TEMPLATES``.
+``landing_url``, ``refuse_server``, ``HOME``, ``SERVICE``, ``TEMPLATES``, ``write_users``.
+For the demo launcher (``bulle_demo``, as root, ``_users``): ``Account``, ``is_root``,
+``ensure_service_user``, ``own``, ``mount_namespaces_work``, ``PERSON_PREFIX``.
 
 Names load on first use (PEP 562): a notebook loads no JupyterHub code, the hub no pandas.
 """
@@ -31,9 +33,13 @@ _SDK = ("BulleError", "Hub", "connect")
 _RECEIPTS = ("ReceiptError", "save_receipt", "verify_receipt")
 _HUB = ("CUSTOM_SCOPES", "HOME", "SERVICE", "TEMPLATES", "BrokeredSpawner",
         "DemoAuthenticator", "landing_url", "prepare_home", "read_users", "refuse_server",
-        "roles_for")
+        "roles_for", "write_users")
+# system users and file ownership as root (the demo launcher ``bulle_demo``)
+_USERS = ("PERSON_PREFIX", "Account", "ensure_service_user", "is_root",
+          "mount_namespaces_work", "own")
 _LAZY = {**dict.fromkeys(_SDK, "enclave._client"),
-         **dict.fromkeys(_RECEIPTS, "enclave._receipts"), **dict.fromkeys(_HUB, "enclave._hub")}
+         **dict.fromkeys(_RECEIPTS, "enclave._receipts"), **dict.fromkeys(_HUB, "enclave._hub"),
+         **dict.fromkeys(_USERS, "enclave._users")}
 __all__ = sorted(_LAZY)
 
 

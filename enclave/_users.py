@@ -1,10 +1,8 @@
-"""System users and file ownership for the demo run as root (issue 12, DESIGN.md
-"Processes and users"): node agents as ``bulle-node``, the coordinator, its SuperLink and
-the hub's proxy as ``bulle-coord``, each person's notebook as ``jupyter-<hub name>``
-(The Littlest JupyterHub's convention, so that no hub name can be a system account).
-
-Also: the processes a demo started, found again through ``/proc`` (``bulle demo down``
-stops single-user servers and kernels that run under other users and sessions).
+"""System users and file ownership when the hub's side runs as root (issue 12, DESIGN.md
+"Processes and users"): service accounts (the demo's ``bulle-node`` and ``bulle-coord``,
+``bulle_demo``), each person's notebook as ``jupyter-<hub name>`` (The Littlest
+JupyterHub's convention, so that no hub name can be a system account), made by the spawn
+broker.
 """
 
 from __future__ import annotations
@@ -12,13 +10,10 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-NODE_USER = "bulle-node"
-COORD_USER = "bulle-coord"
 PERSON_PREFIX = "jupyter-"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # what useradd accepts, portable subset
 
@@ -98,14 +93,6 @@ def own(path: Path, account: Account | None, mode: int, recursive: bool = False,
                 os.chmod(p, file_mode)
 
 
-def closed_ancestor(path: Path) -> Path | None:
-    """The first folder above ``path`` that other users cannot traverse, if any."""
-    for parent in path.resolve().parents:
-        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
-            return parent
-    return None
-
-
 def mount_namespaces_work() -> bool:
     """Whether this machine lets root give a process its own mount namespace (the hub
     hides the open-data source from notebooks with one)."""
@@ -114,51 +101,3 @@ def mount_namespaces_work() -> bool:
                               timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-# -- processes ---------------------------------------------------------------------------
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], session
-    [3], start time [19])."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _table() -> dict[int, list[str]]:
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit() and (fields := _stat(int(d))) is not None:
-            out[int(d)] = fields
-    return out
-
-
-def process_tree(pids: list[int]) -> dict[int, str]:
-    """``pids`` and every process below them, plus every process in the session of any of
-    those (a kernel's own children), as PID → start time (so a reused PID is not
-    mistaken for one of ours later)."""
-    table = _table()
-    children: dict[int, list[int]] = {}
-    for pid, fields in table.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    found, todo = set(), [p for p in pids if p in table]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo += children.get(pid, [])
-    sessions = {table[p][3] for p in found} - {"0", str(os.getsid(0))}
-    found |= {p for p, fields in table.items() if fields[3] in sessions}
-    return {p: table[p][19] for p in found}
-
-
-def still_running(tree: dict[int, str]) -> list[int]:
-    """The processes of ``tree`` that still run (same start time, not a zombie)."""
-    out = []
-    for pid, started in tree.items():
-        fields = _stat(pid)
-        if fields is not None and fields[19] == started and fields[0] != "Z":
-            out.append(pid)
-    return out

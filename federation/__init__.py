@@ -20,8 +20,9 @@ from typing import Any
 
 __all__ = ["ERROR_CODES", "REQUIRED", "ConfigError", "Coordinator", "ErrorCode",
            "IndicatorSpec", "QueryError", "Schema", "Section", "Setting", "did_you_mean",
-           "example_toml", "expand_path", "load_coordinator_config", "parse", "plan_query",
-           "read_toml", "reference_text", "seed_indicator", "setting_names"]
+           "example_toml", "expand_path", "hash_token", "load_coordinator_config",
+           "make_certs", "parse", "plan_query", "read_toml", "reference_text",
+           "setting_names"]
 
 _LAZY = {
     "ConfigError": "federation._settings",  # shared by every config file (nodes' too)
@@ -37,12 +38,13 @@ _LAZY = {
     "reference_text": "federation._settings",
     "setting_names": "federation._settings",
     "Coordinator": "federation._coordinator",
-    "IndicatorSpec": "federation._indicators",  # standing indicators (the demo seeds one)
-    "seed_indicator": "federation._indicators",
+    "IndicatorSpec": "federation._indicators",  # standing indicators
     "QueryError": "federation._errors",
     "ERROR_CODES": "federation._errors",  # the one catalogue of error codes (docs/errors.md)
     "ErrorCode": "federation._errors",
     "load_coordinator_config": "federation._config",
+    "hash_token": "federation._config",  # a researcher's token_sha256 in the config
+    "make_certs": "federation._certs",  # a local CA and certificates (bulle certs, the demo)
     "parse": "federation._sql",
     "plan_query": "federation._planner",
 }

@@ -37,7 +37,7 @@ from federation._config import Researcher
 from federation._errors import QueryError
 from federation._registry import Project, Registry, RegistryError, _engine, metadata
 from federation._sql import parse
-from privacy import AuditLog, Grant, sign_grant
+from privacy import AuditLog
 
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
@@ -382,39 +382,6 @@ def register(registry: Registry, audit: AuditLog, engine: Any, proposer: str,
         "indicator": spec.name, "schedule": label, "epsilon": spec.epsilon, "tier": tier,
         "datasets": tables, "epsilon_budget": budget})
     return _indicator(values, registry.get(project))
-
-
-def seed_indicator(database: str, board_private_key: bytes, audit_path: Any,
-                   proposer: str, spec: IndicatorSpec, tier: str, tables: list[str],
-                   actor: str = "demo-board") -> None:
-    """An indicator proposed and approved before the coordinator starts (the demo's): the
-    project's grant signed with the board key, both steps in the audit chain. Idempotent."""
-    registry = Registry(database)
-    engine = _engine(_url(database))
-    audit = AuditLog(audit_path)
-    try:
-        with engine.begin() as conn:
-            metadata.create_all(conn, tables=[indicators_table, refreshes_table])
-            exists = conn.execute(select(indicators_table.c.name).where(
-                indicators_table.c.name == spec.name)).first()
-        if exists:
-            return
-        ind = register(registry, audit, engine, proposer, spec, tier, tables, 1,
-                       interval_of(spec.schedule))
-        p = registry.get(ind.project)
-        assert p is not None
-        now = utc_now()
-        grant = Grant(p.name, p.team, p.datasets, p.epsilon, p.delta,
-                      now + timedelta(days=p.duration_days), p.purpose, now)
-        registry.approve(p.name, actor, token=sign_grant(grant, board_private_key),
-                         datasets=grant.datasets, epsilon=grant.epsilon, delta=grant.delta,
-                         expires=grant.expires, reason="approved at demo setup")
-        audit.append(actor, p.name, "project_approved", {
-            "epsilon": grant.epsilon, "delta": grant.delta, "datasets": list(grant.datasets),
-            "expires": grant.expires.isoformat()})
-    finally:
-        registry.close()
-        engine.dispose()
 
 
 def _url(database: str) -> str:

@@ -36,6 +36,10 @@ def main(argv: list[str]) -> int:
     settings = sub.add_parser("settings", help="every config key with its type, default and "
                               "help (--example: a commented example config to start from)")
     settings.add_argument("--example", action="store_true")
+    supernodes = sub.add_parser("supernodes", help="register the SuperNode keys of "
+                                "[training] node_keys with the running SuperLink (before "
+                                "those nodes start: an unknown key is refused)")
+    supernodes.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv[1:])
     if args.cmd == "settings":  # derived from the declared settings (federation/_config.py)
         from federation._config import SCHEMA
@@ -45,6 +49,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.cmd == "nodes":
         return _nodes(args)
+    if args.cmd == "supernodes":
+        return _supernodes(args.config)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -108,6 +114,30 @@ def _nodes(args: argparse.Namespace) -> int:
         return 0
     finally:
         registry.close()
+
+
+def _supernodes(path: Path) -> int:
+    """``bulle coordinator supernodes``: the training nodes' keys, registered (idempotent)
+    through the SuperLink's fenced Control API."""
+    from federation._superlink import control_client, control_token, register_nodes
+
+    try:
+        training = load_coordinator_config(path).training
+    except ConfigError as e:
+        print(f"bulle coordinator supernodes: {e}", file=sys.stderr)
+        return 2
+    if training is None:
+        print(f"bulle coordinator supernodes: {path} has no [training]", file=sys.stderr)
+        return 2
+    client = control_client(training.superlink, training.root_certificates,
+                            control_token(training.control_token_file))
+    try:
+        ids = register_nodes(client, training.node_keys)
+    finally:
+        client.close()
+    for name, node_id in ids.items():
+        print(f"{name:<20} SuperNode {node_id}")
+    return 0
 
 
 def _certs(argv: list[str]) -> int:

@@ -40,6 +40,7 @@ from nodes._disclosure import (
 )
 from nodes._guard import PrivacyGuard
 from nodes._ingest import _quote, load_dataset, row_count_bucket, table_columns, type_family
+from nodes._pids import process_alive
 from nodes._quality import compute_quality, fill_table_info
 from nodes._references import (
     MAX_REFERENCE_BYTES,
@@ -527,19 +528,9 @@ def _open_storage(state_dir: Path) -> Path:
             pid = int(old.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             _remove(old)
     return where / f"tables-{os.getpid()}-{uuid.uuid4().hex[:12]}.duckdb"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bulle_demo import NODES, node_config
 from enclave import BulleError, connect
 from tests._federation import DATA, wait_for
 
@@ -60,7 +61,7 @@ def test_demo_up_query_down(state: Path) -> None:
                      "GROUP BY school ORDER BY school")
         assert df["school"].tolist() == ["GP", "MS"]
         # 423 and 226 pupils; the restricted tier releases counts perturbed by the cell key
-        # method, by at most max_perturbation = 4 (deploy/demo/nodes/region-*.toml)
+        # method, by at most max_perturbation = 4 (bulle_demo/nodes/region-*.toml)
         assert all(abs(got - true) <= 4 for got, true in zip(df["pupils"], [423, 226],
                                                                strict=True))
         # an unknown column: the columns whose descriptions name it (issue 14)
@@ -106,7 +107,7 @@ def test_demo_up_query_down(state: Path) -> None:
 def _second_gp_node(state: Path) -> Path:
     """A new node publishing the GP pupils again (the demo's region-gp, another id), in a
     folder the node's service user can read."""
-    src = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "nodes" / "region-gp.toml"
+    src = node_config("region-gp")
     folder = state.parent / f"{state.name}-added"
     folder.mkdir(mode=0o755, exist_ok=True)
     path = folder / "gp-copy.toml"
@@ -143,10 +144,64 @@ def test_demo_refuses_a_state_its_service_users_cannot_enter(tmp_path: Path) -> 
     assert not (closed / "demo").exists()
 
 
-def test_demo_as_another_user_says_it_runs_as_one_user(monkeypatch) -> None:
-    from enclave import _demo
+def test_demo_as_another_user_says_it_runs_as_one_user() -> None:
+    from bulle_demo import Demo
 
-    monkeypatch.setattr(_demo.users, "is_root", lambda: False)
-    demo = _demo.Demo(Path("/nonexistent-state"))
+    demo = Demo(Path("/nonexistent-state"))  # accounts are made by `up`, as root only
     assert demo._process_note().startswith("not root: every process runs as ")
     assert demo._node_data() == demo.data and demo._hidden() == []
+
+
+def test_the_wheel_ships_the_demo_and_the_launcher_finds_it_there(tmp_path: Path) -> None:
+    """The node configs, the coordinator's template and jupyterhub_config.py are in the
+    wheel, and the launcher finds them in the installed copy (importlib.resources), not in
+    the source tree."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # setuptools builds in the tree: a copy, not the checkout
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, text=True,
+                            cwd=repo, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        if (repo / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, src / rel)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    [wheel] = (tmp_path / "dist").glob("bulle-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"bulle_demo/nodes/{n}.toml" for n in NODES} | {
+        "bulle_demo/templates/coordinator.toml", "jupyterhub_config.py"} <= names
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                                "--target", str(site), str(wheel)], capture_output=True,
+                               text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    probe = (f"import sys; sys.path.insert(0, {str(site)!r})\n"
+             "from importlib.resources import files\n"
+             "import bulle_demo\n"
+             "from bulle_demo._layout import hub_config, node_configs\n"
+             "print(*node_configs(), hub_config(), bulle_demo.__file__,\n"
+             "      files('bulle_demo') / 'templates' / 'coordinator.toml', sep='\\n')")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    paths = [Path(line) for line in found.stdout.splitlines()]
+    assert len(paths) == len(NODES) + 3
+    assert all(p.is_file() and p.is_relative_to(site) for p in paths), paths
+
+
+def test_supernodes_needs_the_training_section(tmp_path: Path, capsys) -> None:
+    """`bulle coordinator supernodes` (what `up` registers the SuperNode keys with) on a
+    config without [training]: a clear refusal, nothing dialled."""
+    from federation.cli import main as coordinator_cli
+
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\nstate_dir = "{tmp_path}"\n\n[tls]\n'
+                      f'cert = "{tmp_path}/c.pem"\nkey = "{tmp_path}/c.key"\n'
+                      f'ca = "{tmp_path}/ca.pem"\n')
+    assert coordinator_cli(["coordinator", "supernodes", "--config", str(config)]) == 2
+    assert "has no [training]" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bulle_demo import node_config
 from federation._certs import make_certs
 from nodes._config import DatasetConfig, EngineConfig, NodeConfig, TlsConfig
 from nodes._doctor import FAIL, OK, run_checks
@@ -576,7 +577,7 @@ def test_doctor_all_green_on_the_demo_configs(demo_env: Path, node: str) -> None
     listen = f"127.0.0.1:{free_port()}"
     certs = demo_env / "certs"
     with tls_listener(certs / "superlink.pem", certs / "superlink.key") as port:
-        checks = run_checks(DEPLOY / "demo" / "nodes" / f"{node}.toml", listen=listen,
+        checks = run_checks(node_config(node), listen=listen,
                             superlink=f"127.0.0.1:{port}")
     assert [c.text for c in checks if c.failed] == []
     assert sum(c.status == OK for c in checks) >= 8
@@ -598,7 +599,7 @@ def test_doctor_reports_each_training_problem(tmp_path: Path, demo_env: Path) ->
 
     certs = demo_env / "certs"
     foreign = make_certs(tmp_path / "foreign", ["superlink"])
-    config = (DEPLOY / "demo" / "nodes" / "vendor-a.toml")
+    config = node_config("vendor-a")
     open_key = tmp_path / "open.key"
     open_key.write_bytes((demo_env / "flower" / "vendor-a.key").read_bytes())
     open_key.chmod(0o644)
@@ -633,7 +634,7 @@ def test_doctor_reports_each_training_problem(tmp_path: Path, demo_env: Path) ->
 
 def test_doctor_cli_exit_code(demo_env: Path) -> None:
     done = subprocess.run([str(BIN / "bulle"), "node", "doctor", "--config",
-                           str(DEPLOY / "demo" / "nodes" / "region-ms.toml"),
+                           str(node_config("region-ms")),
                            "--listen", f"127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=300, check=False,
                           env=os.environ.copy())

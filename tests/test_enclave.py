@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bulle_demo import NODES
 from enclave import BulleError, connect
-from enclave._demo import NODES
 from tests._federation import DATA, wait_for
 from tests._hub import HubSession, run_in_kernel, start_server
 

@@ -195,10 +195,12 @@ bounds = {{ g3 = [0, 20] }}
 
 
 def _node_toml(node_id: str, school: str, port: int, dp: bool = False) -> str:
-    """The demo's node config (deploy/demo/nodes), with the container's paths; the open tier
+    """The demo's node config (bulle_demo/nodes), with the container's paths; the open tier
     so that the answer is exact and can be asserted. ``dp``: plus a sensitive table, under
     the board's key mounted at /etc/bulle/board.pub.pem."""
-    text = (ROOT / "deploy" / "demo" / "nodes" / f"{node_id}.toml").read_text()
+    from bulle_demo import node_config
+
+    text = node_config(node_id).read_text()
     text = text.replace('tier = "restricted"', 'tier = "open"')
     text = text.replace("${BULLE_DATA}", "/data")
     lines = []

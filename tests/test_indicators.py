@@ -296,20 +296,13 @@ def test_the_page_renders_for_an_observer_and_refuses_a_researcher(env: Env) -> 
 
 def test_the_demo_indicator_is_seeded_approved_and_refreshes_without_epsilon(
         tmp_path: Path, certs: Path) -> None:
-    """The demo's indicator (enclave/_demo.py), seeded before the coordinator starts, on a
-    node holding the demo's restricted headcounts (cell key perturbation on)."""
-    from enclave._demo import INDICATOR, RESEARCHER
-    from federation import IndicatorSpec, seed_indicator
+    """The demo's indicator (bulle_demo), seeded through the running coordinator's API: the
+    researcher proposes it with the SDK, the board approves it with ``bulle board approve``
+    and its key; on a node holding the demo's restricted headcounts (cell key on)."""
+    from bulle_demo._seed import INDICATOR, seed_indicator
     from tests._federation import DATA
 
     generate_board_keys(tmp_path / "board")
-    state = tmp_path / "coordinator"
-    state.mkdir()
-    args = (str(state / "ledger.sqlite"),
-            (tmp_path / "board" / "board_ed25519.pem").read_bytes(), state / "audit.sqlite",
-            RESEARCHER, IndicatorSpec(**INDICATOR), "restricted", ["college_headcounts"])
-    seed_indicator(*args)
-    seed_indicator(*args)  # idempotent: `bulle demo up` again
     headcounts = {
         "table": "college_headcounts", "tier": "restricted", "privacy_unit": "uai",
         "source": str(DATA / "fr-ille-et-vilaine" / "fr-en-college-effectifs-niveau-sexe-lv.csv"),
@@ -318,8 +311,12 @@ def test_the_demo_indicator_is_seeded_approved_and_refreshes_without_epsilon(
     fed = start_federation(tmp_path, certs, {"solo": [headcounts]},
                            board_public_key=tmp_path / "board" / "board_ed25519.pub.pem")
     try:
+        with ServerThread(build_app(fed.coordinator)) as base:
+            for _ in range(2):  # idempotent: `bulle demo up` again
+                seed_indicator(base, TOKEN, tmp_path / "board" / "board_ed25519.pem", tmp_path)
         indicators = fed.coordinator.indicators
         [ind] = indicators.indicators()
+        assert ind.name == INDICATOR["name"] and ind.proposer == fed.researcher.name
         assert ind.status == "approved" and ind.epsilon is None and ind.tier == "restricted"
         [r] = indicators.tick()
         assert r.status == "released", r.error_message

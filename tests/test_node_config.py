@@ -147,7 +147,9 @@ def test_the_cli_reports_config_errors(tmp_path: Path) -> None:
 def test_demo_configs_are_valid(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BULLE_DATA", str(DATA))
     monkeypatch.setenv("BULLE_DEMO_STATE", str(tmp_path))
-    root = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "nodes"
+    from bulle_demo import NODES, node_config
+
+    root = node_config(NODES[0]).parent  # package data, as the launcher finds it
     configs = {p.stem: load_node_config(p) for p in root.glob("*.toml")}
     assert set(configs) == {"region-gp", "region-ms", "region-35", "vendor-a", "vendor-b", "depp"}
     tables = {n: {d.table for d in c.datasets} for n, c in configs.items()}
