@@ -20,7 +20,7 @@ WORKDIR /src
 # The dependencies first, from pyproject.toml alone (empty package folders), so that a
 # change of the sources rebuilds only the last, seconds-long layers.
 COPY pyproject.toml README.md ./
-RUN mkdir privacy nodes federation enclave bulle_flower && touch bulle_cli.py \
+RUN mkdir privacy nodes federation enclave bulle_flower bulle_demo && touch bulle_cli.py jupyterhub_config.py \
  && pip install "/src[node]" && pip uninstall -y bulle && rm -rf build bulle.egg-info
 # What a SQL node never loads (issue 15; each removal is checked by the imports below):
 # - symbol tables: OpenDP's library ships unstripped (--strip-unneeded: 265 → 168 MB),
@@ -43,12 +43,13 @@ RUN set -eu; sp=/opt/bulle/lib/python3.11/site-packages; \
     find "$sp/numpy" -depth -type d -name tests -exec rm -rf {} +; \
     find "$sp" -type f \( -name '*.so' -o -name '*.so.[0-9]*' \) -not -path "$sp/numpy*" \
       -exec strip --strip-unneeded {} +
-COPY bulle_cli.py ./
+COPY bulle_cli.py jupyterhub_config.py ./
 COPY privacy ./privacy
 COPY nodes ./nodes
 COPY federation ./federation
 COPY enclave ./enclave
 COPY bulle_flower ./bulle_flower
+COPY bulle_demo ./bulle_demo
 # The sources, then the venv without its installers (a running node installs nothing), and
 # a check that everything a SQL node loads still loads: Parquet, compute, IPC, DuckDB, a DP
 # release through OpenDP's stripped library, the serve path.

@@ -23,14 +23,15 @@ WORKDIR /src
 # The dependencies first, from pyproject.toml alone (empty package folders), so that a
 # change of the sources rebuilds only the last, seconds-long layer.
 COPY pyproject.toml README.md ./
-RUN mkdir privacy nodes federation enclave bulle_flower && touch bulle_cli.py \
+RUN mkdir privacy nodes federation enclave bulle_flower bulle_demo && touch bulle_cli.py jupyterhub_config.py \
  && pip install "/src[sdk,hub,training]" "jupyterlab==4.6.6" && pip uninstall -y bulle && rm -rf build bulle.egg-info
-COPY bulle_cli.py ./
+COPY bulle_cli.py jupyterhub_config.py ./
 COPY privacy ./privacy
 COPY nodes ./nodes
 COPY federation ./federation
 COPY enclave ./enclave
 COPY bulle_flower ./bulle_flower
+COPY bulle_demo ./bulle_demo
 RUN pip install --no-deps /src
 
 FROM ${BASE_IMAGE}
