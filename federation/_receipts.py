@@ -6,8 +6,8 @@ signs the release, keeps the receipt for the board and publishes the public keys
   use; one key per purpose (run authorisations have their own).
 - Node keys: each node publishes its receipt key in its catalogue; the first key seen for a
   node is kept (pinned for this process) and a different one later is refused.
-- Key history (``receipts/keys.json``): every key this coordinator or a node ever signed
-  with stays published in ``/v1/keys``. A key replaced (a node's new key seen at a later
+- Key history (``receipt_keys.json`` in the state folder): every key this coordinator
+  or a node ever signed with stays published in ``/v1/keys``. A key replaced (a node's new key seen at a later
   start, or the coordinator's key file renewed) is marked ``retired`` at that time, so a
   receipt signed before still verifies and a statement dated after is refused.
 - Receipts are kept as ``receipts/<query id>.json`` in the state folder (board lookup by
@@ -56,7 +56,7 @@ class Receipts:
         self.folder.mkdir(mode=0o700, exist_ok=True)
         self._node_keys: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._history = KeyHistory(self.folder / "keys.json")
+        self._history = KeyHistory(state / "receipt_keys.json")
         self._history.record("coordinator", "coordinator", self.public_pem)
 
     def learn(self, catalogs: Mapping[str, pb.Catalog]) -> None:

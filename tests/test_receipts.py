@@ -296,7 +296,7 @@ def test_the_key_history_survives_restarts_and_retires_replaced_keys(tmp_path: P
     assert sorted(k["owner"] for k in retired) == ["coordinator", "n1"]
     assert old_kid in {k["kid"] for k in retired}
     assert current[0]["pem"] == second.public_pem != first.public_pem
-    assert stat.S_IMODE((state / "receipts" / "keys.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "receipt_keys.json").stat().st_mode) == 0o600
     # the same keys again: nothing changes
     third = Receipts(state)
     third.learn({"n1": pb.Catalog(receipt_public_key=new_pub.read_text())})
