@@ -7,9 +7,9 @@ signs the release, keeps the receipt for the board and publishes the public keys
 - Node keys: each node publishes its receipt key in its catalogue; the first key seen for a
   node is kept (pinned for this process) and a different one later is refused.
 - Key history (``receipt_keys.json`` in the state folder): every key this coordinator
-  or a node ever signed with stays published in ``/v1/keys``. A key replaced (a node's new key seen at a later
-  start, or the coordinator's key file renewed) is marked ``retired`` at that time, so a
-  receipt signed before still verifies and a statement dated after is refused.
+  or a node ever signed with stays published in ``/v1/keys``. A key replaced (a node's new
+  key seen at a later start, or the coordinator's key file renewed) is marked ``retired`` at
+  that time, so a receipt signed before still verifies and a statement dated after is refused.
 - Receipts are kept as ``receipts/<query id>.json`` in the state folder (board lookup by
   id, or by the receipt's sha256).
 """
