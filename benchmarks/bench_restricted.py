@@ -225,7 +225,7 @@ def datasets(synth: list[Path]) -> list[Dataset]:
 def union_db() -> duckdb.DuckDBPyConnection:
     """The demo tables whole, in one DuckDB, loaded as a node loads them."""
     from nodes._config import DatasetConfig
-    from nodes._ingest import load_dataset
+    from nodes._sources import load_dataset
 
     con = duckdb.connect()
     for table, path in (("lycee_students", SHARED / "uci-student-performance" /

@@ -1,6 +1,6 @@
 """The node agent: holds data, never lets rows out.
 
-- ``_config``: TOML config (unknown keys rejected); ``_ingest``: CSV/Parquet → DuckDB;
+- ``_config``: TOML config (unknown keys rejected); ``_sources``: CSV/Parquet source files → DuckDB;
 - ``_engine``: locked DuckDB, plan execution; ``_disclosure``: disclosure control before
   release (open as computed, restricted by the cell key method, sensitive by DP, charged first);
 - ``_compile``: plan checks (second line of defence) and SQL generation;

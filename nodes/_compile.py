@@ -21,7 +21,6 @@ from federation.proto.ops import ExprError, to_sql
 from federation.proto.ops import column as typed_column
 from nodes._config import ROW_UNIT
 from nodes._dp import DpPartial, DpRefused, DpSpec, clamp, key_domain, partial_bounds, value_bounds
-from nodes._ingest import type_family
 from nodes._restricted import (
     MAX_GROUPS,
     RECORD_KEY,
@@ -31,6 +30,7 @@ from nodes._restricted import (
     is_indicator,
     restricted_sql,
 )
+from nodes._sources import type_family
 from privacy import CkmParams
 
 TIER_RANK = {"open": 0, "restricted": 1, "sensitive": 2}

@@ -30,9 +30,9 @@ from nodes._compile import CompiledPlan, PlanRefused
 from nodes._config import ROW_UNIT, DatasetConfig
 from nodes._dp import release
 from nodes._guard import PrivacyGuard
-from nodes._ingest import _quote, type_family
 from nodes._references import to_ipc
 from nodes._restricted import envelope, release_restricted
+from nodes._sources import _quote, type_family
 from privacy import ptable_for
 
 

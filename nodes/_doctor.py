@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodes._config import ConfigError, NodeConfig, load_node_config
-from nodes._ingest import load_dataset, row_count_bucket, table_columns, type_family
+from nodes._sources import load_dataset, row_count_bucket, table_columns, type_family
 
 if TYPE_CHECKING:
     from nodes._onboard import IngestSpec

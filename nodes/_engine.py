@@ -39,7 +39,6 @@ from nodes._disclosure import (
     release_table,
 )
 from nodes._guard import PrivacyGuard
-from nodes._ingest import _quote, load_dataset, row_count_bucket, table_columns, type_family
 from nodes._pids import process_alive
 from nodes._quality import compute_quality, fill_table_info
 from nodes._references import (
@@ -54,6 +53,7 @@ from nodes._references import (
     to_ipc,
 )
 from nodes._restricted import add_record_keys
+from nodes._sources import _quote, load_dataset, row_count_bucket, table_columns, type_family
 from privacy import describe_ptable, ptable_for
 
 log = logging.getLogger("bulle.node")

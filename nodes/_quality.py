@@ -39,7 +39,7 @@ from sqlglot import exp
 
 from federation.proto import bulle_pb2 as pb
 from nodes._config import ConfigError, DatasetConfig
-from nodes._ingest import _quote, row_count_bucket, table_columns, type_family
+from nodes._sources import _quote, row_count_bucket, table_columns, type_family
 
 # Columns that join datasets of the education system, by normalised name.
 PIVOT_NAMES = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from federation.proto import bulle_pb2 as pb
-from nodes._ingest import normalize_column_name
+from nodes._sources import normalize_column_name
 
 log = logging.getLogger("bulle.node")
 # The node accepts gRPC messages up to 16 MiB; the table info travels with the content.

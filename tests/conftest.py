@@ -9,7 +9,7 @@ import pytest
 
 from federation._certs import make_certs
 from nodes._config import DatasetConfig
-from nodes._ingest import load_dataset
+from nodes._sources import load_dataset
 from tests._federation import DATA, Federation, start_federation
 
 # The exact federation releases the restricted tier unperturbed (the rewrite corpus checks

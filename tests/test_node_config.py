@@ -9,7 +9,7 @@ import pytest
 
 from nodes._config import ConfigError, DatasetConfig, load_node_config
 from nodes._engine import NodeEngine
-from nodes._ingest import load_dataset, normalize_column_name, sniff_csv
+from nodes._sources import load_dataset, normalize_column_name, sniff_csv
 from tests._federation import DATA, node_toml
 
 FILES = {

@@ -21,9 +21,9 @@ import pytest
 
 from nodes._config import ConfigError, DatasetConfig, load_node_config
 from nodes._engine import NodeEngine
-from nodes._ingest import load_dataset, sniff_csv
 from nodes._onboard import IngestError, ingest_dataset, ingest_node, proposal_path
 from nodes._quality import compute_quality, published
+from nodes._sources import load_dataset, sniff_csv
 from tests._federation import DATA, TOKEN, node_toml, start_federation
 
 KEY = "a3f1c9e07b5d42e8a3f1c9e07b5d42e8"  # the trusted third party's key, in the tests

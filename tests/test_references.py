@@ -69,7 +69,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory, ref_certs: Path) -> Iterator[F
 def union(fed: Federation) -> Iterator[duckdb.DuckDBPyConnection]:
     """One DuckDB with the whole headcount file and the IPS table: the reference answers."""
     from nodes._config import DatasetConfig
-    from nodes._ingest import load_dataset
+    from nodes._sources import load_dataset
 
     con = duckdb.connect()
     load_dataset(con, DatasetConfig("college_headcounts", (HEADCOUNTS,), "restricted",

@@ -14,8 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nodes._ingest import unique_names
 from nodes._onboard._spec import IngestError, IngestSpec
+from nodes._sources import unique_names
 
 _TEXT_SUFFIXES = (".csv", ".txt", ".tsv")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nodes._config import ConfigError, DatasetConfig, NodeConfig
-from nodes._ingest import _infer_casts, _quote, load_dataset
 from nodes._onboard._files import _locked, _publish, _write_temp, atomic_write, outputs
 from nodes._onboard._proposal import _proposal, _write_proposal
 from nodes._onboard._pseudonym import _load_key, key_fingerprint
@@ -25,6 +24,7 @@ from nodes._onboard._spec import FORMAT_VERSION, IngestError, IngestSpec, _Uncla
 from nodes._onboard._transform import _build, _drain
 from nodes._quality import compute_quality, sha256_file
 from nodes._quality import iso as _iso
+from nodes._sources import _infer_casts, _quote, load_dataset
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import duckdb
 import pyarrow as pa
 
 from nodes._config import DatasetConfig
-from nodes._ingest import _infer_casts, _quote, type_family
 from nodes._onboard._pseudonym import _pseudonymise
 from nodes._onboard._read import _fail, _Input
 from nodes._onboard._spec import IngestError, IngestSpec, _Unclassified
+from nodes._sources import _infer_casts, _quote, type_family
 
 _DATE_FORMATS = "['%Y-%m-%d', '%d/%m/%Y', '%Y-%m-%d %H:%M:%S', '%Y-%m-%dT%H:%M:%S']"
 
