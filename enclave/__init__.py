@@ -18,7 +18,8 @@
 
 For ``jupyterhub_config.py`` (``_hub``, loads JupyterHub): ``BrokeredSpawner``,
 ``DemoAuthenticator``, ``CUSTOM_SCOPES``, ``roles_for``, ``read_users``, ``prepare_home``,
-``landing_url``, ``refuse_server``, ``HOME``, ``SERVICE``, ``TEMPLATES``, ``write_users``.
+``landing_url``, ``refuse_server``, ``HOME``, ``LAUNCHER``, ``SERVICE``, ``TEMPLATES``,
+``write_users``.
 For the demo launcher (``bulle_demo``, as root, ``_users``): ``Account``, ``is_root``,
 ``ensure_service_user``, ``own``, ``mount_namespaces_work``, ``PERSON_PREFIX``.
 
@@ -31,7 +32,7 @@ from typing import Any
 
 _SDK = ("BulleError", "Hub", "connect")
 _RECEIPTS = ("ReceiptError", "save_receipt", "verify_receipt")
-_HUB = ("CUSTOM_SCOPES", "HOME", "SERVICE", "TEMPLATES", "BrokeredSpawner",
+_HUB = ("CUSTOM_SCOPES", "HOME", "LAUNCHER", "SERVICE", "TEMPLATES", "BrokeredSpawner",
         "DemoAuthenticator", "landing_url", "prepare_home", "read_users", "refuse_server",
         "roles_for", "write_users")
 # system users and file ownership as root (the demo launcher ``bulle_demo``)
