@@ -122,15 +122,27 @@ def build_app(coordinator: Coordinator) -> FastAPI:
     return app
 
 
+class _HubPrefix:
+    """The hub's proxy forwards /services/<name>/… unchanged: route it as if at the root.
+
+    Plain ASGI: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs every request
+    through extra tasks and memory streams, ~1 CPU-ms each (issue 13, T0)."""
+
+    def __init__(self, app: Any, prefix: str) -> None:
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path = scope["path"]
+            if path == self.prefix or path.startswith(self.prefix + "/"):
+                scope["root_path"] = self.prefix
+        await self.app(scope, receive, send)
+
+
 def _add_plumbing(app: FastAPI, prefix: str | None) -> None:
     """The hub prefix middleware and the JSON error handlers."""
-
-    @app.middleware("http")
-    async def _hub_prefix(request: Request, call_next: Any) -> Response:
-        # The hub's proxy forwards /services/<name>/… unchanged: route it as if at the root.
-        if prefix and (request.url.path == prefix or request.url.path.startswith(prefix + "/")):
-            request.scope["root_path"] = prefix
-        return await call_next(request)
+    if prefix:
+        app.add_middleware(_HubPrefix, prefix=prefix)
 
     @app.exception_handler(QueryError)
     def _query_error(_: Request, e: QueryError) -> JSONResponse:

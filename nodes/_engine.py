@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Generator
 from pathlib import Path
@@ -29,6 +30,7 @@ import pyarrow as pa
 from federation.proto import bulle_pb2 as pb
 from nodes._compile import CompiledPlan, PlanRefused, TableMeta, compile_plan
 from nodes._config import ROW_UNIT, ConfigError, DatasetConfig, NodeConfig
+from nodes._deadline import Deadline
 from nodes._disclosure import FAILED as FAILED  # re-exported: the node's one failure text
 from nodes._disclosure import (
     Execution,
@@ -57,55 +59,10 @@ from nodes._sources import _quote, load_dataset, row_count_bucket, table_columns
 from privacy import describe_ptable, ptable_for
 
 log = logging.getLogger("bulle.node")
+# SQL that bound before runs through execute() (one parse and bind, not two): DuckDB warns
+# that its Arrow output copies the rows, which costs nothing for a plan's bounded result.
+warnings.filterwarnings("ignore", "Arrow output on a DB-API result", UserWarning)
 ROW_BATCH = 65_536  # rows per chunk of ExecuteRows
-
-
-class Deadline:
-    """One plan's time limit and its caller's cancellation.
-
-    When either comes, the DuckDB cursor running this plan's query is interrupted, so the
-    worker is free at once. A plan runs on a cursor of its own, attached here only while
-    its query runs: an interrupt can never reach another plan's query.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = max(0.0, seconds)
-        self.cause = ""  # "deadline" or "cancelled", once fired
-        self._expires = time.monotonic() + self.seconds
-        self._cursor: duckdb.DuckDBPyConnection | None = None
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(self.seconds, self.fire, ("deadline",))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self._expires - 0.05
-
-    def fire(self, cause: str) -> None:
-        with self._lock:
-            self.cause = self.cause or cause
-            if self._cursor is not None:
-                self._cursor.interrupt()
-
-    def attach(self, cursor: duckdb.DuckDBPyConnection) -> None:
-        with self._lock:
-            if self.cause:
-                raise PlanFailed(cause=f"{self.cause} before the query ran",
-                                 interrupted=self.cause)
-            self._cursor = cursor
-
-    def detach(self) -> None:
-        with self._lock:
-            self._cursor = None
-
-    def check(self) -> None:
-        """After the query: a limit reached meanwhile (in the release) still fails it."""
-        if self.cause:
-            raise PlanFailed(cause=f"{self.cause} during the release", interrupted=self.cause)
-
-    def close(self) -> None:
-        self._timer.cancel()
-        self.detach()
 
 
 def _typed_domain(values: tuple[object, ...], duck_type: str, where: str) -> tuple[object, ...]:
@@ -128,6 +85,7 @@ class NodeEngine:
         self._local = threading.local()  # the deadline of the plan this thread executes
         self.meta: dict[str, TableMeta] = {}
         self._compiled: dict[bytes, CompiledPlan] = {}
+        self._bound: set[str] = set()  # SQL that bound against the current tables
         self._generation = 0  # bumped when tables change: older compilations are not kept
         self._cache_lock = threading.Lock()
         self._buckets: dict[str, str] = {}
@@ -314,6 +272,7 @@ class NodeEngine:
         with self._cache_lock:
             self._generation += 1
             self._compiled.clear()
+            self._bound.clear()
 
     def _keep(self, copy: Copy) -> None:
         """Load a checked copy into DuckDB (from Arrow: allowed after the lock-down)."""
@@ -355,7 +314,18 @@ class NodeEngine:
         limit = getattr(self._local, "deadline", None) or self.deadline()
         cursor = self._con.cursor()
         try:
+            with self._cache_lock:
+                bound, generation = sql in self._bound, self._generation
+            if bound:  # it bound before against these tables: parse and bind once, not twice
+                limit.attach(cursor)
+                try:
+                    return cursor.execute(sql).to_arrow_table()
+                finally:
+                    limit.detach()
             relation = self._bind(cursor, sql)
+            with self._cache_lock:
+                if generation == self._generation and len(self._bound) < 1024:
+                    self._bound.add(sql)
             limit.attach(cursor)
             try:
                 return relation.to_arrow_table()

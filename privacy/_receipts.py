@@ -41,7 +41,9 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from privacy._grants import (
@@ -248,7 +250,13 @@ def _open(token: str, table: Mapping[str, Mapping[str, Any]], what: str,
 def open_partial_statement(token: str, public_key: bytes | str) -> dict[str, Any]:
     """A node's statement opened with that node's key (the coordinator's check)."""
     key = public_key.encode() if isinstance(public_key, str) else public_key
-    return _open(token, _key_table([key]), "node statement", "node")
+    return _open(token, _one_key_table(key), "node statement", "node")
+
+
+@lru_cache(maxsize=256)
+def _one_key_table(pem: bytes) -> Mapping[str, Mapping[str, Any]]:
+    """A node's key table, kept: the coordinator opens one statement per node and query."""
+    return MappingProxyType(_key_table([pem]))
 
 
 def verify_receipt(receipt: Mapping[str, Any] | str | os.PathLike[str], keys: Any,

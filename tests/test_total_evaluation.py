@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
@@ -687,3 +688,31 @@ def test_max_query_seconds_is_configured(tmp_path, certs) -> None:
                                  'memory_limit = "512MB"\nmax_query_seconds = 0'))
     with pytest.raises(ConfigError, match="max_query_seconds"):
         load_node_config(path)
+
+
+def test_one_watchdog_fires_deadlines_in_their_order(limits_fed) -> None:
+    """Deadlines share one thread: a sooner one added after a later one still fires first,
+    and a closed one never fires."""
+    engine = limits_fed.engines["solo"]
+    later, closed = Deadline(30), Deadline(0.05)
+    closed.close()
+    sooner = Deadline(0.2)
+    with pytest.raises(PlanFailed) as err:
+        engine.execute(_plan(limits_fed, RUNAWAY), sooner)
+    assert err.value.interrupted == "deadline" and sooner.cause == "deadline"
+    wait_for(lambda: time.monotonic() > closed._expires + 0.5, 5)
+    assert closed.cause == "" and later.cause == ""
+    later.close()
+
+
+def test_a_plan_bound_once_runs_again_alike_and_forgets_on_a_table_change(limits_fed) -> None:
+    """The second run of a plan skips the bind check (one parse and bind, not two) and
+    answers the same; a change of tables makes the next run bind again."""
+    engine = limits_fed.engines["solo"]
+    plan = _plan(limits_fed, "SELECT COUNT(*) AS n FROM dnb_colleges")
+    first = engine.execute(plan).result.arrow_ipc
+    assert engine._bound, "the plan's SQL is remembered as bound"
+    assert engine.execute(plan).result.arrow_ipc == first
+    engine._forget_compiled()
+    assert not engine._bound
+    assert engine.execute(plan).result.arrow_ipc == first
