@@ -257,6 +257,18 @@ def dp_errors(expected: list[tuple[Any, ...]], got: list[list[Any]], keys: int
     return None, errs
 
 
+def noise_over_value(expected: list[tuple[Any, ...]], result: dict[str, Any], keys: int
+                     ) -> float | None:
+    """Median over the released values of the reported noise sd ÷ the true value."""
+    truth = {tuple(r[:keys]): r[keys:] for r in expected}
+    ratios = []
+    for row, sds in zip(result["rows"], result.get("noise_sd") or [], strict=False):
+        for e, sd in zip(truth.get(tuple(row[:keys]), ()), sds[keys:], strict=False):
+            if e and sd is not None:
+                ratios.append(float(sd) / abs(float(e)))
+    return statistics.median(ratios) if ratios else None
+
+
 def node_imports() -> dict[str, float]:
     """A serving node's imports, alone: wall seconds and RSS before any data."""
     # VmRSS, not ru_maxrss: Linux keeps the parent's peak across fork + exec
@@ -319,14 +331,15 @@ def run_federation(n: int, files: dict[str, Path], small: list[Path], args: Any,
                 "duckdb": lambda s=sql: base.execute(s.format(t="eleves")).fetchall(),
                 "exact": lambda s=sql: coord.run(s.format(t="eleves"), who)["rows"],
                 "dp": lambda s=sql: coord.run(s.format(t="eleves_dp"), who,
-                                              epsilon=EPSILON)["rows"]}, cpu, args.runs)
+                                              epsilon=EPSILON)}, cpu, args.runs)
             peak = max(peak, pk)
             why = check_exact(res["duckdb"], res["exact"])
             if why:
                 failures.append(f"{n} nodes {qname} exact: {why}")
-            why, errs = dp_errors(res["duckdb"], res["dp"], keys)
+            why, errs = dp_errors(res["duckdb"], res["dp"]["rows"], keys)
             if why:
                 failures.append(f"{n} nodes {qname} DP: {why}")
+            noise = noise_over_value(res["duckdb"], res["dp"], keys)
             d, e, p = (median(wall[k]) for k in ("duckdb", "exact", "dp"))
             cd, ce, cp = (median(cpus[k]) for k in ("duckdb", "exact", "dp"))
             row = {"duckdb_s": d, "exact_s": e, "dp_s": p, "duckdb_cpu_s": cd,
@@ -334,13 +347,18 @@ def run_federation(n: int, files: dict[str, Path], small: list[Path], args: Any,
                    "dp_wall_ratio": p / d, "dp_cpu_ratio": cp / cd, "dp_over_exact": p / e,
                    "dp_rel_err_median": statistics.median(errs) if errs else None,
                    "dp_rel_err_max": max(errs) if errs else None, "groups": len(res["duckdb"]),
+                   # the noise's sd ÷ the true value, median over cells: as released (each
+                   # node adds its own noise) and with secure aggregation (one noise: ÷ √n)
+                   "dp_rel_sd_median": noise, "dp_rel_sd_secagg_median":
+                       noise / math.sqrt(n) if noise is not None else None,
                    "wall": wall, "cpu": cpus}
             out[qname] = row
             print(f"  {qname}: DuckDB {fmt_s(d)} (CPU {fmt_s(cd)}); exact {fmt_s(e)} "
                   f"(CPU {fmt_s(ce)}) → wall {e / d:.2f}×, CPU {ce / cd:.2f}×; DP {fmt_s(p)} "
                   f"(CPU {fmt_s(cp)}) → {p / d:.2f}× wall, {cp / cd:.2f}× CPU, DP÷exact "
-                  f"{p / e:.2f}; DP rel. error median {row['dp_rel_err_median'] or 0:.2e}",
-                  flush=True)
+                  f"{p / e:.2f}; DP rel. error median {row['dp_rel_err_median'] or 0:.2e}, "
+                  f"noise sd ÷ value {row['dp_rel_sd_median'] or 0:.2e} (secure aggregation: "
+                  f"{row['dp_rel_sd_secagg_median'] or 0:.2e})", flush=True)
         out["rss_load_peak_mb"] = peak
         out["rss_after_mb"] = cpu.rss_mb()
         out["vmhwm_mb"] = cpu.hwm_mb()
@@ -358,17 +376,25 @@ def run_federation(n: int, files: dict[str, Path], small: list[Path], args: Any,
                 r.raise_for_status()
                 return r.json()["result"]["rows"]
 
+            served = Cpu([fed.procs["coordinator"].pid])
+            c0, s0, m0 = cpu.nodes(), served.nodes(), time.process_time()
             times, res = _harness.time_interleaved({
                 "duckdb": lambda: small_con.execute(T0_QUERY).fetchall(),
                 "http": via_http}, args.t0_runs, warmup=5)
+            per_query = 1000 / (args.t0_runs + 5)  # CPU-ms per query (DuckDB's share is tiny)
+            t0_cpu = {"nodes": (cpu.nodes() - c0) * per_query,
+                      "coordinator": (served.nodes() - s0) * per_query,
+                      "client": (time.process_time() - m0) * per_query}
             why = check_exact(res["duckdb"], res["http"])
             if why:
                 failures.append(f"T0 ({n} nodes): {why}")
             out["T0"] = {"http_median_s": median(times["http"]),
                          "http_p95_s": _harness.p95(times["http"]),
-                         "duckdb_median_s": median(times["duckdb"])}
+                         "duckdb_median_s": median(times["duckdb"]), "cpu_ms": t0_cpu}
             print(f"  T0 (3 nodes hold t_small, HTTP API): median "
-                  f"{fmt_s(out['T0']['http_median_s'])}, p95 {fmt_s(out['T0']['http_p95_s'])}",
+                  f"{fmt_s(out['T0']['http_median_s'])}, p95 {fmt_s(out['T0']['http_p95_s'])};"
+                  f" CPU-ms per query: all nodes {t0_cpu['nodes']:.1f}, coordinator "
+                  f"{t0_cpu['coordinator']:.1f}, client + DuckDB {t0_cpu['client']:.1f}",
                   flush=True)
             http.close()
             small_con.close()
@@ -420,8 +446,9 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     lines = ["| nodes | query | fed ÷ DuckDB wall | fed ÷ DuckDB CPU (all processes) | "
-             "DP ÷ DuckDB wall / CPU | DP ÷ exact | DP rel. error (median) |",
-             "|---|---|---|---|---|---|---|"]
+             "DP ÷ DuckDB wall / CPU | DP ÷ exact | DP rel. error (median) | "
+             "DP noise sd ÷ value: per-node noise / secure aggregation |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, fed in details.items():
         if not key.endswith(" nodes"):
             continue
@@ -432,10 +459,13 @@ def main() -> int:
                          f"{r['cpu_ratio']:.2f} ({fmt_s(r['exact_cpu_s'])} vs "
                          f"{fmt_s(r['duckdb_cpu_s'])}) | {r['dp_wall_ratio']:.2f} / "
                          f"{r['dp_cpu_ratio']:.2f} | {r['dp_over_exact']:.2f} | "
-                         f"{r['dp_rel_err_median'] or 0:.1e} |")
+                         f"{r['dp_rel_err_median'] or 0:.1e} | "
+                         f"{r['dp_rel_sd_median'] or 0:.1e} / "
+                         f"{r['dp_rel_sd_secagg_median'] or 0:.1e} |")
     lines += ["", "| nodes | start | node RSS at start | node RSS under load (peak) | "
-              "node VmHWM (incl. loading) | idle CPU, all nodes | T0 HTTP median / p95 |",
-              "|---|---|---|---|---|---|---|"]
+              "node VmHWM (incl. loading) | idle CPU, all nodes | T0 HTTP median / p95 | "
+              "T0 CPU-ms per query: nodes / coordinator |",
+              "|---|---|---|---|---|---|---|---|"]
     for key, fed in details.items():
         if not key.endswith(" nodes"):
             continue
@@ -444,8 +474,9 @@ def main() -> int:
                      f"{min(fed['rss_start_mb']):.0f}–{max(fed['rss_start_mb']):.0f} MB | "
                      f"{fed['rss_load_peak_mb']:.0f} MB | {min(fed['vmhwm_mb']):.0f}–"
                      f"{max(fed['vmhwm_mb']):.0f} MB | {fed['idle_cpu_pct_all_nodes']:.1f}% | "
-                     + (f"{fmt_s(t0['http_median_s'])} / {fmt_s(t0['http_p95_s'])} |" if t0
-                        else "— |"))
+                     + (f"{fmt_s(t0['http_median_s'])} / {fmt_s(t0['http_p95_s'])} | "
+                        f"{t0['cpu_ms']['nodes']:.1f} / {t0['cpu_ms']['coordinator']:.1f} |"
+                        if t0 else "— | — |"))
     details["table"] = "\n".join(lines)
     print(details["table"])
     print(f"\nbaseline: one DuckDB (threads = {details.get('baseline_threads')}) over the "
