@@ -132,10 +132,12 @@ def _ingest(config, table: str | None, force: bool) -> int:
     return 2 if failed else 0
 
 
-def _warm_dp_libraries() -> None:
-    # OpenDP only: a node's own DP charges are closed forms (privacy/_events.py), and a SQL
-    # node's image has no dp-accounting (issue 15).
+def _warm_dp_libraries(engine) -> None:
+    # OpenDP and the ledger (SQLAlchemy); not dp-accounting: a node's own DP charges are
+    # closed forms (privacy/_events.py), and a SQL node's image has none (issue 15).
     import opendp.prelude  # noqa: F401
+
+    engine.guard.ledger  # noqa: B018 (opened here, not in the first DP query's time)
 
 
 def _serve(config, superlink: str | None = None) -> int:
@@ -153,9 +155,10 @@ def _serve(config, superlink: str | None = None) -> int:
     log.info("node %s serving %d tables on %s (port %d, mutual TLS)", config.node_id,
              len(config.datasets), config.listen, port)
     if any(d.tier == "sensitive" for d in config.datasets):
-        # The DP libraries (~2 s of imports) load after the node serves, not before it does,
+        # The DP libraries and the ledger load after the node serves, not before it does,
         # and not in the first DP query's time.
-        threading.Thread(target=_warm_dp_libraries, name="warm-dp", daemon=True).start()
+        threading.Thread(target=_warm_dp_libraries, args=(engine,), name="warm-dp",
+                         daemon=True).start()
     if metrics is not None:
         log.info("metrics on http://%s/metrics (port %d)", config.metrics_listen,
                  metrics.serve(config.metrics_listen))

@@ -146,3 +146,46 @@ def test_the_ledgers_rdp_orders_are_dp_accountings() -> None:
     from privacy._accounting import ORDERS
 
     assert tuple(float(o) for o in DEFAULT_RDP_ORDERS) == ORDERS
+
+
+_NODE_WITHOUT_CHARGES = """
+import sys
+from pathlib import Path
+from federation.proto import bulle_pb2 as pb
+from nodes._config import load_node_config
+from nodes._engine import NodeEngine
+from nodes._service import build_server
+
+engine = NodeEngine(load_node_config(sys.argv[1]))
+server, _ = build_server(engine.config, engine)
+done = engine.execute(pb.Plan.FromString(Path(sys.argv[2]).read_bytes()))
+print(done.rows_out, "sqlalchemy" in sys.modules, end=" ")
+engine.guard.ledger  # the first charge would open it
+print("sqlalchemy" in sys.modules)
+server.stop(None).wait()
+engine.close()
+"""
+
+
+def test_a_node_that_charges_nothing_never_loads_the_ledger(tmp_path: Path, certs: Path,
+                                                          pupils: tuple[Path, Path]) -> None:
+    """SQLAlchemy (the ledger's) loads on a node's first charge, not with every node: a
+    node serving a restricted table answers without it (issue 13: imports before data)."""
+    import subprocess
+    import sys
+
+    from federation._planner import plan_query
+    from federation._sql import parse
+
+    config = _config(tmp_path, certs, [{"table": "eleves", "source": str(pupils[0]),
+                                        "tier": "restricted"}])
+    engine = NodeEngine(load_node_config(config))
+    query = parse("SELECT academie, COUNT(*) AS n FROM eleves GROUP BY academie",
+                  {"eleves": engine.meta["eleves"].columns})
+    engine.close()
+    plan = tmp_path / "plan.bin"
+    plan.write_bytes(plan_query(query).plan.SerializeToString())
+    out = subprocess.run([sys.executable, "-c", _NODE_WITHOUT_CHARGES, str(config), str(plan)],
+                         capture_output=True, text=True, check=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["4", "False", "True"], out.stdout + out.stderr[-2000:]
