@@ -50,38 +50,31 @@ COPY federation ./federation
 COPY enclave ./enclave
 COPY bulle_flower ./bulle_flower
 COPY bulle_demo ./bulle_demo
-# The sources, then the venv without its installers (a running node installs nothing), and
-# a check that everything a SQL node loads still loads: Parquet, compute, IPC, DuckDB, a DP
-# release through OpenDP's stripped library, the serve path.
-RUN pip install --no-deps /src \
- && python -m pip uninstall -y pip setuptools \
- && python -c "import sys, io, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute, \
-pyarrow.ipc, duckdb, nodes.cli, nodes._engine, nodes._service, nodes._onboard, \
-nodes._restricted, privacy; t = pa.table({'x': [1, 2]}); b = io.BytesIO(); \
-pq.write_table(t, b); assert pq.read_table(io.BytesIO(b.getvalue())).equals(t); \
+# The sources, then the venv without its installers (a running node installs nothing).
+RUN pip install --no-deps /src && python -m pip uninstall -y pip setuptools
+# The runtime root fs, distroless-style (the script says what goes in), and a check, run in
+# it as the node's user, that everything a SQL node loads still loads there: Parquet,
+# compute, IPC, DuckDB, a DP release through OpenDP's stripped library, the serve and
+# doctor paths, ctypes' libc lookup (malloc tuning), TLS with the CA bundle (/dev/null only
+# for the check: ctypes' lookup reads it; docker provides /dev at run time).
+COPY deploy/images/node-sql-rootfs.sh /usr/local/bin/
+RUN node-sql-rootfs.sh /rootfs && mkdir /rootfs/dev && mknod -m 666 /rootfs/dev/null c 1 3 \
+ && env -i PATH=/opt/bulle/bin:/usr/bin LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 \
+    /usr/sbin/chroot --userspec=10001:10001 /rootfs python -c "import sys, io, ctypes.util, ssl, \
+pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute, pyarrow.ipc, duckdb, nodes.cli, \
+nodes._engine, nodes._service, nodes._onboard, nodes._restricted, nodes._doctor, privacy; \
+t = pa.table({'x': [1, 2]}); b = io.BytesIO(); pq.write_table(t, b); \
+assert pq.read_table(io.BytesIO(b.getvalue())).equals(t); \
 assert duckdb.sql('SELECT 41 + 1').fetchall() == [(42,)]; \
 privacy.dp_count([10.0], 1.0); privacy.ptable_for(privacy.CkmParams()); \
-bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad"
-
-# The runtime's root fs: the base without what a node never reads (documentation, man pages,
-# message catalogues, glibc's iconv modules, the wheels python3-venv keeps for new venvs, the
-# standard library's test, 2to3, pydoc and tk parts, package caches), squashed into one
-# layer below (deleting in a later layer would not make the image smaller).
-FROM ${BASE_IMAGE} AS root
-RUN rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
-      /usr/share/lintian /usr/share/python-wheels /var/cache/* /var/lib/apt/lists/* \
-      /usr/lib/x86_64-linux-gnu/gconv /usr/lib/python3.11/test /usr/lib/python3.11/lib2to3 \
-      /usr/lib/python3.11/pydoc_data /usr/lib/python3.11/idlelib \
-      /usr/lib/python3.11/tkinter /usr/lib/python3.11/turtledemo \
- && groupadd --system --gid 10001 bulle \
- && useradd --system --uid 10001 --gid bulle --home-dir /var/lib/bulle --create-home \
-    --shell /usr/sbin/nologin bulle
+assert ctypes.util.find_library('c') == 'libc.so.6'; \
+assert ssl.create_default_context().cert_store_stats()['x509_ca'] > 0; \
+bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad" \
+ && rm -rf /rootfs/dev /rootfs/tmp/* && chmod 1777 /rootfs/tmp
 
 FROM scratch
-# hadolint ignore=DL3067
-COPY --from=root / /
-COPY --from=build /opt/bulle /opt/bulle
-ENV PATH=/opt/bulle/bin:/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
+COPY --from=build /rootfs /
+ENV PATH=/opt/bulle/bin:/usr/bin \
     LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # /etc/bulle: config, TLS files, board key (read-only mounts); /data: the operator's
 # extracts (read-only); /var/lib/bulle: ledger, audit chain, release cache (a volume).
