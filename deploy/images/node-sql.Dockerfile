@@ -30,8 +30,17 @@ RUN mkdir privacy nodes federation enclave bulle_flower bulle_demo && touch bull
 #   optionally; libarrow_substrait stays, every pyarrow module links it), its tests,
 #   headers and Cython sources, and the unversioned copies of its
 #   libraries (wheels hold no symlinks: the loader asks for the .so.NNNN names);
-# - numpy's tests.
+# - numpy's tests, its test and SIMD-introspection extensions, f2py, numpy.distutils,
+#   C headers and static library (build-time only: −6 MB);
+# - SQLAlchemy's test harness and the MySQL, SQL Server and Oracle dialects (a node's stores
+#   are SQLite; the ledger's PostgreSQL branch stays: −4 MB); type stubs (.pyi: −2 MB).
 RUN set -eu; sp=/opt/bulle/lib/python3.11/site-packages; \
+    rm -rf "$sp/numpy/distutils" "$sp/numpy/f2py" "$sp/numpy/_pyinstaller" \
+      "$sp/numpy/_core/include" "$sp/numpy/_core/lib" "$sp/numpy/_core"/_*tests*.so \
+      "$sp/numpy/_core"/_simd*.so "$sp/sqlalchemy/testing" "$sp/sqlalchemy/dialects/mysql" \
+      "$sp/sqlalchemy/dialects/mssql" "$sp/sqlalchemy/dialects/oracle" "$sp/_duckdb-stubs" \
+      "$sp/wrapt-stubs"; \
+    find "$sp" -name '*.pyi' -delete; \
     find "$sp/pyarrow" -maxdepth 1 \( -name tests -o -name include -o -name src \
       -o -name '*.pxd' -o -name '*.pyx' -o -name '*.pxi' -o -name '*.h' \
       -o -name '_flight*.so' -o -name 'libarrow_flight.so*' -o -name 'flight.py' \
@@ -70,6 +79,8 @@ privacy.dp_count([10.0], 1.0); privacy.ptable_for(privacy.CkmParams()); \
 assert ctypes.util.find_library('c') == 'libc.so.6'; \
 assert ssl.create_default_context().cert_store_stats()['x509_ca'] > 0; \
 bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad" \
+ && env -i PATH=/opt/bulle/bin:/usr/bin /usr/sbin/chroot --userspec=10001:10001 /rootfs \
+    bulle node doctor --help >/dev/null \
  && rm -rf /rootfs/dev /rootfs/tmp/* && chmod 1777 /rootfs/tmp
 
 FROM scratch
