@@ -166,7 +166,7 @@ def images(docker) -> Iterator[dict[str, float]]:
             print(f"\n{tag}: {size:.0f} MB, built in {seconds:.0f} s")
         yield took
     finally:
-        if not os.environ.get("BULLE_KEEP_IMAGES"):
+        if os.environ.get("BULLE_KEEP_IMAGES", "0") in ("", "0"):  # =0 prunes too
             remove_images(docker)
 
 
