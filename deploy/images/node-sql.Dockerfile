@@ -1,9 +1,11 @@
 # Slim node agent image: `bulle node serve` (gRPC, mutual TLS) for a node that serves
 # federated SQL only — the core dependencies, no torch, flwr, opacus, jupyterhub,
 # dp-accounting or scipy. A node of the DP training tier uses node.Dockerfile.
-# 555 MB from the debootstrap base (1015 MB before issue 15), built in 64 s cold: OpenDP
-# 167 MB, pyarrow 81, DuckDB 69, numpy 56, SQLAlchemy 21, gRPC 19, cryptography 13, base
-# 118 (deploy/README.md, "Images", says what bounds it above 400 MB).
+# 482 MB from the debootstrap base (555 MB with the Debian base as runtime, 1015 MB before
+# issue 15), built in 58 s cold, 16 s when only the sources changed. The runtime stage is
+# distroless-style (node-sql-rootfs.sh: python, its pruned standard library, the venv, an
+# ldd closure of shared libraries; no shell). OpenDP 171 MB, pyarrow 83, DuckDB 70, numpy
+# 50 alone are 373 MB: deploy/README.md, "Images", says why 400 MB needs a smaller OpenDP.
 # Build from the repository root:
 #   docker build -f deploy/images/node-sql.Dockerfile -t bulle-node-sql:0.1.0 .
 # BASE_IMAGE: any Debian-based image with python3.11 and python3-venv (the CI builds one with
@@ -30,8 +32,17 @@ RUN mkdir privacy nodes federation enclave bulle_flower bulle_demo && touch bull
 #   optionally; libarrow_substrait stays, every pyarrow module links it), its tests,
 #   headers and Cython sources, and the unversioned copies of its
 #   libraries (wheels hold no symlinks: the loader asks for the .so.NNNN names);
-# - numpy's tests.
+# - numpy's tests, its test and SIMD-introspection extensions, f2py, numpy.distutils,
+#   C headers and static library (build-time only: −6 MB);
+# - SQLAlchemy's test harness and the MySQL, SQL Server and Oracle dialects (a node's stores
+#   are SQLite; the ledger's PostgreSQL branch stays: −4 MB); type stubs (.pyi: −2 MB).
 RUN set -eu; sp=/opt/bulle/lib/python3.11/site-packages; \
+    rm -rf "$sp/numpy/distutils" "$sp/numpy/f2py" "$sp/numpy/_pyinstaller" \
+      "$sp/numpy/_core/include" "$sp/numpy/_core/lib" "$sp/numpy/_core"/_*tests*.so \
+      "$sp/numpy/_core"/_simd*.so "$sp/sqlalchemy/testing" "$sp/sqlalchemy/dialects/mysql" \
+      "$sp/sqlalchemy/dialects/mssql" "$sp/sqlalchemy/dialects/oracle" "$sp/_duckdb-stubs" \
+      "$sp/wrapt-stubs"; \
+    find "$sp" -name '*.pyi' -delete; \
     find "$sp/pyarrow" -maxdepth 1 \( -name tests -o -name include -o -name src \
       -o -name '*.pxd' -o -name '*.pyx' -o -name '*.pxi' -o -name '*.h' \
       -o -name '_flight*.so' -o -name 'libarrow_flight.so*' -o -name 'flight.py' \
@@ -50,38 +61,33 @@ COPY federation ./federation
 COPY enclave ./enclave
 COPY bulle_flower ./bulle_flower
 COPY bulle_demo ./bulle_demo
-# The sources, then the venv without its installers (a running node installs nothing), and
-# a check that everything a SQL node loads still loads: Parquet, compute, IPC, DuckDB, a DP
-# release through OpenDP's stripped library, the serve path.
-RUN pip install --no-deps /src \
- && python -m pip uninstall -y pip setuptools \
- && python -c "import sys, io, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute, \
-pyarrow.ipc, duckdb, nodes.cli, nodes._engine, nodes._service, nodes._onboard, \
-nodes._restricted, privacy; t = pa.table({'x': [1, 2]}); b = io.BytesIO(); \
-pq.write_table(t, b); assert pq.read_table(io.BytesIO(b.getvalue())).equals(t); \
+# The sources, then the venv without its installers (a running node installs nothing).
+RUN pip install --no-deps /src && python -m pip uninstall -y pip setuptools
+# The runtime root fs, distroless-style (the script says what goes in), and a check, run in
+# it as the node's user, that everything a SQL node loads still loads there: Parquet,
+# compute, IPC, DuckDB, a DP release through OpenDP's stripped library, the serve and
+# doctor paths, ctypes' libc lookup (malloc tuning), TLS with the CA bundle (/dev/null only
+# for the check: ctypes' lookup reads it; docker provides /dev at run time).
+COPY deploy/images/node-sql-rootfs.sh /usr/local/bin/
+RUN node-sql-rootfs.sh /rootfs && mkdir /rootfs/dev && mknod -m 666 /rootfs/dev/null c 1 3 \
+ && env -i PATH=/opt/bulle/bin:/usr/bin LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 \
+    /usr/sbin/chroot --userspec=10001:10001 /rootfs python -c "import sys, io, ctypes.util, ssl, \
+pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute, pyarrow.ipc, duckdb, nodes.cli, \
+nodes._engine, nodes._service, nodes._onboard, nodes._restricted, nodes._doctor, privacy; \
+t = pa.table({'x': [1, 2]}); b = io.BytesIO(); pq.write_table(t, b); \
+assert pq.read_table(io.BytesIO(b.getvalue())).equals(t); \
 assert duckdb.sql('SELECT 41 + 1').fetchall() == [(42,)]; \
 privacy.dp_count([10.0], 1.0); privacy.ptable_for(privacy.CkmParams()); \
-bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad"
-
-# The runtime's root fs: the base without what a node never reads (documentation, man pages,
-# message catalogues, glibc's iconv modules, the wheels python3-venv keeps for new venvs, the
-# standard library's test, 2to3, pydoc and tk parts, package caches), squashed into one
-# layer below (deleting in a later layer would not make the image smaller).
-FROM ${BASE_IMAGE} AS root
-RUN rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/* \
-      /usr/share/lintian /usr/share/python-wheels /var/cache/* /var/lib/apt/lists/* \
-      /usr/lib/x86_64-linux-gnu/gconv /usr/lib/python3.11/test /usr/lib/python3.11/lib2to3 \
-      /usr/lib/python3.11/pydoc_data /usr/lib/python3.11/idlelib \
-      /usr/lib/python3.11/tkinter /usr/lib/python3.11/turtledemo \
- && groupadd --system --gid 10001 bulle \
- && useradd --system --uid 10001 --gid bulle --home-dir /var/lib/bulle --create-home \
-    --shell /usr/sbin/nologin bulle
+assert ctypes.util.find_library('c') == 'libc.so.6'; \
+assert ssl.create_default_context().cert_store_stats()['x509_ca'] > 0; \
+bad = {'dp_accounting', 'scipy'} & set(sys.modules); assert not bad, bad" \
+ && env -i PATH=/opt/bulle/bin:/usr/bin /usr/sbin/chroot --userspec=10001:10001 /rootfs \
+    bulle node doctor --help >/dev/null \
+ && rm -rf /rootfs/dev /rootfs/tmp/* && chmod 1777 /rootfs/tmp
 
 FROM scratch
-# hadolint ignore=DL3067
-COPY --from=root / /
-COPY --from=build /opt/bulle /opt/bulle
-ENV PATH=/opt/bulle/bin:/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
+COPY --from=build /rootfs /
+ENV PATH=/opt/bulle/bin:/usr/bin \
     LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # /etc/bulle: config, TLS files, board key (read-only mounts); /data: the operator's
 # extracts (read-only); /var/lib/bulle: ledger, audit chain, release cache (a volume).
