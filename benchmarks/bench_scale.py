@@ -20,11 +20,15 @@ Q3  count and mean by académie × sector × sex for IPS < 100
 
 in the exact tier (restricted, ``min_count = 0``, ``cell_key = {perturb = false}``: answers
 checked equal to DuckDB's) and the DP tier at ε = 1 (sensitive, one row per pupil: answers
-checked complete — every group, no NULL — and their relative error reported). Reported:
+checked complete — every group, no NULL — and their relative error reported, beside the
+reported noise sd ÷ the true value as released (every node adds its own noise, so the sd of
+a federated sum grows as √nodes) and as secure aggregation with distributed noise would give
+it (one noise on the total: that sd ÷ √nodes, the one-node level)). Reported:
 wall ratio fed ÷ DuckDB, CPU ratio (CPU of every process involved: this process, which runs
 DuckDB or the coordinator, plus every node, from /proc via psutil), DP ÷ exact, node RSS at
 start and under load (and each node's peak, VmHWM, which includes loading). T0: a 3-node
-query on a 1,000-row table through the HTTP API (a ``bulle coordinator serve`` subprocess).
+query on a 1,000-row table through the HTTP API (a ``bulle coordinator serve`` subprocess),
+its median and p95 and the CPU-ms per query of the nodes, the coordinator and this client.
 Also: a node's imports (time and RSS before any data). Timing misses are reported, never
 asserted; a wrong answer makes the script exit 1.
 """
