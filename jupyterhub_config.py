@@ -71,6 +71,9 @@ c.ConfigurableHTTPProxy.api_url = (
 # The PyPI (Python) configurable-http-proxy, from the same venv (TRAPS.md).
 c.ConfigurableHTTPProxy.command = [str(BIN / "configurable-http-proxy")]
 c.ConfigurableHTTPProxy.pid_file = str(STATE / "proxy.pid")
+# Is the proxy still up? Every 30 s, not 5: the idle federation's CPU (issue 13); a proxy
+# that dies is restarted by the hub at the next check.
+c.ConfigurableHTTPProxy.check_running_interval = 30
 c.JupyterHub.default_url = landing_url  # by role: only researchers get a server started
 # Every hub page links to the Bulle home (navigation bar), the hub's home page too.
 c.JupyterHub.template_paths = [str(TEMPLATES)]
