@@ -103,8 +103,23 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
     every output expression recomputed (``simulate``: the released items over the redrawn
     partials, in the samples' order); the basic bootstrap interval is
     [r − q₉₇.₅(d), r − q₂.₅(d)] with d = f(redrawn) − r; delta-method-like for ratios
-    (AVG, VAR). Bare counts and sums then get their exact law (``_exact_intervals``).
+    (AVG, VAR). Bare counts and sums get their exact law instead (``_exact_laws``); a
+    query of only those runs no bootstrap.
     """
+    sd: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
+    lo: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
+    hi: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
+    laws = _exact_laws(fp, parts, out)
+    if any(contains_agg(i.expr) and i.name not in laws for i in fp.query.items):
+        _bootstrap(fp, merged, row_ids, out, parts, simulate, (sd, lo, hi))
+    _exact_intervals(out, laws, (sd, lo, hi))  # bare counts and sums: no bootstrap needed
+    return sd, lo, hi
+
+
+def _bootstrap(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out: pa.Table,
+               parts: list[tuple[pb.PartialResult, pa.Table]], simulate: Simulate,
+               intervals: tuple[list[list[float | None]], ...]) -> None:
+    sd, lo, hi = intervals
     n = merged.num_rows
     draws = max(200, min(BOOTSTRAP_DRAWS, 400_000 // max(n, 1)))
     rng = np.random.default_rng()
@@ -122,9 +137,6 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
                 noise += rng.laplace(0.0, b, n * draws)
         columns[p.name] = base + noise
     sims = simulate(columns)  # row i's draws are entries i·draws … (i+1)·draws − 1
-    sd = [[None] * out.num_columns for _ in range(out.num_rows)]
-    lo = [[None] * out.num_columns for _ in range(out.num_rows)]
-    hi = [[None] * out.num_columns for _ in range(out.num_rows)]
     names = out.column_names
     levels = [(1 - LEVEL) / 2, (1 + LEVEL) / 2]
     for name, values in sims.items():
@@ -141,8 +153,6 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
             if kept.size >= draws // 2:
                 q_lo, q_hi = np.quantile(kept, levels)
                 _interval((sd, lo, hi), row, col, released[row], q_lo, q_hi, np.std(kept))
-    _exact_intervals(fp, parts, out, (sd, lo, hi))
-    return sd, lo, hi
 
 
 def _interval(intervals: tuple[list[list[float | None]], ...], row: int, col: int,
@@ -153,13 +163,13 @@ def _interval(intervals: tuple[list[list[float | None]], ...], row: int, col: in
     lo[row][col], hi[row][col] = float(released - q_hi), float(released - q_lo)
 
 
-def _exact_intervals(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
-                     out: pa.Table, intervals: tuple[list[list[float | None]], ...]) -> None:
+def _exact_laws(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.Table]],
+                out: pa.Table) -> dict[str, tuple[float, float]]:
     """A bare COUNT or SUM is one merged partial: its noise is the sum of the nodes'
-    Laplace noises (rounded at each node for counts), whose law is known: the sd and the
-    95% interval are set from it (federation/_precision.py), not from the bootstrap."""
-    sd, lo, hi = intervals
+    Laplace noises (rounded at each node for counts), whose law is known (sd, 95% half-width:
+    federation/_precision.py). Item name → that law, for the items it applies to."""
     kinds = {p.name: p.kind for p in fp.partials}
+    laws = {}
     for item in fp.query.items:
         agg = item.expr
         if not isinstance(agg, Agg) or agg.func not in ("count", "sum") \
@@ -168,10 +178,18 @@ def _exact_intervals(fp: FederatedPlan, parts: list[tuple[pb.PartialResult, pa.T
         partial = fp.roles[agg][agg.func]
         s, w = noise_interval(kinds[partial], [r.noise_scales.get(partial, 0.0)
                                                 for r, _ in parts])
-        if s == 0:
-            continue
-        col = out.column_names.index(item.name)
-        for row, value in enumerate(out.column(item.name).to_pylist()):
+        if s:
+            laws[item.name] = (s, w)
+    return laws
+
+
+def _exact_intervals(out: pa.Table, laws: dict[str, tuple[float, float]],
+                     intervals: tuple[list[list[float | None]], ...]) -> None:
+    """The sd and 95% interval of the items with a known noise law, set from it."""
+    sd, lo, hi = intervals
+    for name, (s, w) in laws.items():
+        col = out.column_names.index(name)
+        for row, value in enumerate(out.column(name).to_pylist()):
             if value is not None and np.isfinite(float(value)):
                 sd[row][col] = s
                 lo[row][col], hi[row][col] = float(value) - w, float(value) + w

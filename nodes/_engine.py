@@ -323,8 +323,9 @@ class NodeEngine:
                 finally:
                     limit.detach()
             relation = self._bind(cursor, sql)
-            with self._cache_lock:
-                if generation == self._generation and len(self._bound) < 1024:
+            with self._cache_lock:  # not DP plans: their SQL has a fresh salt each time
+                if generation == self._generation and len(self._bound) < 1024 \
+                        and not plan.HasField("privacy"):
                     self._bound.add(sql)
             limit.attach(cursor)
             try:

@@ -54,6 +54,12 @@ class PrivacyGuard:
                 self._ledger = Ledger(self._ledger_path)
             return self._ledger
 
+    def ledger_size(self) -> tuple[int, int]:
+        """(budgets, charges) rows; (0, 0) without opening a ledger that was never made."""
+        if self._ledger is None and not Path(self._ledger_path).exists():
+            return 0, 0
+        return self.ledger.size()
+
     def request_lock(self, request_id: str) -> threading.Lock:
         """One release per request id at a time in this process."""
         with self._locks_guard:

@@ -142,7 +142,7 @@ class NodeCollector(Collector):
         rows = GaugeMetricFamily("bulle_node_ledger_rows", "rows of the privacy ledger: "
                                  "budgets (project × dataset) and charges (accepted and "
                                  "refused)", labels=["node", "table"])
-        for table, n in zip(("budgets", "charges"), self.engine.guard.ledger.size(),
+        for table, n in zip(("budgets", "charges"), self.engine.guard.ledger_size(),
                             strict=True):
             rows.add_metric([node, table], n)
         yield rows

@@ -135,9 +135,8 @@ def _ingest(config, table: str | None, force: bool) -> int:
 def _warm_dp_libraries(engine) -> None:
     # OpenDP and the ledger (SQLAlchemy); not dp-accounting: a node's own DP charges are
     # closed forms (privacy/_events.py), and a SQL node's image has none (issue 15).
-    import opendp.prelude  # noqa: F401
-
     engine.guard.ledger  # noqa: B018 (opened here, not in the first DP query's time)
+    import opendp.prelude  # noqa: F401
 
 
 def _serve(config, superlink: str | None = None) -> int:

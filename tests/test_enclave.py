@@ -429,7 +429,7 @@ def test_processes_run_as_least_privileged_users_and_notebooks_read_no_secret(
     for must in ("board/board_ed25519.pem", "certs/bulle-coordinator.key",
                  "certs/bulle-superlink.key", "certs/ca.key", "certs/vendor-a.key",
                  "flower/vendor-a.key", "coordinator/ledger.sqlite",
-                 "coordinator/hub-service.token", "nodes/region-gp/ledger.sqlite",
+                 "coordinator/hub-service.token", "nodes/vendor-a/ledger.sqlite",
                  "nodes/vendor-a/audit.sqlite", "node-data/oulad/studentInfo.csv",
                  "node-data/uci-student-performance/student-por.csv", "superlink/control.token",
                  "hub/users.json", "hub/jupyterhub_cookie_secret", "researcher.token"):
