@@ -140,16 +140,20 @@ def restricted_sql(source_sql: str, keys: list[tuple[str, str]], unit_sql: str,
             fn = "min" if a.kind == pb.MIN else "max"
             cell_items.append(f"{fn}({c}) AS {_q(a.name)}")
             continue
-        nonzero = f"{c} <> 0"
+        # COUNT(x) with one row per unit: the row's own argument, counted once (its value
+        # and its contributors are the same count, which DuckDB computes once)
+        row_count = not per_unit and a.kind == pb.COUNT
+        nonzero = f"{c} IS NOT NULL" if row_count else f"{c} <> 0"
         # a count's records are the units it counts (however the count is written); a
         # magnitude's are every unit with a value, 0 included: a pupil who adds 0 is still
         # a different set of records, so leaving one out is never an exact difference
         members = nonzero if a.count_like else f"{c} IS NOT NULL"
-        cell_items.append(f"sum({c}) AS {_q(a.name)}")
+        cell_items.append(f"{'count' if row_count else 'sum'}({c}) AS {_q(a.name)}")
         # count_if and CASE inside the sum, not FILTER clauses: the same values, but DuckDB
         # evaluates a FILTER per aggregate with its own selection (2× the CPU, issue 13)
         if a.kind != pb.COUNT_ROWS:  # COUNT(*): every unit of the cell, its __n and __k
-            cell_items.append(f"count_if({nonzero}) AS __n{i}")
+            cell_items.append(f"count({c}) AS __n{i}" if row_count
+                              else f"count_if({nonzero}) AS __n{i}")
             if keyed:
                 cell_items.append(f"sum(CASE WHEN {members} THEN __rk ELSE 0 END) "
                                   f"% {_KEY_MOD} AS __k{i}")
@@ -184,9 +188,7 @@ def _per_unit(kind: int, arg: str) -> str:
 def _per_row(kind: int, arg: str | None) -> str:
     if kind == pb.COUNT_ROWS:
         return "1"
-    if kind == pb.COUNT:
-        return f"CAST(({arg}) IS NOT NULL AS INTEGER)"
-    assert arg is not None
+    assert arg is not None  # COUNT(x): x itself, counted by the cell (restricted_sql)
     return arg
 
 
