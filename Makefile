@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,dp]'  # dp (OpenDP): in dev already; the tests need it
 	$(PY) -m pip install -q --no-deps --ignore-requires-python 'helm-sdkpy==0.1.32' 'cffi>=1.15'
 	@touch $(STAMP)
 

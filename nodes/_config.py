@@ -25,7 +25,7 @@ from federation import (
     expand_path,
     read_toml,
 )
-from privacy import CkmParams, ptable_for
+from privacy import CkmParams, dp_available, ptable_for
 
 if TYPE_CHECKING:
     from nodes._onboard import Onboarding
@@ -41,6 +41,9 @@ _TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _COLUMN = re.compile(r"^[a-z0-9_]{1,63}$")
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 ENCODINGS = ("auto", "utf-8", "cp1252", "latin-1")
+# What a node with a sensitive dataset but no OpenDP is told to do (deploy/README.md, "Images")
+DP_FIX = ("install OpenDP with `pip install 'bulle[dp]'`, or run the node-sql image built "
+          "with `--build-arg DP=1` (the default)")
 DELIMITERS = ("auto", ";", ",", "\t", "|")
 
 
@@ -306,6 +309,19 @@ class NodeConfig:
 
     def dataset(self, table: str) -> DatasetConfig | None:
         return next((d for d in self.datasets if d.table == table), None)
+
+    def without_dp_library(self) -> list[str]:
+        """The sensitive datasets this node could not release from: OpenDP (the ``dp``
+        extra), whose samplers make every DP release, is not installed."""
+        sensitive = [d.table for d in self.datasets if d.tier == "sensitive"]
+        return [] if not sensitive or dp_available() else sensitive
+
+    def require_dp_library(self) -> None:
+        """Refuse to serve sensitive datasets without OpenDP, at start (NodeEngine), rather
+        than failing their first DP query."""
+        if missing := self.without_dp_library():
+            raise ConfigError(f"sensitive dataset(s) {', '.join(missing)}: DP releases need "
+                              f"OpenDP, which is not installed here; {DP_FIX}")
 
 
 def _expand(value: str, base: Path, where: str) -> Path:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nodes._config import ConfigError, NodeConfig, load_node_config
+from nodes._config import DP_FIX, ConfigError, NodeConfig, load_node_config
 from nodes._sources import load_dataset, row_count_bucket, table_columns, type_family
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ def run_checks(config_path: Path, coordinator_ca: Path | None = None,
     out += _tls(config, coordinator_ca, host)
     out.append(_board_key(config.board_public_key,
                           [d.table for d in config.datasets if d.tier == "sensitive"]))
+    out.append(_dp_library(config))
     out += [_writable("state_dir", config.state_dir), _writable("data_dir", config.data_dir)]
     out += _training(config)
     out.append(_port(config))
@@ -363,6 +364,19 @@ def _board_key(path: Path | None, sensitive: list[str]) -> Check:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return Check(OK, f"board public key loaded (Ed25519, kid "
                      f"{hashlib.sha256(raw).hexdigest()[:16]})")
+
+
+def _dp_library(config: NodeConfig) -> Check:
+    """OpenDP (the ``dp`` extra) where a sensitive dataset needs it: serve refuses without."""
+    if missing := config.without_dp_library():
+        return Check(FAIL, f"OpenDP not installed: the sensitive dataset(s) {', '.join(missing)}"
+                           f" need it and the node would refuse to start; {DP_FIX}")
+    if not any(d.tier == "sensitive" for d in config.datasets):
+        return Check(SKIP, "OpenDP: not needed (no sensitive dataset)")
+    from importlib.metadata import version
+
+    return Check(OK, f"OpenDP {version('opendp')} installed (DP releases of the sensitive "
+                     "tier)")
 
 
 def _training(config: NodeConfig) -> list[Check]:

@@ -79,6 +79,9 @@ def _typed_domain(values: tuple[object, ...], duck_type: str, where: str) -> tup
 
 class NodeEngine:
     def __init__(self, config: NodeConfig, max_rows: int = 1_000_000) -> None:
+        # Here, not in the config's parsing (doctor reports it as one check) nor only in
+        # `serve`: every host of the datasets refuses, before any data loads.
+        config.require_dp_library()
         self.config = config
         self.max_rows = max_rows
         self.max_query_seconds = config.engine.max_query_seconds

@@ -7,7 +7,8 @@ Map of the public API:
 - DP releases (``_mechanisms``, noise from OpenDP only): ``dp_count``, ``dp_sum``,
   ``dp_mean``, ``dp_variance``, ``dp_quantile`` → ``Release``; raw vector noise
   ``laplace_noise``, ``gaussian_noise``; calibration ``laplace_scale``, ``gaussian_sigma``,
-  ``laplace_halfwidth``, ``gaussian_halfwidth``, ``quantile_rank_error``.
+  ``laplace_halfwidth``, ``gaussian_halfwidth``, ``quantile_rank_error``; ``dp_available``
+  (OpenDP is the ``dp`` extra: installed or not).
 - Events to charge: ``laplace_event``, ``gaussian_event``, ``aggregate_event`` (the event of
   a ``dp_*`` call, to charge before releasing) give the closed-form events of ``_events``
   (``DpEvent``, ``LaplaceDpEvent``, ``GaussianDpEvent``, ``ZCDpEvent``,
@@ -94,6 +95,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "coordinator_keys": ("privacy._runauth", "coordinator_keys"),
     "count_perturbation": ("privacy._ckm", "count_perturbation"),
     "describe_ptable": ("privacy._ckm", "describe_ptable"),
+    "dp_available": ("privacy._mechanisms", "dp_available"),
     "dp_count": ("privacy._mechanisms", "dp_count"),
     "dp_mean": ("privacy._mechanisms", "dp_mean"),
     "dp_quantile": ("privacy._mechanisms", "dp_quantile"),
@@ -204,6 +206,7 @@ __all__ += [
     "Release",
     "aggregate_event",
     "audit_entry_hash",
+    "dp_available",
     "dp_count",
     "dp_mean",
     "dp_quantile",

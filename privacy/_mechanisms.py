@@ -17,6 +17,7 @@ bounds rows *per group* instead, pass ``max_contrib = per-group bound × max gro
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ from privacy._events import (
 
 if TYPE_CHECKING:
     import dp_accounting as dpa
+
+
+def dp_available() -> bool:
+    """Whether OpenDP, which makes every DP release, is installed (the ``dp`` extra: 171 MB,
+    so a node serving no sensitive dataset may go without it). Looked up, not imported."""
+    return importlib.util.find_spec("opendp") is not None
 
 
 @lru_cache(maxsize=1)

@@ -446,9 +446,14 @@ def test_dockerfile_matches_the_makefile_install(dockerfile: Path) -> None:
         assert '--index-url "$TORCH_INDEX"' in text[text.rfind("\n", 0, torch_at):torch_at]
         assert torch_at < project_at.start(), "torch before the project"
         assert "training]" in text[project_at.start():text.index("\n", project_at.start())]
-    else:  # the slim SQL-only node: the core dependencies only
+    else:  # the slim SQL-only node: the core dependencies, and OpenDP unless DP=0
         assert "torch" not in text.lower().replace("no torch", "")
-        assert '"/src[node]"' in text
+        assert re.search(r"^ARG DP=1$", text, re.M)
+        assert '"/src[node,dp]"' in text and '"/src[node]"' in text
+    # OpenDP (the `dp` extra) wherever a node may serve a sensitive dataset
+    install = text[project_at.start():text.index("\n", project_at.start())]
+    if dockerfile.name == "node.Dockerfile":
+        assert "dp," in install or "dp]" in install, install
     final = text.rsplit("\nFROM ", 1)[-1]
     user = re.findall(r"^USER (\S+)", final, re.M)
     assert user and not user[-1].startswith(("root", "0")), "non-root final stage"

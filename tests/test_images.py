@@ -59,12 +59,17 @@ def build_base_image(docker, name: str = BASE_IMAGE) -> float:
     return time.monotonic() - t0
 
 
-IMAGES = {  # tag: Dockerfile
-    "bulle-node-sql:test": "node-sql.Dockerfile",
-    "bulle-node:test": "node.Dockerfile",
-    "bulle-coordinator:test": "coordinator.Dockerfile",
-    "bulle-notebook:test": "notebook.Dockerfile",
+IMAGES = {  # tag: Dockerfile, build arguments
+    "bulle-node-sql:test": ("node-sql.Dockerfile", {}),
+    # the slim node without OpenDP (the `dp` extra), for open and restricted tables only;
+    # built right after the DP one, whose first layers it reuses from the build cache
+    "bulle-node-sql-nodp:test": ("node-sql.Dockerfile", {"DP": "0"}),
+    "bulle-node:test": ("node.Dockerfile", {}),
+    "bulle-coordinator:test": ("coordinator.Dockerfile", {}),
+    "bulle-notebook:test": ("notebook.Dockerfile", {}),
 }
+NODP = "bulle-node-sql-nodp:test"
+NODP_LIMIT_MB = 400  # issue 15: the SQL node image without OpenDP
 TORCH = "torch==2.13.0"
 LABEL = "org.bulle.test=images"  # on what the builds make, so that cleaning finds it all
 WHEELS = Path(os.environ.get("BULLE_WHEEL_CACHE", Path.home() / ".cache" / "bulle-wheels"))
@@ -106,10 +111,12 @@ class WheelServer:
 
 
 def build_image(docker, tag: str, dockerfile: str, wheels_url: str | None,
-                base: str = BASE_IMAGE) -> float:
+                base: str = BASE_IMAGE, build_args: dict[str, str] | None = None) -> float:
     """``docker build`` one image of deploy/images from the base image; seconds taken."""
     args = ["build", "-f", str(ROOT / "deploy" / "images" / dockerfile), "-t", tag,
             "--network=host", "--build-arg", f"BASE_IMAGE={base}", "--label", LABEL]
+    for name, value in (build_args or {}).items():
+        args += ["--build-arg", f"{name}={value}"]
     if wheels_url:
         # the CPU wheel from the host; torch's own dependencies from PyPI
         args += ["--build-arg", f"TORCH_FIND_LINKS={wheels_url}",
@@ -157,8 +164,9 @@ def images(docker) -> Iterator[dict[str, float]]:
     try:
         server = WheelServer(torch_wheel_dir())
         try:
-            for tag, dockerfile in IMAGES.items():
-                took[tag] = build_image(docker, tag, dockerfile, server.url)
+            for tag, (dockerfile, build_args) in IMAGES.items():
+                took[tag] = build_image(docker, tag, dockerfile, server.url,
+                                        build_args=build_args)
         finally:
             server.stop()
         for tag, seconds in took.items():
@@ -194,14 +202,17 @@ bounds = {{ g3 = [0, 20] }}
 """
 
 
-def _node_toml(node_id: str, school: str, port: int, dp: bool = False) -> str:
+def _node_toml(node_id: str, school: str | None, port: int, dp: bool = False,
+               restricted: bool = False) -> str:
     """The demo's node config (bulle_demo/nodes), with the container's paths; the open tier
-    so that the answer is exact and can be asserted. ``dp``: plus a sensitive table, under
-    the board's key mounted at /etc/bulle/board.pub.pem."""
+    so that the answer is exact and can be asserted, unless ``restricted`` (the demo's
+    tiers kept). ``dp``: plus a sensitive table, under the board's key mounted at
+    /etc/bulle/board.pub.pem."""
     from bulle_demo import node_config
 
     text = node_config(node_id).read_text()
-    text = text.replace('tier = "restricted"', 'tier = "open"')
+    if not restricted:
+        text = text.replace('tier = "restricted"', 'tier = "open"')
     text = text.replace("${BULLE_DATA}", "/data")
     lines = []
     for line in text.splitlines():
@@ -218,7 +229,7 @@ def _node_toml(node_id: str, school: str, port: int, dp: bool = False) -> str:
         elif line.startswith("client_ca ="):
             line = 'client_ca = "/etc/bulle/tls/ca.pem"'
         lines.append(line)
-    assert f"school = '{school}'" in text
+    assert school is None or f"school = '{school}'" in text
     if dp:  # a top-level key before the first table, the dataset after the last
         lines = ['board_public_key = "/etc/bulle/board.pub.pem"', *lines, DP_DATASET]
     return "\n".join(lines) + "\n"
@@ -275,7 +286,10 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
     grant = sign_grant(Grant("demo", ("alice",), (DP_TABLE,), 10.0, 1e-6, now + timedelta(1),
                              "the image test's DP query", now),
                        (board / "board_ed25519.pem").read_bytes())
-    nodes = {"region-gp": ("GP", "bulle-node-sql:test"), "region-ms": ("MS", "bulle-node:test")}
+    # region-35 on the image without OpenDP: its restricted table, perturbed by the cell key
+    # method (no OpenDP involved), in the same federation
+    nodes = {"region-gp": ("GP", "bulle-node-sql:test"), "region-ms": ("MS", "bulle-node:test"),
+             "region-35": (None, NODP)}
     certs = make_certs(tmp_path / "tls", list(nodes))
     ports = {n: free_port() for n in nodes}
     names: list[str] = []
@@ -288,17 +302,24 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
             for f in ("ca.pem", f"{node_id}.pem", f"{node_id}.key"):
                 shutil.copy(certs / f, etc / "tls" / f)
             dp = image == "bulle-node-sql:test"
-            (etc / "node.toml").write_text(_node_toml(node_id, school, ports[node_id], dp))
+            (etc / "node.toml").write_text(_node_toml(node_id, school, ports[node_id], dp,
+                                                      restricted=image == NODP))
+            if image == NODP:  # with a sensitive dataset too: what it must refuse to serve
+                (etc / "sensitive.toml").write_text(_node_toml(node_id, school, ports[node_id],
+                                                               dp=True, restricted=True))
             shutil.copy(board / "board_ed25519.pub.pem", etc / "board.pub.pem")
             _chown(tmp_path / node_id)
             name = f"bulle-test-{node_id}-{run_id}"
             names.append(name)
             mounts = ["-v", f"{etc}:/etc/bulle:ro", "-v", f"{DATA}:/data:ro",
                       "-v", f"{state}:/var/lib/bulle"]
-            if dp:  # the distroless slim image runs the operator's checks too
+            if image != "bulle-node:test":  # the distroless slim images run the checks too
                 doctor = docker.run("run", "--rm", *LOCKED_DOWN, *mounts, image, "node",
                                     "doctor", "--config", "/etc/bulle/node.toml", check=False)
                 assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+            if image == NODP:
+                assert "OpenDP: not needed (no sensitive dataset)" in doctor.stdout
+                _assert_refuses_sensitive(docker, mounts)
             docker.run("run", "-d", "--name", name, *LOCKED_DOWN, *mounts, image,
                        "node", "serve", "--config", "/etc/bulle/node.toml")
         for node_id, port in ports.items():  # both nodes listening before the coordinator
@@ -366,6 +387,24 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
         assert rows is not None, got
         assert [tuple(r) if isinstance(r, list) else tuple(r.values()) for r in rows] == \
             [tuple(w) for w in want], got
+        # the restricted tier at the node without OpenDP: counts perturbed by at most D times
+        # the largest contribution of one collège (the cell key method, privacy/_ckm.py)
+        headcounts = DATA / "fr-ille-et-vilaine" / "fr-en-college-effectifs-niveau-sexe-lv.csv"
+        src = f"read_csv('{headcounts}', delim=';', header=true)"
+        exact = dict(duckdb.sql(f'SELECT "Secteur", COUNT(*) FROM {src} GROUP BY 1').fetchall())
+        most = duckdb.sql(f'SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM {src} '
+                          'GROUP BY "Numéro du collège")').fetchall()[0][0]
+        reply = _get(f"{base}/queries", TOKEN, {
+            "sql": "SELECT secteur, COUNT(*) AS n FROM college_headcounts GROUP BY secteur "
+                   "ORDER BY secteur", "wait_s": 120})
+        assert reply["status"] == "done", reply
+        res = reply["result"]
+        assert res["tier"] == "restricted", res
+        released = {r[0] if isinstance(r, list) else r["secteur"]:
+                    r[1] if isinstance(r, list) else r["n"] for r in res["rows"]}
+        assert set(released) == {"PRIVE", "PUBLIC"}, res
+        for secteur, n in released.items():
+            assert abs(n - exact[secteur]) <= 4 * most, (secteur, n, exact, most)
         # a DP query at the slim node: OpenDP's stripped library releases, the node charges
         dp = _get(f"{base}/queries", TOKEN, {"sql": f"SELECT COUNT(*) AS n, SUM(g3) AS g3 "
                                                     f"FROM {DP_TABLE}", "epsilon": 1.0,
@@ -392,6 +431,20 @@ def test_images_run_a_federated_query_end_to_end(docker, images, tmp_path: Path)
     print(f"\nrun from the images: {time.monotonic() - t0:.0f} s")
 
 
+def _assert_refuses_sensitive(docker, mounts: list[str]) -> None:
+    """The image without OpenDP, given a sensitive dataset: serve refuses to start, naming
+    the dataset and the fix, and the operator's doctor says the same."""
+    serve = docker.run("run", "--rm", *LOCKED_DOWN, *mounts, NODP, "node", "serve",
+                       "--config", "/etc/bulle/sensitive.toml", check=False, timeout=120)
+    assert serve.returncode == 2, serve.stdout + serve.stderr
+    assert f"sensitive dataset(s) {DP_TABLE}: DP releases need OpenDP" in serve.stderr
+    assert "pip install 'bulle[dp]'" in serve.stderr and "--build-arg DP=1" in serve.stderr
+    doctor = docker.run("run", "--rm", *LOCKED_DOWN, *mounts, NODP, "node", "doctor",
+                        "--config", "/etc/bulle/sensitive.toml", check=False, timeout=120)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert f"✘ OpenDP not installed: the sensitive dataset(s) {DP_TABLE}" in doctor.stdout
+
+
 def test_notebook_image_has_the_sdk_and_singleuser(docker, images) -> None:
     done = docker.run("run", "--rm", "--user", "1000:100", "--read-only", "--tmpfs", "/tmp",
                       "--entrypoint", "sh", "bulle-notebook:test", "-c",
@@ -399,12 +452,20 @@ def test_notebook_image_has_the_sdk_and_singleuser(docker, images) -> None:
     assert done.returncode == 0
 
 
-def test_slim_node_image_has_no_training_stack(docker, images) -> None:
-    """Nor a shell (distroless root fs); ctypes still finds libc (bulle_cli.tune_malloc)."""
-    done = docker.run("run", "--rm", *LOCKED_DOWN, "--entrypoint", "python",
-                      "bulle-node-sql:test", "-c",
+@pytest.mark.parametrize("tag", ["bulle-node-sql:test", NODP])
+def test_slim_node_image_has_no_training_stack(docker, images, tag: str) -> None:
+    """Nor a shell (distroless root fs); ctypes still finds libc (bulle_cli.tune_malloc).
+    OpenDP only in the DP variant."""
+    done = docker.run("run", "--rm", *LOCKED_DOWN, "--entrypoint", "python", tag, "-c",
                       "import importlib.util as u, ctypes.util, os; print([m for m in ('torch', "
                       "'flwr', 'opacus', 'jupyterhub', 'pandas', 'fastapi', 'dp_accounting', "
-                      "'scipy', 'pip') if u.find_spec(m)], os.path.exists('/bin/sh'), "
+                      "'scipy', 'pip', 'opendp') if u.find_spec(m)], os.path.exists('/bin/sh'), "
                       "ctypes.util.find_library('c'))")
-    assert done.stdout.strip() == "[] False libc.so.6", done.stdout + done.stderr
+    found = "[]" if tag == NODP else "['opendp']"
+    assert done.stdout.strip() == f"{found} False libc.so.6", done.stdout + done.stderr
+
+
+def test_node_image_without_opendp_is_under_400_mb(docker, images) -> None:
+    size = image_size_mb(docker, NODP)
+    assert size < NODP_LIMIT_MB, f"{NODP}: {size:.0f} MB"
+    assert size < image_size_mb(docker, "bulle-node-sql:test") - 100  # OpenDP is really out

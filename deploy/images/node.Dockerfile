@@ -23,7 +23,7 @@ WORKDIR /src
 # change of the sources rebuilds only the last, seconds-long layer.
 COPY pyproject.toml README.md ./
 RUN mkdir privacy nodes federation enclave bulle_flower bulle_demo && touch bulle_cli.py jupyterhub_config.py \
- && pip install "/src[node,training]" && pip uninstall -y bulle && rm -rf build bulle.egg-info
+ && pip install "/src[node,dp,training]" && pip uninstall -y bulle && rm -rf build bulle.egg-info
 COPY bulle_cli.py jupyterhub_config.py ./
 COPY privacy ./privacy
 COPY nodes ./nodes
