@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,11 +131,8 @@ def _bootstrap(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out: pa
     for p in fp.partials:
         base = np.repeat(merged.column(p.name).to_numpy(zero_copy_only=False)
                          .astype(float), draws)
-        noise = np.zeros(n * draws)
-        for r, _ in parts:
-            b = r.noise_scales.get(p.name, 0.0)
-            if b > 0:
-                noise += rng.laplace(0.0, b, n * draws)
+        noise = _laplace_sums(rng, [r.noise_scales.get(p.name, 0.0) for r, _ in parts],
+                              n * draws)
         columns[p.name] = base + noise
     sims = simulate(columns)  # row i's draws are entries i·draws … (i+1)·draws − 1
     names = out.column_names
@@ -153,6 +151,18 @@ def _bootstrap(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out: pa
             if kept.size >= draws // 2:
                 q_lo, q_hi = np.quantile(kept, levels)
                 _interval((sd, lo, hi), row, col, released[row], q_lo, q_hi, np.std(kept))
+
+
+def _laplace_sums(rng: np.random.Generator, scales: list[float], size: int) -> np.ndarray:
+    """``size`` draws of the sum of independent Laplace(b) noises, one per node's scale b.
+
+    Laplace(b) is the difference of two Exp(b), so a sum of k of them is Gamma(k, b) −
+    Gamma(k, b), exactly: the nodes sharing a scale cost two draws, however many they are
+    (30 nodes: 15× fewer draws than one Laplace each)."""
+    out = np.zeros(size)
+    for b, k in Counter(b for b in scales if b > 0).items():
+        out += rng.gamma(k, b, size) - rng.gamma(k, b, size)
+    return out
 
 
 def _interval(intervals: tuple[list[list[float | None]], ...], row: int, col: int,
