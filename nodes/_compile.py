@@ -358,7 +358,7 @@ def _dp_aggregate(i: int, agg: pb.Aggregate, inner: exp.Select, scope: _Scope,
         arg = scope.compile_expr(agg.arg)
         if agg.kind in (pb.SUM, pb.SUM_SQUARES):
             arg = clamp(arg, *arg_bounds)
-        inner = inner.select(exp.alias_(arg, _ident(col)))
+        inner = inner.select(exp.alias_(arg, _ident(col)), copy=False)  # our own copy
         ref = exp.column(_ident(col))
         value = exp.Count(this=ref) if agg.kind == pb.COUNT else _aggregate_sql(agg.kind, ref)
     return inner, DpPartial(agg.name, agg.kind, lo, hi), exp.alias_(value, _ident(agg.name))
@@ -378,7 +378,8 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, scope: _Scope) -> CompiledPlan
         _check_name("group key", key.name)
         domains.append(key_domain(key.expr, domains_of, bounds_of))
         group_names.append(key.name)
-        inner = inner.select(exp.alias_(scope.compile_expr(key.expr), _ident(key.name)))
+        inner = inner.select(exp.alias_(scope.compile_expr(key.expr), _ident(key.name)),
+                             copy=False)  # a copy of its own (above): built in place
     cells = math.prod(len(d) for d in domains)
     if cells > MAX_DP_CELLS:
         raise PlanRefused(f"the public domains of the group keys make {cells} cells "
@@ -412,7 +413,7 @@ def _compile_dp(plan: pb.Plan, query: exp.Select, scope: _Scope) -> CompiledPlan
     outer = outer.from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=_ident("__bounded"))),
                         copy=False)
     for i in range(len(group_names)):
-        outer = outer.group_by(exp.Literal.number(i + 1))
+        outer = outer.group_by(exp.Literal.number(i + 1), copy=False)
     spec = DpSpec(plan.privacy.epsilon, plan.privacy.delta, source.max_rows_per_unit,
                   tuple(partials), tuple(domains), source.name)
     return CompiledPlan(outer.sql("duckdb"), "sensitive", scope.tables, False,
