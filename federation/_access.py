@@ -65,7 +65,8 @@ SESSION_COOKIE = "bulle-board-session"
 STATE_COOKIE = "bulle-oauth-state"
 RETURN_COOKIE = "bulle-oauth-return"  # the page to come back to after the hub's login
 # Pages the OAuth callback may return to; a catalogue search comes back with its words.
-_RETURN = re.compile(r"(\./|board/|board/audit|operator/([a-z0-9][a-z0-9_-]{0,62})?|"
+_RETURN = re.compile(r"(\./|board/|board/audit(\?node=[a-z0-9][a-z0-9-]{0,62})?|"
+                     r"operator/([a-z0-9][a-z0-9_-]{0,62})?|"
                      r"catalog/(\?q=[A-Za-z0-9%._~-]{0,600})?"
                      r"|indicators/([a-z0-9][a-z0-9-]{1,50}/)?)")
 class DecisionIn(BaseModel):

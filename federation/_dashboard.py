@@ -281,7 +281,9 @@ def _add_board_pages(app: FastAPI, coordinator: Coordinator) -> None:
     @app.get("/board/audit")
     def board_audit(request: Request, page: int = 1, project: str = "", action: str = "",
                     node: str = "", before: int | None = None) -> Response:
-        who, _, refused = _board_caller(coordinator, request, "board/audit")
+        # back to this node's chain after a login (return_path keeps only a valid node id)
+        back = return_path(f"board/audit?node={node}") if node else "board/audit"
+        who, _, refused = _board_caller(coordinator, request, back)
         if refused is not None or who is None:
             return refused  # type: ignore[return-value]
         if node:  # a node's own chain, a page of it fetched and verified

@@ -156,8 +156,10 @@ def test_reference_tables_are_shown_with_their_copies(url: str) -> None:
 def test_the_login_comes_back_only_to_our_pages() -> None:
     assert return_path("catalog/") == "catalog/"
     assert return_path("catalog/?q=coll%C3%A8ge%20ips") == "catalog/?q=coll%C3%A8ge%20ips"
+    assert return_path("board/audit?node=vendor-a") == "board/audit?node=vendor-a"
     for bad in (None, "", "https://evil.example/", "//evil.example/", "/catalog/",
-                "board/../../x", "board"):
+                "board/../../x", "board", "board/audit?node=//evil.example",
+                "board/audit?node=vendor-a&next=x", "board/audit?node=" + "a" * 64):
         assert return_path(bad) == "board/", bad
     # a catalogue address that does not fit (other parameters, too long a search) comes
     # back to the catalogue itself, never to what it carried

@@ -519,6 +519,11 @@ def test_researcher_browses_and_searches_the_catalogue_page(enclave: Enclave) ->
     assert r.status_code == 302 and "/hub/api/oauth2/authorize" in r.headers["location"]
     assert any(c.startswith('bulle-oauth-return="catalog/?q=IPS"')
                for c in r.headers.get_list("set-cookie"))
+    r = httpx.get(f"{enclave.hub_url}/services/bulle/board/audit", params={"node": "vendor-a"},
+                  timeout=60)  # a node's chain: back to that node's page after the login
+    assert r.status_code == 302 and any(c.startswith('bulle-oauth-return="board/audit?node='
+                                                     'vendor-a"')
+                                        for c in r.headers.get_list("set-cookie"))
     # A token without the catalogue's scopes: 403.
     narrow, _ = enclave.session("demo-researcher").token(scopes=["read:users:name!user"])
     r = httpx.get(page_url, headers={"Authorization": f"Bearer {narrow}"}, timeout=60)
