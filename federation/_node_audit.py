@@ -20,7 +20,7 @@ import grpc
 
 from federation._nodes import describe_rpc_error
 from federation.proto import bulle_pb2 as pb
-from privacy import AUDIT_GENESIS, audit_entry_hash
+from privacy import AUDIT_GENESIS, AuditEntry, audit_entry_hash
 
 if TYPE_CHECKING:
     from federation._coordinator import Coordinator
@@ -34,19 +34,13 @@ class ChainRefused(ValueError):
 
 
 @dataclass(frozen=True)
-class NodeEntry:
-    seq: int
-    time: str
-    actor: str
-    project: str
-    action: str
-    detail: dict[str, Any]
-    prev_hash: str
-    hash: str
+class NodeAuditEntry(AuditEntry):
+    """A node's audit entry as a page brings it: what it kept back is named in ``withheld``."""
+
     withheld: tuple[str, ...] = ()
 
 
-def _entry(r: pb.AuditRecord) -> NodeEntry:
+def _entry(r: pb.AuditRecord) -> NodeAuditEntry:
     try:
         detail = json.loads(r.detail_json)
     except ValueError:
@@ -55,15 +49,15 @@ def _entry(r: pb.AuditRecord) -> NodeEntry:
         raise ChainRefused(f"entry {r.seq}: its detail is not an object")
     if not set(r.withheld) <= WITHHOLDABLE or set(r.withheld) & set(detail):
         raise ChainRefused(f"entry {r.seq}: withholds what a node may not")
-    return NodeEntry(r.seq, r.time, r.actor, r.project, r.action, detail, r.prev_hash,
+    return NodeAuditEntry(r.seq, r.time, r.actor, r.project, r.action, detail, r.prev_hash,
                      r.hash, tuple(r.withheld))
 
 
 def verify_page(page: pb.AuditPage, after: int,
-                checkpoint: tuple[int, str] | None = None) -> list[NodeEntry]:
+                checkpoint: tuple[int, str] | None = None) -> list[NodeAuditEntry]:
     """The entries of ``page`` (those after ``after``), oldest first, once their links hold;
     :class:`ChainRefused` otherwise."""
-    out: list[NodeEntry] = []
+    out: list[NodeAuditEntry] = []
     prev = AUDIT_GENESIS if after == 0 else None
     for r in page.entries:
         expected = after + len(out) + 1
