@@ -107,14 +107,17 @@ def _dp_intervals(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out:
     (AVG, VAR). Bare counts and sums get their exact law instead (``_exact_laws``); a
     query of only those runs no bootstrap.
     """
-    sd: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
-    lo: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
-    hi: list[list[float | None]] = [[None] * out.num_columns for _ in range(out.num_rows)]
+    sd, lo, hi = _cells(out), _cells(out), _cells(out)
     laws = _exact_laws(fp, parts, out)
     if any(contains_agg(i.expr) and i.name not in laws for i in fp.query.items):
         _bootstrap(fp, merged, row_ids, out, parts, simulate, (sd, lo, hi))
     _exact_intervals(out, laws, (sd, lo, hi))  # bare counts and sums: no bootstrap needed
     return sd, lo, hi
+
+
+def _cells(out: pa.Table) -> list[list[float | None]]:
+    """A value per released cell, none yet."""
+    return [[None] * out.num_columns for _ in range(out.num_rows)]
 
 
 def _bootstrap(fp: FederatedPlan, merged: pa.Table, row_ids: np.ndarray, out: pa.Table,
